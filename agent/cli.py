@@ -1,0 +1,114 @@
+"""Argument parsing only: each sub-command calls into agent.commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agent import __version__
+
+DEFAULT_ONCE_TIMEOUT_S = 60.0
+DEFAULT_DEMO_SECONDS = 30.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seyaha-agent",
+        description="Keeps Seyaha's view of your catalog and availability in step with your database.",
+    )
+    parser.add_argument("--version", action="version", version=f"seyaha-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--config",
+            "-c",
+            type=Path,
+            required=True,
+            metavar="FILE",
+            help="the agent's TOML configuration file",
+        )
+        return sub
+
+    with_config("run", "run the daemon: scan on poll_interval, deliver continuously")
+    for name, text in (
+        ("once", "scan once, deliver until the outbox is empty or the timeout passes"),
+        ("resync", "notify Seyaha of every current slot (a deliberate backfill), then deliver"),
+    ):
+        sub = with_config(name, text)
+        sub.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_ONCE_TIMEOUT_S,
+            metavar="SECONDS",
+            help=f"longest time to spend delivering (default {DEFAULT_ONCE_TIMEOUT_S:g})",
+        )
+    with_config("check", "validate the configuration, the databases and both queries")
+
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run a local Seyaha-compatible receiver",
+        description="A local receiver that behaves like Seyaha's webhooks and prints each call.",
+    )
+    sandbox.add_argument("--port", type=int, default=8377, help="port to listen on (default 8377)")
+    sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sandbox.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        metavar="FILE",
+        help="take the secret, integration id and catalog (for updated:false) from this config",
+    )
+    sandbox.add_argument(
+        "--secret-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the secret to expect (else SEYAHA_WEBHOOK_SECRET or --config)",
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="watch the agent sync a demo inventory to the sandbox",
+        description="A demo inventory, the sandbox and the daemon between them, with simulated bookings.",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=float,
+        default=DEFAULT_DEMO_SECONDS,
+        help=f"how long to run (default {DEFAULT_DEMO_SECONDS:g})",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from agent import commands  # imported late so that --help stays fast
+
+    try:
+        if args.command == "run":
+            return commands.run(args.config)
+        if args.command == "once":
+            return commands.once(args.config, timeout_s=args.timeout, resync=False)
+        if args.command == "resync":
+            return commands.once(args.config, timeout_s=args.timeout, resync=True)
+        if args.command == "check":
+            return commands.check(args.config)
+        if args.command == "sandbox":
+            return commands.sandbox(
+                port=args.port,
+                host=args.host,
+                config_path=args.config,
+                secret_file=args.secret_file,
+            )
+        if args.command == "demo":
+            from agent.demo import run_demo
+
+            return run_demo(seconds=args.seconds)
+    except commands.AgentError as exc:
+        print(f"seyaha-agent: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, commands.ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,241 @@
+"""The sub-commands: each loads the configuration, builds an Agent and prints for a person."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from agent.app import Agent, DrainResult
+from agent.config import SECRET_ENV, Config, load_config, load_settings, read_secret
+from agent.db import create_engine, redact_url
+from agent.delivery.worker import Tally
+from agent.errors import AgentError, ConfigError
+from agent.logs import Redaction, setup_logging
+from agent.outbox.store import StateStore
+from agent.scan import ScanReport
+from agent.source.reader import SourceReader
+
+__all__ = ["AgentError", "ConfigError", "check", "once", "run", "sandbox"]
+
+
+def _start(path: Path) -> tuple[Config, Agent]:
+    config = load_config(path)
+    log = config.settings.log
+    setup_logging(level=log.level, fmt=log.format, redaction=Redaction([config.secret.reveal()]))
+    agent = Agent(config)
+    agent.open()
+    return config, agent
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger("agent").info(
+            "received %s", signal.Signals(signum).name, extra={"event": "agent.signal"}
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run(path: Path) -> int:
+    _config, agent = _start(path)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        agent.run(stop)
+    finally:
+        agent.close()
+    return 0
+
+
+def once(path: Path, *, timeout_s: float, resync: bool, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    _config, agent = _start(path)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        try:
+            report = agent.scan(resync=resync)
+        except AgentError as exc:
+            print(f"scan failed: {exc}", file=out)
+            drain = agent.drain(timeout_s, stop)  # still deliver what earlier runs queued
+            _print_delivery(out, drain, agent.deliverer.tally)
+            return 1
+        drain = agent.drain(timeout_s, stop)
+        _print_scan(out, report)
+        _print_delivery(out, drain, agent.deliverer.tally)
+        ok = drain.stats.pending == 0 and agent.deliverer.tally.counts["dead"] == 0
+        return 0 if ok else 1
+    finally:
+        agent.close()
+
+
+def _print_scan(out: TextIO, report: ScanReport) -> None:
+    c, s = report.catalog, report.slots
+    print(
+        f"scanned {report.catalog_rows} catalog rows and {report.slot_rows} slot rows "
+        f"in {report.duration_s:.2f} s",
+        file=out,
+    )
+    if report.baseline:
+        print("  first run: baseline recorded, one sync/trigger queued", file=out)
+    else:
+        print(
+            f"  catalog: {len(c.added)} added, {len(c.changed)} changed, {len(c.removed)} removed; "
+            f"slots: {len(s.added)} added, {len(s.changed)} changed, {len(s.removed)} closed, "
+            f"{len(s.expired)} past",
+            file=out,
+        )
+    if report.skipped:
+        print(f"  {len(report.skipped)} row(s) skipped:", file=out)
+        for row in report.skipped[:10]:
+            key = "/".join("NULL" if k is None else str(k) for k in (row.key or ()))
+            print(f"    {row.query} {key or '(no key)'}: {row.reason}", file=out)
+        if len(report.skipped) > 10:
+            print(f"    ... and {len(report.skipped) - 10} more (see the log)", file=out)
+
+
+def _print_delivery(out: TextIO, drain: DrainResult, tally: Tally) -> None:
+    counts = tally.counts
+    sent = (
+        f"sent {counts['trigger_sent']} sync/trigger and {counts['notify_sent']} "
+        f"availability/notify"
+    )
+    extras = []
+    if counts["not_updated"]:
+        extras.append(f"{counts['not_updated']} answered updated:false")
+    if counts["retried"]:
+        extras.append(f"{counts['retried']} retried")
+    if counts["expired"]:
+        extras.append(f"{counts['expired']} dropped as already started")
+    print(f"  {sent}" + (f" ({', '.join(extras)})" if extras else ""), file=out)
+    stats = drain.stats
+    if stats.pending:
+        why = drain.paused_reason or (tally.problems[-1] if tally.problems else "not yet due")
+        if drain.timed_out and not drain.paused_reason:
+            why = f"timed out; last problem: {why}"
+        print(f"  still waiting: {stats.pending} message(s): {why}", file=out)
+        print("  nothing is lost: they stay in the outbox and go out on the next run", file=out)
+    if counts["dead"]:
+        print(f"  gave up on {counts['dead']} message(s) this run:", file=out)
+        for problem in tally.problems[-5:]:
+            print(f"    {problem}", file=out)
+    if stats.dead:
+        print(f"  dead letters kept in the outbox: {stats.dead}", file=out)
+    if not stats.pending and not counts["dead"]:
+        print("  everything delivered", file=out)
+
+
+def check(path: Path, out: TextIO | None = None) -> int:
+    """Validate everything that can be validated without calling Seyaha; exit 0 or 1."""
+    out = out or sys.stdout
+    problems = 0
+
+    def report(ok: bool, text: str) -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"{'ok     ' if ok else 'PROBLEM'} {text}", file=out)
+
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            report(False, f"{exc.source}: {problem}")
+        return 1
+    report(True, f"configuration {path}")
+    try:
+        read_secret(settings)
+        report(True, "webhook secret readable")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            report(False, problem)
+
+    engine = create_engine(settings.source.url, role="source")
+    reader = SourceReader(
+        engine,
+        catalog_query=settings.source.catalog_query,
+        slots_query=settings.source.slots_query,
+        timezone=settings.source.zone,
+    )
+    try:
+        sample = reader.sample()
+        report(True, f"source {redact_url(settings.source.url)} reachable")
+        report(True, f"catalog_query: {sample.catalog_rows_read} row(s) read (first 100 at most)")
+        report(True, f"slots_query: {sample.slot_rows_read} row(s) read (first 100 at most)")
+        for row in sample.skipped:
+            key = "/".join("NULL" if k is None else str(k) for k in (row.key or ()))
+            report(False, f"{row.query}: row {key or '(no key)'} would be skipped: {row.reason}")
+    except AgentError as exc:
+        report(False, str(exc))
+    finally:
+        engine.dispose()
+
+    store = StateStore.from_url(settings.state.url)
+    try:
+        store.open()
+        report(True, f"state store {redact_url(settings.state.url)} ready")
+    except AgentError as exc:
+        report(False, str(exc))
+    finally:
+        store.close()
+    print("all checks passed" if problems == 0 else f"{problems} problem(s) found", file=out)
+    return 0 if problems == 0 else 1
+
+
+def sandbox(*, port: int, host: str, config_path: Path | None, secret_file: Path | None) -> int:
+    from agent.sandbox import Sandbox
+
+    integration_id: str | None = None
+    catalog = None
+    secret = os.environ.get(SECRET_ENV, "").strip()
+    if secret_file is not None:
+        try:
+            secret = secret_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                [f"--secret-file: cannot read {secret_file} ({exc.strerror})"]
+            ) from None
+    if config_path is not None:
+        config = load_config(config_path)
+        secret = secret or config.secret.reveal()
+        integration_id = config.settings.seyaha.integration_id
+        source = config.settings.source
+        reader = SourceReader(
+            create_engine(source.url, role="source"),
+            catalog_query=source.catalog_query,
+            slots_query=source.slots_query,
+            timezone=source.zone,
+        )
+        catalog = reader.catalog_keys
+    if not secret:
+        raise ConfigError(
+            [
+                f"the sandbox needs the secret to expect: set {SECRET_ENV}, or pass --secret-file "
+                "or --config"
+            ],
+            source="sandbox",
+        )
+    server = Sandbox(
+        secret=secret,
+        integration_id=integration_id,
+        catalog=catalog,
+        host=host,
+        port=port,
+        out=sys.stdout,
+    )
+    print(f"Seyaha sandbox listening on {server.url}", flush=True)
+    print(f'  set [seyaha] base_url = "{server.url}" to deliver here; Ctrl-C stops', flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server.server_close()
+    return 0

@@ -1,0 +1,318 @@
+"""Configuration: one TOML file plus environment overrides, validated once into pydantic models.
+
+This is the only module that reads the configuration file, the secret file and the
+environment. Every mistake is reported with the key at fault, e.g.
+`[source] poll_intervall: unknown key`.
+
+Environment overrides use the prefix SEYAHA_AGENT_ and `__` between levels
+(SEYAHA_AGENT_SOURCE__URL=...). The webhook secret comes from SEYAHA_WEBHOOK_SECRET or from
+the file named by `seyaha.webhook_secret_file`; the environment variable wins when both are set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from agent.errors import ConfigError
+
+SECRET_ENV = "SEYAHA_WEBHOOK_SECRET"
+ENV_PREFIX = "SEYAHA_AGENT_"
+DEFAULT_STATE_URL = "sqlite:///state.db"
+_HEX24 = re.compile(r"^[0-9a-fA-F]{24}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeyahaSettings(_Section):
+    base_url: str = "https://api.seyaha.net"
+    integration_id: str
+    webhook_secret_file: Path | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
+        return value
+
+    @field_validator("integration_id")
+    @classmethod
+    def _object_id(cls, value: str) -> str:
+        value = value.strip()
+        if not _HEX24.match(value):
+            raise ValueError(
+                f"must be the 24-character hexadecimal id Seyaha gave the integration (got {value!r})"
+            )
+        return value
+
+
+class SourceSettings(_Section):
+    url: str
+    poll_interval: float = Field(5.0, gt=0, description="seconds between scans")
+    timezone: str = "UTC"
+    catalog_query: str
+    slots_query: str
+
+    @field_validator("url")
+    @classmethod
+    def _sqlalchemy_url(cls, value: str) -> str:
+        return _check_url(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as Europe/Istanbul)"
+            ) from exc
+        return value
+
+    @field_validator("catalog_query", "slots_query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class StateSettings(_Section):
+    url: str = DEFAULT_STATE_URL
+
+    @field_validator("url")
+    @classmethod
+    def _sqlalchemy_url(cls, value: str) -> str:
+        return _check_url(value)
+
+
+class DeliverySettings(_Section):
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to open a connection to Seyaha")
+    timeout: float = Field(10.0, gt=0, description="seconds to wait for Seyaha's answer")
+    max_attempts: int = Field(20, ge=1, description="attempts before a message is dead-lettered")
+    backoff_initial: float = Field(1.0, gt=0, description="seconds before the first retry")
+    backoff_max: float = Field(300.0, gt=0, description="longest pause between two retries")
+    retry_after_max: float = Field(
+        3600.0, gt=0, description="longest Retry-After that is honoured, in seconds"
+    )
+    auth_probe_interval: float = Field(
+        60.0, gt=0, description="seconds between probes while Seyaha refuses the secret"
+    )
+    lease: float = Field(60.0, gt=0, description="seconds a claimed message stays reserved")
+    batch_size: int = Field(50, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _lease_outlives_request(self) -> DeliverySettings:
+        worst = self.connect_timeout + self.timeout
+        if self.lease <= worst * 2:
+            raise ValueError(
+                f"lease ({self.lease:g} s) must be more than twice connect_timeout + timeout "
+                f"({worst:g} s), or a slow request could be sent twice"
+            )
+        return self
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "text", "json"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class AgentSettings(BaseSettings):
+    """The whole configuration file."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    seyaha: SeyahaSettings
+    source: SourceSettings
+    state: StateSettings = StateSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    log: LogSettings = LogSettings()
+
+
+class Secret:
+    """The webhook secret. Its repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration with paths resolved and the secret loaded."""
+
+    path: Path
+    settings: AgentSettings
+    secret: Secret
+
+
+def _check_url(value: str) -> str:
+    try:
+        make_url(value)
+    except ArgumentError as exc:
+        raise ValueError(
+            f"is not a database URL (expected e.g. postgresql+psycopg://user@host/db, "
+            f"mysql+pymysql://user@host/db or sqlite:///file.db; got {value!r})"
+        ) from exc
+    return value
+
+
+def resolve_sqlite_url(url: str, base: Path) -> str:
+    """A relative SQLite path is relative to the configuration file's folder, not the cwd."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return url
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return url
+    if Path(database).is_absolute():
+        return url
+    return parsed.set(database=str((base / database).resolve())).render_as_string(
+        hide_password=False
+    )
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error.get("loc", ())]
+    if len(loc) >= 2:
+        where = f"[{loc[0]}] {'.'.join(loc[1:])}"
+    elif loc:
+        where = f"[{loc[0]}]"
+    else:
+        where = "(file)"
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key (check the spelling)"
+    if kind == "missing":
+        return f"{where}: is required"
+    message = str(error.get("msg", "is invalid"))
+    message = message.removeprefix("Value error, ")
+    got = error.get("input")
+    if kind not in ("value_error",) and isinstance(got, str | int | float | bool):
+        message = f"{message} (got {got!r})"
+    return f"{where}: {message}"
+
+
+def _settings_from_file(path: Path) -> AgentSettings:
+    class _FromFile(AgentSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+
+    return AgentSettings.model_validate(_FromFile().model_dump())
+
+
+def read_secret(settings: AgentSettings, environ: dict[str, str] | None = None) -> Secret:
+    env = os.environ if environ is None else environ
+    from_env = env.get(SECRET_ENV, "").strip()
+    if from_env:
+        return Secret(from_env)
+    secret_file = settings.seyaha.webhook_secret_file
+    if secret_file is None:
+        raise ConfigError([f"[seyaha] webhook_secret_file: is required unless {SECRET_ENV} is set"])
+    try:
+        value = secret_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            [f"[seyaha] webhook_secret_file: cannot read {secret_file} ({exc.strerror})"]
+        ) from None
+    if not value:
+        raise ConfigError([f"[seyaha] webhook_secret_file: {secret_file} is empty"])
+    return Secret(value)
+
+
+def load_settings(path: Path) -> AgentSettings:
+    """Validate the file (with environment overrides) and resolve relative paths in it."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError([f"no configuration file at {path}"], source=str(path))
+    try:
+        settings = _settings_from_file(path)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], source=str(path)) from None
+    except ValidationError as exc:
+        raise ConfigError(
+            [_describe(dict(e)) for e in exc.errors(include_url=False)], source=str(path)
+        ) from None
+    base = path.resolve().parent
+    seyaha = settings.seyaha
+    if seyaha.webhook_secret_file is not None and not seyaha.webhook_secret_file.is_absolute():
+        seyaha = seyaha.model_copy(
+            update={"webhook_secret_file": (base / seyaha.webhook_secret_file).resolve()}
+        )
+    return settings.model_copy(
+        update={
+            "seyaha": seyaha,
+            "source": settings.source.model_copy(
+                update={"url": resolve_sqlite_url(settings.source.url, base)}
+            ),
+            "state": settings.state.model_copy(
+                update={"url": resolve_sqlite_url(settings.state.url, base)}
+            ),
+        }
+    )
+
+
+def load_config(path: Path) -> Config:
+    settings = load_settings(path)
+    try:
+        secret = read_secret(settings)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source=str(path)) from None
+    return Config(path=path.resolve(), settings=settings, secret=secret)

@@ -1,0 +1,1 @@
+"""Delivery: the Seyaha client, the pure retry and classification rules, and the worker loop."""

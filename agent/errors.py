@@ -1,0 +1,30 @@
+"""The agent's exceptions: one small hierarchy, each message written for the person who must act.
+
+The CLI prints `str(error)` as one line and exits non-zero; nothing here ever carries the
+webhook secret.
+"""
+
+
+class AgentError(Exception):
+    """Base class: something the operator can fix, described in plain words."""
+
+
+class ConfigError(AgentError):
+    """The configuration file or environment is wrong; the message names the key."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class QueryError(AgentError):
+    """A source query failed or returned the wrong shape; the message names the query."""
+
+
+class SourceUnavailable(AgentError):
+    """The inventory database cannot be reached right now (retry later)."""
+
+
+class StateError(AgentError):
+    """The state store (fingerprints and outbox) cannot be used."""

@@ -1,0 +1,133 @@
+"""The values that flow through the pipeline: source rows -> changes -> messages.
+
+Small frozen dataclasses with full type hints; pydantic stays at the configuration edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+CatalogKey = tuple[str, str]
+"""(product_id, option_id)"""
+
+SlotKey = tuple[str, str, str]
+"""(product_id, option_id, availability_id)"""
+
+Status = Literal["AVAILABLE", "FREESALE", "LIMITED", "SOLD_OUT", "CLOSED"]
+STATUSES: tuple[Status, ...] = ("AVAILABLE", "FREESALE", "LIMITED", "SOLD_OUT", "CLOSED")
+
+MessageKind = Literal["trigger", "notify"]
+
+TRIGGER_DEDUPE_KEY = "catalog"
+"""Every catalog change coalesces into the one pending trigger with this key."""
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogRow:
+    """One (product, option) row of the catalog query, reduced to its fingerprint."""
+
+    product_id: str
+    option_id: str
+    fingerprint: str
+
+    @property
+    def key(self) -> CatalogKey:
+        return (self.product_id, self.option_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One availability slot as Seyaha should see it (the notify payload, plus its UTC start)."""
+
+    product_id: str
+    option_id: str
+    availability_id: str
+    local_date_time_start: str
+    start_utc: datetime
+    status: Status
+    vacancies: int | None
+    capacity: int | None
+
+    @property
+    def key(self) -> SlotKey:
+        return (self.product_id, self.option_id, self.availability_id)
+
+    def payload(self) -> dict[str, Any]:
+        """The OCTO availability/notify body."""
+        return {
+            "productId": self.product_id,
+            "optionId": self.option_id,
+            "availabilityId": self.availability_id,
+            "localDateTimeStart": self.local_date_time_start,
+            "status": self.status,
+            "vacancies": self.vacancies,
+            "capacity": self.capacity,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSlot:
+    """What the state store remembers of a slot: enough to detect a change and to close it."""
+
+    key: SlotKey
+    fingerprint: str
+    local_date_time_start: str
+    start_utc: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRow:
+    """A source row that could not be used; the rest of the scan goes on without it."""
+
+    query: str
+    key: tuple[Any, ...] | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogDiff:
+    added: tuple[CatalogRow, ...] = ()
+    changed: tuple[CatalogRow, ...] = ()
+    removed: tuple[CatalogKey, ...] = ()
+
+    @property
+    def any(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotDiff:
+    added: tuple[Slot, ...] = ()
+    changed: tuple[Slot, ...] = ()
+    removed: tuple[StoredSlot, ...] = ()
+    """Slots gone from the query result whose start is still ahead: Seyaha must hear CLOSED."""
+    expired: tuple[SlotKey, ...] = ()
+    """Slots whose start has passed: forgotten without a message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One webhook call to make, before it has an outbox id."""
+
+    kind: MessageKind
+    dedupe_key: str
+    payload: dict[str, Any] | None = None
+    slot_start: datetime | None = None
+    reason: str = ""
+    """Why the message exists (added, changed, closed, removed, resync, baseline): for logs."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A message as stored in the outbox, claimed under a lease for one delivery attempt."""
+
+    id: int
+    kind: MessageKind
+    dedupe_key: str
+    payload: dict[str, Any] | None
+    attempts: int
+    created_at: datetime
+    slot_start: datetime | None
+    lease_token: str = field(default="", compare=False)

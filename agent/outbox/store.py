@@ -1,0 +1,494 @@
+"""The state store over SQLAlchemy Core: one implementation for SQLite, PostgreSQL and MySQL.
+
+Two promises hold here:
+- a scan's fingerprints and the messages it decided are written in one transaction, so a
+  crash at any point neither loses an update nor invents one;
+- a message is delivered under a lease: a claim reserves it for `lease_s`, and only the holder
+  of the lease token can complete it. A process that dies mid-request leaves a lease that
+  expires, and the message is taken again.
+
+Outbox rules: a slot has at most one waiting (unleased) message, updated in place with the
+newest absolute state; catalog changes keep at most one waiting trigger; a notify is not
+claimed while an older trigger is waiting, nor while an older message for the same slot is
+in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from agent.clock import from_epoch_ms, to_epoch_ms
+from agent.db import create_engine, redact_url
+from agent.errors import StateError
+from agent.model import (
+    CatalogDiff,
+    CatalogKey,
+    Message,
+    OutboxMessage,
+    SlotDiff,
+    SlotKey,
+    StoredSlot,
+)
+from agent.outbox import tables as t
+from agent.rows import slot_fingerprint
+
+_META_BASELINE = "baseline_ms"
+_META_SCHEMA = "schema_version"
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    pending: int
+    dead: int
+    in_flight: int
+    oldest_pending: datetime | None
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A row of the outbox as an operator sees it (for summaries and listings)."""
+
+    id: int
+    kind: str
+    state: str
+    reason: str
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    available_at: datetime
+    payload: dict[str, object] | None
+
+
+class StateStore:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> StateStore:
+        return cls(create_engine(url, role="state"))
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def open(self) -> None:
+        """Create the tables if needed and check the schema version."""
+        url = redact_url(self.engine.url.render_as_string(hide_password=True))
+        try:
+            t.metadata.create_all(self.engine, checkfirst=True)
+            with self._write() as conn:
+                found = conn.execute(
+                    sa.select(t.meta.c.value).where(t.meta.c.key == _META_SCHEMA)
+                ).scalar()
+                if found is None:
+                    conn.execute(sa.insert(t.meta).values(key=_META_SCHEMA, value=t.SCHEMA_VERSION))
+                elif found != t.SCHEMA_VERSION:
+                    raise StateError(
+                        f"the state store at {url} has schema version {found}; this agent "
+                        f"uses {t.SCHEMA_VERSION}. Point [state] url at a new store or "
+                        f"upgrade the agent."
+                    )
+        except SQLAlchemyError as exc:
+            raise StateError(f"cannot open the state store at {url}: {_first_line(exc)}") from None
+
+    # -- fingerprints -------------------------------------------------------------------
+
+    def is_baselined(self) -> bool:
+        with self._read() as conn:
+            return (
+                conn.execute(
+                    sa.select(t.meta.c.value).where(t.meta.c.key == _META_BASELINE)
+                ).scalar()
+                is not None
+            )
+
+    def load_catalog(self) -> dict[CatalogKey, str]:
+        c = t.catalog_fingerprints.c
+        with self._read() as conn:
+            rows = conn.execute(sa.select(c.product_id, c.option_id, c.fingerprint))
+            return {(r.product_id, r.option_id): r.fingerprint for r in rows}
+
+    def load_slots(self) -> dict[SlotKey, StoredSlot]:
+        c = t.slot_fingerprints.c
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(
+                    c.product_id,
+                    c.option_id,
+                    c.availability_id,
+                    c.fingerprint,
+                    c.local_start,
+                    c.start_ms,
+                )
+            )
+            return {
+                (r.product_id, r.option_id, r.availability_id): StoredSlot(
+                    key=(r.product_id, r.option_id, r.availability_id),
+                    fingerprint=r.fingerprint,
+                    local_date_time_start=r.local_start,
+                    start_utc=from_epoch_ms(r.start_ms),
+                )
+                for r in rows
+            }
+
+    def commit_scan(
+        self,
+        catalog: CatalogDiff,
+        slots: SlotDiff,
+        messages: Sequence[Message],
+        now: datetime,
+        *,
+        baseline: bool = False,
+    ) -> int:
+        """Record the new fingerprints and enqueue `messages`, all or nothing.
+
+        Returns how many outbox rows were added or refreshed.
+        """
+        now_ms = to_epoch_ms(now)
+        with self._write() as conn:
+            self._apply_catalog(conn, catalog)
+            self._apply_slots(conn, slots)
+            written = sum(self._enqueue(conn, m, now_ms) for m in messages)
+            if baseline:
+                conn.execute(sa.delete(t.meta).where(t.meta.c.key == _META_BASELINE))
+                conn.execute(sa.insert(t.meta).values(key=_META_BASELINE, value=str(now_ms)))
+        return written
+
+    @staticmethod
+    def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:
+        tbl = t.catalog_fingerprints
+        if diff.added:
+            conn.execute(
+                sa.insert(tbl),
+                [
+                    {
+                        "product_id": r.product_id,
+                        "option_id": r.option_id,
+                        "fingerprint": r.fingerprint,
+                    }
+                    for r in diff.added
+                ],
+            )
+        if diff.changed:
+            conn.execute(
+                sa.update(tbl)
+                .where(tbl.c.product_id == sa.bindparam("p"), tbl.c.option_id == sa.bindparam("o"))
+                .values(fingerprint=sa.bindparam("f")),
+                [{"p": r.product_id, "o": r.option_id, "f": r.fingerprint} for r in diff.changed],
+            )
+        if diff.removed:
+            conn.execute(
+                sa.delete(tbl).where(
+                    tbl.c.product_id == sa.bindparam("p"), tbl.c.option_id == sa.bindparam("o")
+                ),
+                [{"p": p, "o": o} for p, o in diff.removed],
+            )
+
+    @staticmethod
+    def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
+        tbl = t.slot_fingerprints
+        if diff.added:
+            conn.execute(
+                sa.insert(tbl),
+                [
+                    {
+                        "product_id": s.product_id,
+                        "option_id": s.option_id,
+                        "availability_id": s.availability_id,
+                        "fingerprint": slot_fingerprint(s),
+                        "local_start": s.local_date_time_start,
+                        "start_ms": to_epoch_ms(s.start_utc),
+                    }
+                    for s in diff.added
+                ],
+            )
+        if diff.changed:
+            conn.execute(
+                sa.update(tbl)
+                .where(
+                    tbl.c.product_id == sa.bindparam("p"),
+                    tbl.c.option_id == sa.bindparam("o"),
+                    tbl.c.availability_id == sa.bindparam("a"),
+                )
+                .values(
+                    fingerprint=sa.bindparam("f"),
+                    local_start=sa.bindparam("ls"),
+                    start_ms=sa.bindparam("sm"),
+                ),
+                [
+                    {
+                        "p": s.product_id,
+                        "o": s.option_id,
+                        "a": s.availability_id,
+                        "f": slot_fingerprint(s),
+                        "ls": s.local_date_time_start,
+                        "sm": to_epoch_ms(s.start_utc),
+                    }
+                    for s in diff.changed
+                ],
+            )
+        gone = [s.key for s in diff.removed] + list(diff.expired)
+        if gone:
+            conn.execute(
+                sa.delete(tbl).where(
+                    tbl.c.product_id == sa.bindparam("p"),
+                    tbl.c.option_id == sa.bindparam("o"),
+                    tbl.c.availability_id == sa.bindparam("a"),
+                ),
+                [{"p": p, "o": o, "a": a} for p, o, a in gone],
+            )
+
+    @staticmethod
+    def _enqueue(conn: sa.Connection, message: Message, now_ms: int) -> int:
+        o = t.outbox.c
+        waiting = sa.and_(
+            o.dedupe_key == message.dedupe_key,
+            o.state == t.PENDING,
+            sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
+        )
+        payload = None if message.payload is None else json.dumps(message.payload, sort_keys=True)
+        slot_start_ms = None if message.slot_start is None else to_epoch_ms(message.slot_start)
+        if message.kind == "trigger":
+            # One waiting trigger covers every catalog change made before it is sent.
+            if conn.execute(sa.select(o.id).where(waiting).limit(1)).first() is not None:
+                return 0
+        else:
+            refreshed = conn.execute(
+                sa.update(t.outbox)
+                .where(waiting)
+                .values(
+                    payload=payload,
+                    slot_start_ms=slot_start_ms,
+                    reason=message.reason,
+                    updated_ms=now_ms,
+                    lease_token=None,
+                    leased_until_ms=None,
+                )
+            )
+            if refreshed.rowcount:
+                return 1
+        conn.execute(
+            sa.insert(t.outbox).values(
+                kind=message.kind,
+                dedupe_key=message.dedupe_key,
+                payload=payload,
+                state=t.PENDING,
+                reason=message.reason,
+                created_ms=now_ms,
+                updated_ms=now_ms,
+                available_ms=now_ms,
+                slot_start_ms=slot_start_ms,
+                attempts=0,
+            )
+        )
+        return 1
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def claim(self, now: datetime, *, limit: int, lease_s: float) -> list[OutboxMessage]:
+        """Reserve up to `limit` due messages, oldest first, under a lease of `lease_s`."""
+        now_ms = to_epoch_ms(now)
+        until_ms = now_ms + int(lease_s * 1000)
+        o = t.outbox.c
+        older_trigger = t.outbox.alias("older_trigger")
+        older_same = t.outbox.alias("older_same")
+        candidates = (
+            sa.select(o.id)
+            .where(
+                o.state == t.PENDING,
+                o.available_ms <= now_ms,
+                sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
+                sa.or_(
+                    o.kind == "trigger",
+                    ~sa.exists().where(
+                        older_trigger.c.kind == "trigger",
+                        older_trigger.c.state == t.PENDING,
+                        older_trigger.c.id < o.id,
+                    ),
+                ),
+                ~sa.exists().where(
+                    older_same.c.dedupe_key == o.dedupe_key,
+                    older_same.c.state == t.PENDING,
+                    older_same.c.id < o.id,
+                ),
+            )
+            .order_by(o.id)
+            .limit(limit)
+        )
+        claimed: list[OutboxMessage] = []
+        with self._write() as conn:
+            ids = list(conn.execute(candidates).scalars())
+            for message_id in ids:
+                token = str(uuid.uuid4())
+                result = conn.execute(
+                    sa.update(t.outbox)
+                    .where(
+                        o.id == message_id,
+                        o.state == t.PENDING,
+                        sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
+                    )
+                    .values(lease_token=token, leased_until_ms=until_ms)
+                )
+                if result.rowcount != 1:
+                    continue  # another consumer took it between the two statements
+                row = conn.execute(sa.select(t.outbox).where(o.id == message_id)).one()
+                claimed.append(
+                    OutboxMessage(
+                        id=row.id,
+                        kind=row.kind,
+                        dedupe_key=row.dedupe_key,
+                        payload=None if row.payload is None else json.loads(row.payload),
+                        attempts=row.attempts,
+                        created_at=from_epoch_ms(row.created_ms),
+                        slot_start=None
+                        if row.slot_start_ms is None
+                        else from_epoch_ms(row.slot_start_ms),
+                        lease_token=token,
+                    )
+                )
+        return claimed
+
+    def _held(self, message: OutboxMessage) -> sa.ColumnElement[bool]:
+        o = t.outbox.c
+        return sa.and_(o.id == message.id, o.lease_token == message.lease_token)
+
+    def complete(self, message: OutboxMessage) -> bool:
+        """The call succeeded: the message leaves the outbox. False if the lease was lost."""
+        with self._write() as conn:
+            return bool(conn.execute(sa.delete(t.outbox).where(self._held(message))).rowcount)
+
+    def retry_later(
+        self,
+        message: OutboxMessage,
+        *,
+        at: datetime,
+        error: str,
+        status: int | None,
+        count_attempt: bool = True,
+    ) -> bool:
+        """Keep the message for another attempt at `at`, recording why this one failed."""
+        now_ms = to_epoch_ms(at)
+        o = t.outbox.c
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    sa.update(t.outbox)
+                    .where(self._held(message))
+                    .values(
+                        attempts=o.attempts + (1 if count_attempt else 0),
+                        available_ms=now_ms,
+                        last_error=error,
+                        last_status=status,
+                        lease_token=None,
+                        leased_until_ms=None,
+                    )
+                ).rowcount
+            )
+
+    def dead_letter(self, message: OutboxMessage, *, error: str, status: int | None) -> bool:
+        """Give up on the message but keep it, with the reason, for an operator to see."""
+        o = t.outbox.c
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    sa.update(t.outbox)
+                    .where(self._held(message))
+                    .values(
+                        state=t.DEAD,
+                        attempts=o.attempts + 1,
+                        last_error=error,
+                        last_status=status,
+                        lease_token=None,
+                        leased_until_ms=None,
+                    )
+                ).rowcount
+            )
+
+    def discard(self, message: OutboxMessage) -> bool:
+        """Drop a message that no longer needs sending (its slot has already started)."""
+        return self.complete(message)
+
+    def next_due(self) -> datetime | None:
+        """When the earliest waiting message becomes due, or None if nothing is waiting."""
+        o = t.outbox.c
+        with self._read() as conn:
+            first = conn.execute(
+                sa.select(sa.func.min(o.available_ms)).where(o.state == t.PENDING)
+            ).scalar()
+        return None if first is None else from_epoch_ms(first)
+
+    def stats(self) -> OutboxStats:
+        o = t.outbox.c
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(
+                    o.state,
+                    sa.func.count(),
+                    sa.func.min(o.created_ms),
+                    sa.func.count(o.lease_token),
+                ).group_by(o.state)
+            ).all()
+        pending = dead = in_flight = 0
+        oldest: int | None = None
+        for state, count, first_ms, leased in rows:
+            if state == t.PENDING:
+                pending, oldest, in_flight = count, first_ms, leased
+            elif state == t.DEAD:
+                dead = count
+        return OutboxStats(
+            pending=pending,
+            dead=dead,
+            in_flight=in_flight,
+            oldest_pending=None if oldest is None else from_epoch_ms(oldest),
+        )
+
+    def entries(self, *, state: str | None = None, limit: int = 100) -> list[OutboxEntry]:
+        o = t.outbox.c
+        query = sa.select(t.outbox).order_by(o.id).limit(limit)
+        if state is not None:
+            query = query.where(o.state == state)
+        with self._read() as conn:
+            return [
+                OutboxEntry(
+                    id=r.id,
+                    kind=r.kind,
+                    state=r.state,
+                    reason=r.reason,
+                    attempts=r.attempts,
+                    last_status=r.last_status,
+                    last_error=r.last_error,
+                    created_at=from_epoch_ms(r.created_ms),
+                    available_at=from_epoch_ms(r.available_ms),
+                    payload=None if r.payload is None else json.loads(r.payload),
+                )
+                for r in conn.execute(query)
+            ]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

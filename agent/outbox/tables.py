@@ -1,0 +1,72 @@
+"""The state store's tables, shared by every backend (SQLite, PostgreSQL, MySQL/MariaDB).
+
+Timestamps are integer epoch milliseconds: they sort and compare the same way everywhere.
+Id columns are VARCHAR(255) so that the three-column slot key fits InnoDB's 3072-byte index
+limit under utf8mb4.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = "1"
+
+ID_LENGTH = 255
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "seyaha_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+catalog_fingerprints = sa.Table(
+    "seyaha_catalog",
+    metadata,
+    sa.Column("product_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("option_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("fingerprint", sa.String(32), nullable=False),
+)
+
+slot_fingerprints = sa.Table(
+    "seyaha_slots",
+    metadata,
+    sa.Column("product_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("option_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("availability_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("fingerprint", sa.String(32), nullable=False),
+    sa.Column("local_start", sa.String(40), nullable=False),
+    sa.Column("start_ms", sa.BigInteger, nullable=False),
+)
+
+outbox = sa.Table(
+    "seyaha_outbox",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("dedupe_key", sa.String(64), nullable=False),
+    sa.Column("payload", sa.Text, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False, server_default=""),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.Column("available_ms", sa.BigInteger, nullable=False),
+    sa.Column("slot_start_ms", sa.BigInteger, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_status", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("lease_token", sa.String(36), nullable=True),
+    sa.Column("leased_until_ms", sa.BigInteger, nullable=True),
+    sa.Index("seyaha_outbox_due", "state", "available_ms"),
+    sa.Index("seyaha_outbox_dedupe", "dedupe_key", "state"),
+)
+
+PENDING = "pending"
+DEAD = "dead"

@@ -1,0 +1,226 @@
+"""Pure conversions from raw query rows to model values, or a reason to skip the row.
+
+Status derivation, start-time parsing and formatting live here, with no I/O, so that every
+rule the README states about a column is one parametrized unit test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from agent.model import STATUSES, CatalogRow, Slot, Status
+
+CATALOG_KEY_COLUMNS = ("product_id", "option_id")
+SLOT_KEY_COLUMNS = ("product_id", "option_id", "availability_id")
+SLOT_REQUIRED_COLUMNS = (*SLOT_KEY_COLUMNS, "local_date_time_start")
+SLOT_OPTIONAL_COLUMNS = ("status", "vacancies", "capacity")
+
+
+_STATUS_BY_NAME: dict[str, Status] = {s: s for s in STATUSES}
+
+
+class BadRow(ValueError):
+    """The row cannot be used; `str(error)` says why in words an operator understands."""
+
+
+def missing_columns(got: Sequence[str], required: Sequence[str]) -> list[str]:
+    present = {c.lower() for c in got}
+    return [c for c in required if c not in present]
+
+
+def to_id(value: Any, column: str) -> str:
+    """Ids may come back as integers or strings; Seyaha always gets strings."""
+    if value is None:
+        raise BadRow(f"{column} is NULL")
+    if isinstance(value, bool):
+        raise BadRow(f"{column} is a boolean ({value!r}), not an id")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, Decimal | float):
+        if value != value or value % 1 != 0:  # NaN or a fraction
+            raise BadRow(f"{column} is not a whole number ({value!r})")
+        return str(int(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRow(f"{column} is not valid UTF-8 text") from exc
+    text = str(value).strip()
+    if not text:
+        raise BadRow(f"{column} is empty")
+    return text
+
+
+def to_count(value: Any, column: str) -> int | None:
+    """vacancies and capacity: a whole number >= 0, or NULL."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BadRow(f"{column} is a boolean ({value!r}), not a count")
+    number: int
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, Decimal | float):
+        if value != value or value % 1 != 0:
+            raise BadRow(f"{column} is not a whole number ({value!r})")
+        number = int(value)
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError as exc:
+            raise BadRow(f"{column} is not a number ({value!r})") from exc
+    else:
+        raise BadRow(f"{column} has an unexpected type ({type(value).__name__})")
+    if number < 0:
+        raise BadRow(f"{column} is negative ({number})")
+    return number
+
+
+def derive_status(
+    status: Any, vacancies: int | None, capacity: int | None
+) -> tuple[Status, int | None]:
+    """The status to send and the vacancies to send with it.
+
+    An explicit status wins. Otherwise: no capacity means FREESALE (vacancies sent as null);
+    no vacancies left means SOLD_OUT; fewer than half the capacity left means LIMITED
+    (OCTO's "less than 50% remaining"); anything else is AVAILABLE.
+    """
+    if status is not None:
+        chosen = _STATUS_BY_NAME.get(str(status).strip().upper())
+        if chosen is None:
+            raise BadRow(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        return chosen, (None if chosen == "FREESALE" else vacancies)
+    if capacity is None:
+        return "FREESALE", None
+    if vacancies is None:
+        raise BadRow(
+            f"vacancies is NULL while capacity is {capacity}: the status cannot be derived"
+        )
+    if vacancies == 0:
+        return "SOLD_OUT", 0
+    if vacancies * 2 < capacity:
+        return "LIMITED", vacancies
+    return "AVAILABLE", vacancies
+
+
+def localize(naive: datetime, tz: ZoneInfo) -> datetime:
+    """Attach `tz` to a wall-clock time, refusing times that a DST change skips.
+
+    Ambiguous times (the repeated hour when clocks go back) take the first occurrence (fold=0).
+    """
+    aware = naive.replace(tzinfo=tz, fold=0)
+    round_trip = aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
+    if round_trip != naive.replace(fold=0):
+        raise BadRow(
+            f"local_date_time_start {naive.isoformat()} does not exist in {tz.key} (DST gap)"
+        )
+    return aware
+
+
+def parse_start(value: Any, tz: ZoneInfo) -> datetime:
+    """local_date_time_start as an aware datetime.
+
+    - an aware datetime from the driver is expressed in `tz` (drivers report the session's
+      zone, not the product's);
+    - an ISO string with an offset keeps its offset (the query chose it deliberately);
+    - naive values, strings or datetimes, are wall-clock time in `tz`;
+    - a bare date means midnight local time.
+    """
+    if value is None:
+        raise BadRow("local_date_time_start is NULL")
+    if isinstance(value, datetime):
+        if value.tzinfo is not None and value.utcoffset() is not None:
+            return value.astimezone(tz)
+        return localize(value, tz)
+    if isinstance(value, date):
+        return localize(datetime.combine(value, time()), tz)
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise BadRow(f"local_date_time_start {value!r} is not a valid date and time") from exc
+        if parsed.tzinfo is not None:
+            return parsed
+        return localize(parsed, tz)
+    raise BadRow(f"local_date_time_start has an unexpected type ({type(value).__name__})")
+
+
+def format_local(moment: datetime) -> str:
+    """`YYYY-MM-DDTHH:MM:SS±HH:MM`: OCTO's validator requires seconds and an offset."""
+    offset = moment.utcoffset()
+    if offset is None:
+        raise ValueError("format_local needs an aware datetime")
+    minutes = round(offset.total_seconds() / 60)
+    sign = "+" if minutes >= 0 else "-"
+    hours, mins = divmod(abs(minutes), 60)
+    return f"{moment.strftime('%Y-%m-%dT%H:%M:%S')}{sign}{hours:02d}:{mins:02d}"
+
+
+def _canonical(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return str(value)
+
+
+def fingerprint(values: Mapping[str, Any]) -> str:
+    """A stable digest of a row's values: equal rows give equal fingerprints across restarts."""
+    canonical = json.dumps(
+        {k: _canonical(v) for k, v in values.items()}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def catalog_row(row: Mapping[str, Any]) -> CatalogRow:
+    """A catalog query row: keyed by (product_id, option_id); every other column is metadata."""
+    product_id = to_id(row.get("product_id"), "product_id")
+    option_id = to_id(row.get("option_id"), "option_id")
+    metadata = {k: v for k, v in row.items() if k not in CATALOG_KEY_COLUMNS}
+    return CatalogRow(product_id, option_id, fingerprint(metadata))
+
+
+def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:
+    """A slots query row as the notify Seyaha should receive."""
+    product_id = to_id(row.get("product_id"), "product_id")
+    option_id = to_id(row.get("option_id"), "option_id")
+    availability_id = to_id(row.get("availability_id"), "availability_id")
+    start = parse_start(row.get("local_date_time_start"), tz)
+    vacancies = to_count(row.get("vacancies"), "vacancies")
+    capacity = to_count(row.get("capacity"), "capacity")
+    status, sent_vacancies = derive_status(row.get("status"), vacancies, capacity)
+    return Slot(
+        product_id=product_id,
+        option_id=option_id,
+        availability_id=availability_id,
+        local_date_time_start=format_local(start),
+        start_utc=start.astimezone(UTC),
+        status=status,
+        vacancies=sent_vacancies,
+        capacity=capacity,
+    )
+
+
+def slot_fingerprint(value: Slot) -> str:
+    return fingerprint(value.payload())
+
+
+def raw_key(row: Mapping[str, Any], columns: Sequence[str]) -> tuple[Any, ...] | None:
+    """The row's key as it came back, for reporting a skipped row; None if no part is known."""
+    key = tuple(row.get(c) for c in columns)
+    return None if all(v is None for v in key) else key

@@ -1,0 +1,5 @@
+"""Reading the supplier's inventory database."""
+
+from agent.source.reader import Snapshot, SourceReader
+
+__all__ = ["Snapshot", "SourceReader"]
