@@ -1,0 +1,103 @@
+"""Shared fixtures: throw-away databases on the local PostgreSQL and MariaDB servers.
+
+Tests that need a server skip when it is missing locally, and fail under CI=true, where the
+servers must be up (.ci/run starts them).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+PG_ADMIN_URL = os.environ.get(
+    "SEYAHA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+MARIADB_ADMIN_URL = os.environ.get(
+    "SEYAHA_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/mysql"
+)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+BACKENDS = ("sqlite", "postgresql", "mariadb")
+
+SECRET = "5eca" * 16
+"""A 64-hex webhook secret used by tests; tests assert it never appears in any output."""
+
+INTEGRATION_ID = "64a1b2c3d4e5f6a7b8c9d0e1"
+
+
+def _unavailable(what: str, exc: Exception) -> None:
+    message = f"{what} is not reachable: {str(exc).splitlines()[0]}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: servers must be up; .ci/run starts them)")
+    pytest.skip(message)
+
+
+class DatabaseFactory:
+    """Creates empty databases and drops them at the end of the session."""
+
+    def __init__(self) -> None:
+        self._made: list[tuple[str, str]] = []
+        self._admin: dict[str, sa.Engine] = {}
+
+    def _engine(self, kind: str) -> sa.Engine:
+        if kind not in self._admin:
+            url = PG_ADMIN_URL if kind == "postgresql" else MARIADB_ADMIN_URL
+            engine = sa.create_engine(
+                url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+            )
+            try:
+                with engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+            except sa.exc.OperationalError as exc:
+                engine.dispose()
+                _unavailable(kind, exc)
+            self._admin[kind] = engine
+        return self._admin[kind]
+
+    def new(self, kind: str, tmp_path_factory: pytest.TempPathFactory | None = None) -> str:
+        """The URL of a new, empty database of `kind` (sqlite, postgresql or mariadb)."""
+        name = f"seyaha_test_{uuid.uuid4().hex[:12]}"
+        if kind == "sqlite":
+            assert tmp_path_factory is not None
+            return f"sqlite:///{tmp_path_factory.mktemp('db') / (name + '.db')}"
+        engine = self._engine(kind)
+        with engine.connect() as conn:
+            if kind == "postgresql":
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+            else:
+                conn.execute(
+                    sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+                )
+        self._made.append((kind, name))
+        base = sa.engine.make_url(PG_ADMIN_URL if kind == "postgresql" else MARIADB_ADMIN_URL)
+        return base.set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        for kind, name in self._made:
+            engine = self._admin[kind]
+            with engine.connect() as conn:
+                if kind == "postgresql":
+                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                else:
+                    conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        for engine in self._admin.values():
+            engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def databases() -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory()
+    yield factory
+    factory.drop_all()
+
+
+@pytest.fixture
+def new_database(
+    databases: DatabaseFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], str]:
+    """`new_database("postgresql")` -> URL of an empty database, dropped after the session."""
+    return lambda kind: databases.new(kind, tmp_path_factory)
