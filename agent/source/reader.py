@@ -99,10 +99,19 @@ class SourceReader:
         return snapshot
 
     def _execute(
-        self, conn: sa.Connection, name: str, sql: str, required: Sequence[str]
+        self,
+        conn: sa.Connection,
+        name: str,
+        sql: str,
+        required: Sequence[str],
+        *,
+        stream: bool = False,
     ) -> sa.CursorResult[Any]:
         try:
-            result = conn.execute(sa.text(sql))
+            # A server-side cursor lets `check` read a few rows of a large result without
+            # the driver fetching all of it first.
+            options = {"stream_results": True} if stream else {}
+            result = conn.execution_options(**options).execute(sa.text(sql))
         except DBAPIError as exc:
             if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError):
                 raise SourceUnavailable(
@@ -137,7 +146,9 @@ class SourceReader:
 
     def _read_catalog(self, conn: sa.Connection, snapshot: Snapshot, limit: int | None) -> None:
         name = "catalog_query"
-        result = self._execute(conn, name, self.catalog_query, rows.CATALOG_KEY_COLUMNS)
+        result = self._execute(
+            conn, name, self.catalog_query, rows.CATALOG_KEY_COLUMNS, stream=limit is not None
+        )
         collect = _Collector(name, rows.CATALOG_KEY_COLUMNS, snapshot.skipped)
         for raw in self._rows(result, name, limit):
             snapshot.catalog_rows_read += 1
@@ -148,7 +159,9 @@ class SourceReader:
 
     def _read_slots(self, conn: sa.Connection, snapshot: Snapshot, limit: int | None) -> None:
         name = "slots_query"
-        result = self._execute(conn, name, self.slots_query, rows.SLOT_REQUIRED_COLUMNS)
+        result = self._execute(
+            conn, name, self.slots_query, rows.SLOT_REQUIRED_COLUMNS, stream=limit is not None
+        )
         collect = _Collector(name, rows.SLOT_KEY_COLUMNS, snapshot.skipped)
         zone = self.timezone
         for raw in self._rows(result, name, limit):
