@@ -26,7 +26,7 @@ def diff_catalog(
         previous = stored.get(row.key)
         if previous is None:
             added.append(row)
-        elif previous != row.fingerprint:
+        elif previous != row.fingerprint and row.key not in protected:
             changed.append(row)
     removed = [k for k in stored if k not in seen and k not in protected]
     return CatalogDiff(tuple(added), tuple(changed), tuple(sorted(removed)))
@@ -53,7 +53,7 @@ def diff_slots(
         previous = stored.get(item.key)
         if previous is None:
             added.append(item)
-        elif previous.fingerprint != slot_fingerprint(item):
+        elif previous.fingerprint != slot_fingerprint(item) and item.key not in protected:
             changed.append(item)
     removed: list[StoredSlot] = []
     expired: list[SlotKey] = []

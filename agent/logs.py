@@ -38,7 +38,7 @@ class Redaction:
             self._values.add(value)
 
     def apply(self, text: str) -> str:
-        for value in self._values:
+        for value in sorted(self._values, key=len, reverse=True):
             if value in text:
                 text = text.replace(value, REDACTED)
         return text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -34,6 +35,13 @@ def missing_columns(got: Sequence[str], required: Sequence[str]) -> list[str]:
     return [c for c in required if c not in present]
 
 
+def _is_whole(value: Decimal | float) -> bool:
+    """False for fractions, NaN and infinities (PostgreSQL numeric has 'Infinity' too)."""
+    if isinstance(value, Decimal):
+        return value.is_finite() and value % 1 == 0
+    return math.isfinite(value) and value % 1 == 0
+
+
 def to_id(value: Any, column: str) -> str:
     """Ids may come back as integers or strings; Seyaha always gets strings."""
     if value is None:
@@ -43,7 +51,7 @@ def to_id(value: Any, column: str) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, Decimal | float):
-        if value != value or value % 1 != 0:  # NaN or a fraction
+        if not _is_whole(value):
             raise BadRow(f"{column} is not a whole number ({value!r})")
         return str(int(value))
     if isinstance(value, bytes | bytearray | memoryview):
@@ -67,7 +75,7 @@ def to_count(value: Any, column: str) -> int | None:
     if isinstance(value, int):
         number = value
     elif isinstance(value, Decimal | float):
-        if value != value or value % 1 != 0:
+        if not _is_whole(value):
             raise BadRow(f"{column} is not a whole number ({value!r})")
         number = int(value)
     elif isinstance(value, str):

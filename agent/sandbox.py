@@ -189,11 +189,11 @@ class Sandbox:
                     return failure.status, json.loads(failure.body), extra
                 except ValueError:
                     pass
-            return (
-                failure.status,
-                _error(HTTPStatus(failure.status).phrase, "injected failure"),
-                extra,
-            )
+            try:
+                phrase = HTTPStatus(failure.status).phrase
+            except ValueError:
+                phrase = f"HTTP {failure.status}"
+            return failure.status, _error(phrase, "injected failure"), extra
         if endpoint == "trigger":
             synced, skipped = self._pull_catalog()
             return 200, {"success": 1, "data": {"synced": synced, "skipped": skipped}}, {}

@@ -53,7 +53,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     text = value.strip()
     if not text:
         return None
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
         when = parsedate_to_datetime(text)
@@ -149,7 +149,8 @@ def backoff_s(failures: int, policy: RetryPolicy, rand: float) -> float:
 
     `rand` is a number in [0, 1) supplied by the caller, so the rule stays testable.
     """
-    ceiling = min(policy.max_s, policy.initial_s * 2.0 ** max(0, failures - 1))
+    exponent = min(max(0, failures - 1), 1000)  # 2.0**1024 overflows; max_s caps long before
+    ceiling = min(policy.max_s, policy.initial_s * 2.0**exponent)
     return rand * ceiling
 
 
