@@ -12,7 +12,14 @@ from types import FrameType
 from typing import TextIO
 
 from agent.app import Agent, DrainResult
-from agent.config import SECRET_ENV, Config, load_config, load_settings, read_secret
+from agent.config import (
+    SECRET_ENV,
+    Config,
+    load_config,
+    load_settings,
+    read_secret,
+    secret_warnings,
+)
 from agent.db import create_engine, redact_url
 from agent.delivery.worker import Tally
 from agent.errors import AgentError, ConfigError
@@ -28,6 +35,8 @@ def _start(path: Path) -> tuple[Config, Agent]:
     config = load_config(path)
     log = config.settings.log
     setup_logging(level=log.level, fmt=log.format, redaction=Redaction([config.secret.reveal()]))
+    for doubt in secret_warnings(config.secret):
+        logging.getLogger("agent").warning(doubt, extra={"event": "config.secret_doubt"})
     agent = Agent(config)
     agent.open()
     return config, agent

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ SECRET_ENV = "SEYAHA_WEBHOOK_SECRET"
 ENV_PREFIX = "SEYAHA_AGENT_"
 DEFAULT_STATE_URL = "sqlite:///state.db"
 _HEX24 = re.compile(r"^[0-9a-fA-F]{24}$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class _Section(BaseModel):
@@ -258,23 +260,47 @@ def _settings_from_file(path: Path) -> AgentSettings:
     return AgentSettings.model_validate(_FromFile().model_dump())
 
 
-def read_secret(settings: AgentSettings, environ: dict[str, str] | None = None) -> Secret:
+def read_secret(settings: AgentSettings, environ: Mapping[str, str] | None = None) -> Secret:
     env = os.environ if environ is None else environ
     from_env = env.get(SECRET_ENV, "").strip()
     if from_env:
-        return Secret(from_env)
+        return _usable_secret(from_env, SECRET_ENV)
     secret_file = settings.seyaha.webhook_secret_file
     if secret_file is None:
         raise ConfigError([f"[seyaha] webhook_secret_file: is required unless {SECRET_ENV} is set"])
     try:
         value = secret_file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(
-            [f"[seyaha] webhook_secret_file: cannot read {secret_file} ({exc.strerror})"]
+            [f"[seyaha] webhook_secret_file: cannot read {secret_file} ({why})"]
         ) from None
     if not value:
         raise ConfigError([f"[seyaha] webhook_secret_file: {secret_file} is empty"])
+    return _usable_secret(value, "[seyaha] webhook_secret_file")
+
+
+def _usable_secret(value: str, where: str) -> Secret:
+    # The value goes into an HTTP header: anything else would fail at the first request with
+    # an error that could echo it. The message never repeats the value.
+    if not (value.isascii() and value.isprintable()) or any(c.isspace() for c in value):
+        raise ConfigError(
+            [
+                f"{where}: the secret contains spaces, line breaks or non-ASCII characters; "
+                "it should be the 64 hexadecimal characters Seyaha showed once"
+            ]
+        )
     return Secret(value)
+
+
+def secret_warnings(secret: Secret) -> list[str]:
+    """Doubts about a usable secret, for a warning at start-up (Seyaha's are 64 hex digits)."""
+    if _HEX64.match(secret.reveal()):
+        return []
+    return [
+        f"the webhook secret is {len(secret.reveal())} characters long and not all hexadecimal; "
+        "Seyaha's secrets are 64 hexadecimal characters, so Seyaha will probably answer 401"
+    ]
 
 
 def load_settings(path: Path) -> AgentSettings:

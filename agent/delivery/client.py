@@ -20,6 +20,7 @@ class Response:
     body: str = ""
     retry_after: str | None = None
     error: str | None = None
+    location: str | None = None
 
 
 def user_agent() -> str:
@@ -80,4 +81,5 @@ class SeyahaClient:
             status=answer.status_code,
             body=answer.text,
             retry_after=answer.headers.get("retry-after"),
+            location=answer.headers.get("location"),
         )

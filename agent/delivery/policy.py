@@ -93,6 +93,7 @@ def classify(
     body: str = "",
     retry_after: str | None = None,
     error: str | None = None,
+    location: str | None = None,
     now: datetime,
 ) -> Outcome:
     """What Seyaha's answer (or the lack of one) means for the message."""
@@ -121,6 +122,13 @@ def classify(
             Verdict.PAUSE,
             f"{status} from Seyaha: the webhook secret is wrong "
             "(check seyaha.webhook_secret_file or SEYAHA_WEBHOOK_SECRET)",
+            status,
+        )
+    if 300 <= status < 400:
+        return Outcome(
+            Verdict.PAUSE,
+            f"{status} from Seyaha: redirected to {location or 'another address'} "
+            "(check seyaha.base_url: it should be the final https:// address)",
             status,
         )
     if status == 404:

@@ -132,6 +132,7 @@ class Deliverer:
             body=response.body,
             retry_after=response.retry_after,
             error=response.error,
+            location=response.location,
             now=self.clock.now(),
         )
         self._record(message, response, outcome, elapsed)

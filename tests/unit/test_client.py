@@ -117,7 +117,7 @@ def test_set_secret_changes_the_header(make_client: MakeClient, seen: list[httpx
         (httpx.Response(401, text=""), Response(401, "")),
         (
             httpx.Response(302, headers={"Location": "https://elsewhere.test/"}),
-            Response(302, ""),
+            Response(302, "", location="https://elsewhere.test/"),
         ),
     ],
 )

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from agent.config import SECRET_ENV, Config, Secret, load_config, load_settings, resolve_sqlite_url
+from agent.config import (
+    SECRET_ENV,
+    Config,
+    Secret,
+    load_config,
+    load_settings,
+    resolve_sqlite_url,
+    secret_warnings,
+)
 from agent.errors import ConfigError
 from tests.conftest import INTEGRATION_ID, SECRET
 
@@ -366,3 +374,37 @@ def test_secret_in_an_environment_override_is_not_echoed(
         load_config(write())
     assert "[seyaha] webhook_secret: unknown key" in str(caught.value)
     assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "bad_secret",
+    ["abc def" + SECRET, SECRET + "\nsecond-line", "s\u00e9cret" + SECRET, "tab\there"],
+)
+def test_secret_unfit_for_a_header_is_refused_without_echoing_it(
+    write: Write, bad_secret: str
+) -> None:
+    path = write()
+    (path.parent / "secret.txt").write_text(bad_secret, encoding="utf-8")
+    (found,) = problems_of(path)
+    assert found.startswith("[seyaha] webhook_secret_file: the secret contains")
+    assert bad_secret.strip() not in found
+    assert bad_secret.split()[0] not in found
+
+
+def test_secret_unfit_for_a_header_from_the_environment_names_the_variable(
+    write: Write, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, "two words")
+    (found,) = problems_of(write())
+    assert found.startswith(f"{SECRET_ENV}: the secret contains")
+    assert "two words" not in found
+
+
+@pytest.mark.parametrize(
+    ("value", "doubts"),
+    [(SECRET, 0), (SECRET.upper(), 0), ("abc123", 1), ("z" * 64, 1), (SECRET + "0", 1)],
+)
+def test_secret_warnings_doubt_anything_but_64_hex(value: str, doubts: int) -> None:
+    warnings = secret_warnings(Secret(value))
+    assert len(warnings) == doubts
+    assert all(value not in w for w in warnings)

@@ -201,3 +201,15 @@ def test_retry_after_from_a_response_is_capped() -> None:
     outcome = classify(status=503, retry_after="Thu, 02 Jul 2026 09:00:00 GMT", now=NOW)
     assert outcome.retry_after_s == 86_400.0
     assert retry_delay_s(1, outcome, POLICY, rand=0.5) == POLICY.retry_after_max_s
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_pauses_delivery_and_points_at_base_url(status: int) -> None:
+    outcome = classify(
+        status=status,
+        location="https://api.seyaha.net/api/v1/x",
+        now=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    assert outcome.verdict is Verdict.PAUSE
+    assert "redirected to https://api.seyaha.net/api/v1/x" in outcome.reason
+    assert "seyaha.base_url" in outcome.reason
