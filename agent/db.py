@@ -34,26 +34,25 @@ def create_engine(url: str, *, role: str) -> sa.Engine:
     if backend == "sqlite":
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_MS / 1000
         connect_args["check_same_thread"] = False
+        # The driver's own transaction handling is switched off: it never begins a
+        # transaction before a SELECT, so the source's two queries would each see a different
+        # moment, and the store could not open write transactions with BEGIN IMMEDIATE.
+        # _sqlite_begin starts every transaction instead.
+        connect_args["isolation_level"] = None
     elif backend == "postgresql":
         connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
         connect_args["application_name"] = f"seyaha-agent-{role}"
     elif backend in ("mysql", "mariadb"):
         connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
         kwargs["pool_recycle"] = 3600
-    if role == "state":
-        if backend == "sqlite":
-            # The driver's own transaction handling is switched off so that the store can
-            # open write transactions with BEGIN IMMEDIATE (see _sqlite_begin).
-            connect_args["isolation_level"] = None
-        else:
-            kwargs["isolation_level"] = "READ COMMITTED"
+    if role == "state" and backend != "sqlite":
+        kwargs["isolation_level"] = "READ COMMITTED"
     engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
     if backend == "sqlite":
         sa.event.listen(
             engine, "connect", _sqlite_state_pragmas if role == "state" else _sqlite_pragmas
         )
-        if role == "state":
-            sa.event.listen(engine, "begin", _sqlite_begin)
+        sa.event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 

@@ -7,6 +7,7 @@ skipped with its key and the reason, and the rest of the result goes on.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ CHECK_ROW_LIMIT = 100
 """Rows `check` reads from each query: enough to catch bad values without a full scan."""
 
 T = TypeVar("T")
+
+_MYSQL_BAD_FIELD_ERROR = 1054
+"""Unknown column, for PyMySQL releases that do not report the SQLSTATE."""
 
 
 @dataclass
@@ -113,7 +117,9 @@ class SourceReader:
             options = {"stream_results": True} if stream else {}
             result = conn.execution_options(**options).execute(sa.text(sql))
         except DBAPIError as exc:
-            if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError):
+            if exc.connection_invalidated or (
+                isinstance(exc, sa.exc.OperationalError) and not _blames_query(exc)
+            ):
                 raise SourceUnavailable(
                     f"{name} could not run on {self.where}: {_reason(exc)}"
                 ) from None
@@ -213,6 +219,23 @@ class _Collector:
             return False
         self.seen.add(key)
         return True
+
+
+def _blames_query(exc: DBAPIError) -> bool:
+    """Whether an OperationalError is a mistake in the query, not an unreachable database.
+
+    SQLite reports a syntax error or an unknown table or column as OperationalError with the
+    generic SQLITE_ERROR code, and PyMySQL an unknown column (SQLSTATE 42S22, class 42:
+    "syntax error or access rule violation"); retrying cannot fix either.
+    """
+    original = exc.orig
+    if getattr(original, "sqlite_errorcode", None) == sqlite3.SQLITE_ERROR:
+        return True
+    sqlstate = getattr(original, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith("42")
+    args: tuple[Any, ...] = getattr(original, "args", ())
+    return bool(args) and args[0] == _MYSQL_BAD_FIELD_ERROR
 
 
 def _reason(exc: BaseException) -> str:

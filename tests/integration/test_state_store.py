@@ -1,0 +1,412 @@
+"""The state store's contract, one suite run against SQLite, PostgreSQL and MariaDB.
+
+Time is passed in explicitly (`now`, `at`): leases are aged by claiming at a later moment,
+never by sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from agent.errors import StateError
+from agent.model import CatalogDiff, CatalogRow, Message, OutboxMessage, Slot, SlotDiff
+from agent.outbox import tables
+from agent.outbox.store import OutboxStats, StateStore
+from agent.plan import notify_message, trigger_message
+from agent.rows import slot_fingerprint
+from tests.integration.inventory import BACKEND_PARAMS
+
+T0 = datetime(2026, 7, 1, 9, 0, tzinfo=UTC)
+START = datetime(2026, 7, 10, 15, 0, tzinfo=UTC)
+LEASE_S = 30.0
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def store(request: pytest.FixtureRequest, make_store: Callable[[str], StateStore]) -> StateStore:
+    return make_store(request.param)
+
+
+def later(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def slot(number: int, vacancies: int = 5, start: datetime = START) -> Slot:
+    return Slot(
+        product_id="1",
+        option_id="a",
+        availability_id=str(number),
+        local_date_time_start=start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"),
+        start_utc=start,
+        status="AVAILABLE" if vacancies else "SOLD_OUT",
+        vacancies=vacancies,
+        capacity=10,
+    )
+
+
+def notify(number: int, vacancies: int = 5) -> Message:
+    return notify_message(slot(number, vacancies), "changed")
+
+
+def enqueue(store: StateStore, *messages: Message, now: datetime = T0) -> int:
+    return store.commit_scan(CatalogDiff(), SlotDiff(), list(messages), now)
+
+
+def claim(store: StateStore, now: datetime = T0, limit: int = 50) -> list[OutboxMessage]:
+    return store.claim(now, limit=limit, lease_s=LEASE_S)
+
+
+def vacancies(message: OutboxMessage) -> object:
+    assert message.payload is not None
+    return message.payload["vacancies"]
+
+
+def url_of(store: StateStore) -> str:
+    return store.engine.url.render_as_string(hide_password=False)
+
+
+# -- schema -----------------------------------------------------------------------------
+
+
+def test_open_creates_the_tables_and_is_idempotent(store: StateStore) -> None:
+    store.commit_scan(
+        CatalogDiff(added=(CatalogRow("1", "a", "f1"),)),
+        SlotDiff(),
+        [trigger_message("baseline")],
+        T0,
+        baseline=True,
+    )
+
+    store.open()
+    again = StateStore.from_url(url_of(store))
+    try:
+        again.open()
+        assert again.is_baselined()
+        assert again.load_catalog() == {("1", "a"): "f1"}
+        assert [e.kind for e in again.entries()] == ["trigger"]
+    finally:
+        again.close()
+
+    names = set(sa.inspect(store.engine).get_table_names())
+    assert {"seyaha_meta", "seyaha_catalog", "seyaha_slots", "seyaha_outbox"} <= names
+    with store.engine.connect() as conn:
+        meta = conn.execute(sa.select(tables.meta.c.key, tables.meta.c.value)).all()
+    assert sorted(tuple(row) for row in meta) == [
+        ("baseline_ms", str(int(T0.timestamp() * 1000))),
+        ("schema_version", "1"),
+    ]
+
+
+def test_open_refuses_a_store_of_another_schema_version(store: StateStore) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(tables.meta).where(tables.meta.c.key == "schema_version").values(value="99")
+        )
+
+    with pytest.raises(StateError, match="has schema version 99; this agent uses 1"):
+        store.open()
+
+
+# -- fingerprints -----------------------------------------------------------------------
+
+
+def test_fingerprints_round_trip_and_follow_each_scan(store: StateStore) -> None:
+    assert not store.is_baselined()
+    one, two, three = slot(1), slot(2), slot(3, start=START + timedelta(days=1))
+    written = store.commit_scan(
+        CatalogDiff(added=(CatalogRow("1", "a", "f1"), CatalogRow("2", "b", "f2"))),
+        SlotDiff(added=(one, two, three)),
+        [trigger_message("baseline")],
+        T0,
+        baseline=True,
+    )
+
+    assert written == 1
+    assert store.is_baselined()
+    assert store.load_catalog() == {("1", "a"): "f1", ("2", "b"): "f2"}
+    stored = store.load_slots()
+    assert set(stored) == {one.key, two.key, three.key}
+    assert stored[three.key].fingerprint == slot_fingerprint(three)
+    assert stored[three.key].local_date_time_start == three.local_date_time_start
+    assert stored[three.key].start_utc == three.start_utc
+
+    moved = slot(1, vacancies=0, start=START + timedelta(hours=2))
+    store.commit_scan(
+        CatalogDiff(changed=(CatalogRow("1", "a", "f1b"),), removed=(("2", "b"),)),
+        SlotDiff(changed=(moved,), removed=(stored[two.key],), expired=(three.key,)),
+        [],
+        later(60),
+    )
+
+    assert store.load_catalog() == {("1", "a"): "f1b"}
+    stored = store.load_slots()
+    assert set(stored) == {one.key}
+    assert stored[one.key].fingerprint == slot_fingerprint(moved)
+    assert stored[one.key].start_utc == START + timedelta(hours=2)
+
+
+def test_commit_scan_writes_nothing_when_a_message_cannot_be_stored(store: StateStore) -> None:
+    """The failure comes after the fingerprints and the first two messages were written."""
+    unserialisable = Message(kind="notify", dedupe_key="slot:x", payload={"when": object()})
+    catalog = CatalogDiff(added=(CatalogRow("1", "a", "f1"),))
+    slots = SlotDiff(added=(slot(1), slot(2)))
+
+    with pytest.raises(TypeError):
+        store.commit_scan(
+            catalog,
+            slots,
+            [trigger_message("catalog"), notify(1), unserialisable],
+            T0,
+            baseline=True,
+        )
+
+    assert not store.is_baselined()
+    assert store.load_catalog() == {}
+    assert store.load_slots() == {}
+    assert store.entries() == []
+    assert store.stats() == OutboxStats(pending=0, dead=0, in_flight=0, oldest_pending=None)
+    # and the store is still usable: the same scan without the bad message goes through
+    assert store.commit_scan(catalog, slots, [trigger_message("catalog"), notify(1)], T0) == 2
+    assert set(store.load_slots()) == {slot(1).key, slot(2).key}
+
+
+def test_commit_scan_writes_nothing_when_the_database_refuses(store: StateStore) -> None:
+    store.commit_scan(
+        CatalogDiff(added=(CatalogRow("1", "a", "f1"),)), SlotDiff(added=(slot(1),)), [], T0
+    )
+    before_slots = store.load_slots()
+
+    with pytest.raises(sa.exc.IntegrityError):
+        store.commit_scan(
+            CatalogDiff(changed=(CatalogRow("1", "a", "f1-new"),)),
+            SlotDiff(added=(slot(2), slot(1))),  # slot 1 is stored already: duplicate key
+            [trigger_message("catalog"), notify(2)],
+            later(1),
+        )
+
+    assert store.load_catalog() == {("1", "a"): "f1"}
+    assert store.load_slots() == before_slots
+    assert store.entries() == []
+
+
+# -- the outbox rules -------------------------------------------------------------------
+
+
+def test_notifies_for_a_waiting_slot_coalesce_into_one_row_with_the_newest_payload(
+    store: StateStore,
+) -> None:
+    assert enqueue(store, notify(1, vacancies=5)) == 1
+    assert enqueue(store, notify(2, vacancies=9)) == 1
+    first_id = store.entries()[0].id
+
+    assert enqueue(store, notify(1, vacancies=3), now=later(1)) == 1
+    assert enqueue(store, notify(1, vacancies=2), now=later(2)) == 1
+    # the very same message again at the same moment: nothing changes, still one row
+    # (MySQL counts only changed rows unless told otherwise)
+    assert enqueue(store, notify(1, vacancies=2), now=later(2)) == 1
+
+    entries = store.entries()
+    assert len(entries) == 2
+    assert entries[0].id == first_id  # refreshed in place: it keeps its turn
+    assert entries[0].payload is not None
+    assert entries[0].payload["vacancies"] == 2
+    claimed = claim(store, later(3))
+    assert [vacancies(m) for m in claimed] == [2, 9]
+    assert [m.attempts for m in claimed] == [0, 0]
+
+
+def test_at_most_one_waiting_trigger(store: StateStore) -> None:
+    assert enqueue(store, trigger_message("catalog")) == 1
+    assert enqueue(store, trigger_message("catalog"), now=later(1)) == 0
+    assert [e.kind for e in store.entries()] == ["trigger"]
+
+    (in_flight,) = claim(store, later(2))
+    # The trigger in flight may have read the catalog before this change: a new one waits.
+    assert enqueue(store, trigger_message("catalog"), now=later(3)) == 1
+    assert enqueue(store, trigger_message("catalog"), now=later(4)) == 0
+    assert [e.kind for e in store.entries()] == ["trigger", "trigger"]
+    assert claim(store, later(5)) == []  # not while the older trigger is in flight
+
+    assert store.complete(in_flight)
+    (second,) = claim(store, later(6))
+    assert second.kind == "trigger"
+    assert second.id != in_flight.id
+
+
+def test_a_notify_for_a_slot_in_flight_waits_for_the_older_message(store: StateStore) -> None:
+    enqueue(store, notify(1, vacancies=5))
+    (first,) = claim(store)
+
+    assert enqueue(store, notify(1, vacancies=3), now=later(1)) == 1
+    assert enqueue(store, notify(1, vacancies=2), now=later(2)) == 1  # coalesces, not a third
+    assert len(store.entries()) == 2
+    assert claim(store, later(3)) == []
+
+    assert store.complete(first)
+    (second,) = claim(store, later(4))
+    assert second.id != first.id
+    assert vacancies(second) == 2
+
+
+def test_a_notify_behind_a_waiting_trigger_waits_until_the_trigger_completes(
+    store: StateStore,
+) -> None:
+    enqueue(store, notify(2))  # older than the trigger: free to go
+    enqueue(store, trigger_message("catalog"), notify(1))
+
+    claimed = claim(store, later(1))
+    assert [(m.kind, m.payload and m.payload["availabilityId"]) for m in claimed] == [
+        ("notify", "2"),
+        ("trigger", None),
+    ]
+    assert store.complete(claimed[0])
+    trigger = claimed[1]
+    # The trigger failed and waits for its retry: the notify behind it still may not go.
+    assert store.retry_later(trigger, at=later(60), error="503", status=503)
+    assert claim(store, later(2)) == []
+
+    (trigger,) = claim(store, later(60))
+    assert trigger.kind == "trigger"
+    assert claim(store, later(61)) == []
+    assert store.complete(trigger)
+    (behind,) = claim(store, later(62))
+    assert behind.payload is not None
+    assert behind.payload["availabilityId"] == "1"
+
+
+def test_an_expired_lease_frees_the_message_and_the_first_holder_loses_it(
+    store: StateStore,
+) -> None:
+    enqueue(store, notify(1))
+    (first,) = claim(store, T0)
+
+    assert claim(store, later(LEASE_S - 1)) == []
+    (second,) = claim(store, later(LEASE_S + 1))
+
+    assert second.id == first.id
+    assert second.lease_token != first.lease_token
+    assert not store.complete(first)
+    assert not store.retry_later(first, at=later(100), error="late", status=None)
+    assert not store.dead_letter(first, error="late", status=None)
+    (entry,) = store.entries()
+    assert (entry.state, entry.attempts, entry.last_error) == ("pending", 0, None)
+    assert store.complete(second)
+    assert store.entries() == []
+
+
+def test_retry_later_makes_the_message_due_only_at_the_given_time(store: StateStore) -> None:
+    enqueue(store, notify(1))
+    (message,) = claim(store)
+
+    assert store.retry_later(message, at=later(60), error="503 from Seyaha: busy", status=503)
+
+    assert store.next_due() == later(60)
+    assert claim(store, later(59.999)) == []
+    (entry,) = store.entries()
+    assert (entry.state, entry.attempts, entry.last_status, entry.last_error) == (
+        "pending",
+        1,
+        503,
+        "503 from Seyaha: busy",
+    )
+    assert entry.available_at == later(60)
+    (again,) = claim(store, later(60))
+    assert again.id == message.id
+    assert again.attempts == 1
+
+    # a pause puts the message back without counting an attempt
+    assert store.retry_later(again, at=later(61), error="401", status=401, count_attempt=False)
+    (third,) = claim(store, later(61))
+    assert third.attempts == 1
+
+
+def test_dead_letter_keeps_the_message_with_its_error(store: StateStore) -> None:
+    enqueue(store, notify(1, vacancies=4))
+    (message,) = claim(store)
+
+    assert store.dead_letter(message, error="422 from Seyaha: bad slot", status=422)
+
+    assert claim(store, later(86_400)) == []
+    assert store.next_due() is None
+    assert store.entries(state="pending") == []
+    (dead,) = store.entries(state="dead")
+    assert (dead.id, dead.state, dead.attempts, dead.last_status, dead.last_error) == (
+        message.id,
+        "dead",
+        1,
+        422,
+        "422 from Seyaha: bad slot",
+    )
+    assert dead.payload is not None
+    assert dead.payload["vacancies"] == 4
+    assert store.stats() == OutboxStats(pending=0, dead=1, in_flight=0, oldest_pending=None)
+    # a dead letter neither absorbs nor blocks the slot's next message
+    assert enqueue(store, notify(1, vacancies=3), now=later(10)) == 1
+    (fresh,) = claim(store, later(11))
+    assert fresh.id != message.id
+    assert vacancies(fresh) == 3
+
+
+def test_stats_and_next_due(store: StateStore) -> None:
+    assert store.stats() == OutboxStats(pending=0, dead=0, in_flight=0, oldest_pending=None)
+    assert store.next_due() is None
+
+    enqueue(store, notify(1), now=T0)
+    enqueue(store, notify(2), now=later(5))
+    assert store.stats() == OutboxStats(pending=2, dead=0, in_flight=0, oldest_pending=T0)
+    assert store.next_due() == T0
+
+    (first,) = claim(store, later(6), limit=1)
+    assert store.stats().in_flight == 1
+    store.retry_later(first, at=later(100), error="timeout", status=None)
+    assert store.stats() == OutboxStats(pending=2, dead=0, in_flight=0, oldest_pending=T0)
+    assert store.next_due() == later(5)
+
+
+def test_claim_takes_the_oldest_first_up_to_the_limit(store: StateStore) -> None:
+    for number in range(1, 6):
+        enqueue(store, notify(number), now=later(number))
+
+    first = claim(store, later(10), limit=2)
+    rest = claim(store, later(10), limit=10)
+
+    ids = [e.id for e in store.entries()]
+    assert [m.id for m in first] == ids[:2]
+    assert [m.id for m in rest] == ids[2:]
+
+
+def test_concurrent_claims_never_hand_out_a_message_twice(store: StateStore) -> None:
+    for number in range(40):
+        enqueue(store, notify(number))
+    url = url_of(store)
+    taken: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def consumer() -> None:
+        other = StateStore.from_url(url)
+        mine: list[int] = []
+        try:
+            while batch := other.claim(later(1), limit=3, lease_s=LEASE_S):
+                mine.extend(m.id for m in batch)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            other.close()
+            taken.append(mine)
+
+    threads = [threading.Thread(target=consumer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert errors == []
+    assert not any(thread.is_alive() for thread in threads)
+    leftovers = [m.id for m in claim(store, later(2))]
+    handed_out = [i for mine in taken for i in mine] + leftovers
+    assert sorted(handed_out) == sorted(e.id for e in store.entries())
+    assert len(handed_out) == 40
