@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from pathlib import Path
 
 import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import OperationalError
 
 from agent.clock import Clock, SystemClock
 from agent.config import Config
@@ -26,11 +28,18 @@ from agent.metrics import Metrics
 from agent.outbox.store import OutboxStats, StateStore
 from agent.scan import Scanner, ScanReport
 from agent.source.reader import SourceReader
+from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
 
 log = logging.getLogger("agent")
 
 SHUTDOWN_GRACE_S = 30.0
 """Longest wait for an in-flight request at shutdown before the process exits anyway."""
+
+OUTBOX_METRICS_EVERY_S = 15.0
+"""How often the outbox gauges are refreshed when no scan does it (seconds)."""
+
+SOURCE_BACKOFF_MAX_S = 60.0
+"""Longest pause between two scans while the source keeps failing (seconds)."""
 
 MIN_WAIT_S = 0.05
 """Shortest pause of the one-shot drain loop between two checks of the outbox."""
@@ -63,6 +72,9 @@ class Agent:
             catalog_query=s.source.catalog_query,
             slots_query=s.source.slots_query,
             timezone=s.source.zone,
+            slots_changed_query=s.source.slots_changed_query,
+            catalog_changed_query=s.source.catalog_changed_query,
+            query_timeout_s=s.source.query_timeout,
         )
         self.store = StateStore.from_url(s.state.url)
         self.client = SeyahaClient(
@@ -73,7 +85,9 @@ class Agent:
             timeout_s=s.delivery.timeout,
             transport=transport,
         )
-        self.scanner = Scanner(self.reader, self.store, self.clock, self.metrics)
+        self.scanner = Scanner(
+            self.reader, self.store, self.clock, self.metrics, overlap_s=s.source.cursor_overlap
+        )
         self.deliverer = Deliverer(
             store=self.store,
             client=self.client,
@@ -90,7 +104,13 @@ class Agent:
             probe_interval_s=s.delivery.auth_probe_interval,
         )
         self.wake = threading.Event()
+        """Set when the outbox has new work: wakes the delivery loop."""
+        self.poll_wake = threading.Event()
+        """Set by a wake-up (LISTEN/NOTIFY, file watch): wakes the poll loop."""
+        self.scan_lock = threading.Lock()
+        """One scan at a time: full scans and polls both write fingerprints."""
         self._source_down: str | None = None
+        self._failures = 0
 
     def open(self) -> None:
         self.store.open()
@@ -103,37 +123,106 @@ class Agent:
     # -- scanning -----------------------------------------------------------------------
 
     def scan(self, *, resync: bool = False) -> ScanReport:
-        report = self.scanner.scan(resync=resync)
-        self.refresh_outbox_metrics()
-        if report.enqueued:
-            self.wake.set()
+        """A full scan (reads everything, finds deletes)."""
+        with self.scan_lock:
+            report = self.scanner.scan(resync=resync)
+        self._after(report)
         return report
 
-    def scan_job(self) -> None:
-        """The scheduled scan: reports failures and keeps the daemon alive through them."""
+    def poll(self) -> ScanReport:
+        """An incremental poll where a change query is configured, else a full scan."""
+        with self.scan_lock:
+            report = self.scanner.poll()
+        self._after(report)
+        return report
+
+    def _after(self, report: ScanReport) -> None:
+        if report.enqueued:
+            self.wake.set()
+        self.refresh_outbox_metrics()
+
+    def full_scan_job(self) -> None:
+        self.guarded(self.scan)
+
+    def guarded(self, work: Callable[[], object]) -> bool:
+        """Run a scan, reporting failures and keeping the daemon alive; True on success."""
         try:
-            self.scan()
+            work()
         except SourceUnavailable as exc:
             self.metrics.scans.labels("source_unavailable").inc()
             if self._source_down != str(exc):
-                event(log, logging.ERROR, "source.unavailable", f"{exc}; retrying every poll")
+                event(
+                    log,
+                    logging.ERROR,
+                    "source.unavailable",
+                    f"{exc}; retrying with backoff, nothing is lost",
+                )
             self._source_down = str(exc)
-            return
+            self._failures += 1
+            return False
         except QueryError as exc:
             self.metrics.scans.labels("query_error").inc()
             event(log, logging.ERROR, "scan.query_error", str(exc))
-            return
+            self._failures += 1
+            return False
         except AgentError as exc:
             self.metrics.scans.labels("error").inc()
             event(log, logging.ERROR, "scan.failed", str(exc))
-            return
+            self._failures += 1
+            return False
+        except OperationalError as exc:
+            self.metrics.scans.labels("state_unavailable").inc()
+            event(
+                log,
+                logging.ERROR,
+                "state.unavailable",
+                f"the state store failed: {str(exc.orig).strip().splitlines()[0]}; "
+                "retrying with backoff",
+            )
+            self._failures += 1
+            return False
         except Exception:
             self.metrics.scans.labels("error").inc()
             log.exception("scan failed unexpectedly", extra={"event": "scan.crashed"})
-            return
+            self._failures += 1
+            return False
         if self._source_down is not None:
             event(log, logging.INFO, "source.recovered", "source database reachable again")
             self._source_down = None
+        self._failures = 0
+        return True
+
+    def scan_job(self) -> None:
+        """One poll, as the daemon runs it (kept for callers that drive scans themselves)."""
+        self.guarded(self.poll)
+
+    def next_poll_in_s(self) -> float:
+        """The poll interval, stretched by exponential backoff while scans keep failing."""
+        interval = self.config.settings.source.poll_interval
+        if self._failures == 0:
+            return interval
+        return min(SOURCE_BACKOFF_MAX_S, interval * 2.0 ** min(self._failures - 1, 10))
+
+    def poll_loop(self, stop: threading.Event) -> None:
+        """Poll on poll_interval, or at once when a wake-up arrives."""
+        while not stop.is_set():
+            self.guarded(self.poll)
+            self.poll_wake.wait(self.next_poll_in_s())
+            self.poll_wake.clear()
+
+    def wakeup(self) -> Wakeup | None:
+        """The wake-up source for this database, if it has one."""
+        source = self.config.settings.source
+        dialect = self.reader.engine.dialect.name
+        if dialect == "postgresql":
+            return PostgresListener(source.url, source.notify_channel)
+        database = self.reader.engine.url.database
+        if dialect == "sqlite" and source.watch_file and database and database != ":memory:":
+            return SqliteFileWatcher(Path(database))
+        return None
+
+    def _wake(self, reason: str) -> None:
+        self.poll_wake.set()
 
     def refresh_outbox_metrics(self) -> OutboxStats:
         stats = self.store.stats()
@@ -148,45 +237,70 @@ class Agent:
     # -- the daemon ---------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Scan on `poll_interval` and deliver continuously until `stop` is set."""
-        interval = self.config.settings.source.poll_interval
+        """Poll, reconcile and deliver until `stop` is set."""
+        source = self.config.settings.source
         scheduler = BackgroundScheduler(timezone="UTC")
-        scheduler.add_job(
-            self.scan_job,
-            IntervalTrigger(seconds=interval),
-            id="scan",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-            next_run_time=datetime.now(scheduler.timezone),
-        )
+        if self.reader.incremental:
+            scheduler.add_job(
+                self.full_scan_job,
+                IntervalTrigger(seconds=source.full_scan_interval),
+                id="full-scan",
+                max_instances=1,
+                coalesce=True,
+            )
         scheduler.add_job(
             self.refresh_outbox_metrics,
-            IntervalTrigger(seconds=15),
+            IntervalTrigger(seconds=OUTBOX_METRICS_EVERY_S),
             id="outbox-metrics",
             max_instances=1,
             coalesce=True,
         )
-        worker = threading.Thread(
-            target=self.deliverer.run, args=(stop, self.wake), name="delivery", daemon=True
+        threads = [
+            threading.Thread(target=self.poll_loop, args=(stop,), name="poll", daemon=True),
+            threading.Thread(
+                target=self.deliverer.run, args=(stop, self.wake), name="delivery", daemon=True
+            ),
+        ]
+        wakeup = self.wakeup()
+        if wakeup is not None:
+            threads.append(
+                threading.Thread(
+                    target=self._run_wakeup, args=(wakeup, stop), name="wakeup", daemon=True
+                )
+            )
+        mode = (
+            f"incremental polls every {source.poll_interval:g} s, full reconciliation every "
+            f"{source.full_scan_interval:g} s"
+            if self.reader.incremental
+            else f"full scans every {source.poll_interval:g} s"
         )
         event(
             log,
             logging.INFO,
             "agent.started",
-            f"watching the source every {interval:g} s; delivering to "
-            f"{self.config.settings.seyaha.base_url}",
+            f"{mode}; wake-ups: {type(wakeup).__name__ if wakeup else 'none (polling only)'}; "
+            f"delivering to {self.config.settings.seyaha.base_url}",
         )
         scheduler.start()
-        worker.start()
+        for thread in threads:
+            thread.start()
         try:
             stop.wait()
         finally:
             event(log, logging.INFO, "agent.stopping", "stopping: finishing in-flight work")
-            scheduler.shutdown(wait=True)
+            self.poll_wake.set()
             self.wake.set()
-            worker.join(SHUTDOWN_GRACE_S)
+            scheduler.shutdown(wait=True)
+            for thread in threads:
+                thread.join(SHUTDOWN_GRACE_S)
             event(log, logging.INFO, "agent.stopped", "stopped")
+
+    def _run_wakeup(self, wakeup: Wakeup, stop: threading.Event) -> None:
+        try:
+            wakeup.run(stop, self._wake)
+        except Exception:
+            # Wake-ups only shorten the wait; polling goes on without them.
+            log.exception("wake-ups stopped; polling continues", extra={"event": "wakeup.failed"})
 
     # -- one-shot -----------------------------------------------------------------------
 

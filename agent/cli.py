@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"longest time to spend delivering (default {DEFAULT_ONCE_TIMEOUT_S:g})",
         )
     with_config("check", "validate the configuration, the databases and both queries")
+    triggers = with_config(
+        "triggers",
+        "PostgreSQL: install, remove or print the triggers that wake the agent on a change",
+    )
+    triggers.add_argument(
+        "action",
+        choices=("install", "uninstall", "show"),
+        help="install or uninstall applies the SQL; show prints it and what is installed",
+    )
 
     sandbox = commands.add_parser(
         "sandbox",
@@ -95,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.once(args.config, timeout_s=args.timeout, resync=True)
         if args.command == "check":
             return commands.check(args.config)
+        if args.command == "triggers":
+            return commands.triggers(args.config, args.action)
         if args.command == "sandbox":
             return commands.sandbox(
                 port=args.port,

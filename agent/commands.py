@@ -11,6 +11,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from agent.app import Agent, DrainResult
 from agent.config import (
     SECRET_ENV,
@@ -22,7 +24,7 @@ from agent.config import (
 )
 from agent.db import create_engine, redact_url
 from agent.delivery.worker import Tally
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, SourceUnavailable
 from agent.logs import Redaction, setup_logging
 from agent.outbox.store import StateStore
 from agent.scan import ScanReport
@@ -87,7 +89,7 @@ def once(path: Path, *, timeout_s: float, resync: bool, out: TextIO | None = Non
 
 
 def _print_scan(out: TextIO, report: ScanReport) -> None:
-    c, s = report.catalog, report.slots
+    c = report.catalog
     print(
         f"scanned {report.catalog_rows} catalog rows and {report.slot_rows} slot rows "
         f"in {report.duration_s:.2f} s",
@@ -98,17 +100,17 @@ def _print_scan(out: TextIO, report: ScanReport) -> None:
     else:
         print(
             f"  catalog: {len(c.added)} added, {len(c.changed)} changed, {len(c.removed)} removed; "
-            f"slots: {len(s.added)} added, {len(s.changed)} changed, {len(s.removed)} closed, "
-            f"{len(s.expired)} past",
+            f"slots: {report.slots_added} added, {report.slots_changed} changed, "
+            f"{report.slots_removed} closed, {report.slots_expired} past",
             file=out,
         )
-    if report.skipped:
-        print(f"  {len(report.skipped)} row(s) skipped:", file=out)
+    if report.skipped_total:
+        print(f"  {report.skipped_total} row(s) skipped:", file=out)
         for row in report.skipped[:10]:
             key = "/".join("NULL" if k is None else str(k) for k in (row.key or ()))
             print(f"    {row.query} {key or '(no key)'}: {row.reason}", file=out)
-        if len(report.skipped) > 10:
-            print(f"    ... and {len(report.skipped) - 10} more (see the log)", file=out)
+        if report.skipped_total > 10:
+            print(f"    ... and {report.skipped_total - 10} more (see the log)", file=out)
 
 
 def _print_delivery(out: TextIO, drain: DrainResult, tally: Tally) -> None:
@@ -196,6 +198,65 @@ def check(path: Path, out: TextIO | None = None) -> int:
         store.close()
     print("all checks passed" if problems == 0 else f"{problems} problem(s) found", file=out)
     return 0 if problems == 0 else 1
+
+
+def triggers(path: Path, action: str, out: TextIO | None = None) -> int:
+    """Manage the NOTIFY triggers on `source.notify_tables` (PostgreSQL sources only)."""
+    from agent.source import pg_triggers
+
+    out = out or sys.stdout
+    source = load_settings(path).source
+    engine = create_engine(source.url, role="source")
+    try:
+        if engine.dialect.name != "postgresql":
+            raise ConfigError(
+                [
+                    f"[source] url: triggers are for PostgreSQL sources; this one is "
+                    f"{engine.dialect.name}, which the agent polls"
+                ]
+            )
+        if action != "show" and not source.notify_tables:
+            raise ConfigError(
+                [
+                    "[source] notify_tables: name the tables whose changes should wake the agent, "
+                    'e.g. notify_tables = ["products", "options", "slots"]'
+                ]
+            )
+        if action == "install":
+            statements = pg_triggers.install_sql(
+                engine, source.notify_tables, source.notify_channel
+            )
+        elif action == "uninstall":
+            statements = pg_triggers.uninstall_sql(engine, source.notify_tables)
+        else:
+            statements = pg_triggers.install_sql(
+                engine, source.notify_tables or ("<table>",), source.notify_channel
+            )
+            print("-- SQL that `triggers install` applies (a DBA may apply it instead):", file=out)
+            for statement in statements:
+                print(f"{statement};", file=out)
+            try:
+                found = pg_triggers.installed(engine)
+            except SQLAlchemyError as exc:
+                raise SourceUnavailable(
+                    f"cannot reach the source database at {redact_url(source.url)}: "
+                    f"{str(getattr(exc, 'orig', exc)).splitlines()[0]}"
+                ) from None
+            print(f"-- installed now on: {', '.join(found) or 'no table'}", file=out)
+            return 0
+        try:
+            pg_triggers.apply(engine, statements)
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            raise AgentError(
+                f"triggers {action} failed: {reason} (the source user may lack the privilege; "
+                "`seyaha-agent triggers show` prints the SQL for a DBA)"
+            ) from None
+        verb = "installed on" if action == "install" else "removed from"
+        print(f"triggers {verb}: {', '.join(source.notify_tables)}", file=out)
+        return 0
+    finally:
+        engine.dispose()
 
 
 def sandbox(*, port: int, host: str, config_path: Path | None, secret_file: Path | None) -> int:

@@ -37,6 +37,8 @@ ENV_PREFIX = "SEYAHA_AGENT_"
 DEFAULT_STATE_URL = "sqlite:///state.db"
 _HEX24 = re.compile(r"^[0-9a-fA-F]{24}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_SINCE = re.compile(r"(?<![:\w]):since\b")
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
 
 class _Section(BaseModel):
@@ -73,11 +75,45 @@ class SourceSettings(_Section):
     timezone: str = "UTC"
     catalog_query: str
     slots_query: str
+    slots_changed_query: str | None = None
+    catalog_changed_query: str | None = None
+    cursor_overlap: float = Field(
+        60.0, ge=0, description="seconds re-read behind the change cursor on every poll"
+    )
+    full_scan_interval: float = Field(
+        300.0, gt=0, description="seconds between full reconciliations (finds deletes)"
+    )
+    query_timeout: float = Field(60.0, gt=0, description="seconds before a query is cancelled")
+    notify_channel: str = Field("seyaha_agent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    notify_tables: tuple[str, ...] = ()
+    watch_file: bool = True
 
     @field_validator("url")
     @classmethod
     def _sqlalchemy_url(cls, value: str) -> str:
         return _check_url(value)
+
+    @field_validator("slots_changed_query", "catalog_changed_query")
+    @classmethod
+    def _has_since(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must not be empty (leave the key out to poll with full scans)")
+        if not _SINCE.search(value):
+            raise ValueError(
+                "must use the :since parameter, e.g. WHERE updated_at >= :since "
+                "(the agent binds the change cursor to it)"
+            )
+        return value
+
+    @field_validator("notify_tables")
+    @classmethod
+    def _table_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _TABLE.match(name):
+                raise ValueError(f"{name!r} is not a table name (schema.table or table)")
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -6,8 +6,9 @@ Keys that were in the result but could not be read (a bad row with a known key) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from datetime import datetime
+from typing import Literal
 
 from agent.model import CatalogDiff, CatalogKey, CatalogRow, Slot, SlotDiff, SlotKey, StoredSlot
 from agent.rows import slot_fingerprint
@@ -72,36 +73,41 @@ SourceSlot = tuple[SlotKey, Slot | None]
 whose key is sound (protected)."""
 
 
-def _compare(
-    previous: StoredSlot | None, item: Slot | None, added: list[Slot], changed: list[Slot]
-) -> None:
+ChangeKind = Literal["added", "changed", "same", "removed", "expired"]
+SlotChange = tuple[ChangeKind, Slot | StoredSlot]
+"""("added" | "changed" | "same", Slot) or ("removed" | "expired", StoredSlot)."""
+
+
+def _compare(previous: StoredSlot | None, item: Slot | None) -> ChangeKind | None:
     if item is None:
-        return  # protected: whatever the store remembers stays
+        return None  # protected: whatever the store remembers stays
     if previous is None:
-        added.append(item)
-    elif previous.fingerprint != slot_fingerprint(item):
-        changed.append(item)
+        return "added"
+    if previous.fingerprint != slot_fingerprint(item):
+        return "changed"
+    return "same"
 
 
-def merge_slots(
+def iter_slot_changes(
     stored: Iterable[StoredSlot],
     current: Iterable[SourceSlot],
     now: datetime,
     in_store: Callable[[list[SlotKey]], Collection[SlotKey]] = lambda keys: (),
-) -> SlotDiff:
-    """The same answer as `diff_slots`, from two streams sorted by key, in bounded memory.
+    *,
+    include_unchanged: bool = False,
+) -> Iterator[SlotChange]:
+    """Merge-join two streams sorted by key (Python string order) into changes, lazily.
 
-    Both streams should come in ascending key order (Python string order). Memory then grows
-    with the number of changes, not with the inventory. A source that returns a row out of
-    order (its collation disagrees with ours) is still diffed correctly: the row is set
-    aside and matched at the end against the stored slots the merge had already passed;
-    `in_store` tells which of the remaining late keys the store holds (those were matched in
-    order already, so the late row is a duplicate).
+    Memory grows with the number of removals and out-of-order rows, not with the inventory.
+    A source that returns a row out of order (its collation disagrees with ours) is still
+    diffed correctly: the row is set aside and matched at the end against the stored slots
+    the merge had already passed; `in_store` tells which of the remaining late keys the
+    store holds (those were matched in order already, so the late row is a duplicate).
+    Added and changed slots come as they are found; removals and expiries come last.
     """
-    added: list[Slot] = []
-    changed: list[Slot] = []
     passed: dict[SlotKey, StoredSlot] = {}
     late: list[SourceSlot] = []
+    seen_new: set[SlotKey] = set()
     remembered = iter(stored)
     head = next(remembered, None)
     last: SlotKey | None = None
@@ -118,10 +124,17 @@ def merge_slots(
         previous = None
         if head is not None and head.key == key:
             previous, head = head, next(remembered, None)
-        _compare(previous, item, added, changed)
+        kind = _compare(previous, item)
+        if kind is None or (kind == "same" and not include_unchanged):
+            continue
+        if kind == "added" and late:
+            seen_new.add(key)
+        assert item is not None
+        yield kind, item
     while head is not None:
         passed[head.key] = head
         head = next(remembered, None)
+
     unknown: list[tuple[SlotKey, Slot]] = []
     matched_late: set[SlotKey] = set()
     for key, item in late:
@@ -129,23 +142,47 @@ def merge_slots(
             continue  # a duplicate of a late row already diffed
         matched_late.add(key)
         if key in passed:
-            _compare(passed.pop(key), item, added, changed)
+            kind = _compare(passed.pop(key), item)
+            if kind is not None and (kind != "same" or include_unchanged):
+                assert item is not None
+                yield kind, item
         elif item is not None:
             unknown.append((key, item))
     if unknown:
         known = set(in_store([key for key, _ in unknown]))
         for key, item in unknown:
-            if key not in known and not _seen_in_order(key, added, changed):
-                added.append(item)
-    removed = tuple(s for s in passed.values() if s.start_utc >= now)
-    expired = tuple(s.key for s in passed.values() if s.start_utc < now)
-    return SlotDiff(tuple(added), tuple(changed), removed, expired)
+            if key not in known and key not in seen_new:
+                yield "added", item
+    for gone in passed.values():
+        yield ("expired" if gone.start_utc < now else "removed"), gone
 
 
-def _seen_in_order(key: SlotKey, added: list[Slot], changed: list[Slot]) -> bool:
-    # Only reached for late rows absent from the store: rare, so a scan of the (small) change
-    # lists is cheaper than remembering every key the merge saw.
-    return any(s.key == key for s in added) or any(s.key == key for s in changed)
+def merge_slots(
+    stored: Iterable[StoredSlot],
+    current: Iterable[SourceSlot],
+    now: datetime,
+    in_store: Callable[[list[SlotKey]], Collection[SlotKey]] = lambda keys: (),
+) -> SlotDiff:
+    """The same answer as `diff_slots`, from two key-ordered streams (see iter_slot_changes)."""
+    return collect_changes(iter_slot_changes(stored, current, now, in_store))
+
+
+def collect_changes(changes: Iterable[SlotChange]) -> SlotDiff:
+    """A SlotDiff from a run of changes ("same" entries are left out)."""
+    added: list[Slot] = []
+    changed: list[Slot] = []
+    removed: list[StoredSlot] = []
+    expired: list[SlotKey] = []
+    for kind, value in changes:
+        if kind == "added" and isinstance(value, Slot):
+            added.append(value)
+        elif kind == "changed" and isinstance(value, Slot):
+            changed.append(value)
+        elif kind == "removed" and isinstance(value, StoredSlot):
+            removed.append(value)
+        elif kind == "expired" and isinstance(value, StoredSlot):
+            expired.append(value.key)
+    return SlotDiff(tuple(added), tuple(changed), tuple(removed), tuple(expired))
 
 
 def diff_changed_slots(
@@ -157,8 +194,12 @@ def diff_changed_slots(
     changed: list[Slot] = []
     seen: set[SlotKey] = set()
     for key, item in current:
-        if key in seen or (item is not None and item.start_utc < now):
+        if key in seen or item is None or item.start_utc < now:
             continue
         seen.add(key)
-        _compare(stored.get(key), item, added, changed)
+        kind = _compare(stored.get(key), item)
+        if kind == "added":
+            added.append(item)
+        elif kind == "changed":
+            changed.append(item)
     return SlotDiff(tuple(added), tuple(changed))

@@ -35,7 +35,8 @@ class Metrics:
         )
         self.scan_duration = Histogram(
             "scan_duration_seconds",
-            "Time to read the source, diff and record a scan.",
+            "Time to read the source, diff and record a scan, by kind (full, incremental).",
+            ["kind"],
             namespace=NAMESPACE,
             registry=registry,
             buckets=SCAN_BUCKETS_S,

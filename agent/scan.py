@@ -7,17 +7,25 @@ pure functions and the state store, and reports what it saw.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.clock import Clock
-from agent.diff import diff_catalog, diff_slots
+from agent.diff import (
+    SlotChange,
+    collect_changes,
+    diff_catalog,
+    diff_changed_slots,
+    iter_slot_changes,
+)
 from agent.logs import event
 from agent.metrics import Metrics
-from agent.model import CatalogDiff, Message, SkippedRow, SlotDiff
+from agent.model import CatalogDiff, Message, SkippedRow, Slot, SlotDiff
 from agent.outbox.store import StateStore
 from agent.plan import plan
-from agent.source.reader import SourceReader
+from agent.source import cursor
+from agent.source.reader import Snapshot, SourceReader
 
 log = logging.getLogger("agent.scan")
 
@@ -25,26 +33,57 @@ SKIPPED_MEMORY = 10_000
 """Skipped rows remembered between scans, so a bad row is logged once, not on every poll."""
 
 
-@dataclass(frozen=True)
+COMMIT_CHUNK = 5000
+"""Slot changes written per state transaction during a full scan: memory stays bounded
+whatever the number of changes, and each chunk keeps a slot's fingerprint and its message
+together, so a crash between chunks loses nothing."""
+
+SKIPPED_KEPT = 1000
+"""Skipped rows kept in one report (the rest are counted): a broken column must not fill
+memory with a million reasons."""
+
+CURSOR = "slots"
+"""Name of the change cursor in the state store."""
+
+
+@dataclass
 class ScanReport:
     at: datetime
-    baseline: bool
-    catalog: CatalogDiff
-    slots: SlotDiff
-    messages: list[Message]
-    enqueued: int
-    skipped: list[SkippedRow]
-    catalog_rows: int
-    slot_rows: int
-    duration_s: float
+    kind: str
+    """"full" (every row read, deletes found) or "incremental" (only what changed)."""
+    baseline: bool = False
+    catalog: CatalogDiff = field(default_factory=CatalogDiff)
+    slots_added: int = 0
+    slots_changed: int = 0
+    slots_removed: int = 0
+    slots_expired: int = 0
+    triggers: int = 0
+    notifies: int = 0
+    enqueued: int = 0
+    skipped: list[SkippedRow] = field(default_factory=list)
+    skipped_total: int = 0
+    catalog_rows: int = 0
+    slot_rows: int = 0
+    duration_s: float = 0.0
 
     @property
-    def triggers(self) -> int:
-        return sum(1 for m in self.messages if m.kind == "trigger")
+    def messages(self) -> int:
+        return self.triggers + self.notifies
 
-    @property
-    def notifies(self) -> int:
-        return sum(1 for m in self.messages if m.kind == "notify")
+    def count(self, diff: SlotDiff, messages: list[Message], enqueued: int) -> None:
+        self.slots_added += len(diff.added)
+        self.slots_changed += len(diff.changed)
+        self.slots_removed += len(diff.removed)
+        self.slots_expired += len(diff.expired)
+        self.triggers += sum(1 for m in messages if m.kind == "trigger")
+        self.notifies += sum(1 for m in messages if m.kind == "notify")
+        self.enqueued += enqueued
+
+    def take_skipped(self, snapshot: Snapshot) -> None:
+        self.skipped = snapshot.skipped[:SKIPPED_KEPT]
+        self.skipped_total = len(snapshot.skipped)
+        self.catalog_rows = snapshot.catalog_rows_read
+        self.slot_rows = snapshot.slot_rows_read
 
 
 @dataclass
@@ -53,42 +92,111 @@ class Scanner:
     store: StateStore
     clock: Clock
     metrics: Metrics
+    overlap_s: float = 60.0
     _reported: set[tuple[str, str, str]] = field(default_factory=set)
 
     def scan(self, *, resync: bool = False) -> ScanReport:
-        """Run one scan. With `resync`, every in-scope slot is notified (a deliberate backfill)."""
-        started = self.clock.monotonic()
-        snapshot = self.reader.read()
-        now = self.clock.now()
-        baseline = not self.store.is_baselined()
-        catalog = diff_catalog(
-            self.store.load_catalog(), snapshot.catalog, snapshot.catalog_protected
-        )
-        slots = diff_slots(self.store.load_slots(), snapshot.slots, now, snapshot.slots_protected)
-        backfill = [s for s in snapshot.slots if s.start_utc >= now] if resync else []
-        messages = plan(catalog, slots, baseline=baseline and not resync, resync=backfill)
-        enqueued = self.store.commit_scan(catalog, slots, messages, now, baseline=baseline)
-        duration = self.clock.monotonic() - started
+        """A full scan; with `resync`, every in-scope slot is notified (a deliberate backfill).
 
-        report = ScanReport(
-            at=now,
-            baseline=baseline,
-            catalog=catalog,
-            slots=slots,
-            messages=messages,
-            enqueued=enqueued,
-            skipped=snapshot.skipped,
-            catalog_rows=snapshot.catalog_rows_read,
-            slot_rows=snapshot.slot_rows_read,
-            duration_s=duration,
+        Both sides stream: source rows come through a server-side cursor in key order and are
+        merge-joined with the stored fingerprints, so memory follows the changes, not the
+        inventory. Changes are committed in chunks of COMMIT_CHUNK, the trigger first.
+        """
+        started = self.clock.monotonic()
+        snapshot = Snapshot()
+        with self.reader.transaction() as src:
+            upper = self.reader.clock(src) if self.reader.incremental else None
+            self.reader.read_catalog(src, snapshot)
+            now = self.clock.now()
+            report = ScanReport(at=now, kind="full", baseline=not self.store.is_baselined())
+            report.catalog = diff_catalog(
+                self.store.load_catalog(), snapshot.catalog, snapshot.catalog_protected
+            )
+            with self.store.reading() as stored:
+                changes = iter_slot_changes(
+                    self.store.iter_slots(stored),
+                    self.reader.stream_slots(src, snapshot),
+                    now,
+                    in_store=lambda keys: self.store.lookup_slots(keys).keys(),
+                    include_unchanged=resync,
+                )
+                first = True
+                for chunk in _chunks(changes, COMMIT_CHUNK):
+                    self._commit_chunk(report, chunk, first=first, resync=resync)
+                    first = False
+                if first:
+                    self._commit_chunk(report, [], first=True, resync=resync)
+        cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}
+        self.store.commit_scan(
+            CatalogDiff(), SlotDiff(), [], now, baseline=report.baseline, cursors=cursors
         )
+        report.take_skipped(snapshot)
+        report.duration_s = self.clock.monotonic() - started
+        self._observe(report)
+        return report
+
+    def _commit_chunk(
+        self, report: ScanReport, chunk: list[SlotChange], *, first: bool, resync: bool
+    ) -> None:
+        slots = collect_changes(chunk)
+        backfill = [
+            v for k, v in chunk if k in ("same", "changed", "added") and isinstance(v, Slot)
+        ]
+        catalog = report.catalog if first else CatalogDiff(removed=report.catalog.removed)
+        if report.baseline and not resync:
+            messages = plan(catalog, slots, baseline=True) if first else []
+        else:
+            messages = plan(catalog, slots, resync=backfill if resync else ())
+            if not first:
+                messages = [m for m in messages if m.kind != "trigger"]
+        enqueued = self.store.commit_scan(
+            catalog if first else CatalogDiff(), slots, messages, report.at
+        )
+        report.count(slots, messages, enqueued)
+
+    def poll(self) -> ScanReport:
+        """An incremental poll: only rows the change queries return since the cursor.
+
+        Falls back to a full scan when there is no cursor yet (first run) or no change query.
+        """
+        saved = self.store.cursor(CURSOR) if self.reader.incremental else None
+        if saved is None:
+            return self.scan()
+        started = self.clock.monotonic()
+        snapshot = Snapshot()
+        since = cursor.since(cursor.decode(saved), self.overlap_s)
+        with self.reader.transaction() as src:
+            upper = self.reader.clock(src)
+            found = self.reader.changed_slots(src, since, snapshot)
+            if self.reader.catalog_changed_query is not None:
+                self.reader.changed_catalog(src, since, snapshot)
+        now = self.clock.now()
+        report = ScanReport(at=now, kind="incremental")
+        stored_catalog = self.store.load_catalog() if snapshot.catalog else {}
+        report.catalog = CatalogDiff(
+            added=tuple(r for r in snapshot.catalog if r.key not in stored_catalog),
+            changed=tuple(
+                r
+                for r in snapshot.catalog
+                if r.key in stored_catalog and stored_catalog[r.key] != r.fingerprint
+            ),
+        )
+        stored = self.store.lookup_slots([key for key, _ in found])
+        slots = diff_changed_slots(stored, found, now)
+        messages = plan(report.catalog, slots)
+        enqueued = self.store.commit_scan(
+            report.catalog, slots, messages, now, cursors={CURSOR: cursor.encode(upper)}
+        )
+        report.count(slots, messages, enqueued)
+        report.take_skipped(snapshot)
+        report.duration_s = self.clock.monotonic() - started
         self._observe(report)
         return report
 
     def _observe(self, report: ScanReport) -> None:
         m = self.metrics
         m.scans.labels("ok").inc()
-        m.scan_duration.observe(report.duration_s)
+        m.scan_duration.labels(report.kind).observe(report.duration_s)
         m.last_scan.set(report.at.timestamp())
         m.rows_read.labels("catalog_query").inc(report.catalog_rows)
         m.rows_read.labels("slots_query").inc(report.slot_rows)
@@ -96,10 +204,10 @@ class Scanner:
             ("catalog_added", len(report.catalog.added)),
             ("catalog_changed", len(report.catalog.changed)),
             ("catalog_removed", len(report.catalog.removed)),
-            ("slot_added", len(report.slots.added)),
-            ("slot_changed", len(report.slots.changed)),
-            ("slot_removed", len(report.slots.removed)),
-            ("slot_expired", len(report.slots.expired)),
+            ("slot_added", report.slots_added),
+            ("slot_changed", report.slots_changed),
+            ("slot_removed", report.slots_removed),
+            ("slot_expired", report.slots_expired),
         ):
             if count:
                 m.changes.labels(kind).inc(count)
@@ -128,7 +236,7 @@ class Scanner:
                 logging.INFO,
                 "scan.baseline",
                 f"baseline recorded: {report.catalog_rows} catalog rows, "
-                f"{len(report.slots.added)} slots in scope; one sync/trigger queued",
+                f"{report.slots_added} slots in scope; one sync/trigger queued",
             )
         elif report.messages:
             event(
@@ -139,9 +247,10 @@ class Scanner:
                 catalog_added=len(report.catalog.added),
                 catalog_changed=len(report.catalog.changed),
                 catalog_removed=len(report.catalog.removed),
-                slots_added=len(report.slots.added),
-                slots_changed=len(report.slots.changed),
-                slots_removed=len(report.slots.removed),
+                slots_added=report.slots_added,
+                slots_changed=report.slots_changed,
+                slots_removed=report.slots_removed,
+                scan=report.kind,
             )
         else:
             event(
@@ -149,8 +258,20 @@ class Scanner:
                 logging.DEBUG,
                 "scan.unchanged",
                 "no change",
+                scan=report.kind,
                 duration_ms=round(report.duration_s * 1000, 1),
             )
+
+
+def _chunks(items: Iterable[SlotChange], size: int) -> Iterator[list[SlotChange]]:
+    batch: list[SlotChange] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _key_text(key: tuple[object, ...] | None) -> str:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,6 +42,13 @@ from agent.outbox import tables as t
 from agent.rows import slot_fingerprint
 
 _META_BASELINE = "baseline_ms"
+_META_CURSOR = "cursor:"
+
+STREAM_BATCH_ROWS = 5000
+"""Stored slots fetched per round trip by iter_slots."""
+
+LOOKUP_BATCH = 500
+"""Keys per IN (...) lookup: far below every backend's limit on bound parameters."""
 _META_SCHEMA = "schema_version"
 
 
@@ -133,27 +141,53 @@ class StateStore:
             return {(r.product_id, r.option_id): r.fingerprint for r in rows}
 
     def load_slots(self) -> dict[SlotKey, StoredSlot]:
-        c = t.slot_fingerprints.c
         with self._read() as conn:
-            rows = conn.execute(
-                sa.select(
-                    c.product_id,
-                    c.option_id,
-                    c.availability_id,
-                    c.fingerprint,
-                    c.local_start,
-                    c.start_ms,
+            return {s.key: s for s in self._slots(conn, sa.select(*_SLOT_COLUMNS))}
+
+    @contextmanager
+    def reading(self) -> Iterator[sa.Connection]:
+        """A read transaction for `iter_slots` (one consistent picture of the store)."""
+        with self._read() as conn:
+            yield conn
+
+    def iter_slots(self, conn: sa.Connection) -> Iterator[StoredSlot]:
+        """Every stored slot in key order (code-point order), streamed in batches."""
+        c = t.slot_fingerprints.c
+        query = sa.select(*_SLOT_COLUMNS).order_by(c.product_id, c.option_id, c.availability_id)
+        result = conn.execution_options(stream_results=True, yield_per=STREAM_BATCH_ROWS).execute(
+            query
+        )
+        try:
+            for r in result:
+                yield _stored_slot(r)
+        finally:
+            result.close()
+
+    def lookup_slots(self, keys: Sequence[SlotKey]) -> dict[SlotKey, StoredSlot]:
+        """The stored slots among `keys` (for incremental polls and late rows of a merge)."""
+        c = t.slot_fingerprints.c
+        found: dict[SlotKey, StoredSlot] = {}
+        with self._read() as conn:
+            for start in range(0, len(keys), LOOKUP_BATCH):
+                batch = keys[start : start + LOOKUP_BATCH]
+                query = sa.select(*_SLOT_COLUMNS).where(
+                    sa.tuple_(c.product_id, c.option_id, c.availability_id).in_(batch)
                 )
-            )
-            return {
-                (r.product_id, r.option_id, r.availability_id): StoredSlot(
-                    key=(r.product_id, r.option_id, r.availability_id),
-                    fingerprint=r.fingerprint,
-                    local_date_time_start=r.local_start,
-                    start_utc=from_epoch_ms(r.start_ms),
-                )
-                for r in rows
-            }
+                found.update((s.key, s) for s in self._slots(conn, query))
+        return found
+
+    @staticmethod
+    def _slots(conn: sa.Connection, query: sa.Select[Any]) -> Iterator[StoredSlot]:
+        for r in conn.execute(query):
+            yield _stored_slot(r)
+
+    def cursor(self, name: str) -> str | None:
+        """The change cursor saved under `name` by the last scan, or None."""
+        with self._read() as conn:
+            value = conn.execute(
+                sa.select(t.meta.c.value).where(t.meta.c.key == _META_CURSOR + name)
+            ).scalar()
+        return None if value is None else str(value)
 
     def commit_scan(
         self,
@@ -163,9 +197,11 @@ class StateStore:
         now: datetime,
         *,
         baseline: bool = False,
+        cursors: Mapping[str, str] | None = None,
     ) -> int:
         """Record the new fingerprints and enqueue `messages`, all or nothing.
 
+        `baseline` marks the state as baselined; `cursors` saves change cursors by name.
         Returns how many outbox rows were added or refreshed.
         """
         now_ms = to_epoch_ms(now)
@@ -174,9 +210,15 @@ class StateStore:
             self._apply_slots(conn, slots)
             written = sum(self._enqueue(conn, m, now_ms) for m in messages)
             if baseline:
-                conn.execute(sa.delete(t.meta).where(t.meta.c.key == _META_BASELINE))
-                conn.execute(sa.insert(t.meta).values(key=_META_BASELINE, value=str(now_ms)))
+                self._set_meta(conn, _META_BASELINE, str(now_ms))
+            for name, value in (cursors or {}).items():
+                self._set_meta(conn, _META_CURSOR + name, value)
         return written
+
+    @staticmethod
+    def _set_meta(conn: sa.Connection, key: str, value: str) -> None:
+        conn.execute(sa.delete(t.meta).where(t.meta.c.key == key))
+        conn.execute(sa.insert(t.meta).values(key=key, value=value))
 
     @staticmethod
     def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:
@@ -211,7 +253,17 @@ class StateStore:
     @staticmethod
     def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
         tbl = t.slot_fingerprints
+        key_matches = sa.and_(
+            tbl.c.product_id == sa.bindparam("p"),
+            tbl.c.option_id == sa.bindparam("o"),
+            tbl.c.availability_id == sa.bindparam("a"),
+        )
         if diff.added:
+            # Delete first: an incremental poll racing a full scan may both find a slot new.
+            conn.execute(
+                sa.delete(tbl).where(key_matches),
+                [{"p": s.product_id, "o": s.option_id, "a": s.availability_id} for s in diff.added],
+            )
             conn.execute(
                 sa.insert(tbl),
                 [
@@ -265,10 +317,13 @@ class StateStore:
     @staticmethod
     def _enqueue(conn: sa.Connection, message: Message, now_ms: int) -> int:
         o = t.outbox.c
+        # Only a message nobody holds is refreshed in place. One whose lease ran out may still
+        # be on the wire from a process that is not dead after all; the newer state gets a row
+        # of its own, and the older row is dropped as superseded when it is next claimed.
         waiting = sa.and_(
             o.dedupe_key == message.dedupe_key,
             o.state == t.PENDING,
-            sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
+            o.lease_token.is_(None),
         )
         payload = None if message.payload is None else json.dumps(message.payload, sort_keys=True)
         slot_start_ms = None if message.slot_start is None else to_epoch_ms(message.slot_start)
@@ -339,10 +394,27 @@ class StateStore:
             .order_by(o.id)
             .limit(limit)
         )
+        newer_same = t.outbox.alias("newer_same")
         claimed: list[OutboxMessage] = []
         with self._write() as conn:
             ids = list(conn.execute(candidates).scalars())
             for message_id in ids:
+                # A newer message for the same slot (or a newer trigger) carries the newest
+                # absolute state: this older one, left behind by an expired lease, is dropped.
+                # (Two statements: MySQL cannot DELETE with a subquery on the same table.)
+                newer = conn.execute(
+                    sa.select(newer_same.c.id)
+                    .where(
+                        newer_same.c.dedupe_key
+                        == sa.select(o.dedupe_key).where(o.id == message_id).scalar_subquery(),
+                        newer_same.c.state == t.PENDING,
+                        newer_same.c.id > message_id,
+                    )
+                    .limit(1)
+                ).first()
+                if newer is not None:
+                    conn.execute(sa.delete(t.outbox).where(o.id == message_id))
+                    continue
                 token = str(uuid.uuid4())
                 result = conn.execute(
                     sa.update(t.outbox)
@@ -487,6 +559,26 @@ class StateStore:
                 )
                 for r in conn.execute(query)
             ]
+
+
+_SLOT_COLUMNS = (
+    t.slot_fingerprints.c.product_id,
+    t.slot_fingerprints.c.option_id,
+    t.slot_fingerprints.c.availability_id,
+    t.slot_fingerprints.c.fingerprint,
+    t.slot_fingerprints.c.local_start,
+    t.slot_fingerprints.c.start_ms,
+)
+
+
+def _stored_slot(r: Any) -> StoredSlot:
+    key = (r.product_id, r.option_id, r.availability_id)
+    return StoredSlot(
+        key=key,
+        fingerprint=r.fingerprint,
+        local_date_time_start=r.local_start,
+        start_utc=from_epoch_ms(r.start_ms),
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,6 +13,18 @@ SCHEMA_VERSION = "1"
 
 ID_LENGTH = 255
 
+
+def _id_column_type() -> sa.types.TypeEngine[str]:
+    """Ids compare in code-point order on every backend, the order Python sorts strings in,
+    so that a full scan can merge-join the stored keys with the source's (see
+    source.reader.ordered_sql)."""
+    return (
+        sa.String(ID_LENGTH)
+        .with_variant(sa.String(ID_LENGTH, collation="C"), "postgresql")
+        .with_variant(sa.String(ID_LENGTH, collation="utf8mb4_bin"), "mysql", "mariadb")
+    )
+
+
 metadata = sa.MetaData()
 
 meta = sa.Table(
@@ -25,17 +37,17 @@ meta = sa.Table(
 catalog_fingerprints = sa.Table(
     "seyaha_catalog",
     metadata,
-    sa.Column("product_id", sa.String(ID_LENGTH), primary_key=True),
-    sa.Column("option_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("product_id", _id_column_type(), primary_key=True),
+    sa.Column("option_id", _id_column_type(), primary_key=True),
     sa.Column("fingerprint", sa.String(32), nullable=False),
 )
 
 slot_fingerprints = sa.Table(
     "seyaha_slots",
     metadata,
-    sa.Column("product_id", sa.String(ID_LENGTH), primary_key=True),
-    sa.Column("option_id", sa.String(ID_LENGTH), primary_key=True),
-    sa.Column("availability_id", sa.String(ID_LENGTH), primary_key=True),
+    sa.Column("product_id", _id_column_type(), primary_key=True),
+    sa.Column("option_id", _id_column_type(), primary_key=True),
+    sa.Column("availability_id", _id_column_type(), primary_key=True),
     sa.Column("fingerprint", sa.String(32), nullable=False),
     sa.Column("local_start", sa.String(40), nullable=False),
     sa.Column("start_ms", sa.BigInteger, nullable=False),

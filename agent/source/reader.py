@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -19,8 +19,12 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from agent import rows
 from agent.db import redact_url
+from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
+
+STREAM_BATCH_ROWS = 5000
+"""Rows fetched per round trip when streaming a large result."""
 
 CHECK_ROW_LIMIT = 100
 """Rows `check` reads from each query: enough to catch bad values without a full scan."""
@@ -53,18 +57,30 @@ class SourceReader:
         catalog_query: str,
         slots_query: str,
         timezone: ZoneInfo,
+        slots_changed_query: str | None = None,
+        catalog_changed_query: str | None = None,
+        query_timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.catalog_query = catalog_query
         self.slots_query = slots_query
         self.timezone = timezone
+        self.slots_changed_query = slots_changed_query
+        self.catalog_changed_query = catalog_changed_query
+        self.query_timeout_s = query_timeout_s
+
+    @property
+    def incremental(self) -> bool:
+        """Whether polls can read only what changed (a slots_changed_query is configured)."""
+        return self.slots_changed_query is not None
 
     @property
     def where(self) -> str:
         return redact_url(self.engine.url.render_as_string(hide_password=True))
 
     @contextmanager
-    def _transaction(self) -> Iterator[sa.Connection]:
+    def transaction(self) -> Iterator[sa.Connection]:
+        """One read transaction on the source, every query in it seeing the same moment."""
         try:
             conn = self.engine.connect()
         except SQLAlchemyError as exc:
@@ -74,15 +90,135 @@ class SourceReader:
         try:
             if self.engine.dialect.name in ("postgresql", "mysql", "mariadb"):
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
-            with conn.begin():
+            try:
+                transaction = conn.begin()
+                self._limit_time(conn)
+            except DBAPIError as exc:
+                raise SourceUnavailable(
+                    f"cannot use the source database at {self.where}: {_reason(exc)}"
+                ) from None
+            try:
                 yield conn
+            except BaseException:
+                with suppress(SQLAlchemyError):
+                    transaction.rollback()
+                raise
+            try:
+                transaction.commit()
+            except DBAPIError as exc:
+                # Ending a read transaction fails only when the connection died.
+                raise SourceUnavailable(
+                    f"the source database at {self.where} went away: {_reason(exc)}"
+                ) from None
         finally:
             conn.close()
+
+    def _limit_time(self, conn: sa.Connection) -> None:
+        if self.query_timeout_s is None:
+            return
+        dialect = self.engine.dialect
+        ms = max(1, int(self.query_timeout_s * 1000))
+        if dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+        elif dialect.name in ("mysql", "mariadb"):
+            if getattr(dialect, "is_mariadb", False):
+                conn.exec_driver_sql(f"SET SESSION max_statement_time = {ms / 1000:.3f}")
+            else:
+                conn.exec_driver_sql(f"SET SESSION max_execution_time = {ms}")
+
+    def clock(self, conn: sa.Connection) -> Any:
+        """The database's own current time: the upper bound of a change cursor.
+
+        Taken from the database, not this host, so that clock skew between the agent and the
+        application servers writing `updated_at` cannot open a gap.
+        """
+        name = self.engine.dialect.name
+        if name == "postgresql":
+            sql = "SELECT now()"
+        elif name in ("mysql", "mariadb"):
+            sql = "SELECT NOW(6)"
+        else:
+            sql = "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"
+        return conn.exec_driver_sql(sql).scalar()
+
+    def stream_slots(self, conn: sa.Connection, snapshot: Snapshot) -> Iterator[SourceSlot]:
+        """Every slot, streamed through a server-side cursor in key order (see ordered_sql).
+
+        Unreadable rows whose key is sound come through as (key, None); skipped rows are
+        recorded on `snapshot`. Memory does not grow with the size of the result.
+        """
+        name = "slots_query"
+        sql = ordered_sql(self.slots_query, self.engine.dialect.name)
+        result = self._execute(conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=True)
+        zone = self.timezone
+        previous: tuple[str, ...] | None = None
+        for raw in self._rows(result, name, None):
+            snapshot.slot_rows_read += 1
+            try:
+                item = rows.slot(raw, zone)
+            except rows.BadRow as exc:
+                snapshot.skipped.append(
+                    SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
+                )
+                try:
+                    key = tuple(rows.to_id(raw.get(c), c) for c in rows.SLOT_KEY_COLUMNS)
+                except rows.BadRow:
+                    continue
+                previous = key
+                yield (key[0], key[1], key[2]), None
+                continue
+            if item.key == previous:
+                snapshot.skipped.append(
+                    SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), "duplicate key")
+                )
+                continue
+            previous = item.key
+            yield item.key, item
+
+    def read_catalog(self, conn: sa.Connection, snapshot: Snapshot) -> None:
+        """Every catalog row, into `snapshot` (catalogs are small: thousands of rows)."""
+        self._read_catalog(conn, snapshot, limit=None)
+
+    def changed_slots(
+        self, conn: sa.Connection, since: Any, snapshot: Snapshot
+    ) -> list[SourceSlot]:
+        """Slots the slots_changed_query returns for `since` (an incremental poll)."""
+        assert self.slots_changed_query is not None
+        name = "slots_changed_query"
+        result = self._execute(
+            conn,
+            name,
+            self.slots_changed_query,
+            rows.SLOT_REQUIRED_COLUMNS,
+            params={"since": since},
+        )
+        collect = _Collector(name, rows.SLOT_KEY_COLUMNS, snapshot.skipped)
+        found: list[SourceSlot] = []
+        zone = self.timezone
+        for raw in self._rows(result, name, None):
+            snapshot.slot_rows_read += 1
+            item = collect.convert(raw, lambda r: rows.slot(r, zone))
+            if item is not None and collect.first_time(raw, item.key):
+                found.append((item.key, item))
+        found.extend(((k[0], k[1], k[2]), None) for k in collect.protected)
+        return found
+
+    def changed_catalog(self, conn: sa.Connection, since: Any, snapshot: Snapshot) -> None:
+        """Catalog rows the catalog_changed_query returns for `since`, into `snapshot`."""
+        assert self.catalog_changed_query is not None
+        self._read_catalog(
+            conn,
+            snapshot,
+            limit=None,
+            sql=self.catalog_changed_query,
+            name="catalog_changed_query",
+            params={"since": since},
+        )
 
     def read(self) -> Snapshot:
         """Run both queries in one transaction and convert every row."""
         snapshot = Snapshot()
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._read_catalog(conn, snapshot, limit=None)
             self._read_slots(conn, snapshot, limit=None)
         return snapshot
@@ -90,14 +226,14 @@ class SourceReader:
     def catalog_keys(self) -> set[CatalogKey]:
         """The (product_id, option_id) pairs of the catalog (the sandbox's view of a sync)."""
         snapshot = Snapshot()
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._read_catalog(conn, snapshot, limit=None)
         return {row.key for row in snapshot.catalog}
 
     def sample(self, limit: int = CHECK_ROW_LIMIT) -> Snapshot:
         """Read the first `limit` rows of each query (for `check`)."""
         snapshot = Snapshot()
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._read_catalog(conn, snapshot, limit=limit)
             self._read_slots(conn, snapshot, limit=limit)
         return snapshot
@@ -110,13 +246,21 @@ class SourceReader:
         required: Sequence[str],
         *,
         stream: bool = False,
+        params: Mapping[str, Any] | None = None,
     ) -> sa.CursorResult[Any]:
         try:
-            # A server-side cursor lets `check` read a few rows of a large result without
-            # the driver fetching all of it first.
-            options = {"stream_results": True} if stream else {}
-            result = conn.execution_options(**options).execute(sa.text(sql))
+            # A server-side cursor reads a large result in batches instead of the driver
+            # fetching all of it first.
+            options: dict[str, Any] = (
+                {"stream_results": True, "yield_per": STREAM_BATCH_ROWS} if stream else {}
+            )
+            result = conn.execution_options(**options).execute(sa.text(sql), dict(params or {}))
         except DBAPIError as exc:
+            if _timed_out(exc):
+                raise QueryError(
+                    f"{name} was cancelled after {self.query_timeout_s:g} s "
+                    "(raise [source] query_timeout, or make the query cheaper)"
+                ) from None
             if exc.connection_invalidated or (
                 isinstance(exc, sa.exc.OperationalError) and not _blames_query(exc)
             ):
@@ -146,14 +290,32 @@ class SourceReader:
                     break
                 yield {str(k).lower(): v for k, v in row.items()}
         except DBAPIError as exc:
+            if _timed_out(exc):
+                raise QueryError(
+                    f"{name} was cancelled after {self.query_timeout_s:g} s "
+                    "(raise [source] query_timeout, or make the query cheaper)"
+                ) from None
             raise SourceUnavailable(f"{name} stopped part-way: {_reason(exc)}") from None
         finally:
             result.close()
 
-    def _read_catalog(self, conn: sa.Connection, snapshot: Snapshot, limit: int | None) -> None:
-        name = "catalog_query"
+    def _read_catalog(
+        self,
+        conn: sa.Connection,
+        snapshot: Snapshot,
+        limit: int | None,
+        *,
+        sql: str | None = None,
+        name: str = "catalog_query",
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
         result = self._execute(
-            conn, name, self.catalog_query, rows.CATALOG_KEY_COLUMNS, stream=limit is not None
+            conn,
+            name,
+            sql or self.catalog_query,
+            rows.CATALOG_KEY_COLUMNS,
+            stream=limit is not None,
+            params=params,
         )
         collect = _Collector(name, rows.CATALOG_KEY_COLUMNS, snapshot.skipped)
         for raw in self._rows(result, name, limit):
@@ -219,6 +381,38 @@ class _Collector:
             return False
         self.seen.add(key)
         return True
+
+
+def ordered_sql(sql: str, dialect: str) -> str:
+    """The slots query wrapped to come back in key order, as Python orders the id strings.
+
+    Each id is compared as text in code-point order (byte order of UTF-8): COLLATE "C" on
+    PostgreSQL, a binary cast on MySQL/MariaDB, SQLite's default BINARY collation. The state
+    store keeps its keys in the same order, so the two streams can be merge-joined.
+    """
+    inner = sql.strip().rstrip(";").strip()
+    if dialect == "postgresql":
+        template = 'CAST(q.{0} AS TEXT) COLLATE "C"'
+    elif dialect in ("mysql", "mariadb"):
+        template = "CAST(q.{0} AS BINARY)"
+    else:
+        template = "CAST(q.{0} AS TEXT)"
+    order = ", ".join(template.format(c) for c in rows.SLOT_KEY_COLUMNS)
+    return f"SELECT * FROM ({inner}) q ORDER BY {order}"  # noqa: S608 - the operator's own query
+
+
+_TIMEOUT_SQLSTATES = frozenset({"57014"})
+"""PostgreSQL query_canceled (statement_timeout)."""
+_TIMEOUT_MYSQL_ERRORS = frozenset({3024, 1969})
+"""MySQL max_execution_time exceeded; MariaDB max_statement_time exceeded."""
+
+
+def _timed_out(exc: DBAPIError) -> bool:
+    original = exc.orig
+    if getattr(original, "sqlstate", None) in _TIMEOUT_SQLSTATES:
+        return True
+    args: tuple[Any, ...] = getattr(original, "args", ())
+    return bool(args) and args[0] in _TIMEOUT_MYSQL_ERRORS
 
 
 def _blames_query(exc: DBAPIError) -> bool:
