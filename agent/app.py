@@ -5,7 +5,10 @@ and the scheduler from a Config, and wires them into the daemon and the one-shot
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +23,13 @@ from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.db import create_engine
 from agent.delivery.client import SeyahaClient
+from agent.delivery.flow import CircuitBreaker, RateLimit
 from agent.delivery.policy import RetryPolicy
 from agent.delivery.worker import Deliverer
 from agent.errors import AgentError, QueryError, SourceUnavailable
 from agent.logs import event
 from agent.metrics import Metrics
+from agent.outbox.lock import StateFileLock
 from agent.outbox.store import OutboxStats, StateStore
 from agent.scan import Scanner, ScanReport
 from agent.source.reader import SourceReader
@@ -41,8 +46,11 @@ OUTBOX_METRICS_EVERY_S = 15.0
 SOURCE_BACKOFF_MAX_S = 60.0
 """Longest pause between two scans while the source keeps failing (seconds)."""
 
-MIN_WAIT_S = 0.05
-"""Shortest pause of the one-shot drain loop between two checks of the outbox."""
+DRAIN_CHECK_S = 0.05
+"""How often a one-shot drain looks at the outbox to see whether it is done (seconds)."""
+
+SCANNER_LEASE_MIN_S = 120.0
+"""Shortest scanner lease on a shared state store: it must outlive a long full scan."""
 
 
 @dataclass(frozen=True)
@@ -98,13 +106,26 @@ class Agent:
                 max_s=s.delivery.backoff_max,
                 max_attempts=s.delivery.max_attempts,
                 retry_after_max_s=s.delivery.retry_after_max,
+                max_age_s=s.delivery.max_age,
             ),
             lease_s=s.delivery.lease,
             batch_size=s.delivery.batch_size,
             probe_interval_s=s.delivery.auth_probe_interval,
+            concurrency=s.delivery.concurrency,
+            rate_limit=RateLimit(s.delivery.rate_limit, burst=s.delivery.concurrency),
+            breaker=CircuitBreaker(
+                threshold=s.delivery.breaker_failures, cooldown_s=s.delivery.breaker_cooldown
+            ),
         )
-        self.wake = threading.Event()
-        """Set when the outbox has new work: wakes the delivery loop."""
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """Names this process in the scanner lease of a shared state store."""
+        self._lock = (
+            StateFileLock(Path(self.store.engine.url.database or ""))
+            if self.store.backend == "sqlite"
+            and self.store.engine.url.database not in (None, "", ":memory:")
+            else None
+        )
+        self._not_scanner_logged = False
         self.poll_wake = threading.Event()
         """Set by a wake-up (LISTEN/NOTIFY, file watch): wakes the poll loop."""
         self.scan_lock = threading.Lock()
@@ -112,13 +133,37 @@ class Agent:
         self._source_down: str | None = None
         self._failures = 0
 
-    def open(self) -> None:
+    def open(self, *, exclusive: bool = True) -> None:
+        """Open the state store; `exclusive` refuses to share a SQLite state file."""
+        if exclusive and self._lock is not None:
+            self._lock.acquire()
         self.store.open()
 
     def close(self) -> None:
         self.client.close()
         self.store.close()
         self.reader.engine.dispose()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _scanner_turn(self) -> bool:
+        """On a shared (non-SQLite) store, only the holder of the scanner lease scans."""
+        if self.store.backend == "sqlite":
+            return True
+        lease = max(SCANNER_LEASE_MIN_S, 3 * self.config.settings.source.poll_interval)
+        if self.store.hold_scanner(self.identity, self.clock.now(), lease):
+            self._not_scanner_logged = False
+            return True
+        if not self._not_scanner_logged:
+            event(
+                log,
+                logging.INFO,
+                "scan.standby",
+                "another agent holds the scanner lease on this state store; this one delivers "
+                "and takes over scanning if the other stops",
+            )
+            self._not_scanner_logged = True
+        return False
 
     # -- scanning -----------------------------------------------------------------------
 
@@ -129,20 +174,32 @@ class Agent:
         self._after(report)
         return report
 
-    def poll(self) -> ScanReport:
-        """An incremental poll where a change query is configured, else a full scan."""
+    def poll(self) -> ScanReport | None:
+        """An incremental poll where a change query is configured, else a full scan.
+        None when another agent holds the scanner lease."""
         with self.scan_lock:
+            if not self._scanner_turn():
+                return None
             report = self.scanner.poll()
+        self._after(report)
+        return report
+
+    def full_scan(self) -> ScanReport | None:
+        """The scheduled reconciliation, by the scanner-lease holder only."""
+        with self.scan_lock:
+            if not self._scanner_turn():
+                return None
+            report = self.scanner.scan()
         self._after(report)
         return report
 
     def _after(self, report: ScanReport) -> None:
         if report.enqueued:
-            self.wake.set()
+            self.deliverer.poke()
         self.refresh_outbox_metrics()
 
     def full_scan_job(self) -> None:
-        self.guarded(self.scan)
+        self.guarded(self.full_scan)
 
     def guarded(self, work: Callable[[], object]) -> bool:
         """Run a scan, reporting failures and keeping the daemon alive; True on success."""
@@ -258,7 +315,10 @@ class Agent:
         threads = [
             threading.Thread(target=self.poll_loop, args=(stop,), name="poll", daemon=True),
             threading.Thread(
-                target=self.deliverer.run, args=(stop, self.wake), name="delivery", daemon=True
+                target=self.deliverer.run,
+                args=(stop, self.config.settings.delivery.shutdown_grace),
+                name="delivery",
+                daemon=True,
             ),
         ]
         wakeup = self.wakeup()
@@ -289,7 +349,7 @@ class Agent:
         finally:
             event(log, logging.INFO, "agent.stopping", "stopping: finishing in-flight work")
             self.poll_wake.set()
-            self.wake.set()
+            self.deliverer.poke()
             scheduler.shutdown(wait=True)
             for thread in threads:
                 thread.join(SHUTDOWN_GRACE_S)
@@ -305,23 +365,34 @@ class Agent:
     # -- one-shot -----------------------------------------------------------------------
 
     def drain(self, timeout_s: float, stop: threading.Event | None = None) -> DrainResult:
-        """Deliver until the outbox has nothing waiting, delivery pauses, or time runs out."""
+        """Deliver with the configured workers until the outbox has nothing waiting, delivery
+        pauses, or `timeout_s` passes."""
         stop = stop or threading.Event()
+        workers_stop = threading.Event()
+        workers = [
+            threading.Thread(target=self.deliverer.work, args=(workers_stop,), daemon=True)
+            for _ in range(self.config.settings.delivery.concurrency)
+        ]
+        for worker in workers:
+            worker.start()
         deadline = self.clock.monotonic() + timeout_s
-        while not stop.is_set():
-            attempted = self.deliverer.step()
-            stats = self.store.stats()
-            if stats.pending == 0:
-                return DrainResult(stats, False, None)
-            if self.deliverer.pause is not None:
-                return DrainResult(stats, False, self.deliverer.pause.reason)
-            remaining = deadline - self.clock.monotonic()
-            if remaining <= 0:
-                return DrainResult(stats, True, None)
-            if attempted == 0:
-                due = self.store.next_due()
-                wait = MIN_WAIT_S
-                if due is not None:
-                    wait = max(MIN_WAIT_S, (due - self.clock.now()).total_seconds())
-                stop.wait(min(wait, remaining))
-        return DrainResult(self.store.stats(), True, None)
+        timed_out, paused = True, None
+        try:
+            while not stop.is_set():
+                stats = self.store.stats()
+                if stats.pending == 0:
+                    timed_out = False
+                    break
+                if self.deliverer.pause is not None:
+                    timed_out, paused = False, self.deliverer.pause.reason
+                    break
+                remaining = deadline - self.clock.monotonic()
+                if remaining <= 0:
+                    break
+                stop.wait(min(DRAIN_CHECK_S, remaining))
+        finally:
+            workers_stop.set()
+            self.deliverer.poke()
+            for worker in workers:
+                worker.join(self.config.settings.delivery.shutdown_grace)
+        return DrainResult(self.store.stats(), timed_out, paused)

@@ -120,7 +120,7 @@ class SourceSettings(_Section):
     def _zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError(
                 f"unknown time zone {value!r} (use an IANA name such as Europe/Istanbul)"
             ) from exc
@@ -161,6 +161,20 @@ class DeliverySettings(_Section):
     )
     lease: float = Field(60.0, gt=0, description="seconds a claimed message stays reserved")
     batch_size: int = Field(50, ge=1, le=10_000)
+    concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
+    rate_limit: float = Field(50.0, ge=0, description="requests per second at most (0: no limit)")
+    breaker_failures: int = Field(
+        5, ge=1, description="failures in a row that open the circuit breaker"
+    )
+    breaker_cooldown: float = Field(
+        30.0, gt=0, description="seconds the breaker stays open before one probe"
+    )
+    max_age: float = Field(
+        86400.0, gt=0, description="seconds a failing message is retried before it is dead"
+    )
+    shutdown_grace: float = Field(
+        20.0, ge=0, description="seconds in-flight calls may take to finish at shutdown"
+    )
 
     @model_validator(mode="after")
     def _lease_outlives_request(self) -> DeliverySettings:

@@ -107,6 +107,12 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.breaker_open = Gauge(
+            "circuit_breaker_open",
+            "1 while the circuit breaker holds calls back after repeated failures.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.outbox = Gauge(
             "outbox_messages",
             "Messages in the outbox, by state.",

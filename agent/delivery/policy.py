@@ -41,6 +41,7 @@ class RetryPolicy:
     max_s: float = 300.0
     max_attempts: int = 20
     retry_after_max_s: float = 3600.0
+    max_age_s: float = 86400.0
 
 
 RETRY_STATUSES = frozenset({408, 425, 429})
@@ -163,14 +164,15 @@ def backoff_s(failures: int, policy: RetryPolicy, rand: float) -> float:
 
 
 def retry_delay_s(
-    failures: int, outcome: Outcome, policy: RetryPolicy, rand: float
+    failures: int, outcome: Outcome, policy: RetryPolicy, rand: float, age_s: float = 0.0
 ) -> float | None:
     """Seconds until the next attempt, or None when the message should be dead-lettered.
 
-    `failures` counts failed attempts so far, this one included. Retry-After is honoured up
-    to `retry_after_max_s`; without it the backoff applies.
+    `failures` counts failed attempts so far, this one included; `age_s` is how long the
+    message has waited since it was queued. Either budget spent means a dead letter.
+    Retry-After is honoured up to `retry_after_max_s`; without it the backoff applies.
     """
-    if failures >= policy.max_attempts:
+    if failures >= policy.max_attempts or age_s >= policy.max_age_s:
         return None
     if outcome.retry_after_s is not None:
         return min(outcome.retry_after_s, policy.retry_after_max_s)

@@ -1,9 +1,13 @@
 """The delivery loop: claim due messages from the outbox, send them, record what happened.
 
-One worker per process sends messages one at a time in outbox order, which keeps the trigger
-ahead of the notifies that depend on it and never has two calls in flight for one slot.
-While Seyaha refuses the secret (401/403) or does not know the integration (404), delivery
-pauses: nothing is dropped, and one message is retried every `probe_interval_s` as a probe.
+`concurrency` workers share one HTTP client, one rate limit and one circuit breaker. Order
+is kept by the outbox itself: a claim never takes a notify while an older trigger waits, nor
+a message while an older one for the same slot is in flight.
+
+While Seyaha refuses the secret (401/403), does not know the integration (404) or redirects,
+delivery pauses: nothing is dropped, and one message is retried every `probe_interval_s` as a
+probe. After `breaker.threshold` retryable failures in a row the circuit breaker opens and only
+one probe goes out per cooldown, so a dead Seyaha is probed, not hammered.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from datetime import datetime, timedelta
 
 from agent.clock import Clock
 from agent.delivery.client import Response, SeyahaClient
+from agent.delivery.flow import BreakerState, CircuitBreaker, RateLimit
 from agent.delivery.policy import Outcome, RetryPolicy, Verdict, classify, retry_delay_s
 from agent.logs import event
 from agent.metrics import Metrics
@@ -27,7 +32,10 @@ from agent.outbox.store import StateStore
 log = logging.getLogger("agent.delivery")
 
 IDLE_WAIT_S = 1.0
-"""Longest sleep when nothing is due: a scan's wake-up usually comes sooner."""
+"""Longest sleep when nothing is due: a scan that queues work wakes the workers sooner."""
+
+LAST_DELIVERY_EVERY_S = 1.0
+"""The last-delivery time is written to the store at most this often (seconds)."""
 
 
 @dataclass
@@ -43,10 +51,16 @@ class Tally:
 
     counts: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += amount
 
     def note_problem(self, reason: str) -> None:
-        if reason not in self.problems:
-            self.problems.append(reason)
+        with self._lock:
+            if reason not in self.problems:
+                self.problems.append(reason)
 
 
 class Deliverer:
@@ -61,6 +75,9 @@ class Deliverer:
         lease_s: float,
         batch_size: int,
         probe_interval_s: float,
+        concurrency: int = 1,
+        rate_limit: RateLimit | None = None,
+        breaker: CircuitBreaker | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
@@ -71,46 +88,92 @@ class Deliverer:
         self.lease_s = lease_s
         self.batch_size = batch_size
         self.probe_interval_s = probe_interval_s
+        self.concurrency = concurrency
+        self.rate_limit = rate_limit or RateLimit(0)
+        self.breaker = breaker or CircuitBreaker()
         self.rand = rand
         self.pause: Pause | None = None
         self.tally = Tally()
+        self._lock = threading.Lock()
+        self._work = threading.Condition()
+        self._generation = 0
+        self._last_delivery_written = 0.0
+
+    # -- wake-ups -----------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """New work was queued: wake idle workers now."""
+        with self._work:
+            self._generation += 1
+            self._work.notify_all()
+
+    def _idle(self, seen: int, stop: threading.Event) -> None:
+        with self._work:
+            if self._generation == seen and not stop.is_set():
+                self._work.wait(IDLE_WAIT_S)
+
+    # -- pause --------------------------------------------------------------------------
 
     def resume(self) -> None:
         """Lift a pause at once (the secret or integration id was changed)."""
-        if self.pause is not None:
-            event(log, logging.INFO, "delivery.resumed", "delivery resumed")
-        self.pause = None
+        with self._lock:
+            was = self.pause
+            self.pause = None
         self.metrics.paused.set(0)
+        if was is not None:
+            self.store.set_status("pause", None)
+            event(log, logging.INFO, "delivery.resumed", "delivery resumed")
 
-    def step(self) -> int:
-        """Claim and process one batch; returns how many messages were attempted."""
-        now = self.clock.now()
-        limit = self.batch_size
-        if self.pause is not None:
+    def _may_send(self, now: datetime) -> tuple[bool, int]:
+        """Whether this worker may claim now, and how many messages at most."""
+        with self._lock:
+            if self.pause is None:
+                return True, self.batch_size
             if now < self.pause.probe_at:
-                return 0
-            limit = 1  # a probe: one message tells whether Seyaha accepts us again
+                return False, 0
+            # One probe: push the next probe time forward so no other worker probes too.
+            self.pause.probe_at = now + timedelta(seconds=self.probe_interval_s)
+            return True, 1
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def step(self, stop: threading.Event | None = None) -> int:
+        """Claim and process one batch; returns how many messages were attempted."""
+        stop = stop or threading.Event()
+        now = self.clock.now()
+        allowed, limit = self._may_send(now)
+        if not allowed or self.breaker.wait_s(self.clock.monotonic()) > 0:
+            return 0
         attempted = 0
-        for message in self.store.claim(now, limit=limit, lease_s=self.lease_s):
-            if self.pause is not None and attempted > 0:
-                self.store.retry_later(
-                    message,
-                    at=self.clock.now(),
-                    error=self.pause.reason,
-                    status=None,
-                    count_attempt=False,
-                )
-                continue
+        claimed = self.store.claim(now, limit=limit, lease_s=self.lease_s)
+        for index, message in enumerate(claimed):
+            if (
+                stop.is_set()
+                or (self.pause is not None and attempted > 0)
+                or not self.breaker.allow(self.clock.monotonic())
+            ):
+                self._release(claimed[index:])
+                break
+            wait = self.rate_limit.reserve(self.clock.monotonic())
+            if wait > 0 and stop.wait(wait):
+                self._release(claimed[index:])
+                break
             self.process(message)
             attempted += 1
         return attempted
+
+    def _release(self, messages: list[OutboxMessage]) -> None:
+        """Give claimed but unsent messages back at once, without counting an attempt."""
+        now = self.clock.now()
+        for message in messages:
+            self.store.release(message, at=now)
 
     def process(self, message: OutboxMessage) -> Outcome:
         now = self.clock.now()
         if message.kind == "notify" and message.slot_start is not None and message.slot_start < now:
             self.store.discard(message)
             self.metrics.expired.inc()
-            self.tally.counts["expired"] += 1
+            self.tally.add("expired")
             event(
                 log,
                 logging.INFO,
@@ -149,65 +212,116 @@ class Deliverer:
         now = self.clock.now()
         verdict = outcome.verdict
         if verdict in (Verdict.DELIVERED, Verdict.NOT_UPDATED):
-            self.store.complete(message)
-            self.metrics.last_delivery.set(now.timestamp())
-            self.tally.counts[f"{message.kind}_sent"] += 1
-            if self.pause is not None:
-                self.resume()
-            if verdict is Verdict.NOT_UPDATED:
-                self.metrics.not_updated.inc()
-                self.tally.counts["not_updated"] += 1
-                event(log, logging.WARNING, "notify.not_updated", outcome.reason, **fields)
-            else:
-                name = "trigger.sent" if message.kind == "trigger" else "notify.sent"
-                event(log, logging.INFO, name, f"{message.kind} delivered", **fields)
-            return
-        if verdict is Verdict.PAUSE:
-            self.tally.note_problem(outcome.reason)
-            self.store.retry_later(
-                message,
-                at=now,
-                error=outcome.reason,
-                status=response.status,
-                count_attempt=False,
-            )
+            self._delivered(message, verdict, outcome, fields, now)
+        elif verdict is Verdict.PAUSE:
+            self._paused(message, response, outcome, fields, now)
+        elif verdict is Verdict.REJECTED:
+            self.breaker.neutral()
+            self._dead(message, outcome.reason, response.status, fields, "delivery.rejected")
+        else:
+            self._retry(message, response, outcome, fields, now)
+
+    def _delivered(
+        self,
+        message: OutboxMessage,
+        verdict: Verdict,
+        outcome: Outcome,
+        fields: dict[str, object],
+        now: datetime,
+    ) -> None:
+        self.store.complete(message)
+        self.metrics.last_delivery.set(now.timestamp())
+        self.tally.add(f"{message.kind}_sent")
+        if self.breaker.success():
+            self._breaker_changed()
+        if self.pause is not None:
+            self.resume()
+        mono = self.clock.monotonic()
+        if mono - self._last_delivery_written >= LAST_DELIVERY_EVERY_S:
+            self._last_delivery_written = mono
+            self.store.set_status("last_delivery", now.isoformat())
+        if verdict is Verdict.NOT_UPDATED:
+            self.metrics.not_updated.inc()
+            self.tally.add("not_updated")
+            event(log, logging.WARNING, "notify.not_updated", outcome.reason, **fields)
+        else:
+            name = "trigger.sent" if message.kind == "trigger" else "notify.sent"
+            event(log, logging.INFO, name, f"{message.kind} delivered", **fields)
+
+    def _paused(
+        self,
+        message: OutboxMessage,
+        response: Response,
+        outcome: Outcome,
+        fields: dict[str, object],
+        now: datetime,
+    ) -> None:
+        self.tally.note_problem(outcome.reason)
+        self.breaker.neutral()
+        self.store.retry_later(
+            message, at=now, error=outcome.reason, status=response.status, count_attempt=False
+        )
+        with self._lock:
             first = self.pause is None
             self.pause = Pause(
                 outcome.reason,
                 since=self.pause.since if self.pause else now,
                 probe_at=now + timedelta(seconds=self.probe_interval_s),
             )
-            self.metrics.paused.set(1)
+        self.metrics.paused.set(1)
+        if first:
+            self.store.set_status("pause", f"{now.isoformat()} {outcome.reason}")
             event(
                 log,
                 logging.ERROR,
                 "delivery.paused",
                 f"{outcome.reason}; delivery paused, nothing is lost, probing every "
-                f"{self.probe_interval_s:g} s"
-                if first
-                else f"still refused: {outcome.reason}",
+                f"{self.probe_interval_s:g} s",
                 **fields,
             )
-            return
-        if verdict is Verdict.REJECTED:
-            self.tally.note_problem(outcome.reason)
-            self.tally.counts["dead"] += 1
-            self.store.dead_letter(message, error=outcome.reason, status=response.status)
-            self.metrics.dead_letters.inc()
-            event(log, logging.ERROR, "delivery.rejected", outcome.reason, **fields)
-            return
+        else:
+            event(
+                log, logging.ERROR, "delivery.paused", f"still refused: {outcome.reason}", **fields
+            )
+
+    def _dead(
+        self,
+        message: OutboxMessage,
+        reason: str,
+        status: int | None,
+        fields: dict[str, object],
+        name: str,
+    ) -> None:
+        self.tally.note_problem(reason)
+        self.tally.add("dead")
+        self.store.dead_letter(message, error=reason, status=status, at=self.clock.now())
+        self.metrics.dead_letters.inc()
+        event(log, logging.ERROR, name, reason, **fields)
+
+    def _retry(
+        self,
+        message: OutboxMessage,
+        response: Response,
+        outcome: Outcome,
+        fields: dict[str, object],
+        now: datetime,
+    ) -> None:
+        if self.breaker.failure(self.clock.monotonic()):
+            self._breaker_changed()
         failures = message.attempts + 1
-        delay = retry_delay_s(failures, outcome, self.policy, self.rand())
+        age = (now - message.created_at).total_seconds()
+        delay = retry_delay_s(failures, outcome, self.policy, self.rand(), age)
         if delay is None:
-            reason = f"gave up after {failures} attempts; last: {outcome.reason}"
-            self.tally.note_problem(reason)
-            self.tally.counts["dead"] += 1
-            self.store.dead_letter(message, error=reason, status=response.status)
-            self.metrics.dead_letters.inc()
-            event(log, logging.ERROR, "delivery.dead_letter", reason, **fields)
+            budget = (
+                f"{failures} attempts"
+                if failures >= self.policy.max_attempts
+                else f"{age / 3600:.1f} h"
+            )
+            reason = f"gave up after {budget}; last: {outcome.reason}"
+            self._dead(message, reason, response.status, fields, "delivery.dead_letter")
             return
         self.tally.note_problem(outcome.reason)
-        self.tally.counts["retried"] += 1
+        self.tally.add("retried")
         self.metrics.retries.inc()
         self.store.retry_later(
             message,
@@ -223,20 +337,51 @@ class Deliverer:
             **fields,
         )
 
-    def run(self, stop: threading.Event, wake: threading.Event) -> None:
-        """Deliver until `stop` is set; `wake` cuts an idle wait short (a scan enqueued work)."""
+    def _breaker_changed(self) -> None:
+        state = self.breaker.state
+        self.metrics.breaker_open.set(0 if state is BreakerState.CLOSED else 1)
+        self.store.set_status("breaker", state.value)
+        if state is BreakerState.CLOSED:
+            event(log, logging.INFO, "breaker.closed", "Seyaha answers again; circuit closed")
+        else:
+            event(
+                log,
+                logging.ERROR,
+                "breaker.open",
+                f"{self.breaker.threshold} failures in a row: circuit open, one probe every "
+                f"{self.breaker.current_cooldown_s:g} s until Seyaha answers",
+            )
+
+    # -- the loops ----------------------------------------------------------------------
+
+    def work(self, stop: threading.Event) -> None:
+        """One worker: deliver until `stop` is set."""
         while not stop.is_set():
+            seen = self._generation
             try:
-                attempted = self.step()
+                attempted = self.step(stop)
             except Exception:
                 log.exception(
                     "delivery step failed; retrying shortly", extra={"event": "delivery.error"}
                 )
                 attempted = 0
-                stop.wait(IDLE_WAIT_S)
             if attempted == 0:
-                wake.wait(IDLE_WAIT_S)
-                wake.clear()
+                self._idle(seen, stop)
+
+    def run(self, stop: threading.Event, grace_s: float = 30.0) -> None:
+        """Run `concurrency` workers until `stop` is set; then let in-flight calls finish
+        (at most `grace_s`), unsent claims having been given back."""
+        workers = [
+            threading.Thread(target=self.work, args=(stop,), name=f"delivery-{n}", daemon=True)
+            for n in range(self.concurrency)
+        ]
+        for worker in workers:
+            worker.start()
+        stop.wait()
+        self.poke()
+        deadline = self.clock.monotonic() + grace_s
+        for worker in workers:
+            worker.join(max(0.0, deadline - self.clock.monotonic()))
 
 
 def _slot_fields(message: OutboxMessage) -> dict[str, object]:

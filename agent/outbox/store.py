@@ -43,6 +43,7 @@ from agent.rows import slot_fingerprint
 
 _META_BASELINE = "baseline_ms"
 _META_CURSOR = "cursor:"
+_META_STATUS = "status:"
 
 STREAM_BATCH_ROWS = 5000
 """Stored slots fetched per round trip by iter_slots."""
@@ -394,6 +395,10 @@ class StateStore:
             .order_by(o.id)
             .limit(limit)
         )
+        if self.backend in ("postgresql", "mysql", "mariadb"):
+            # Several agents on one store: each skips the rows another is claiming instead of
+            # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
+            candidates = candidates.with_for_update(skip_locked=True, of=t.outbox)
         newer_same = t.outbox.alias("newer_same")
         claimed: list[OutboxMessage] = []
         with self._write() as conn:
@@ -481,7 +486,9 @@ class StateStore:
                 ).rowcount
             )
 
-    def dead_letter(self, message: OutboxMessage, *, error: str, status: int | None) -> bool:
+    def dead_letter(
+        self, message: OutboxMessage, *, error: str, status: int | None, at: datetime
+    ) -> bool:
         """Give up on the message but keep it, with the reason, for an operator to see."""
         o = t.outbox.c
         with self._write() as conn:
@@ -491,6 +498,7 @@ class StateStore:
                     .where(self._held(message))
                     .values(
                         state=t.DEAD,
+                        updated_ms=to_epoch_ms(at),
                         attempts=o.attempts + 1,
                         last_error=error,
                         last_status=status,
@@ -499,6 +507,88 @@ class StateStore:
                     )
                 ).rowcount
             )
+
+    def release(self, message: OutboxMessage, *, at: datetime) -> bool:
+        """Give back a claimed message that was not sent (shutdown, pause, open breaker)."""
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    sa.update(t.outbox)
+                    .where(self._held(message))
+                    .values(available_ms=to_epoch_ms(at), lease_token=None, leased_until_ms=None)
+                ).rowcount
+            )
+
+    # -- status shared between processes -----------------------------------------------
+
+    def set_status(self, name: str, value: str | None) -> None:
+        """Record a delivery status (pause, breaker, last delivery) for `outbox status`."""
+        with self._write() as conn:
+            conn.execute(sa.delete(t.meta).where(t.meta.c.key == _META_STATUS + name))
+            if value is not None:
+                conn.execute(sa.insert(t.meta).values(key=_META_STATUS + name, value=value))
+
+    def status(self) -> dict[str, str]:
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(t.meta.c.key, t.meta.c.value).where(t.meta.c.key.startswith(_META_STATUS))
+            )
+            return {key.removeprefix(_META_STATUS): value for key, value in rows}
+
+    def hold_scanner(self, owner: str, now: datetime, lease_s: float) -> bool:
+        """Take or renew the scanner lease: one agent scans at a time on a shared store.
+
+        The lease is a row in the meta table, so it works the same on every backend; a holder
+        that dies is replaced once its lease has run out.
+        """
+        key = _META_STATUS + "scanner"
+        now_ms = to_epoch_ms(now)
+        mine = f"{owner} {now_ms + int(lease_s * 1000)}"
+        with self._write() as conn:
+            current = conn.execute(
+                sa.select(t.meta.c.value).where(t.meta.c.key == key).with_for_update()
+            ).scalar()
+            if current is not None:
+                holder, _, until = current.rpartition(" ")
+                if holder != owner and int(until) > now_ms:
+                    return False
+                conn.execute(sa.update(t.meta).where(t.meta.c.key == key).values(value=mine))
+            else:
+                conn.execute(sa.insert(t.meta).values(key=key, value=mine))
+        return True
+
+    # -- operator commands --------------------------------------------------------------
+
+    def retry_dead(self, now: datetime, *, ids: Sequence[int] = (), kind: str | None = None) -> int:
+        """Put dead letters back in the queue (all, or those with `ids`, or of one `kind`)."""
+        o = t.outbox.c
+        query = sa.update(t.outbox).where(o.state == t.DEAD)
+        if ids:
+            query = query.where(o.id.in_(list(ids)))
+        if kind is not None:
+            query = query.where(o.kind == kind)
+        now_ms = to_epoch_ms(now)
+        with self._write() as conn:
+            return int(
+                conn.execute(
+                    query.values(
+                        state=t.PENDING,
+                        attempts=0,
+                        available_ms=now_ms,
+                        created_ms=now_ms,
+                        updated_ms=now_ms,
+                    )
+                ).rowcount
+            )
+
+    def purge_dead(self, *, older_than: datetime | None = None) -> int:
+        """Delete dead letters (only those last touched before `older_than`, if given)."""
+        o = t.outbox.c
+        query = sa.delete(t.outbox).where(o.state == t.DEAD)
+        if older_than is not None:
+            query = query.where(o.updated_ms < to_epoch_ms(older_than))
+        with self._write() as conn:
+            return int(conn.execute(query).rowcount)
 
     def discard(self, message: OutboxMessage) -> bool:
         """Drop a message that no longer needs sending (its slot has already started)."""

@@ -95,12 +95,14 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
     Agent built from a TOML file written to tmp_path, closed at the end of the test."""
     made: list[Agent] = []
 
-    def make(name: str, **settings: Any) -> Agent:
+    def make(name: str, *, exclusive: bool = False, **settings: Any) -> Agent:
+        # Not exclusive by default: scenarios stand for a restart by opening a second agent
+        # on the same SQLite state while the first is still open in this process.
         settings.setdefault("integration_id", INTEGRATION_ID)
         settings.setdefault("secret", SECRET)
         agent = Agent(load_config(write_config(tmp_path, name=name, **settings)))
         made.append(agent)
-        agent.open()
+        agent.open(exclusive=exclusive)
         return agent
 
     yield make

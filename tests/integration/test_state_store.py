@@ -293,7 +293,7 @@ def test_an_expired_lease_frees_the_message_and_the_first_holder_loses_it(
     assert second.lease_token != first.lease_token
     assert not store.complete(first)
     assert not store.retry_later(first, at=later(100), error="late", status=None)
-    assert not store.dead_letter(first, error="late", status=None)
+    assert not store.dead_letter(first, error="late", status=None, at=T0)
     (entry,) = store.entries()
     assert (entry.state, entry.attempts, entry.last_error) == ("pending", 0, None)
     assert store.complete(second)
@@ -330,7 +330,7 @@ def test_dead_letter_keeps_the_message_with_its_error(store: StateStore) -> None
     enqueue(store, notify(1, vacancies=4))
     (message,) = claim(store)
 
-    assert store.dead_letter(message, error="422 from Seyaha: bad slot", status=422)
+    assert store.dead_letter(message, error="422 from Seyaha: bad slot", status=422, at=T0)
 
     assert claim(store, later(86_400)) == []
     assert store.next_due() is None
