@@ -56,6 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="install or uninstall applies the SQL; show prints it and what is installed",
     )
 
+    outbox = with_config("outbox", "look at and repair the outbox: status, list, retry, purge")
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("status", help="backlog, oldest message, last delivery, breaker, pause")
+    listing = actions.add_parser("list", help="messages with their state, age and last error")
+    listing.add_argument(
+        "--state", choices=("pending", "dead", "all"), default="all", help="which messages"
+    )
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    retry = actions.add_parser("retry", help="put dead letters back in the queue")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, nargs="+", dest="ids", help="these message ids")
+    which.add_argument("--all-dead", action="store_true", help="every dead letter")
+    which.add_argument("--kind", choices=("trigger", "notify"), help="dead letters of one kind")
+    purge = actions.add_parser("purge", help="delete dead letters")
+    purge.add_argument("--dead", action="store_true", required=True, help="dead letters")
+    purge.add_argument(
+        "--older-than", metavar="AGE", help="only those dead for longer, e.g. 7d, 12h, 30m"
+    )
+
     sandbox = commands.add_parser(
         "sandbox",
         help="run a local Seyaha-compatible receiver",
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.once(args.config, timeout_s=args.timeout, resync=True)
         if args.command == "check":
             return commands.check(args.config)
+        if args.command == "outbox":
+            return commands.outbox(args.config, args)
         if args.command == "triggers":
             return commands.triggers(args.config, args.action)
         if args.command == "sandbox":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import sys
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -14,6 +16,7 @@ from typing import TextIO
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.app import Agent, DrainResult
+from agent.clock import SystemClock
 from agent.config import (
     SECRET_ENV,
     Config,
@@ -198,6 +201,114 @@ def check(path: Path, out: TextIO | None = None) -> int:
         store.close()
     print("all checks passed" if problems == 0 else f"{problems} problem(s) found", file=out)
     return 0 if problems == 0 else 1
+
+
+def parse_age(text: str) -> timedelta:
+    """'7d', '12h', '30m', '45s' or plain seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    value = text.strip().lower()
+    factor = units.get(value[-1:])
+    number = value[:-1] if factor is not None else value
+    try:
+        seconds = float(number) * (factor or 1)
+    except ValueError:
+        raise ConfigError(
+            [f"--older-than: {text!r} is not an age like 7d, 12h, 30m or 45s"]
+        ) from None
+    return timedelta(seconds=seconds)
+
+
+def _age(delta: timedelta) -> str:
+    seconds = int(max(0.0, delta.total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 172800:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+PAUSING_STATUSES = frozenset({301, 302, 303, 307, 308, 401, 403, 404})
+"""Answers that pause delivery: a message last refused with one of them is shown as paused."""
+
+
+def outbox(path: Path, args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Operator commands on the outbox; safe while the daemon runs."""
+    out = out or sys.stdout
+    settings = load_settings(path)
+    store = StateStore.from_url(settings.state.url)
+    clock = SystemClock()
+    try:
+        store.open()
+        now = clock.now()
+        if args.action == "status":
+            _outbox_status(store, now, out)
+        elif args.action == "list":
+            _outbox_list(
+                store, now, out, state=None if args.state == "all" else args.state, limit=args.limit
+            )
+        elif args.action == "retry":
+            count = store.retry_dead(now, ids=args.ids or (), kind=args.kind)
+            print(f"{count} dead letter(s) queued again", file=out)
+        elif args.action == "purge":
+            cutoff = None if args.older_than is None else now - parse_age(args.older_than)
+            count = store.purge_dead(older_than=cutoff)
+            print(f"{count} dead letter(s) deleted", file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def _outbox_status(store: StateStore, now: datetime, out: TextIO) -> None:
+    stats = store.stats()
+    status = store.status()
+    print(
+        f"backlog          {stats.pending} waiting ({stats.in_flight} in flight), {stats.dead} dead",
+        file=out,
+    )
+    if stats.oldest_pending is not None:
+        print(f"oldest waiting   {_age(now - stats.oldest_pending)}", file=out)
+    last = status.get("last_delivery")
+    if last:
+        print(f"last delivery    {last} ({_age(now - datetime.fromisoformat(last))} ago)", file=out)
+    else:
+        print("last delivery    never", file=out)
+    print(f"circuit breaker  {status.get('breaker', 'closed')}", file=out)
+    pause = status.get("pause")
+    if pause:
+        since, _, reason = pause.partition(" ")
+        print(f"delivery         PAUSED since {since}: {reason}", file=out)
+    else:
+        print("delivery         running", file=out)
+
+
+def _outbox_list(
+    store: StateStore, now: datetime, out: TextIO, *, state: str | None, limit: int
+) -> None:
+    entries = store.entries(state=state, limit=limit)
+    if not entries:
+        print("the outbox is empty" if state is None else f"no {state} messages", file=out)
+        return
+    print(
+        f"{'id':>8}  {'state':<8} {'kind':<7} {'age':>8} {'tries':>5}  what / last error", file=out
+    )
+    for e in entries:
+        shown = e.state
+        if e.state == "pending" and e.last_status in PAUSING_STATUSES:
+            shown = "paused"
+        what = "sync/trigger"
+        if e.payload is not None:
+            what = (
+                f"{e.payload.get('productId')}/{e.payload.get('optionId')}/"
+                f"{e.payload.get('availabilityId')} {e.payload.get('status')}"
+            )
+        print(
+            f"{e.id:>8}  {shown:<8} {e.kind:<7} {_age(now - e.created_at):>8} {e.attempts:>5}  {what}",
+            file=out,
+        )
+        if e.last_error:
+            print(f"{'':>8}  {e.last_error}", file=out)
 
 
 def triggers(path: Path, action: str, out: TextIO | None = None) -> int:

@@ -213,3 +213,14 @@ def test_a_redirect_pauses_delivery_and_points_at_base_url(status: int) -> None:
     assert outcome.verdict is Verdict.PAUSE
     assert "redirected to https://api.seyaha.net/api/v1/x" in outcome.reason
     assert "seyaha.base_url" in outcome.reason
+
+
+@pytest.mark.parametrize(
+    ("age_s", "expected"),
+    [(0.0, 2.0), (86399.0, 2.0), (86400.0, None), (90000.0, None)],
+)
+def test_a_message_older_than_its_age_budget_is_dead_lettered(
+    age_s: float, expected: float | None
+) -> None:
+    outcome = Outcome(Verdict.RETRY, "503", 503, retry_after_s=2.0)
+    assert retry_delay_s(1, outcome, RetryPolicy(max_age_s=86400.0), 0.5, age_s) == expected
