@@ -17,8 +17,9 @@ import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CollectorRegistry
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from agent import systemd
 from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.db import create_engine
@@ -49,6 +50,12 @@ SOURCE_BACKOFF_MAX_S = 60.0
 DRAIN_CHECK_S = 0.05
 """How often a one-shot drain looks at the outbox to see whether it is done (seconds)."""
 
+READY_MIN_STALE_S = 60.0
+"""/readyz fails when no scan succeeded for 3 poll intervals, and never sooner than this."""
+
+SCAN_GRACE_S = 300.0
+"""A scan may keep the poll loop busy this long before the watchdog stops vouching for it."""
+
 SCANNER_LEASE_MIN_S = 120.0
 """Shortest scanner lease on a shared state store: it must outlive a long full scan."""
 
@@ -69,12 +76,13 @@ class Agent:
         *,
         clock: Clock | None = None,
         registry: CollectorRegistry | None = None,
+        metrics: Metrics | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         s = config.settings
         self.config = config
         self.clock: Clock = clock or SystemClock()
-        self.metrics = Metrics(registry or CollectorRegistry())
+        self.metrics = metrics or Metrics(registry or CollectorRegistry())
         self.reader = SourceReader(
             create_engine(s.source.url, role="source"),
             catalog_query=s.source.catalog_query,
@@ -132,6 +140,10 @@ class Agent:
         """One scan at a time: full scans and polls both write fingerprints."""
         self._source_down: str | None = None
         self._failures = 0
+        self._last_scan_ok: float | None = None
+        """Monotonic time of the last successful poll or scan (or standby turn)."""
+        self.heartbeat = self.clock.monotonic()
+        """Monotonic time the poll loop last went round: the systemd watchdog feeds on it."""
 
     def open(self, *, exclusive: bool = True) -> None:
         """Open the state store; `exclusive` refuses to share a SQLite state file."""
@@ -247,6 +259,7 @@ class Agent:
             event(log, logging.INFO, "source.recovered", "source database reachable again")
             self._source_down = None
         self._failures = 0
+        self._last_scan_ok = self.clock.monotonic()
         return True
 
     def scan_job(self) -> None:
@@ -262,10 +275,50 @@ class Agent:
 
     def poll_loop(self, stop: threading.Event) -> None:
         """Poll on poll_interval, or at once when a wake-up arrives."""
+        first = True
         while not stop.is_set():
-            self.guarded(self.poll)
+            ok = self.guarded(self.poll)
+            self.heartbeat = self.clock.monotonic()
+            if first:
+                # Ready once the outbox is open and the first scan has run: a source that is
+                # down at boot is the agent's to wait out, not a reason for systemd to kill it.
+                first = False
+                systemd.notify(
+                    "READY=1\nSTATUS="
+                    + ("first scan done" if ok else "first scan failed; retrying with backoff")
+                )
             self.poll_wake.wait(self.next_poll_in_s())
             self.poll_wake.clear()
+
+    def readiness(self) -> list[str]:
+        """Why the agent is not ready (empty: ready): for /readyz."""
+        problems = []
+        if self._source_down is not None:
+            problems.append(f"source unavailable: {self._source_down}")
+        source = self.config.settings.source
+        stale_s = max(READY_MIN_STALE_S, 3 * source.poll_interval)
+        if self._last_scan_ok is None:
+            problems.append("no successful scan yet")
+        else:
+            age = self.clock.monotonic() - self._last_scan_ok
+            if age > stale_s:
+                problems.append(f"last successful scan {age:.0f} s ago (more than {stale_s:g} s)")
+        try:
+            self.store.ping()
+        except SQLAlchemyError as exc:
+            problems.append(
+                f"state store unreachable: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"
+            )
+        if self.deliverer.pause is not None:
+            problems.append(f"delivery paused: {self.deliverer.pause.reason}")
+        return problems
+
+    def _feed_watchdog(self, stop: threading.Event, every_s: float) -> None:
+        """WATCHDOG=1 while the poll loop keeps going round; silence lets systemd restart us."""
+        limit = max(2 * every_s, 2 * self.next_poll_in_s() + SCAN_GRACE_S)
+        while not stop.wait(every_s):
+            if self.clock.monotonic() - self.heartbeat < limit:
+                systemd.notify("WATCHDOG=1")
 
     def wakeup(self) -> Wakeup | None:
         """The wake-up source for this database, if it has one."""
@@ -341,12 +394,20 @@ class Agent:
             f"{mode}; wake-ups: {type(wakeup).__name__ if wakeup else 'none (polling only)'}; "
             f"delivering to {self.config.settings.seyaha.base_url}",
         )
+        every = systemd.watchdog_interval_s()
+        if every is not None:
+            threads.append(
+                threading.Thread(
+                    target=self._feed_watchdog, args=(stop, every), name="watchdog", daemon=True
+                )
+            )
         scheduler.start()
         for thread in threads:
             thread.start()
         try:
             stop.wait()
         finally:
+            systemd.notify("STOPPING=1")
             event(log, logging.INFO, "agent.stopping", "stopping: finishing in-flight work")
             self.poll_wake.set()
             self.deliverer.poke()

@@ -40,7 +40,7 @@ def _start(path: Path) -> tuple[Config, Agent]:
     config = load_config(path)
     log = config.settings.log
     setup_logging(level=log.level, fmt=log.format, redaction=Redaction([config.secret.reveal()]))
-    for doubt in secret_warnings(config.secret):
+    for doubt in secret_warnings(config.secret, config.settings.seyaha.webhook_secret_file):
         logging.getLogger("agent").warning(doubt, extra={"event": "config.secret_doubt"})
     agent = Agent(config)
     agent.open()
@@ -59,14 +59,9 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def run(path: Path) -> int:
-    _config, agent = _start(path)
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    try:
-        agent.run(stop)
-    finally:
-        agent.close()
-    return 0
+    from agent.daemon import Daemon
+
+    return Daemon(path).run()
 
 
 def once(path: Path, *, timeout_s: float, resync: bool, out: TextIO | None = None) -> int:

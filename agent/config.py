@@ -11,13 +11,17 @@ the file named by `seyaha.webhook_secret_file`; the environment variable wins wh
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +60,12 @@ class SeyahaSettings(_Section):
         value = value.strip().rstrip("/")
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
+        if value.startswith("http://") and not _is_loopback(urlsplit(value).hostname or ""):
+            raise ValueError(
+                f"{value} would send the webhook secret in clear over the network; use "
+                "https:// (plain http:// is accepted only for loopback addresses, such as the "
+                "sandbox)"
+            )
         return value
 
     @field_validator("integration_id")
@@ -187,6 +197,40 @@ class DeliverySettings(_Section):
         return self
 
 
+class MetricsSettings(_Section):
+    listen: str = Field(
+        "127.0.0.1:9464",
+        description="host:port for /metrics, /healthz and /readyz; empty: no listener",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        value = value.strip()
+        if value and listen_address(value) is None:
+            raise ValueError(
+                f"must be host:port, e.g. 127.0.0.1:9464 or 0.0.0.0:9464 (got {value!r})"
+            )
+        return value
+
+
+def listen_address(value: str) -> tuple[str, int] | None:
+    """("host", port) from "host:port" or "[v6]:port", or None if it is not one."""
+    match = re.match(r"^\[?([^\]]*?)\]?:(\d{1,5})$", value)
+    if match is None or int(match[2]) > 65535:
+        return None
+    return match[1] or "0.0.0.0", int(match[2])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "text", "json"] = "auto"
@@ -212,6 +256,7 @@ class AgentSettings(BaseSettings):
     source: SourceSettings
     state: StateSettings = StateSettings()
     delivery: DeliverySettings = DeliverySettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
 
 
@@ -343,14 +388,28 @@ def _usable_secret(value: str, where: str) -> Secret:
     return Secret(value)
 
 
-def secret_warnings(secret: Secret) -> list[str]:
-    """Doubts about a usable secret, for a warning at start-up (Seyaha's are 64 hex digits)."""
-    if _HEX64.match(secret.reveal()):
-        return []
-    return [
-        f"the webhook secret is {len(secret.reveal())} characters long and not all hexadecimal; "
-        "Seyaha's secrets are 64 hexadecimal characters, so Seyaha will probably answer 401"
-    ]
+def secret_warnings(secret: Secret, secret_file: Path | None = None) -> list[str]:
+    """Doubts about a usable secret, for warnings at start-up.
+
+    Warnings, not refusals: a secret of another shape may be a deliberate test value, and a
+    file readable by others may sit in a container whose only user is the agent.
+    """
+    doubts = []
+    if not _HEX64.match(secret.reveal()):
+        doubts.append(
+            f"the webhook secret is {len(secret.reveal())} characters long and not all "
+            "hexadecimal; Seyaha's secrets are 64 hexadecimal characters, so Seyaha will "
+            "probably answer 401"
+        )
+    if secret_file is not None:
+        with contextlib.suppress(OSError):
+            mode = secret_file.stat().st_mode
+            if mode & 0o077:
+                doubts.append(
+                    f"[seyaha] webhook_secret_file: {secret_file} can be read by other users "
+                    f"(mode {stat.S_IMODE(mode):o}); run chmod 600 on it"
+                )
+    return doubts
 
 
 def load_settings(path: Path) -> AgentSettings:

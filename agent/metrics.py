@@ -15,6 +15,24 @@ NAMESPACE = "seyaha_agent"
 REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Webhook request durations: loopback calls take milliseconds, a slow Seyaha seconds."""
 
+LATENCY_BUCKETS_S = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    3600.0,
+)
+"""Detection to delivery: tens of milliseconds with wake-ups, up to hours during an outage."""
+
 SCAN_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 """Scan durations: a few rows take milliseconds, millions of slots take minutes."""
 
@@ -76,6 +94,15 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
             buckets=REQUEST_BUCKETS_S,
+        )
+        self.delivery_latency = Histogram(
+            "delivery_latency_seconds",
+            "From a change being detected (queued in the outbox) to Seyaha accepting it. With "
+            "wake-ups, detection follows the commit within milliseconds.",
+            ["endpoint"],
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=LATENCY_BUCKETS_S,
         )
         self.not_updated = Counter(
             "notify_not_updated",

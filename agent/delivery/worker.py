@@ -231,6 +231,9 @@ class Deliverer:
     ) -> None:
         self.store.complete(message)
         self.metrics.last_delivery.set(now.timestamp())
+        self.metrics.delivery_latency.labels(
+            "sync_trigger" if message.kind == "trigger" else "availability_notify"
+        ).observe(max(0.0, (now - message.created_at).total_seconds()))
         self.tally.add(f"{message.kind}_sent")
         if self.breaker.success():
             self._breaker_changed()

@@ -124,6 +124,11 @@ class StateStore:
         except SQLAlchemyError as exc:
             raise StateError(f"cannot open the state store at {url}: {_first_line(exc)}") from None
 
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
     # -- fingerprints -------------------------------------------------------------------
 
     def is_baselined(self) -> bool:

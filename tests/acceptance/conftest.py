@@ -87,6 +87,9 @@ timezone = "Europe/Istanbul"
 catalog_query = "{CATALOG_QUERY}"
 slots_query = "{SLOTS_QUERY}"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [delivery]
 backoff_initial = 0.05
 backoff_max = 0.5

@@ -1,0 +1,94 @@
+"""The operations listener: /metrics (Prometheus), /healthz (alive) and /readyz (ready).
+
+It outlives configuration reloads: readiness is asked of whatever agent is current.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from agent.errors import ConfigError
+
+Readiness = Callable[[], list[str]]
+"""Returns the reasons the agent is not ready; an empty list means ready."""
+
+
+class OperationsServer:
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, readiness: Readiness
+    ) -> None:
+        try:
+            self.server = ThreadingHTTPServer((host, port), _handler(registry, readiness))
+        except OSError as exc:
+            raise ConfigError(
+                [
+                    f"[metrics] listen: cannot listen on {host}:{port} ({exc.strerror}); "
+                    "another seyaha-agent or exporter may hold the port: pick another one"
+                ]
+            ) from None
+        self.server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> OperationsServer:
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="operations", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def _handler(registry: CollectorRegistry, readiness: Readiness) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "seyaha-agent"
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path == "/healthz":
+                self._json(200, {"status": "alive"})
+            elif path == "/readyz":
+                try:
+                    problems = readiness()
+                except Exception as exc:  # a broken check is a reason not to be ready
+                    problems = [f"readiness check failed: {type(exc).__name__}"]
+                self._json(
+                    503 if problems else 200,
+                    {"ready": not problems, "problems": problems},
+                )
+            else:
+                self._json(
+                    404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]}
+                )
+
+        def _json(self, status: int, body: dict[str, Any]) -> None:
+            self._send(status, "application/json", json.dumps(body).encode("utf-8"))
+
+        def _send(self, status: int, content_type: str, payload: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every few seconds would drown the agent's own log
+
+    return Handler

@@ -1,0 +1,121 @@
+"""The files operators install: Prometheus rules, the Grafana dashboard, the systemd unit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from agent.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "seyaha-agent.json"
+UNIT = ROOT / "systemd" / "seyaha-agent.service"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "info": ("_info",),
+    "gauge": ("",),
+}
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        if IN_CI and name == "promtool":
+            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def exported_series_names() -> set[str]:
+    registry = CollectorRegistry()
+    Metrics(registry)
+    text = generate_latest(registry).decode()
+    names = set()
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE):
+        base = family.removesuffix("_total") if kind == "counter" else family
+        names |= {base + suffix for suffix in SUFFIXES.get(kind, ("",))}
+    return names
+
+
+def referenced_metrics(text: str) -> set[str]:
+    return set(re.findall(r"\b(seyaha_agent_[a-z_]+)", text))
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    promtool = _tool("promtool")
+    checked = subprocess.run(
+        [promtool, "check", "rules", "alerts.yml"],
+        cwd=RULES,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yml"],
+        cwd=RULES,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+@pytest.mark.parametrize("path", [RULES / "alerts.yml", DASHBOARD], ids=["alerts", "dashboard"])
+def test_every_metric_referenced_is_one_the_agent_exports(path: Path) -> None:
+    referenced = referenced_metrics(path.read_text(encoding="utf-8"))
+    assert referenced, f"{path.name} references no seyaha_agent metric"
+    unknown = referenced - exported_series_names()
+    assert not unknown, f"{path.name} uses metrics the agent does not export: {sorted(unknown)}"
+
+
+def test_the_dashboard_is_valid_json_with_a_query_in_every_panel() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dashboard["panels"]
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        assert all(t["expr"] for t in panel["targets"]), panel["title"]
+
+
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    executable = Path(sys.executable).with_name("seyaha-agent")
+    assert executable.exists()
+    unit = tmp_path / "seyaha-agent.service"
+    unit.write_text(
+        UNIT.read_text(encoding="utf-8").replace("/usr/local/bin/seyaha-agent", str(executable)),
+        encoding="utf-8",
+    )
+    verified = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_the_unit_runs_hardened_with_notify_and_watchdog() -> None:
+    unit = UNIT.read_text(encoding="utf-8")
+    for setting in (
+        "Type=notify",
+        "WatchdogSec=",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+        "StateDirectory=seyaha-agent",
+        "LoadCredential=webhook_secret:",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+    ):
+        assert setting in unit, setting
