@@ -12,6 +12,7 @@ from agent.config import (
     SECRET_ENV,
     Config,
     Secret,
+    listen_address,
     load_config,
     load_settings,
     resolve_sqlite_url,
@@ -408,3 +409,47 @@ def test_secret_warnings_doubt_anything_but_64_hex(value: str, doubts: int) -> N
     warnings = secret_warnings(Secret(value))
     assert len(warnings) == doubts
     assert all(value not in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "accepted"),
+    [
+        ("https://api.seyaha.net", True),
+        ("http://127.0.0.1:8377", True),
+        ("http://localhost:8377", True),
+        ("http://[::1]:8377", True),
+        ("http://api.seyaha.net", False),
+        ("http://10.0.0.5:8377", False),
+    ],
+)
+def test_plain_http_is_only_accepted_for_loopback(
+    write: Write, base_url: str, accepted: bool
+) -> None:
+    path = write(lambda s: s["seyaha"].update(base_url=base_url))
+    if accepted:
+        assert load_config(path).settings.seyaha.base_url == base_url
+    else:
+        (found,) = problems_of(path)
+        assert found.startswith(f"[seyaha] base_url: {base_url} would send the webhook secret")
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        (":9464", ("0.0.0.0", 9464)),
+        ("[::1]:9464", ("::1", 9464)),
+        ("127.0.0.1", None),
+        ("127.0.0.1:99999", None),
+        ("host:port", None),
+    ],
+)
+def test_listen_address(text: str, address: tuple[str, int] | None) -> None:
+    assert listen_address(text) == address
+
+
+def test_a_bad_listen_address_names_the_key(write: Write) -> None:
+    path = write(lambda s: s.setdefault("metrics", {}).update(listen="9464"))
+    (found,) = problems_of(path)
+    assert found.startswith("[metrics] listen: must be host:port")
