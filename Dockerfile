@@ -17,10 +17,13 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 
 ENV SEYAHA_AGENT_SEYAHA__WEBHOOK_SECRET_FILE=/run/secrets/webhook_secret \
     SEYAHA_AGENT_STATE__URL=sqlite:////var/lib/seyaha-agent/state.db \
+    SEYAHA_AGENT_METRICS__LISTEN=0.0.0.0:9464 \
     PYTHONUNBUFFERED=1
 USER seyaha
 WORKDIR /var/lib/seyaha-agent
 VOLUME ["/var/lib/seyaha-agent"]
+# /metrics, /healthz, /readyz
+EXPOSE 9464
 
 # `check` connects to the source and the state store and runs both queries on a few rows.
 HEALTHCHECK --interval=60s --timeout=30s --start-period=20s --retries=3 \
