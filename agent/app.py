@@ -189,19 +189,17 @@ class Agent:
     def poll(self) -> ScanReport | None:
         """An incremental poll where a change query is configured, else a full scan.
         None when another agent holds the scanner lease."""
-        with self.scan_lock:
-            if not self._scanner_turn():
-                return None
-            report = self.scanner.poll()
-        self._after(report)
-        return report
+        return self._as_scanner(self.scanner.poll)
 
     def full_scan(self) -> ScanReport | None:
         """The scheduled reconciliation, by the scanner-lease holder only."""
+        return self._as_scanner(self.scanner.scan)
+
+    def _as_scanner(self, work: Callable[[], ScanReport]) -> ScanReport | None:
         with self.scan_lock:
             if not self._scanner_turn():
                 return None
-            report = self.scanner.scan()
+            report = work()
         self._after(report)
         return report
 
