@@ -320,3 +320,23 @@ def test_a_secret_file_readable_by_others_is_warned_about(
     warning = daemon.wait_for_event("config.secret_doubt")
     assert "can be read by other users (mode 644); run chmod 600" in warning["msg"]
     assert daemon.stop() == 0
+
+
+def test_debug_logs_of_a_whole_run_never_show_either_secret(
+    setup: Setup, sandbox: SandboxClient, daemons: list[Daemon]
+) -> None:
+    config = setup.config.read_text(encoding="utf-8")
+    setup.config.write_text(
+        config + '\n[log]\nlevel = "DEBUG"\nformat = "json"\n', encoding="utf-8"
+    )
+    (setup.folder / "webhook_secret").write_text(WRONG_SECRET + "\n", encoding="utf-8")
+    daemon = start(daemons, setup.config)
+    sandbox.wait_for(lambda calls: any(c["status"] == 401 for c in calls), "a refused call")
+    (setup.folder / "webhook_secret").write_text(SECRET + "\n", encoding="utf-8")
+    sandbox.wait_for(lambda calls: calls[-1]["status"] == 200, "a call with the right secret")
+    setup.inventory.execute("UPDATE slots SET vacancies = 1 WHERE id = 'c1'")
+    sandbox.wait_for(lambda calls: calls[-1]["endpoint"] == "notify", "a notify")
+    assert daemon.stop() == 0
+    assert daemon.events("notify.sent"), "DEBUG output was captured"
+    assert SECRET not in daemon.output
+    assert WRONG_SECRET not in daemon.output
