@@ -170,9 +170,17 @@ class Scanner:
             found = self.reader.changed_slots(src, since, snapshot)
             if self.reader.catalog_changed_query is not None:
                 self.reader.changed_catalog(src, since, snapshot)
+            stored_catalog = self.store.load_catalog() if found or snapshot.catalog else {}
+            known = stored_catalog.keys() | {r.key for r in snapshot.catalog}
+            if any((k[0], k[1]) not in known for k, item in found if item is not None):
+                # A slot of a (product, option) the store has not seen: read the catalog now,
+                # so that its trigger is queued before the slot's notify. Sent first, the
+                # notify would be answered updated:false, and the full scan's trigger would
+                # not resend the slot (Seyaha's catalog sync does not carry availability).
+                snapshot.catalog.clear()
+                self.reader.read_catalog(src, snapshot)
         now = self.clock.now()
         report = ScanReport(at=now, kind="incremental")
-        stored_catalog = self.store.load_catalog() if snapshot.catalog else {}
         report.catalog = CatalogDiff(
             added=tuple(r for r in snapshot.catalog if r.key not in stored_catalog),
             changed=tuple(

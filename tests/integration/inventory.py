@@ -4,26 +4,33 @@ acceptance tiers.
 The schema is what partners really have: integer product and slot ids, string option ids,
 and a slot start column typed as the backend's natural choice (SQLite TEXT, PostgreSQL
 `timestamp` plus a `timestamptz` twin, MariaDB DATETIME). `status` is a nullable text column
-(NULL: derive it from vacancies and capacity). Helpers write the configuration file an Agent
-reads, and compute the notify payloads Seyaha should receive without using the agent's code.
+(NULL: derive it from vacancies and capacity). `Inventory.track_updates` adds the `updated_at`
+column that incremental polls read, stamped by the writer with the database's own clock.
+Helpers write the configuration file an Agent reads, compute the notify payloads Seyaha should
+receive without using the agent's code, and run the daemon in a thread.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql
 
 from agent.sandbox import Call, Sandbox
+
+if TYPE_CHECKING:
+    from agent.app import Agent
 
 ZONE_NAME = "Europe/Istanbul"
 ZONE = ZoneInfo(ZONE_NAME)
@@ -46,6 +53,17 @@ SELECT o.product_id, s.option_id, s.id AS availability_id,
 FROM slots s LEFT JOIN options o ON o.id = s.option_id
 """
 """LEFT JOIN: a slot whose option was deleted comes back with a NULL product_id (a bad row)."""
+
+SLOTS_CHANGED_QUERY = SLOTS_QUERY.rstrip() + "\nWHERE s.updated_at >= :since\n"
+"""The slots query restricted to rows the writer stamped since the cursor (see
+Inventory.track_updates)."""
+
+CLOCK_SQL = {
+    "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+    "postgresql": "now()",
+    "mariadb": "NOW(6)",
+}
+"""How a booking system stamps updated_at with the database's own clock."""
 
 
 def _metadata(backend: str) -> sa.MetaData:
@@ -90,6 +108,7 @@ class Inventory:
         self.products = self.metadata.tables["products"]
         self.options = self.metadata.tables["options"]
         self.slots = self.metadata.tables["slots"]
+        self.tracks_updates = False
 
     @classmethod
     def create(cls, backend: str, url: str) -> Inventory:
@@ -99,6 +118,37 @@ class Inventory:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- an updated_at column, stamped by the writer ------------------------------------
+
+    @property
+    def clock_sql(self) -> str:
+        """SQL for the database's current time, as the writer stamps updated_at with it."""
+        return CLOCK_SQL[self.backend]
+
+    def clock(self) -> Any:
+        """The database's current time, in the type an updated_at value has on this backend."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(f"SELECT {self.clock_sql}")).scalar_one()
+
+    def track_updates(self) -> None:
+        """Add slots.updated_at (NULL for the rows already there); from now on add_slot and
+        update_slot stamp it with the database clock unless given a value."""
+        column_type: sa.types.TypeEngine[Any] = {
+            "sqlite": sa.Text(),
+            "postgresql": postgresql.TIMESTAMP(timezone=True),
+            "mariadb": mysql.DATETIME(fsp=6),
+        }[self.backend]
+        ddl = column_type.compile(dialect=self.engine.dialect)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE slots ADD COLUMN updated_at {ddl} NULL"))
+        self.slots.append_column(sa.Column("updated_at", column_type, nullable=True))
+        self.tracks_updates = True
+
+    def _stamp(self, values: dict[str, Any]) -> dict[str, Any]:
+        if self.tracks_updates and values.get("updated_at") is None:
+            values["updated_at"] = sa.literal_column(self.clock_sql)
+        return values
 
     def start_value(self, start: datetime | str) -> datetime | str:
         """How the booking system stores a start: text on SQLite, a native value elsewhere."""
@@ -141,12 +191,14 @@ class Inventory:
         if start_tz is not None:
             values["starts_at_tz"] = start_tz
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(self.slots).values(**values))
+            conn.execute(sa.insert(self.slots).values(**self._stamp(values)))
 
     def update_slot(self, slot_id: int, **values: Any) -> None:
         with self.engine.begin() as conn:
             result = conn.execute(
-                sa.update(self.slots).where(self.slots.c.id == slot_id).values(**values)
+                sa.update(self.slots)
+                .where(self.slots.c.id == slot_id)
+                .values(**self._stamp(dict(values)))
             )
             assert result.rowcount == 1, f"no slot {slot_id}"
 
@@ -154,6 +206,16 @@ class Inventory:
         with self.engine.begin() as conn:
             result = conn.execute(sa.delete(self.slots).where(self.slots.c.id == slot_id))
             assert result.rowcount == 1, f"no slot {slot_id}"
+
+    def remove_product(self, product_id: int) -> None:
+        """A product leaves the catalog with its options and their slots, in one transaction."""
+        with self.engine.begin() as conn:
+            options = sa.select(self.options.c.id).where(self.options.c.product_id == product_id)
+            option_ids = list(conn.execute(options).scalars())
+            conn.execute(sa.delete(self.slots).where(self.slots.c.option_id.in_(option_ids)))
+            conn.execute(sa.delete(self.options).where(self.options.c.product_id == product_id))
+            result = conn.execute(sa.delete(self.products).where(self.products.c.id == product_id))
+            assert result.rowcount == 1, f"no product {product_id}"
 
     def set_price(self, product_id: int, price_cents: int) -> None:
         with self.engine.begin() as conn:
@@ -263,8 +325,12 @@ def write_config(
     poll_interval: float = 0.2,
     catalog_query: str = CATALOG_QUERY,
     slots_query: str = SLOTS_QUERY,
+    source: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A TOML configuration `name`.toml in `folder`, the secret in a file beside it."""
+    """A TOML configuration `name`.toml in `folder`, the secret in a file beside it.
+
+    `source` adds [source] keys, e.g. {"slots_changed_query": ..., "cursor_overlap": 0}.
+    """
     secret_file = folder / f"{name}.secret"
     secret_file.write_text(secret + "\n", encoding="utf-8")
     secret_file.chmod(0o600)
@@ -273,6 +339,7 @@ def write_config(
     def s(value: str) -> str:
         return json.dumps(value)  # a TOML basic string
 
+    more = "".join(f"{key} = {json.dumps(value)}\n" for key, value in (source or {}).items())
     path.write_text(
         f"""
 [seyaha]
@@ -286,7 +353,7 @@ poll_interval = {poll_interval}
 timezone = {s(ZONE_NAME)}
 catalog_query = '''{catalog_query}'''
 slots_query = '''{slots_query}'''
-
+{more}
 [state]
 url = {s(state_url)}
 
@@ -323,3 +390,30 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT
         if time.monotonic() > deadline:
             pytest.fail(f"gave up after {timeout_s:g} s waiting for {what}")
         time.sleep(0.05)
+
+
+# -- the daemon ---------------------------------------------------------------------
+
+
+@contextmanager
+def running(agent: Agent) -> Iterator[threading.Event]:
+    """`agent.run` in a thread for the duration of the block; stopped and joined after it,
+    failing the test if the daemon crashed or did not stop."""
+    stop = threading.Event()
+    crashed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            agent.run(stop)
+        except BaseException as exc:
+            crashed.append(exc)
+
+    daemon = threading.Thread(target=run, name="agent-under-test")
+    daemon.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        daemon.join(60)
+    assert not daemon.is_alive(), "the daemon did not stop within 60 s"
+    assert crashed == [], f"the daemon crashed: {crashed!r}"
