@@ -285,7 +285,12 @@ class Agent:
                     "READY=1\nSTATUS="
                     + ("first scan done" if ok else "first scan failed; retrying with backoff")
                 )
-            self.poll_wake.wait(self.next_poll_in_s())
+            if self._failures:
+                # Backing off: wake-ups (a busy writer commits all the time) must not cut the
+                # pause short and hammer a source that is failing.
+                stop.wait(self.next_poll_in_s())
+            else:
+                self.poll_wake.wait(self.next_poll_in_s())
             self.poll_wake.clear()
 
     def readiness(self) -> list[str]:

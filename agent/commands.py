@@ -31,6 +31,7 @@ from agent.errors import AgentError, ConfigError, SourceUnavailable
 from agent.logs import Redaction, setup_logging
 from agent.outbox.store import StateStore
 from agent.scan import ScanReport
+from agent.source import cursor
 from agent.source.reader import SourceReader
 
 __all__ = ["AgentError", "ConfigError", "check", "once", "run", "sandbox"]
@@ -167,17 +168,37 @@ def check(path: Path, out: TextIO | None = None) -> int:
             report(False, problem)
 
     engine = create_engine(settings.source.url, role="source")
+    source = settings.source
     reader = SourceReader(
         engine,
-        catalog_query=settings.source.catalog_query,
-        slots_query=settings.source.slots_query,
-        timezone=settings.source.zone,
+        catalog_query=source.catalog_query,
+        slots_query=source.slots_query,
+        timezone=source.zone,
+        slots_changed_query=source.slots_changed_query,
+        catalog_changed_query=source.catalog_changed_query,
+        query_timeout_s=source.query_timeout,
     )
     try:
         sample = reader.sample()
-        report(True, f"source {redact_url(settings.source.url)} reachable")
+        report(True, f"source {redact_url(source.url)} reachable")
         report(True, f"catalog_query: {sample.catalog_rows_read} row(s) read (first 100 at most)")
         report(True, f"slots_query: {sample.slot_rows_read} row(s) read (first 100 at most)")
+        if reader.incremental or source.catalog_changed_query is not None:
+            # The change queries, with :since bound as a poll binds it: the cursor is the
+            # database clock now, so only the overlap window is read.
+            with reader.transaction() as conn:
+                since = cursor.since(reader.clock(conn), source.cursor_overlap)
+                if reader.incremental:
+                    found = reader.changed_slots(conn, since, sample)
+                    report(True, f"slots_changed_query: {len(found)} row(s) changed recently")
+                if source.catalog_changed_query is not None:
+                    before = len(sample.catalog)
+                    reader.changed_catalog(conn, since, sample)
+                    report(
+                        True,
+                        f"catalog_changed_query: {len(sample.catalog) - before} row(s) "
+                        "changed recently",
+                    )
         for row in sample.skipped:
             key = "/".join("NULL" if k is None else str(k) for k in (row.key or ()))
             report(False, f"{row.query}: row {key or '(no key)'} would be skipped: {row.reason}")
