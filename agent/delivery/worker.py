@@ -98,6 +98,7 @@ class Deliverer:
         self._work = threading.Condition()
         self._generation = 0
         self._last_delivery_written = 0.0
+        self._stale_status_cleared = False
 
     # -- wake-ups -----------------------------------------------------------------------
 
@@ -239,6 +240,8 @@ class Deliverer:
             self._breaker_changed()
         if self.pause is not None:
             self.resume()
+        if not self._stale_status_cleared:
+            self._clear_stale_status()
         mono = self.clock.monotonic()
         if mono - self._last_delivery_written >= LAST_DELIVERY_EVERY_S:
             self._last_delivery_written = mono
@@ -250,6 +253,19 @@ class Deliverer:
         else:
             name = "trigger.sent" if message.kind == "trigger" else "notify.sent"
             event(log, logging.INFO, name, f"{message.kind} delivered", **fields)
+
+    def _clear_stale_status(self) -> None:
+        """At this deliverer's first success: a pause or an open breaker recorded by an earlier
+        process (or before a reload) is over, but only a transition of this one's would have
+        cleared it, and `outbox status` would show it for good."""
+        self._stale_status_cleared = True
+        recorded = self.store.status()
+        if "pause" in recorded and self.pause is None:
+            self.store.set_status("pause", None)
+        if recorded.get("breaker", "closed") != "closed" and (
+            self.breaker.state is BreakerState.CLOSED
+        ):
+            self.store.set_status("breaker", BreakerState.CLOSED.value)
 
     def _paused(
         self,
