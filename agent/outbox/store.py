@@ -377,20 +377,20 @@ class StateStore:
         o = t.outbox.c
         older_trigger = t.outbox.alias("older_trigger")
         older_same = t.outbox.alias("older_same")
+        # The oldest waiting trigger, computed once: a correlated NOT EXISTS here made every
+        # claim scan the whole backlog once per waiting row (quadratic in the backlog).
+        first_trigger = (
+            sa.select(sa.func.min(older_trigger.c.id))
+            .where(older_trigger.c.kind == "trigger", older_trigger.c.state == t.PENDING)
+            .scalar_subquery()
+        )
         candidates = (
             sa.select(o.id)
             .where(
                 o.state == t.PENDING,
                 o.available_ms <= now_ms,
                 sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
-                sa.or_(
-                    o.kind == "trigger",
-                    ~sa.exists().where(
-                        older_trigger.c.kind == "trigger",
-                        older_trigger.c.state == t.PENDING,
-                        older_trigger.c.id < o.id,
-                    ),
-                ),
+                sa.or_(o.kind == "trigger", first_trigger.is_(None), o.id < first_trigger),
                 ~sa.exists().where(
                     older_same.c.dedupe_key == o.dedupe_key,
                     older_same.c.state == t.PENDING,
