@@ -346,6 +346,9 @@ class StateStore:
                     slot_start_ms=slot_start_ms,
                     reason=message.reason,
                     updated_ms=now_ms,
+                    # A new state starts a new attempt budget; the backoff in progress
+                    # (available_ms) and the age of the oldest change (created_ms) stay.
+                    attempts=0,
                     lease_token=None,
                     leased_until_ms=None,
                 )

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,15 +142,28 @@ class SandboxProcess:
                 f"sandbox did not start: {first!r} {self.proc.stderr.read() if self.proc.stderr else ''}"
             )
         self.url = first.rsplit(" ", 1)[-1].strip()
+        # The sandbox prints a line per call: keep reading, or a full pipe would stall it.
+        self.output: list[str] = [first]
+        self._drain = threading.Thread(target=self._read, daemon=True)
+        self._drain.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGINT)
         try:
-            out, _ = self.proc.communicate(timeout=10)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+            self.proc.wait()
+        self._drain.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return "".join(self.output)
 
 
 @pytest.fixture
