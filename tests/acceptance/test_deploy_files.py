@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,51 @@ def test_the_unit_runs_hardened_with_notify_and_watchdog() -> None:
         "PrivateTmp=yes",
     ):
         assert setting in unit, setting
+
+
+def test_the_wheel_the_image_installs_carries_the_package_and_the_command(
+    tmp_path: Path,
+) -> None:
+    """The Dockerfile's first stage runs `pip wheel .`; no Docker engine runs here, so the
+    wheel it would copy into the runtime image is built and inspected directly."""
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("seyaha_agent-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        scripts = archive.read(entry_points).decode()
+    assert {"agent/__main__.py", "agent/cli.py", "agent/py.typed"} <= names
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    assert "seyaha-agent = agent.cli:main" in scripts
+
+
+def test_the_dockerfile_builds_a_wheel_then_runs_it_unprivileged_under_tini() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    stages = re.findall(r"^FROM \S+", dockerfile, re.MULTILINE)
+    assert len(stages) == 2, "a build stage and a runtime stage"
+    for line in (
+        "RUN pip wheel --no-cache-dir --wheel-dir /wheels .",
+        "COPY --from=build /wheels /wheels",
+        "USER seyaha",
+        'VOLUME ["/var/lib/seyaha-agent"]',
+        "HEALTHCHECK",
+        'ENTRYPOINT ["/usr/bin/tini", "--", "seyaha-agent"]',
+    ):
+        assert line in dockerfile, line
