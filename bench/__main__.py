@@ -1,0 +1,106 @@
+"""`python -m bench all [--quick]` or `python -m bench NAME`: run measurements, print, report.
+
+NAME is one of scan, poll, latency, throughput, dlt, profile. `all` runs every one of them
+(dlt and profile only in the full run) and regenerates docs/benchmarks.md; `all --quick`
+(small sizes, one run, about a minute; what CI runs to check the suite still works) writes
+its report to bench/results/benchmarks-quick.md instead, so a quick run never replaces the
+real figures. A single NAME writes bench/results/NAME.md. The raw results of every run go
+beside the report as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench import full_scan, latency, poll, profile, report, snapshot, throughput, versus_dlt
+from bench.context import FULL, QUICK, Context
+
+MEASUREMENTS = {
+    "scan": full_scan.measure,
+    "poll": poll.measure,
+    "latency": latency.measure,
+    "throughput": throughput.measure,
+    "dlt": versus_dlt.measure,
+    "profile": profile.measure,
+}
+FULL_ONLY = ("dlt", "profile")
+"""Left out of `all --quick`: dlt is an optional extra, and a profile is not a check."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=["all", *MEASUREMENTS], help="what to measure")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run (CI)")
+    parser.add_argument("--runs", type=int, help="runs per measurement (default 3, quick 1)")
+    parser.add_argument("--output", type=Path, help="where to write the Markdown report")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work folder (configs, states, logs)"
+    )
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.quick else FULL
+    if args.runs:
+        plan = replace(plan, runs=args.runs, latency_runs=args.runs)
+    if args.name == "all":
+        names = [n for n in MEASUREMENTS if not (plan.quick and n in FULL_ONLY)]
+    else:
+        names = [args.name]
+    if args.output is not None:
+        output = args.output.resolve()
+    elif args.name == "all" and not plan.quick:
+        output = report.DOCS_PATH
+    else:
+        suffix = "-quick" if plan.quick else ""
+        output = (
+            report.RESULTS_DIR / f"{'benchmarks' if args.name == 'all' else args.name}{suffix}.md"
+        )
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    started = time.monotonic()
+    ctx = Context.open(plan)
+    agent = snapshot.take(ctx.workdir / "snapshot")
+    print(f"benchmarks: {', '.join(names)}; work folder {ctx.workdir}", flush=True)
+    results: dict[str, Any] = {}
+    failed = False
+    try:
+        for name in names:
+            print(f"== {name}", flush=True)
+            begun = time.monotonic()
+            try:
+                results[name] = MEASUREMENTS[name](ctx)
+            except Exception as exc:
+                traceback.print_exc()
+                results[name] = {"failed": f"{type(exc).__name__}: {exc}"}
+                failed = True
+            print(f"   ({time.monotonic() - begun:.0f} s)", flush=True)
+    finally:
+        extra_versions = dict(ctx.versions)
+        os.chdir(report.ROOT)  # out of the work folder before it is removed
+        if failed or args.keep:
+            print(f"work folder kept: {ctx.workdir}", flush=True)
+        ctx.close(keep_files=failed or args.keep)
+    extra_versions["seyaha-agent"] = agent.describe()
+    meta = report.meta_for(command, time.monotonic() - started, plan.runs, extra_versions)
+    document = report.render(results, meta)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(document, encoding="utf-8")
+    raw = report.RESULTS_DIR / (output.stem + ".json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1, default=str), encoding="utf-8"
+    )
+    print(document)
+    print(f"report written to {output}; raw results in {raw}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

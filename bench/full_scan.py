@@ -1,0 +1,90 @@
+"""1. Full reconciliation: Agent.scan() against the floor, a plain SELECT of the same rows.
+
+For each size the state is baselined once (that first scan is reported too), then each run
+changes about 0.1% of the slots (95% bookings, 5% deletions) and times, each in a fresh
+process:
+- the agent: Agent.scan() on the baselined state (PostgreSQL inventory, SQLite state);
+- the floor: the same slots_query through the same driver (psycopg), a server-side cursor
+  fetching 5,000 rows at a time into Python tuples, nothing else;
+- the ordered floor: the same, wrapped in the ORDER BY the agent adds for its merge-join
+  (agent.source.reader.ordered_sql), to show what the sort alone costs in PostgreSQL.
+Peak RSS is ru_maxrss of the process that ran the scan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import inventory, worker
+from bench.context import Context
+from bench.stats import median, ratio
+
+CHANGED_FRACTION = 0.001
+
+
+def measure(ctx: Context) -> dict[str, Any]:
+    from agent.source.reader import ordered_sql
+
+    sizes: list[dict[str, Any]] = []
+    for size in ctx.plan.scan_sizes:
+        inv = ctx.inventory(size)
+        state = ctx.reference_state(size)
+        config = ctx.config(f"scan-{size}", ctx.setup(size, state))
+        slots_sql = inventory.queries(inv.schema).slots
+        runs: list[dict[str, Any]] = []
+        for run in range(ctx.plan.runs):
+            booked, deleted = inventory.mixed_changes(
+                ctx.conn, inv, max(1, int(size * CHANGED_FRACTION))
+            )
+            ctx.changed()
+            agent = worker.run(
+                "scan",
+                {"config": str(config), "log": str(ctx.log(f"scan-{size}"))},
+                log=ctx.log("workers"),
+            )
+            floor = worker.run("floor", {"dsn": ctx.dsn, "sql": slots_sql}, log=ctx.log("workers"))
+            ordered = worker.run(
+                "floor",
+                {"dsn": ctx.dsn, "sql": ordered_sql(slots_sql, "postgresql")},
+                log=ctx.log("workers"),
+            )
+            runs.append(
+                {
+                    "run": run,
+                    "booked": booked,
+                    "deleted": deleted,
+                    "agent": agent,
+                    "floor": floor,
+                    "ordered_floor": ordered,
+                }
+            )
+            print(
+                f"  scan {size:>9,} slots run {run + 1}: agent {agent['seconds']:.2f} s "
+                f"({agent['changed']} changed, {agent['removed']} removed), "
+                f"floor {floor['seconds']:.2f} s, ordered floor {ordered['seconds']:.2f} s, "
+                f"peak RSS {agent['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+        agent_s = median([r["agent"]["seconds"] for r in runs])
+        floor_s = median([r["floor"]["seconds"] for r in runs])
+        sizes.append(
+            {
+                "slots": size,
+                "generate_s": ctx.baselines[size].get("generate_s"),
+                "baseline_s": ctx.baselines[size].get("seconds"),
+                "baseline_peak_rss_mb": ctx.baselines[size].get("peak_rss_mb"),
+                "agent_s": agent_s,
+                "agent_cpu_s": median([r["agent"]["cpu_s"] for r in runs]),
+                "floor_s": floor_s,
+                "ordered_floor_s": median([r["ordered_floor"]["seconds"] for r in runs]),
+                "ratio": ratio(agent_s, floor_s),
+                "rows": runs[-1]["agent"]["rows"],
+                "changed": median([r["agent"]["changed"] + r["agent"]["removed"] for r in runs]),
+                "notifies": median([r["agent"]["notifies"] for r in runs]),
+                "rss_before_mb": median([r["agent"]["rss_before_mb"] for r in runs]),
+                "peak_rss_mb": median([r["agent"]["peak_rss_mb"] for r in runs]),
+                "floor_peak_rss_mb": median([r["floor"]["peak_rss_mb"] for r in runs]),
+                "runs": runs,
+            }
+        )
+    return {"sizes": sizes}

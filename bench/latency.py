@@ -1,0 +1,234 @@
+"""3. Commit-to-delivery latency: a committed single-slot UPDATE until its notify arrives.
+
+The daemon is the real command line, `python -m agent run --config FILE`, in its own process,
+on a copy of the baselined big inventory's state (polled up to date, outbox empty). This
+process commits one booking at a time through psycopg: one UPDATE of one slot, committed;
+the commit time is read right after COMMIT returns. The fast receiver (its own process)
+stamps each notify when its request has been read. Both stamps are CLOCK_MONOTONIC, one
+clock for the whole machine.
+
+Commits are spaced open-loop: one every `commit_spacing_s` on a fixed schedule, whether or
+not earlier ones were delivered (a steady booking system, not a request/response test).
+Before the measured commits, warm-up commits are each waited for; they are not counted.
+
+Modes:
+- wake-ups: the statement-level NOTIFY triggers (agent/source/pg_triggers.py) on the slots
+  table, the daemon LISTENing, poll_interval 60 s, so every delivery is a wake-up's;
+- polling: no triggers, poll_interval 1 s;
+both with the default cursor_overlap (60 s) and full_scan_interval (300 s; each run is
+shorter, so no full reconciliation falls inside a measured window). Each run starts once no
+row has changed for 65 s, so that it does not inherit the previous run's changes in its
+polls' overlap window; within a run the window fills with the run's own commits, as it
+would in a steady booking system.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench import agentconf, inventory
+from bench.context import Context
+from bench.inventory import Inventory
+from bench.receiver import Receiver
+from bench.stats import median, percentile, process_cpu_s
+
+WARMUP_COMMITS = 3
+WARMUP_TIMEOUT_S = 120.0
+"""Longest wait for a warm-up delivery: the first one includes the daemon's start."""
+
+DELIVERY_WAIT_S = 30.0
+"""After the last commit, how long to wait for deliveries still on their way."""
+
+DAEMON_STOP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    triggers: bool
+    poll_interval_s: float
+    cursor_overlap_s: float = 60.0
+
+
+WAKEUPS = Mode("wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
+POLLING = Mode("plain polling, poll_interval 1 s", False, 1.0)
+
+
+class Daemon:
+    """`python -m agent run` in its own process, stopped with SIGTERM like systemd does."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=self._log,
+            stderr=self._log,
+        )
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.process.pid)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(DAEMON_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@dataclass
+class StreamResult:
+    latencies_ms: list[float]
+    commits: int
+    missing: int
+    cpu_s: float
+    """CPU of the measured process from the first measured commit to the last delivery."""
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        lat = self.latencies_ms
+        return {
+            "commits": self.commits,
+            "delivered": len(lat),
+            "missing": self.missing,
+            "p50_ms": percentile(lat, 0.50),
+            "p95_ms": percentile(lat, 0.95),
+            "p99_ms": percentile(lat, 0.99),
+            "max_ms": max(lat) if lat else float("nan"),
+            "cpu_s": self.cpu_s,
+            "cpu_s_per_1000": self.cpu_s / self.commits * 1000 if self.commits else float("nan"),
+            "seconds": self.seconds,
+        }
+
+
+def stream(
+    ctx: Context,
+    inv: Inventory,
+    receiver: Receiver,
+    cpu_of: Callable[[], float],
+    *,
+    commits: int,
+    spacing_s: float,
+    wait_s: float = DELIVERY_WAIT_S,
+) -> StreamResult:
+    """Warm up, then commit `commits` single-slot bookings and time each until it arrives."""
+    for _ in range(WARMUP_COMMITS):
+        ((slot, vacancies),) = inventory.book(ctx.conn, inv, inv.ids.take(1)).items()
+        if not receiver.wait_for([(slot, vacancies)], WARMUP_TIMEOUT_S):
+            raise RuntimeError(f"a warm-up booking of slot {slot} was never delivered")
+    cpu_before = cpu_of()
+    sent: dict[str, tuple[int, float]] = {}
+    started = time.monotonic()
+    for k in range(commits):
+        pause = started + k * spacing_s - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        ((slot, vacancies),) = inventory.book(ctx.conn, inv, inv.ids.take(1)).items()
+        sent[slot] = (vacancies, time.monotonic())
+    arrived = receiver.wait_for([(s, v) for s, (v, _) in sent.items()], wait_s)
+    cpu = cpu_of() - cpu_before
+    seconds = time.monotonic() - started
+    latencies = [(arrived[s] - at) * 1000 for s, (_, at) in sent.items() if s in arrived]
+    return StreamResult(latencies, commits, commits - len(latencies), cpu, seconds)
+
+
+def set_triggers(ctx: Context, inv: Inventory, *, installed: bool) -> None:
+    from agent.source import pg_triggers
+
+    engine = sa.create_engine(ctx.source_url)
+    try:
+        table = f"{inv.schema}.slots"
+        statements = (
+            pg_triggers.install_sql(engine, [table], agentconf.NOTIFY_CHANNEL)
+            if installed
+            else pg_triggers.uninstall_sql(engine, [table])
+        )
+        pg_triggers.apply(engine, statements)
+    finally:
+        engine.dispose()
+
+
+def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResult:
+    """One daemon in `mode`, one stream of `commits` bookings; the triggers set by the caller."""
+    size = ctx.plan.big
+    inv = ctx.inventory(size)
+    name = f"latency-{'wakeups' if mode.triggers else 'polling'}-{run}"
+    ctx.wait_quiet()
+    state = ctx.caught_up_state(size, name)
+    with Receiver(arrivals=True, log=ctx.log(f"{name}-receiver")) as receiver:
+        config = ctx.config(
+            name,
+            ctx.setup(
+                size,
+                state,
+                base_url=receiver.url,
+                poll_interval_s=mode.poll_interval_s,
+                cursor_overlap_s=mode.cursor_overlap_s,
+            ),
+        )
+        daemon = Daemon(config, ctx.log(name))
+        try:
+            result = stream(
+                ctx,
+                inv,
+                receiver,
+                daemon.cpu_s,
+                commits=commits,
+                spacing_s=ctx.plan.commit_spacing_s,
+            )
+        finally:
+            code = daemon.stop()
+        ctx.changed()
+        if code != 0:
+            raise RuntimeError(f"the daemon exited with {code}; see {ctx.log(name)}")
+    return result
+
+
+def measure(ctx: Context) -> dict[str, Any]:
+    inv = ctx.inventory(ctx.plan.big)
+    ctx.reference_state(ctx.plan.big)
+    modes: list[dict[str, Any]] = []
+    for mode in (WAKEUPS, POLLING):
+        set_triggers(ctx, inv, installed=mode.triggers)
+        try:
+            runs = []
+            for run in range(ctx.plan.latency_runs):
+                summary = agent_stream(ctx, mode, run, ctx.plan.latency_commits).summary()
+                runs.append(summary)
+                print(
+                    f"  latency, {mode.name}, run {run + 1}: p50 {summary['p50_ms']:.0f} ms, "
+                    f"p95 {summary['p95_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, "
+                    f"{summary['missing']} missing",
+                    flush=True,
+                )
+        finally:
+            if mode.triggers:
+                set_triggers(ctx, inv, installed=False)
+        modes.append({"mode": mode.name, "triggers": mode.triggers, **_medians(runs), "runs": runs})
+    return {
+        "slots": ctx.plan.big,
+        "commits_per_run": ctx.plan.latency_commits,
+        "spacing_ms": ctx.plan.commit_spacing_s * 1000,
+        "modes": modes,
+    }
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "cpu_s_per_1000")
+    merged: dict[str, float] = {k: median([r[k] for r in runs]) for k in keys}
+    merged["commits"] = sum(r["commits"] for r in runs)
+    merged["missing"] = sum(r["missing"] for r in runs)
+    return merged

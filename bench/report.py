@@ -1,0 +1,537 @@
+"""The results as tables: printed after a run, and docs/benchmarks.md regenerated from them.
+
+Every figure in the document comes from the results of the run that wrote it; the prose is
+either fixed (what is measured, taken from each measurement module's docstring) or computed
+from the results (which goals are met). Never edit docs/benchmarks.md by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import platform
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS_PATH = ROOT / "docs" / "benchmarks.md"
+RESULTS_DIR = ROOT / "bench" / "results"
+
+SCAN_RATIO_GOAL = 2.0
+SCAN_RSS_GOAL_MB = 200.0
+POLL_IDLE_GOAL_MS = 10.0
+LATENCY_P50_GOAL_MS = 50.0
+LATENCY_P99_GOAL_MS = 250.0
+THROUGHPUT_GOAL = 0.70
+
+SECTIONS = {
+    "scan": "bench.full_scan",
+    "poll": "bench.poll",
+    "latency": "bench.latency",
+    "throughput": "bench.throughput",
+    "dlt": "bench.versus_dlt",
+    "profile": "bench.profile",
+}
+
+
+# -- the machine ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    memory_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory_kib = int(line.split()[1])
+    return {
+        "cores": str(os.cpu_count()),
+        "memory": f"{memory_kib / 1024 / 1024:.1f} GiB",
+        "cpu": model,
+        "kernel": platform.release(),
+    }
+
+
+def versions(extra: dict[str, str]) -> dict[str, str]:
+    import httpx
+    import psycopg
+    import sqlalchemy
+
+    import agent
+    from bench.versus_dlt import dlt_version
+
+    return {
+        "Python": platform.python_version(),
+        "PostgreSQL": extra.get("postgresql", "?"),
+        "SQLAlchemy": sqlalchemy.__version__,
+        "psycopg": psycopg.__version__,
+        "httpx": httpx.__version__,
+        "dlt": dlt_version() or "not installed",
+        "seyaha-agent": f"{agent.__version__}, {extra.get('seyaha-agent', '?')}",
+    }
+
+
+# -- formatting -----------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and digits == 0):
+        return f"{int(value):,}"
+    return f"{value:,.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**not met**")
+
+
+def _docstring(module: str) -> list[str]:
+    doc = inspect.getdoc(importlib.import_module(module)) or ""
+    return ["```text", *doc.splitlines(), "```"]
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+
+def scan_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    rows = [
+        [
+            _num(s["slots"], 0),
+            _num(s["agent_s"], 2),
+            _num(s["floor_s"], 2),
+            f"{_num(s['ratio'], 1)}x",
+            _num(s["ordered_floor_s"], 2),
+            _num(s["agent_cpu_s"], 2),
+            _num(s["changed"], 0),
+            _num(s["rss_before_mb"], 0),
+            _num(s["peak_rss_mb"], 0),
+            _num(s["floor_peak_rss_mb"], 0),
+            _num(s["baseline_s"], 1),
+            _num(s["baseline_peak_rss_mb"], 0),
+        ]
+        for s in r["sizes"]
+    ]
+    lines = _table(
+        [
+            "slots",
+            "agent scan (s)",
+            "floor (s)",
+            "agent / floor",
+            "floor + ORDER BY (s)",
+            "agent CPU (s)",
+            "changed rows",
+            "RSS before scan (MB)",
+            "peak RSS (MB)",
+            "floor peak RSS (MB)",
+            "first scan (baseline, s)",
+            "baseline peak RSS (MB)",
+        ],
+        rows,
+    )
+    biggest = r["sizes"][-1]
+    goals: list[tuple[str, str, bool | None]] = [
+        (
+            f"full reconciliation within {SCAN_RATIO_GOAL:g}x of the floor at "
+            f"{_num(biggest['slots'], 0)} slots",
+            f"{_num(biggest['ratio'], 1)}x ({_num(biggest['agent_s'], 1)} s vs "
+            f"{_num(biggest['floor_s'], 1)} s)",
+            biggest["ratio"] <= SCAN_RATIO_GOAL,
+        ),
+        (
+            f"peak RSS under {SCAN_RSS_GOAL_MB:g} MB at {_num(biggest['slots'], 0)} slots",
+            f"{_num(biggest['peak_rss_mb'], 0)} MB",
+            biggest["peak_rss_mb"] < SCAN_RSS_GOAL_MB,
+        ),
+    ]
+    if len(r["sizes"]) > 1:
+        small = r["sizes"][0]
+        growth = biggest["peak_rss_mb"] - small["peak_rss_mb"]
+        lines += [
+            "",
+            f"Peak RSS of the scan: {_num(small['peak_rss_mb'], 0)} MB at "
+            f"{_num(small['slots'], 0)} slots, {_num(biggest['peak_rss_mb'], 0)} MB at "
+            f"{_num(biggest['slots'], 0)} slots ({growth:+.0f} MB for "
+            f"{biggest['slots'] / small['slots']:.0f}x the rows); the process holds "
+            f"{_num(biggest['rss_before_mb'], 0)} MB before the scan starts (interpreter, "
+            "SQLAlchemy, httpx, pydantic, the catalog).",
+        ]
+    return lines, goals
+
+
+def poll_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    rows = [
+        [
+            _num(p["changed"], 0),
+            _num(p["median_ms"], 1),
+            _num(p["min_ms"], 1),
+            _num(p["max_ms"], 1),
+            _num(p["rows_read"], 0),
+            _num(p["notifies"], 0),
+            _num(p["us_per_change"], 0),
+        ]
+        for p in r["rows"]
+    ]
+    lines = [
+        f"{_num(r['slots'], 0)} slots; cursor_overlap {r['overlap_s']:g} s; median of "
+        f"{len(r['rows'][0]['polls'])} polls each.",
+        "",
+        *_table(
+            [
+                "changed rows",
+                "median (ms)",
+                "min (ms)",
+                "max (ms)",
+                "rows read",
+                "notifies queued",
+                "µs per changed row",
+            ],
+            rows,
+        ),
+    ]
+    lookup = r.get("lookup") or {}
+    if lookup.get("ms_by_keys"):
+        timed = ", ".join(
+            f"{_num(int(k), 0)} key{'s' if int(k) > 1 else ''}: {_num(v, 1)} ms"
+            for k, v in lookup["ms_by_keys"].items()
+        )
+        lines += [
+            "",
+            f"StateStore.lookup_slots() alone on this state ({_num(r['slots'], 0)} stored "
+            f"slots): {timed}.",
+        ]
+        for count, plan in (lookup.get("plans") or {}).items():
+            lines += [
+                "",
+                f"SQLite's plan for the statement with {_num(int(count), 0)} "
+                f"key{'s' if int(count) > 1 else ''}:",
+                "",
+                "```text",
+                *plan,
+                "```",
+            ]
+    idle = r["rows"][0]
+    goals: list[tuple[str, str, bool | None]] = [
+        (
+            f"a poll with 0 changes under {POLL_IDLE_GOAL_MS:g} ms",
+            f"{_num(idle['median_ms'], 1)} ms",
+            idle["median_ms"] < POLL_IDLE_GOAL_MS,
+        )
+    ]
+    if len(r["rows"]) >= 3:
+        mid, big = r["rows"][1], r["rows"][-1]
+        per_mid = (mid["median_ms"] - idle["median_ms"]) / mid["changed"]
+        per_big = (big["median_ms"] - idle["median_ms"]) / big["changed"]
+        goals.append(
+            (
+                "poll time proportional to the changes",
+                f"{per_mid * 1000:.0f} µs per change at {_num(mid['changed'], 0)}, "
+                f"{per_big * 1000:.0f} µs at {_num(big['changed'], 0)} (above the idle poll)",
+                None,
+            )
+        )
+    return lines, goals
+
+
+def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    rows = [
+        [
+            m["mode"],
+            _num(m["commits"], 0),
+            _num(m["missing"], 0),
+            _num(m["p50_ms"], 0),
+            _num(m["p95_ms"], 0),
+            _num(m["p99_ms"], 0),
+            _num(m["max_ms"], 0),
+            _num(m["cpu_s_per_1000"], 2),
+        ]
+        for m in r["modes"]
+    ]
+    lines = [
+        f"{_num(r['slots'], 0)} slots; {len(r['modes'][0]['runs'])} run(s) of "
+        f"{_num(r['commits_per_run'], 0)} single-slot commits, one every "
+        f"{r['spacing_ms']:g} ms (open loop); percentiles are the median over runs.",
+        "",
+        *_table(
+            [
+                "mode",
+                "commits",
+                "not delivered",
+                "p50 (ms)",
+                "p95 (ms)",
+                "p99 (ms)",
+                "max (ms)",
+                "daemon CPU s per 1,000 changes",
+            ],
+            rows,
+        ),
+    ]
+    goals: list[tuple[str, str, bool | None]] = []
+    wake = next((m for m in r["modes"] if m["triggers"]), None)
+    if wake is not None:
+        goals += [
+            (
+                f"with wake-ups, p50 < {LATENCY_P50_GOAL_MS:g} ms",
+                f"{_num(wake['p50_ms'], 0)} ms",
+                wake["p50_ms"] < LATENCY_P50_GOAL_MS,
+            ),
+            (
+                f"with wake-ups, p99 < {LATENCY_P99_GOAL_MS:g} ms",
+                f"{_num(wake['p99_ms'], 0)} ms",
+                wake["p99_ms"] < LATENCY_P99_GOAL_MS,
+            ),
+        ]
+    return lines, goals
+
+
+def throughput_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    rows = []
+    for t in r["receivers"]:
+        for p in t["rows"]:
+            floor = (
+                "httpx.Client, sequential"
+                if p["concurrency"] == 1
+                else f"httpx.Client, {p['concurrency']} threads"
+            )
+            rows.append(
+                [
+                    t["receiver"],
+                    _num(t["backlog"], 0),
+                    _num(p["concurrency"], 0),
+                    _num(p["agent_per_s"], 0),
+                    floor,
+                    _num(p["floor_per_s"], 0),
+                    f"{_num(p['agent_vs_floor'] * 100, 0)}%",
+                    _num(p["agent_cpu_ms_per_message"], 2),
+                    _num(p["floor_cpu_ms_per_message"], 2),
+                    f"{_num(p['receiver_busy_agent'] * 100, 0)}% / "
+                    f"{_num(p['receiver_busy_floor'] * 100, 0)}%",
+                    _num(len(t["runs"]), 0),
+                ]
+            )
+    async_rows = [
+        [t["receiver"], _num(t["async_per_s"], 0), f"{_num(t['receiver_busy_async'] * 100, 0)}%"]
+        for t in r["receivers"]
+    ]
+    d, claim = r["defaults"], r["claim"]
+    enqueue = ", ".join(
+        f"{_num(int(n), 0)} in {_num(s, 1)} s"
+        for n, s in sorted(r["enqueue_s"].items(), key=lambda x: int(x[0]))
+    )
+    lines = [
+        f"The agent's delivery defaults here: concurrency {d.get('concurrency', 1)}, rate_limit "
+        f"{d.get('rate_limit', 0)}/s, batch_size {d.get('batch_size')}.",
+        "",
+        f"- One StateStore.claim() of {_num(claim['claimed'], 0)} messages with "
+        f"{_num(claim['pending'], 0)} pending: {_num(claim['seconds'] * 1000, 0)} ms.",
+        f"- Writing the backlog through StateStore.commit_scan() (one transaction): {enqueue}.",
+        "",
+        *_table(
+            [
+                "receiver",
+                "backlog",
+                "concurrency",
+                "agent drain (msg/s)",
+                "floor",
+                "floor (msg/s)",
+                "agent / floor",
+                "agent CPU ms/msg",
+                "floor CPU ms/msg",
+                "receiver CPU busy (agent / floor)",
+                "runs",
+            ],
+            rows,
+        ),
+        "",
+        *_table(
+            [
+                "receiver",
+                f"httpx.AsyncClient, {r['async_concurrency']} in flight (msg/s)",
+                "receiver CPU busy",
+            ],
+            async_rows,
+        ),
+    ]
+    limited = r.get("rate_limited")
+    if limited:
+        lines += [
+            "",
+            f"With the default delivery settings (rate_limit {limited['rate_limit']:g}/s, "
+            f"concurrency {d.get('concurrency')}) the agent drained {_num(limited['sent'], 0)} "
+            f"notifies at {_num(limited['per_s'], 1)} msg/s: the limit, as designed.",
+        ]
+    fast = r["receivers"][0]["rows"]
+    goals: list[tuple[str, str, bool | None]] = [
+        (
+            f"delivery at least {THROUGHPUT_GOAL:.0%} of the httpx floor, concurrency "
+            f"{p['concurrency']}",
+            f"{_num(p['agent_vs_floor'] * 100, 0)}% ({_num(p['agent_per_s'], 0)} vs "
+            f"{_num(p['floor_per_s'], 0)} msg/s)",
+            p["agent_vs_floor"] >= THROUGHPUT_GOAL,
+        )
+        for p in fast
+    ]
+    return lines, goals
+
+
+def dlt_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    if "error" in r:
+        return [f"dlt could not be run here: `{r['error']}`"], []
+    a, d = r["agent"], r["dlt_stream"]
+    rows = [
+        [
+            "seyaha-agent daemon, wake-ups",
+            _num(a["p50_ms"], 0),
+            _num(a["p95_ms"], 0),
+            _num(a["p99_ms"], 0),
+            _num(a["missing"], 0),
+            _num(a["cpu_s_per_1000"], 2),
+            f"{a['deletes_after_poll']}/{r['deleted']} after a poll; "
+            f"{a['deletes_after_scan']}/{r['deleted']} CLOSED after a full reconciliation "
+            f"({_num(a['scan_s'], 1)} s)",
+        ],
+        [
+            f"dlt {r['dlt']} loop of pipeline runs",
+            _num(d["p50_ms"], 0),
+            _num(d["p95_ms"], 0),
+            _num(d["p99_ms"], 0),
+            _num(d["missing"], 0),
+            _num(d["cpu_s_per_1000"], 2),
+            f"{d['deletes']}/{r['deleted']} after {r['delete_wait_s']:g} s of pipeline runs",
+        ],
+    ]
+    lines = [
+        f"{_num(r['slots'], 0)} slots; {_num(r['commits'], 0)} single-slot commits, one every "
+        f"{r['spacing_ms']:g} ms, for each tool; then {r['deleted']} slots deleted.",
+        "",
+        *_table(
+            [
+                "tool",
+                "p50 (ms)",
+                "p95 (ms)",
+                "p99 (ms)",
+                "not delivered",
+                "CPU s per 1,000 changes",
+                "deletes told to the receiver",
+            ],
+            rows,
+        ),
+        "",
+        f"dlt ran {_num(d['pipeline_runs'], 0)} pipeline runs back to back, "
+        f"{_num(d['run_median_s'], 2)} s each (median); CPU of child processes: "
+        f"{_num(d['children_cpu_s'], 2)} s.",
+    ]
+    return lines, []
+
+
+def profile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    if "error" in r:
+        return [f"No profile: `{r['error']}`"], []
+    lines: list[str] = []
+    for p in r.values():
+        lines += [
+            f"**{p['what']}** ({_num(p['samples'], 0)} samples):",
+            "",
+            "```text",
+            "own time (top of the stack):",
+            *p["own"],
+            "",
+            "inclusive time of the agent's functions:",
+            *p["agent"],
+            "```",
+            "",
+        ]
+    return lines, []
+
+
+TITLES = {
+    "scan": "1. Full reconciliation vs a plain SELECT",
+    "poll": "2. Incremental polls",
+    "latency": "3. Commit-to-delivery latency",
+    "throughput": "4. Delivery throughput",
+    "dlt": "5. Against dlt",
+    "profile": "Where the time goes (profiles)",
+}
+RENDER: dict[
+    str, Callable[[dict[str, Any]], tuple[list[str], list[tuple[str, str, bool | None]]]]
+] = {
+    "scan": scan_section,
+    "poll": poll_section,
+    "latency": latency_section,
+    "throughput": throughput_section,
+    "dlt": dlt_section,
+    "profile": profile_section,
+}
+
+
+def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The whole document for `results` ({name: result or {"failed": text}})."""
+    sections: list[str] = []
+    goals: list[tuple[str, str, bool | None]] = []
+    for name, result in results.items():
+        sections += ["", f"## {TITLES[name]}", ""]
+        if "failed" in result:
+            sections.append(f"This measurement failed: `{result['failed']}`")
+            continue
+        body, found = RENDER[name](result)
+        goals += found
+        sections += body
+        sections += ["", "How it is measured:", "", *_docstring(SECTIONS[name])]
+    setup = [
+        ("date", meta["date"]),
+        ("command", f"`{meta['command']}`"),
+        ("duration of the run", f"{meta['duration_s'] / 60:.1f} min"),
+        (
+            "machine",
+            f"{meta['machine']['cores']} cores, {meta['machine']['memory']} memory, "
+            f"{meta['machine']['cpu']} (Linux {meta['machine']['kernel']})",
+        ),
+        *((k, v) for k, v in meta["versions"].items()),
+        ("runs per measurement", f"{meta['runs']} (the tables show medians)"),
+    ]
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python -m bench all` (bench/report.py) from the results of one run."
+        " Do not edit by hand: run it again. -->",
+        "",
+        "Generated by `python -m bench all`. The figures come from a **shared 2-core machine**: "
+        "other test runs may load its CPU at times, and every process of a measurement "
+        "(PostgreSQL, the agent, the receiver, the benchmark itself) shares the two cores. "
+        "Compare ratios measured in the same run rather than absolute numbers across runs.",
+        "",
+        *_table(["", ""], [[k, v] for k, v in setup]),
+        "",
+        "## Goals",
+        "",
+        *_table(["goal", "measured", "verdict"], [[g, m, _verdict(ok)] for g, m, ok in goals]),
+        *sections,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def meta_for(
+    command: str, duration_s: float, runs: int, extra_versions: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "duration_s": duration_s,
+        "machine": machine(),
+        "versions": versions(extra_versions),
+        "runs": runs,
+    }

@@ -1,0 +1,64 @@
+"""Small numeric helpers: medians, percentiles, CPU time and memory of a process.
+
+Times of other processes are read from /proc (Linux), so a process's CPU can be measured
+over a window of its life (after start-up) without its cooperation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+BYTES_PER_MB = 1024 * 1024
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The `fraction` quantile (0..1) with linear interpolation between ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * fraction
+    low = math.floor(position)
+    high = math.ceil(position)
+    if low == high:
+        return float(ordered[low])
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of `pid` so far (children not included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime field 14, stime field 15 (1-based).
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLOCK_TICKS_PER_S
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * PAGE_BYTES / BYTES_PER_MB
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ratio(value: float, reference: float) -> float:
+    if reference == 0 or math.isnan(reference) or math.isnan(value):
+        return math.nan
+    return value / reference
