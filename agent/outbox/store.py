@@ -45,11 +45,12 @@ _META_BASELINE = "baseline_ms"
 _META_CURSOR = "cursor:"
 _META_STATUS = "status:"
 
+LOOKUP_BATCH = 500
+"""Keys per IN (...) lookup on PostgreSQL and MySQL: far below their bound-parameter limits."""
+
 STREAM_BATCH_ROWS = 5000
 """Stored slots fetched per round trip by iter_slots."""
 
-LOOKUP_BATCH = 500
-"""Keys per IN (...) lookup: far below every backend's limit on bound parameters."""
 _META_SCHEMA = "schema_version"
 
 
@@ -174,6 +175,21 @@ class StateStore:
         c = t.slot_fingerprints.c
         found: dict[SlotKey, StoredSlot] = {}
         with self._read() as conn:
+            if self.backend == "sqlite":
+                # One primary-key search per key with one cached statement: SQLite answers a
+                # row-value IN list with a scan of the whole table.
+                query = sa.select(*_SLOT_COLUMNS).where(
+                    c.product_id == sa.bindparam("p"),
+                    c.option_id == sa.bindparam("o"),
+                    c.availability_id == sa.bindparam("a"),
+                )
+                for p, o, a in keys:
+                    row = conn.execute(query, {"p": p, "o": o, "a": a}).first()
+                    if row is not None:
+                        found[(p, o, a)] = _stored_slot(row)
+                return found
+            # PostgreSQL and MySQL search the primary key for each item of the IN list, and
+            # a round trip per key would cost more than the search.
             for start in range(0, len(keys), LOOKUP_BATCH):
                 batch = keys[start : start + LOOKUP_BATCH]
                 query = sa.select(*_SLOT_COLUMNS).where(

@@ -7,6 +7,7 @@ skipped with its key and the reason, and the rest of the result goes on.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -284,11 +285,12 @@ class SourceReader:
     def _rows(
         self, result: sa.CursorResult[Any], name: str, limit: int | None
     ) -> Iterator[dict[str, Any]]:
+        # Column names are lowered once, not per row: the loop runs a million times per scan.
+        keys = [str(k).lower() for k in result.keys()]  # noqa: SIM118 - a Result, not a dict
         try:
-            for count, row in enumerate(result.mappings()):
-                if limit is not None and count >= limit:
-                    break
-                yield {str(k).lower(): v for k, v in row.items()}
+            rows_in = result if limit is None else itertools.islice(result, limit)
+            for row in rows_in:
+                yield dict(zip(keys, row, strict=True))
         except DBAPIError as exc:
             if _timed_out(exc):
                 raise QueryError(
