@@ -16,6 +16,11 @@ Layout:
   latency.py      3. commit-to-delivery latency with wake-ups and with plain polling
   throughput.py   4. draining a 10,000-notify backlog vs bare httpx loops
   versus_dlt.py   5. the same stream of changes through dlt (dlt_loop.py runs its pipeline)
+  profile.py      where the time goes: py-spy samples of a scan, a poll, a drain, the daemon
+  snapshot.py     the copy of agent/ a run measures (agent/ may be edited while it runs)
   report.py       the console tables and docs/benchmarks.md
   stats.py        medians, percentiles, CPU and RSS readings
+
+Run it from the repository root (bench is not an installed package). The full run needs the
+bench extra (`pip install -e '.[bench]'`: dlt and py-spy); --quick needs neither.
 """
