@@ -134,7 +134,6 @@ def test_the_wheel_the_image_installs_carries_the_package_and_the_command(
             "pip",
             "wheel",
             "--no-deps",
-            "--no-build-isolation",
             "-q",
             "-w",
             str(tmp_path),
