@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.integration.inventory import (
     calls,
     first_day,
     notify_payload,
+    running,
     seed_tours,
     wait_until,
 )
@@ -55,18 +55,7 @@ def test_the_daemon_delivers_a_change_and_stops_when_asked(
         vacancies=12,
         capacity=40,
     )
-    stop = threading.Event()
-    crashed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            agent.run(stop)
-        except BaseException as exc:
-            crashed.append(exc)
-
-    daemon = threading.Thread(target=run, name="agent-under-test")
-    daemon.start()
-    try:
+    with running(agent):
         wait_until(
             lambda: [(c.endpoint, c.status) for c in calls(sandbox)] == [("trigger", 200)],
             "the baseline trigger",
@@ -76,12 +65,7 @@ def test_the_daemon_delivers_a_change_and_stops_when_asked(
             lambda: any(c.body == expected and c.status == 200 for c in calls(sandbox)),
             "the notify for the booking",
         )
-    finally:
-        stop.set()
-        daemon.join(60)
 
-    assert not daemon.is_alive()
-    assert crashed == []
     assert [(c.endpoint, c.status, c.body) for c in calls(sandbox)] == [
         ("trigger", 200, None),
         ("notify", 200, expected),
