@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -134,6 +135,8 @@ class Agent:
             else None
         )
         self._not_scanner_logged = False
+        self._lease_until: datetime | None = None
+        """When the scanner lease this agent last took runs out (shared state stores)."""
         self.poll_wake = threading.Event()
         """Set by a wake-up (LISTEN/NOTIFY, file watch): wakes the poll loop."""
         self.scan_lock = threading.Lock()
@@ -163,9 +166,17 @@ class Agent:
         if self.store.backend == "sqlite":
             return True
         lease = max(SCANNER_LEASE_MIN_S, 3 * self.config.settings.source.poll_interval)
-        if self.store.hold_scanner(self.identity, self.clock.now(), lease):
+        now = self.clock.now()
+        if self.store.hold_scanner(self.identity, now, lease):
+            if self._lease_until is None or now >= self._lease_until:
+                # The lease is new or ran out since this agent last held it: another agent may
+                # have recorded changes meanwhile, so what the last poll saw may be stale.
+                self.scanner.recent.clear()
+            self._lease_until = now + timedelta(seconds=lease)
             self._not_scanner_logged = False
             return True
+        self._lease_until = None
+        self.scanner.recent.clear()
         if not self._not_scanner_logged:
             event(
                 log,

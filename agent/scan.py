@@ -26,6 +26,7 @@ from agent.outbox.store import StateStore
 from agent.plan import plan
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
+from agent.source.recent import RecentRows
 
 log = logging.getLogger("agent.scan")
 
@@ -64,6 +65,8 @@ class ScanReport:
     skipped_total: int = 0
     catalog_rows: int = 0
     slot_rows: int = 0
+    slots_unchanged: int = 0
+    """Rows a poll skipped unconverted: the previous poll handled them as they are."""
     duration_s: float = 0.0
 
     @property
@@ -93,6 +96,8 @@ class Scanner:
     clock: Clock
     metrics: Metrics
     overlap_s: float = 60.0
+    recent: RecentRows = field(default_factory=RecentRows)
+    """The rows the last poll handled: the next poll skips those that come back unchanged."""
     _reported: set[tuple[str, str, str]] = field(default_factory=set)
 
     def scan(self, *, resync: bool = False) -> ScanReport:
@@ -104,6 +109,8 @@ class Scanner:
         """
         started = self.clock.monotonic()
         snapshot = Snapshot()
+        # A full scan also removes and expires slots: what the last poll saw may be stale.
+        self.recent.clear()
         with self.reader.transaction() as src:
             upper = self.reader.clock(src) if self.reader.incremental else None
             self.reader.read_catalog(src, snapshot)
@@ -162,12 +169,15 @@ class Scanner:
         saved = self.store.cursor(CURSOR) if self.reader.incremental else None
         if saved is None:
             return self.scan()
+        recent, self.recent = self.recent, RecentRows(self.recent.limit)
+        # Until this poll is recorded, nothing is remembered: a failure below leaves the
+        # memory empty, and the next poll diffs every row the full way.
         started = self.clock.monotonic()
         snapshot = Snapshot()
         since = cursor.since(cursor.decode(saved), self.overlap_s)
         with self.reader.transaction() as src:
             upper = self.reader.clock(src)
-            found = self.reader.changed_slots(src, since, snapshot)
+            found = self.reader.changed_slots(src, since, snapshot, recent)
             if self.reader.catalog_changed_query is not None:
                 self.reader.changed_catalog(src, since, snapshot)
             stored_catalog = self.store.load_catalog() if found or snapshot.catalog else {}
@@ -195,7 +205,9 @@ class Scanner:
         enqueued = self.store.commit_scan(
             report.catalog, slots, messages, now, cursors={CURSOR: cursor.encode(upper)}
         )
+        self.recent.replace(snapshot.handled)
         report.count(slots, messages, enqueued)
+        report.slots_unchanged = snapshot.slot_rows_unchanged
         report.take_skipped(snapshot)
         report.duration_s = self.clock.monotonic() - started
         self._observe(report)

@@ -23,6 +23,7 @@ from agent.db import redact_url
 from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
+from agent.source.recent import RawKey, RawValues, RecentRows
 
 STREAM_BATCH_ROWS = 5000
 """Rows fetched per round trip when streaming a large result."""
@@ -48,6 +49,10 @@ class Snapshot:
     slots_protected: set[SlotKey] = field(default_factory=set)
     catalog_rows_read: int = 0
     slot_rows_read: int = 0
+    slot_rows_unchanged: int = 0
+    """Rows of a poll skipped because the previous poll handled them as they are (RecentRows)."""
+    handled: dict[RawKey, tuple[RawValues, SlotKey]] = field(default_factory=dict)
+    """The slot rows of a poll to remember once its changes are recorded."""
 
 
 class SourceReader:
@@ -181,9 +186,17 @@ class SourceReader:
         self._read_catalog(conn, snapshot, limit=None)
 
     def changed_slots(
-        self, conn: sa.Connection, since: Any, snapshot: Snapshot
+        self,
+        conn: sa.Connection,
+        since: Any,
+        snapshot: Snapshot,
+        recent: RecentRows | None = None,
     ) -> list[SourceSlot]:
-        """Slots the slots_changed_query returns for `since` (an incremental poll)."""
+        """Slots the slots_changed_query returns for `since` (an incremental poll).
+
+        Rows `recent` holds exactly as they come back are skipped before conversion (counted
+        in snapshot.slot_rows_unchanged); every readable row goes into snapshot.handled.
+        """
         assert self.slots_changed_query is not None
         name = "slots_changed_query"
         result = self._execute(
@@ -196,11 +209,23 @@ class SourceReader:
         collect = _Collector(name, rows.SLOT_KEY_COLUMNS, snapshot.skipped)
         found: list[SourceSlot] = []
         zone = self.timezone
+        key_columns = rows.SLOT_KEY_COLUMNS
+        handled = snapshot.handled
         for raw in self._rows(result, name, None):
             snapshot.slot_rows_read += 1
+            values = tuple(raw.values())
+            raw_key = tuple(raw[c] for c in key_columns)
+            known = recent.unchanged(raw_key, values) if recent is not None else None
+            if known is not None:
+                if collect.first_time(raw, known):
+                    snapshot.slot_rows_unchanged += 1
+                    handled[raw_key] = (values, known)
+                continue
             item = collect.convert(raw, lambda r: rows.slot(r, zone))
             if item is not None and collect.first_time(raw, item.key):
                 found.append((item.key, item))
+                with suppress(TypeError):  # a key value that cannot be hashed: not remembered
+                    handled[raw_key] = (values, item.key)
         found.extend(((k[0], k[1], k[2]), None) for k in collect.protected)
         return found
 

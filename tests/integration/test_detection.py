@@ -191,7 +191,7 @@ def test_an_incremental_poll_sends_exactly_what_changed_and_a_re_read_sends_noth
         # Nothing changed: the two rows are still inside the overlap window, so they are read
         # again, and their fingerprints make them produce nothing.
         again = _poll(agent)
-        assert (again.kind, again.slot_rows) == ("incremental", 2)
+        assert (again.kind, again.slot_rows, again.slots_unchanged) == ("incremental", 2, 2)
         assert (again.messages, again.enqueued, again.slots_changed) == (0, 0, 0)
     _delivered(agent)
     assert _per_slot(_notified(sandbox)) == {"101": 1, "202": 1}
@@ -200,6 +200,67 @@ def test_an_incremental_poll_sends_exactly_what_changed_and_a_re_read_sends_noth
     later = agent.store.cursor(CURSOR)
     assert later is not None
     assert cursor.decode(later) > cursor.decode(saved)  # every successful poll moves it on
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_poll_skips_rows_it_handled_as_they_are_but_never_a_row_the_store_moved_past(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    inventory = make_inventory(backend)
+    slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
+    inventory.track_updates()
+    sandbox = make_sandbox()
+    agent = make_agent(
+        "agent",
+        base_url=sandbox.url,
+        source_url=inventory.url,
+        state_url=_state(tmp_path),
+        source=INCREMENTAL,
+    )
+    assert _poll(agent).baseline
+    _delivered(agent)
+
+    inventory.update_slot(101, vacancies=12)
+    inventory.update_slot(102, vacancies=3)
+    first = _poll(agent)
+    assert (first.slot_rows, first.slots_unchanged, first.notifies) == (2, 0, 2)
+    _delivered(agent)
+    # 101 changes and changes back: remembered by key, its old values are never mistaken for
+    # the ones the store holds now.
+    inventory.update_slot(101, vacancies=11)
+    moved = _poll(agent)
+    assert (moved.slot_rows, moved.slots_unchanged, moved.notifies) == (2, 1, 1)
+    _delivered(agent)
+    inventory.update_slot(101, vacancies=12)
+    back = _poll(agent)
+    assert (back.slot_rows, back.slots_unchanged, back.notifies) == (2, 1, 1)
+    _delivered(agent)
+
+    # A full reconciliation closes 101, which then comes back exactly as it was: the poll
+    # after the full scan must not take it for a row it already handled.
+    inventory.delete_slot(101)
+    full = agent.scan()
+    assert (full.slots_removed, full.notifies) == (1, 1)
+    _delivered(agent)
+    slot = slots[101]
+    inventory.add_slot(
+        101, slot.option_id, slot.start, capacity=slot.capacity, vacancies=12, status=None
+    )
+    returned = _poll(agent)
+    assert (returned.slots_unchanged, returned.slots_added, returned.notifies) == (0, 1, 1)
+    _delivered(agent)
+    assert [b["vacancies"] for b in _notified(sandbox) if b["availabilityId"] == "101"] == [
+        12,
+        11,
+        12,
+        0,
+        12,
+    ]
+    assert _poll(agent).slots_unchanged == 2
 
 
 # -- out-of-order commits ---------------------------------------------------------------

@@ -36,6 +36,7 @@ from agent.sandbox import Call, Sandbox
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.inventory import (
     BACKEND_PARAMS,
+    SLOTS_CHANGED_QUERY,
     Inventory,
     TourSlot,
     at,
@@ -95,6 +96,7 @@ def build_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
         state_url: str,
         delivery: Mapping[str, Any] | None = None,
         clock: ShiftedClock | None = None,
+        source: Mapping[str, Any] | None = None,
     ) -> Agent:
         path = write_config(
             tmp_path,
@@ -104,6 +106,7 @@ def build_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             secret=SECRET,
             source_url=source_url,
             state_url=state_url,
+            source=source,
         )
         _with_delivery(path, {"auth_probe_interval": 0.5, **(delivery or {})})
         agent = Agent(load_config(path), clock=clock)
@@ -826,6 +829,55 @@ def test_two_agents_on_a_shared_store_take_turns_scanning_through_the_lease(
     assert one.poll() is None
     assert two.store.status()["scanner"].startswith(two.identity + " ")
     assert [e.kind for e in one.store.entries()] == ["trigger", "notify"]
+
+
+@pytest.mark.parametrize("backend", SHARED_BACKENDS)
+def test_an_agent_taking_the_scanner_lease_back_diffs_every_row_the_full_way_again(
+    backend: str,
+    make_inventory: Callable[[str], Inventory],
+    make_sandbox: Callable[..., Sandbox],
+    build_agent: Callable[..., Agent],
+    state_url: Callable[[str], str],
+) -> None:
+    """A poll skips rows the previous poll handled as they are; after another agent held the
+    lease, the store may hold newer states than those rows, so nothing is skipped."""
+    inventory = make_inventory("sqlite")
+    seed_tours(inventory, first_day())
+    inventory.track_updates()
+    sandbox = make_sandbox()
+    url = state_url(backend)
+    lease = timedelta(seconds=SCANNER_LEASE_MIN_S + 5)
+    one_clock, two_clock = ShiftedClock(timedelta()), ShiftedClock(lease)
+    incremental = {"slots_changed_query": SLOTS_CHANGED_QUERY}
+    one, two = (
+        build_agent(name, base_url=sandbox.url, source_url=inventory.url, state_url=url,
+                    clock=clock, source=incremental)
+        for name, clock in (("one", one_clock), ("two", two_clock))
+    )  # fmt: skip
+
+    first = one.poll()
+    assert first is not None
+    assert first.baseline
+    inventory.update_slot(101, vacancies=12)
+    seen = one.poll()
+    assert seen is not None
+    assert seen.notifies == 1  # one remembers 101 at 12 vacancies
+    drained(one)
+
+    # One stalls past its lease; two takes over and records a booking.
+    inventory.update_slot(101, vacancies=11)
+    taken = two.poll()
+    assert taken is not None
+    assert taken.notifies == 1
+    drained(two)
+    # The booking is cancelled: 101 is back to exactly what one saw last.
+    inventory.update_slot(101, vacancies=12)
+    one_clock.offset = 3 * lease  # two's lease has run out in turn
+    back = one.poll()
+    assert back is not None
+    assert (back.slots_unchanged, back.notifies) == (0, 1)
+    drained(one)
+    assert [c.body["vacancies"] for c in notifies(sandbox) if c.body] == [12, 11, 12]
 
 
 # -- 9. one agent per SQLite state file ------------------------------------------------------
