@@ -29,7 +29,8 @@ def create_engine(url: str, *, role: str) -> sa.Engine:
     """An engine for `url`; `role` ("source" or "state") is the application name servers see."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # A SQLite "connection" is a file handle: there is no server whose restart a ping detects.
+    kwargs: dict[str, Any] = {"pool_pre_ping": backend != "sqlite"}
     connect_args: dict[str, Any] = {}
     if backend == "sqlite":
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_MS / 1000

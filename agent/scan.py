@@ -180,15 +180,18 @@ class Scanner:
             found = self.reader.changed_slots(src, since, snapshot, recent)
             if self.reader.catalog_changed_query is not None:
                 self.reader.changed_catalog(src, since, snapshot)
-            stored_catalog = self.store.load_catalog() if found or snapshot.catalog else {}
-            known = stored_catalog.keys() | {r.key for r in snapshot.catalog}
-            if any((k[0], k[1]) not in known for k, item in found if item is not None):
+            # The stored fingerprints of just the catalog rows this poll touches.
+            wanted = {(k[0], k[1]) for k, item in found if item is not None}
+            touched = wanted | {r.key for r in snapshot.catalog}
+            stored_catalog = self.store.lookup_catalog(touched) if touched else {}
+            if not wanted <= stored_catalog.keys() | {r.key for r in snapshot.catalog}:
                 # A slot of a (product, option) the store has not seen: read the catalog now,
                 # so that its trigger is queued before the slot's notify. Sent first, the
                 # notify would be answered updated:false, and the full scan's trigger would
                 # not resend the slot (Seyaha's catalog sync does not carry availability).
                 snapshot.catalog.clear()
                 self.reader.read_catalog(src, snapshot)
+                stored_catalog = self.store.load_catalog()
         now = self.clock.now()
         report = ScanReport(at=now, kind="incremental")
         report.catalog = CatalogDiff(

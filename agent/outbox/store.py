@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -173,30 +173,48 @@ class StateStore:
     def lookup_slots(self, keys: Sequence[SlotKey]) -> dict[SlotKey, StoredSlot]:
         """The stored slots among `keys` (for incremental polls and late rows of a merge)."""
         c = t.slot_fingerprints.c
-        found: dict[SlotKey, StoredSlot] = {}
         with self._read() as conn:
-            if self.backend == "sqlite":
-                # One primary-key search per key with one cached statement: SQLite answers a
-                # row-value IN list with a scan of the whole table.
-                query = sa.select(*_SLOT_COLUMNS).where(
-                    c.product_id == sa.bindparam("p"),
-                    c.option_id == sa.bindparam("o"),
-                    c.availability_id == sa.bindparam("a"),
-                )
-                for p, o, a in keys:
-                    row = conn.execute(query, {"p": p, "o": o, "a": a}).first()
-                    if row is not None:
-                        found[(p, o, a)] = _stored_slot(row)
-                return found
-            # PostgreSQL and MySQL search the primary key for each item of the IN list, and
-            # a round trip per key would cost more than the search.
-            for start in range(0, len(keys), LOOKUP_BATCH):
-                batch = keys[start : start + LOOKUP_BATCH]
-                query = sa.select(*_SLOT_COLUMNS).where(
-                    sa.tuple_(c.product_id, c.option_id, c.availability_id).in_(batch)
-                )
-                found.update((s.key, s) for s in self._slots(conn, query))
-        return found
+            rows = self._lookup(
+                conn, _SLOT_COLUMNS, (c.product_id, c.option_id, c.availability_id), keys
+            )
+            return {s.key: s for s in map(_stored_slot, rows)}
+
+    def lookup_catalog(self, keys: Collection[CatalogKey]) -> dict[CatalogKey, str]:
+        """The stored fingerprints of the catalog rows among `keys` (for incremental polls:
+        a poll needs a handful of them, not the whole catalog)."""
+        c = t.catalog_fingerprints.c
+        with self._read() as conn:
+            rows = self._lookup(
+                conn, (c.product_id, c.option_id, c.fingerprint), (c.product_id, c.option_id), keys
+            )
+            return {(r.product_id, r.option_id): r.fingerprint for r in rows}
+
+    def _lookup(
+        self,
+        conn: sa.Connection,
+        columns: Sequence[sa.ColumnElement[Any]],
+        key: Sequence[sa.ColumnElement[Any]],
+        keys: Collection[tuple[str, ...]],
+    ) -> Iterator[sa.Row[Any]]:
+        """Rows whose `key` columns equal one of `keys`, searched through the primary key."""
+        if self.backend == "sqlite":
+            # One primary-key search per key with one cached statement: SQLite answers a
+            # row-value IN list with a scan of the whole table.
+            names = [f"k{i}" for i in range(len(key))]
+            query = sa.select(*columns).where(
+                *(column == sa.bindparam(name) for column, name in zip(key, names, strict=True))
+            )
+            for values in keys:
+                row = conn.execute(query, dict(zip(names, values, strict=True))).first()
+                if row is not None:
+                    yield row
+            return
+        # PostgreSQL and MySQL search the primary key for each item of the IN list, and a
+        # round trip per key would cost more than the search.
+        ordered = list(keys)
+        for start in range(0, len(ordered), LOOKUP_BATCH):
+            batch = ordered[start : start + LOOKUP_BATCH]
+            yield from conn.execute(sa.select(*columns).where(sa.tuple_(*key).in_(batch)))
 
     @staticmethod
     def _slots(conn: sa.Connection, query: sa.Select[Any]) -> Iterator[StoredSlot]:

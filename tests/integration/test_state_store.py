@@ -128,6 +128,8 @@ def test_fingerprints_round_trip_and_follow_each_scan(store: StateStore) -> None
     assert written == 1
     assert store.is_baselined()
     assert store.load_catalog() == {("1", "a"): "f1", ("2", "b"): "f2"}
+    assert store.lookup_catalog({("2", "b"), ("9", "z"), ("1", "b")}) == {("2", "b"): "f2"}
+    assert store.lookup_catalog(set()) == {}
     stored = store.load_slots()
     assert set(stored) == {one.key, two.key, three.key}
     assert stored[three.key].fingerprint == slot_fingerprint(three)
