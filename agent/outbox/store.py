@@ -421,8 +421,21 @@ class StateStore:
             .where(older_trigger.c.kind == "trigger", older_trigger.c.state == t.PENDING)
             .scalar_subquery()
         )
+        newer_same = t.outbox.alias("newer_same")
+        # A newer message for the same slot (or a newer trigger) carries the newest absolute
+        # state: an older one, left behind by an expired lease or a failed attempt that ran
+        # while the newer was queued, is superseded and dropped instead of sent.
+        superseded = (
+            sa.exists()
+            .where(
+                newer_same.c.dedupe_key == o.dedupe_key,
+                newer_same.c.state == t.PENDING,
+                newer_same.c.id > o.id,
+            )
+            .label("superseded")
+        )
         candidates = (
-            sa.select(o.id)
+            sa.select(t.outbox, superseded)
             .where(
                 o.state == t.PENDING,
                 o.available_ms <= now_ms,
@@ -441,32 +454,17 @@ class StateStore:
             # Several agents on one store: each skips the rows another is claiming instead of
             # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
             candidates = candidates.with_for_update(skip_locked=True, of=t.outbox)
-        newer_same = t.outbox.alias("newer_same")
         claimed: list[OutboxMessage] = []
         with self._write() as conn:
-            ids = list(conn.execute(candidates).scalars())
-            for message_id in ids:
-                # A newer message for the same slot (or a newer trigger) carries the newest
-                # absolute state: this older one, left behind by an expired lease, is dropped.
-                # (Two statements: MySQL cannot DELETE with a subquery on the same table.)
-                newer = conn.execute(
-                    sa.select(newer_same.c.id)
-                    .where(
-                        newer_same.c.dedupe_key
-                        == sa.select(o.dedupe_key).where(o.id == message_id).scalar_subquery(),
-                        newer_same.c.state == t.PENDING,
-                        newer_same.c.id > message_id,
-                    )
-                    .limit(1)
-                ).first()
-                if newer is not None:
-                    conn.execute(sa.delete(t.outbox).where(o.id == message_id))
+            for row in conn.execute(candidates).all():
+                if row.superseded:
+                    conn.execute(sa.delete(t.outbox).where(o.id == row.id))
                     continue
                 token = str(uuid.uuid4())
                 result = conn.execute(
                     sa.update(t.outbox)
                     .where(
-                        o.id == message_id,
+                        o.id == row.id,
                         o.state == t.PENDING,
                         sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
                     )
@@ -474,7 +472,6 @@ class StateStore:
                 )
                 if result.rowcount != 1:
                     continue  # another consumer took it between the two statements
-                row = conn.execute(sa.select(t.outbox).where(o.id == message_id)).one()
                 claimed.append(
                     OutboxMessage(
                         id=row.id,

@@ -256,6 +256,27 @@ def test_a_notify_for_a_slot_in_flight_waits_for_the_older_message(store: StateS
     assert vacancies(second) == 2
 
 
+def test_a_failed_message_whose_slot_changed_meanwhile_is_dropped_for_the_newer_state(
+    store: StateStore,
+) -> None:
+    enqueue(store, notify(1, vacancies=5), notify(2, vacancies=5))
+    first, other = claim(store)
+    enqueue(store, notify(1, vacancies=3), now=later(1))  # a row of its own: 5 is in flight
+    assert store.retry_later(first, at=later(2), error="503", status=503)
+    assert store.retry_later(other, at=later(2), error="503", status=503)
+
+    # The older state of slot 1 is never sent again; slot 2 has nothing newer and is retried.
+    claimed = claim(store, later(2))
+    assert [(m.payload and m.payload["availabilityId"], vacancies(m)) for m in claimed] == [
+        ("2", 5)
+    ]
+    assert store.complete(claimed[0])
+    (newest,) = claim(store, later(3))
+    assert (newest.attempts, vacancies(newest)) == (0, 3)
+    assert store.complete(newest)
+    assert store.entries() == []
+
+
 def test_a_notify_behind_a_waiting_trigger_waits_until_the_trigger_completes(
     store: StateStore,
 ) -> None:
