@@ -48,6 +48,9 @@ _META_STATUS = "status:"
 LOOKUP_BATCH = 500
 """Keys per IN (...) lookup on PostgreSQL and MySQL: far below their bound-parameter limits."""
 
+SQLITE_LOOKUP_BATCH = 300
+"""Keys per VALUES list on SQLite: 900 bound parameters, under the 999 of older SQLite builds."""
+
 STREAM_BATCH_ROWS = 5000
 """Stored slots fetched per round trip by iter_slots."""
 
@@ -192,26 +195,29 @@ class StateStore:
     def _lookup(
         self,
         conn: sa.Connection,
-        columns: Sequence[sa.ColumnElement[Any]],
-        key: Sequence[sa.ColumnElement[Any]],
+        columns: Sequence[sa.Column[Any]],
+        key: Sequence[sa.Column[Any]],
         keys: Collection[tuple[str, ...]],
     ) -> Iterator[sa.Row[Any]]:
         """Rows whose `key` columns equal one of `keys`, searched through the primary key."""
-        if self.backend == "sqlite":
-            # One primary-key search per key with one cached statement: SQLite answers a
-            # row-value IN list with a scan of the whole table.
-            names = [f"k{i}" for i in range(len(key))]
-            query = sa.select(*columns).where(
-                *(column == sa.bindparam(name) for column, name in zip(key, names, strict=True))
-            )
-            for values in keys:
-                row = conn.execute(query, dict(zip(names, values, strict=True))).first()
-                if row is not None:
-                    yield row
-            return
-        # PostgreSQL and MySQL search the primary key for each item of the IN list, and a
-        # round trip per key would cost more than the search.
         ordered = list(keys)
+        if self.backend == "sqlite":
+            # SQLite answers a row-value IN list with a scan of the whole table, but joins a
+            # list of VALUES to the table through its primary key: one statement per batch.
+            table = key[0].table.name
+            names = ", ".join(c.name for c in key)
+            joined = " AND ".join(f"t.{c.name} = k.{c.name}" for c in key)
+            selected = ", ".join(f"t.{c.name}" for c in columns)
+            row = "(" + ", ".join("?" * len(key)) + ")"
+            for start in range(0, len(ordered), SQLITE_LOOKUP_BATCH):
+                batch = ordered[start : start + SQLITE_LOOKUP_BATCH]
+                sql = (
+                    f"WITH k({names}) AS (VALUES {', '.join([row] * len(batch))}) "  # noqa: S608 - names are the store's own
+                    f"SELECT {selected} FROM k JOIN {table} t ON {joined}"
+                )
+                yield from conn.exec_driver_sql(sql, tuple(v for k in batch for v in k))
+            return
+        # PostgreSQL and MySQL search the primary key for each item of the IN list.
         for start in range(0, len(ordered), LOOKUP_BATCH):
             batch = ordered[start : start + LOOKUP_BATCH]
             yield from conn.execute(sa.select(*columns).where(sa.tuple_(*key).in_(batch)))
@@ -248,7 +254,7 @@ class StateStore:
         with self._write() as conn:
             self._apply_catalog(conn, catalog)
             self._apply_slots(conn, slots)
-            written = sum(self._enqueue(conn, m, now_ms) for m in messages)
+            written = self._enqueue_all(conn, messages, now_ms)
             if baseline:
                 self._set_meta(conn, _META_BASELINE, str(now_ms))
             for name, value in (cursors or {}).items():
@@ -354,52 +360,116 @@ class StateStore:
                 [{"p": p, "o": o, "a": a} for p, o, a in gone],
             )
 
-    @staticmethod
-    def _enqueue(conn: sa.Connection, message: Message, now_ms: int) -> int:
+    def _enqueue_all(self, conn: sa.Connection, messages: Sequence[Message], now_ms: int) -> int:
+        """Enqueue `messages` in order; returns how many rows were added or refreshed.
+
+        Notifies go in bulk (a scan may queue tens of thousands): one look-up of the slots
+        that already have a waiting row per batch, then one UPDATE and one INSERT statement
+        for all of them, instead of two statements per message.
+        """
+        written = 0
+        notifies: dict[str, Message] = {}
+        for message in messages:
+            if message.kind == "notify":
+                if message.dedupe_key in notifies:
+                    written += 1  # refreshes the row queued just before, as it would alone
+                notifies[message.dedupe_key] = message  # keeps the first one's place
+                continue
+            written += self._enqueue_notifies(conn, notifies, now_ms)
+            notifies = {}
+            written += self._enqueue_trigger(conn, message, now_ms)
+        return written + self._enqueue_notifies(conn, notifies, now_ms)
+
+    def _enqueue_notifies(
+        self, conn: sa.Connection, notifies: Mapping[str, Message], now_ms: int
+    ) -> int:
         o = t.outbox.c
+        keys = list(notifies)
         # Only a message nobody holds is refreshed in place. One whose lease ran out may still
         # be on the wire from a process that is not dead after all; the newer state gets a row
         # of its own, and the older row is dropped as superseded when it is next claimed.
+        waiting: set[str] = set()
+        for start in range(0, len(keys), LOOKUP_BATCH):
+            query = sa.select(o.dedupe_key).where(
+                o.dedupe_key.in_(keys[start : start + LOOKUP_BATCH]),
+                o.state == t.PENDING,
+                o.lease_token.is_(None),
+            )
+            if self.backend != "sqlite":
+                # Lock the waiting rows: a claim skips them until this scan commits, instead
+                # of leasing one between this look-up and its refresh (the newer state would
+                # then be lost). SQLite's write transaction already excludes every claim.
+                query = query.with_for_update()
+            waiting.update(conn.execute(query).scalars())
+        refresh = [notifies[k] for k in keys if k in waiting]
+        insert = [notifies[k] for k in keys if k not in waiting]
+        if refresh:
+            conn.execute(
+                sa.update(t.outbox)
+                .where(
+                    o.dedupe_key == sa.bindparam("k"),
+                    o.state == t.PENDING,
+                    o.lease_token.is_(None),
+                )
+                .values(
+                    payload=sa.bindparam("p"),
+                    slot_start_ms=sa.bindparam("s"),
+                    reason=sa.bindparam("r"),
+                    updated_ms=now_ms,
+                    # A new state starts a new attempt budget; the backoff in progress
+                    # (available_ms) and the age of the oldest change (created_ms) stay.
+                    attempts=0,
+                    leased_until_ms=None,
+                ),
+                [{"k": m.dedupe_key, **_stored_message(m)} for m in refresh],
+            )
+        if insert:
+            conn.execute(
+                sa.insert(t.outbox),
+                [
+                    {
+                        "kind": m.kind,
+                        "dedupe_key": m.dedupe_key,
+                        "payload": stored["p"],
+                        "state": t.PENDING,
+                        "reason": m.reason,
+                        "created_ms": now_ms,
+                        "updated_ms": now_ms,
+                        "available_ms": now_ms,
+                        "slot_start_ms": stored["s"],
+                        "attempts": 0,
+                    }
+                    for m in insert
+                    for stored in (_stored_message(m),)
+                ],
+            )
+        return len(keys)
+
+    @staticmethod
+    def _enqueue_trigger(conn: sa.Connection, message: Message, now_ms: int) -> int:
+        """One waiting trigger covers every catalog change made before it is sent: a second
+        one is not queued while one waits (one in flight does not count: it may have read the
+        catalog before this change)."""
+        o = t.outbox.c
         waiting = sa.and_(
             o.dedupe_key == message.dedupe_key,
             o.state == t.PENDING,
             o.lease_token.is_(None),
         )
-        payload = None if message.payload is None else json.dumps(message.payload, sort_keys=True)
-        slot_start_ms = None if message.slot_start is None else to_epoch_ms(message.slot_start)
-        if message.kind == "trigger":
-            # One waiting trigger covers every catalog change made before it is sent.
-            if conn.execute(sa.select(o.id).where(waiting).limit(1)).first() is not None:
-                return 0
-        else:
-            refreshed = conn.execute(
-                sa.update(t.outbox)
-                .where(waiting)
-                .values(
-                    payload=payload,
-                    slot_start_ms=slot_start_ms,
-                    reason=message.reason,
-                    updated_ms=now_ms,
-                    # A new state starts a new attempt budget; the backoff in progress
-                    # (available_ms) and the age of the oldest change (created_ms) stay.
-                    attempts=0,
-                    lease_token=None,
-                    leased_until_ms=None,
-                )
-            )
-            if refreshed.rowcount:
-                return 1
+        if conn.execute(sa.select(o.id).where(waiting).limit(1)).first() is not None:
+            return 0
+        stored = _stored_message(message)
         conn.execute(
             sa.insert(t.outbox).values(
                 kind=message.kind,
                 dedupe_key=message.dedupe_key,
-                payload=payload,
+                payload=stored["p"],
                 state=t.PENDING,
                 reason=message.reason,
                 created_ms=now_ms,
                 updated_ms=now_ms,
                 available_ms=now_ms,
-                slot_start_ms=slot_start_ms,
+                slot_start_ms=stored["s"],
                 attempts=0,
             )
         )
@@ -698,6 +768,16 @@ _SLOT_COLUMNS = (
     t.slot_fingerprints.c.local_start,
     t.slot_fingerprints.c.start_ms,
 )
+
+
+def _stored_message(message: Message) -> dict[str, Any]:
+    """The payload ("p"), slot start ("s") and reason ("r") of a message as the outbox keeps
+    them."""
+    return {
+        "p": None if message.payload is None else json.dumps(message.payload, sort_keys=True),
+        "s": None if message.slot_start is None else to_epoch_ms(message.slot_start),
+        "r": message.reason,
+    }
 
 
 def _stored_slot(r: Any) -> StoredSlot:

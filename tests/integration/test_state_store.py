@@ -223,6 +223,34 @@ def test_notifies_for_a_waiting_slot_coalesce_into_one_row_with_the_newest_paylo
     assert [m.attempts for m in claimed] == [0, 0]
 
 
+def test_one_scan_queues_its_messages_in_order_and_coalesces_within_itself(
+    store: StateStore,
+) -> None:
+    assert enqueue(store, notify(1, vacancies=5)) == 1
+    written = enqueue(
+        store,
+        notify(2, vacancies=9),
+        trigger_message("catalog"),
+        notify(3, vacancies=4),
+        notify(1, vacancies=3),
+        notify(3, vacancies=1),
+        now=later(1),
+    )
+    assert written == 5  # every message counts, as if each had been queued on its own
+
+    queued = [
+        (e.kind, e.payload and (e.payload["availabilityId"], e.payload["vacancies"]))
+        for e in store.entries()
+    ]
+    # 1 keeps its place with its newest state; 3 is one row with the last of its two states.
+    assert queued == [
+        ("notify", ("1", 3)),
+        ("notify", ("2", 9)),
+        ("trigger", None),
+        ("notify", ("3", 1)),
+    ]
+
+
 def test_at_most_one_waiting_trigger(store: StateStore) -> None:
     assert enqueue(store, trigger_message("catalog")) == 1
     assert enqueue(store, trigger_message("catalog"), now=later(1)) == 0
