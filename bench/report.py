@@ -216,7 +216,7 @@ def poll_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, boo
         for count, plan in (lookup.get("plans") or {}).items():
             lines += [
                 "",
-                f"SQLite's plan for the statement with {_num(int(count), 0)} "
+                f"SQLite's plan for the last statement of the look-up of {_num(int(count), 0)} "
                 f"key{'s' if int(count) > 1 else ''}:",
                 "",
                 "```text",

@@ -317,7 +317,8 @@ def task_polls(args: dict[str, Any]) -> dict[str, Any]:
 
 
 LOOKUP_PROBE_KEYS = 500
-"""Keys of the second lookup probe: the agent's own LOOKUP_BATCH, one statement."""
+"""Keys of the second lookup probe: the agent's LOOKUP_BATCH on PostgreSQL and MySQL (one
+statement); on SQLite, two statements of SQLITE_LOOKUP_BATCH and the rest."""
 
 
 def _lookup_probe(agent: Any, inventory: Any) -> dict[str, Any]:
@@ -332,7 +333,7 @@ def _lookup_probe(agent: Any, inventory: Any) -> dict[str, Any]:
 
     def grab(*event: Any) -> None:
         _conn, _cursor, statement, parameters = event[:4]
-        if statement.lstrip().upper().startswith("SELECT"):
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
             captured.append((statement, parameters))
 
     timings: dict[str, float] = {}
