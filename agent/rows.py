@@ -218,12 +218,32 @@ def catalog_row(row: Mapping[str, Any]) -> CatalogRow:
     return CatalogRow(product_id, option_id, fingerprint(metadata))
 
 
+START_CACHE = 65_536
+"""Distinct start values whose conversion is remembered: an inventory has far fewer distinct
+start times than slots (every option of a venue shares its 15-minute grid)."""
+
+
+@functools.lru_cache(maxsize=START_CACHE)
+def _cached_start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
+    start = parse_start(value, tz)
+    return format_local(start), start.astimezone(UTC)
+
+
+def _start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
+    """local_date_time_start as sent (see format_local) and as a UTC instant."""
+    try:
+        return _cached_start(value, tz)
+    except TypeError:  # a driver value that cannot be hashed: converted every time
+        start = parse_start(value, tz)
+        return format_local(start), start.astimezone(UTC)
+
+
 def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:
     """A slots query row as the notify Seyaha should receive."""
     product_id = to_id(row.get("product_id"), "product_id")
     option_id = to_id(row.get("option_id"), "option_id")
     availability_id = to_id(row.get("availability_id"), "availability_id")
-    start = parse_start(row.get("local_date_time_start"), tz)
+    local_start, start_utc = _start(row.get("local_date_time_start"), tz)
     vacancies = to_count(row.get("vacancies"), "vacancies")
     capacity = to_count(row.get("capacity"), "capacity")
     status, sent_vacancies = derive_status(row.get("status"), vacancies, capacity)
@@ -231,8 +251,8 @@ def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:
         product_id=product_id,
         option_id=option_id,
         availability_id=availability_id,
-        local_date_time_start=format_local(start),
-        start_utc=start.astimezone(UTC),
+        local_date_time_start=local_start,
+        start_utc=start_utc,
         status=status,
         vacancies=sent_vacancies,
         capacity=capacity,

@@ -241,6 +241,34 @@ def test_unusable_start_is_a_bad_row(value: Any, reason: str) -> None:
         rows.parse_start(value, BERLIN)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 10, 25, 2, 30),
+        datetime(2026, 10, 25, 2, 30, fold=1),
+        datetime(2026, 7, 1, 8, 0, tzinfo=UTC),
+        datetime(2026, 7, 1, 11, 0, tzinfo=timezone(timedelta(hours=3))),
+        "2026-07-01T10:00:00",
+        bytearray(b"2026-07-01T10:00:00"),
+    ],
+)
+def test_every_row_with_one_start_value_gets_the_same_start(value: Any) -> None:
+    """Start conversions are remembered per distinct value; a row converts the same whether
+    its value was seen before or not, and an unhashable value is converted every time."""
+    expected = rows.parse_start(value, BERLIN)
+    for _ in range(2):
+        converted = rows.slot(slot_row(local_date_time_start=value), BERLIN)
+        assert converted.local_date_time_start == rows.format_local(expected)
+        assert converted.start_utc == expected.astimezone(UTC)
+
+
+def test_a_start_inside_a_dst_gap_is_a_bad_row_every_time() -> None:
+    row = slot_row(local_date_time_start=datetime(2026, 3, 29, 2, 30))
+    for _ in range(2):
+        with pytest.raises(BadRow, match="does not exist in Europe/Berlin"):
+            rows.slot(row, BERLIN)
+
+
 def test_format_local_refuses_a_naive_datetime() -> None:
     with pytest.raises(ValueError, match="aware"):
         rows.format_local(datetime(2026, 7, 1, 10, 0))
