@@ -168,8 +168,15 @@ class StateStore:
             query
         )
         try:
-            for r in result:
-                yield _stored_slot(r)
+            # Unpacked by position: a million rows per scan, and attribute look-ups on a Row
+            # cost more than the rest of the loop.
+            for product_id, option_id, availability_id, fingerprint, local, start_ms in result:
+                yield StoredSlot(
+                    (product_id, option_id, availability_id),
+                    fingerprint,
+                    local,
+                    from_epoch_ms(start_ms),
+                )
         finally:
             result.close()
 
