@@ -20,8 +20,9 @@ from collections.abc import Mapping
 
 from agent.model import SlotKey
 
-RECENT_LIMIT = 100_000
-"""Most rows remembered: a burst larger than this is diffed the full way, as without memory."""
+RECENT_LIMIT = 20_000
+"""Most rows remembered (about 1.6 kB each with their values, so some 30 MB at most): a poll
+that reads more than this is diffed the full way, as without memory."""
 
 RawKey = tuple[object, ...]
 """The key columns' values as the driver returned them."""
