@@ -76,7 +76,11 @@ outbox = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("lease_token", sa.String(36), nullable=True),
     sa.Column("leased_until_ms", sa.BigInteger, nullable=True),
-    sa.Index("seyaha_outbox_due", "state", "available_ms"),
+    # A claim walks the waiting messages in id order and stops at its batch size: an index
+    # on (state, available_ms) made every claim sort the whole backlog first.
+    sa.Index("seyaha_outbox_claim", "state", "id"),
+    # The oldest waiting trigger, which the claim looks up once per batch.
+    sa.Index("seyaha_outbox_trigger", "kind", "state", "id"),
     sa.Index("seyaha_outbox_dedupe", "dedupe_key", "state"),
 )
 
