@@ -38,6 +38,13 @@ LAST_DELIVERY_EVERY_S = 1.0
 """The last-delivery time is written to the store at most this often (seconds)."""
 
 
+COMPLETE_EVERY_S = 0.5
+"""Successful calls of a batch are removed from the outbox together, at the end of the batch
+or once the oldest of them waited this long (seconds). Until then each stays leased, so it
+is neither sent again nor overtaken by a newer message for its slot; a crash before the
+removal re-sends it once its lease runs out (Seyaha receives the same absolute state twice)."""
+
+
 @dataclass
 class Pause:
     reason: str
@@ -61,6 +68,30 @@ class Tally:
         with self._lock:
             if reason not in self.problems:
                 self.problems.append(reason)
+
+
+class Completions:
+    """Successful calls of one worker's batch, removed from the outbox in one transaction."""
+
+    def __init__(self, store: StateStore, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+        self._messages: list[OutboxMessage] = []
+        self._since = 0.0
+
+    def add(self, message: OutboxMessage) -> None:
+        if not self._messages:
+            self._since = self.clock.monotonic()
+        self._messages.append(message)
+
+    def flush_if_due(self) -> None:
+        if self._messages and self.clock.monotonic() - self._since >= COMPLETE_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._messages:
+            messages, self._messages = self._messages, []
+            self.store.complete_many(messages)
 
 
 class Deliverer:
@@ -147,20 +178,25 @@ class Deliverer:
             return 0
         attempted = 0
         claimed = self.store.claim(now, limit=limit, lease_s=self.lease_s)
-        for index, message in enumerate(claimed):
-            if (
-                stop.is_set()
-                or (self.pause is not None and attempted > 0)
-                or not self.breaker.allow(self.clock.monotonic())
-            ):
-                self._release(claimed[index:])
-                break
-            wait = self.rate_limit.reserve(self.clock.monotonic())
-            if wait > 0 and stop.wait(wait):
-                self._release(claimed[index:])
-                break
-            self.process(message)
-            attempted += 1
+        done = Completions(self.store, self.clock)
+        try:
+            for index, message in enumerate(claimed):
+                if (
+                    stop.is_set()
+                    or (self.pause is not None and attempted > 0)
+                    or not self.breaker.allow(self.clock.monotonic())
+                ):
+                    self._release(claimed[index:])
+                    break
+                wait = self.rate_limit.reserve(self.clock.monotonic())
+                if wait > 0 and stop.wait(wait):
+                    self._release(claimed[index:])
+                    break
+                done.flush_if_due()
+                self.process(message, done)
+                attempted += 1
+        finally:
+            done.flush()
         return attempted
 
     def _release(self, messages: list[OutboxMessage]) -> None:
@@ -169,7 +205,9 @@ class Deliverer:
         for message in messages:
             self.store.release(message, at=now)
 
-    def process(self, message: OutboxMessage) -> Outcome:
+    def process(self, message: OutboxMessage, done: Completions | None = None) -> Outcome:
+        """Send one claimed message and record the outcome; a success is recorded through
+        `done` when given (in batches), else at once."""
         now = self.clock.now()
         if message.kind == "notify" and message.slot_start is not None and message.slot_start < now:
             self.store.discard(message)
@@ -199,11 +237,16 @@ class Deliverer:
             location=response.location,
             now=self.clock.now(),
         )
-        self._record(message, response, outcome, elapsed)
+        self._record(message, response, outcome, elapsed, done)
         return outcome
 
     def _record(
-        self, message: OutboxMessage, response: Response, outcome: Outcome, elapsed_s: float
+        self,
+        message: OutboxMessage,
+        response: Response,
+        outcome: Outcome,
+        elapsed_s: float,
+        done: Completions | None,
     ) -> None:
         endpoint = "sync_trigger" if message.kind == "trigger" else "availability_notify"
         code = str(response.status) if response.status is not None else "none"
@@ -213,7 +256,7 @@ class Deliverer:
         now = self.clock.now()
         verdict = outcome.verdict
         if verdict in (Verdict.DELIVERED, Verdict.NOT_UPDATED):
-            self._delivered(message, verdict, outcome, fields, now)
+            self._delivered(message, verdict, outcome, fields, now, done)
         elif verdict is Verdict.PAUSE:
             self._paused(message, response, outcome, fields, now)
         elif verdict is Verdict.REJECTED:
@@ -229,8 +272,12 @@ class Deliverer:
         outcome: Outcome,
         fields: dict[str, object],
         now: datetime,
+        done: Completions | None,
     ) -> None:
-        self.store.complete(message)
+        if done is None:
+            self.store.complete(message)
+        else:
+            done.add(message)
         self.metrics.last_delivery.set(now.timestamp())
         self.metrics.delivery_latency.labels(
             "sync_trigger" if message.kind == "trigger" else "availability_notify"
@@ -358,8 +405,9 @@ class Deliverer:
 
     def _breaker_changed(self) -> None:
         state = self.breaker.state
-        self.metrics.breaker_open.set(0 if state is BreakerState.CLOSED else 1)
+        # The shared record first: whoever sees the gauge change finds it already written.
         self.store.set_status("breaker", state.value)
+        self.metrics.breaker_open.set(0 if state is BreakerState.CLOSED else 1)
         if state is BreakerState.CLOSED:
             event(log, logging.INFO, "breaker.closed", "Seyaha answers again; circuit closed")
         else:

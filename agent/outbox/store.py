@@ -532,23 +532,37 @@ class StateStore:
             # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
             candidates = candidates.with_for_update(skip_locked=True, of=t.outbox)
         claimed: list[OutboxMessage] = []
+        token = str(uuid.uuid4())
         with self._write() as conn:
-            for row in conn.execute(candidates).all():
-                if row.superseded:
-                    conn.execute(sa.delete(t.outbox).where(o.id == row.id))
-                    continue
-                token = str(uuid.uuid4())
-                result = conn.execute(
-                    sa.update(t.outbox)
-                    .where(
-                        o.id == row.id,
-                        o.state == t.PENDING,
-                        sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
-                    )
-                    .values(lease_token=token, leased_until_ms=until_ms)
+            rows = conn.execute(candidates).all()
+            if superseded_ids := [r.id for r in rows if r.superseded]:
+                conn.execute(sa.delete(t.outbox).where(o.id.in_(superseded_ids)))
+            wanted = [r for r in rows if not r.superseded]
+            if not wanted:
+                return []
+            # One token for the batch: a message is held by its id and the token together.
+            taken = conn.execute(
+                sa.update(t.outbox)
+                .where(
+                    o.id.in_([r.id for r in wanted]),
+                    o.state == t.PENDING,
+                    sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
                 )
-                if result.rowcount != 1:
-                    continue  # another consumer took it between the two statements
+                .values(lease_token=token, leased_until_ms=until_ms)
+            ).rowcount
+            if taken != len(wanted):
+                # Another consumer got in between the two statements (the candidates are
+                # locked on PostgreSQL and MySQL, and SQLite has one writer, so this is a
+                # safeguard): keep only the rows that carry this claim's token.
+                mine = set(
+                    conn.execute(
+                        sa.select(o.id).where(
+                            o.id.in_([r.id for r in wanted]), o.lease_token == token
+                        )
+                    ).scalars()
+                )
+                wanted = [r for r in wanted if r.id in mine]
+            for row in wanted:
                 claimed.append(
                     OutboxMessage(
                         id=row.id,
@@ -571,8 +585,22 @@ class StateStore:
 
     def complete(self, message: OutboxMessage) -> bool:
         """The call succeeded: the message leaves the outbox. False if the lease was lost."""
+        return self.complete_many([message]) == 1
+
+    def complete_many(self, messages: Sequence[OutboxMessage]) -> int:
+        """Calls that succeeded, in one transaction; returns how many were still held (the
+        rest had lost their lease and stay for their new holder)."""
+        if not messages:
+            return 0
+        o = t.outbox.c
         with self._write() as conn:
-            return bool(conn.execute(sa.delete(t.outbox).where(self._held(message))).rowcount)
+            result = conn.execute(
+                sa.delete(t.outbox).where(
+                    o.id == sa.bindparam("i"), o.lease_token == sa.bindparam("t")
+                ),
+                [{"i": m.id, "t": m.lease_token} for m in messages],
+            )
+            return int(result.rowcount)
 
     def retry_later(
         self,

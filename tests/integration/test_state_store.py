@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from agent.delivery.worker import COMPLETE_EVERY_S, Completions
 from agent.errors import StateError
 from agent.model import CatalogDiff, CatalogRow, Message, OutboxMessage, Slot, SlotDiff
 from agent.outbox import tables
@@ -351,6 +352,22 @@ def test_an_expired_lease_frees_the_message_and_the_first_holder_loses_it(
     assert store.entries() == []
 
 
+def test_complete_many_removes_what_is_still_held_and_leaves_what_was_taken_over(
+    store: StateStore,
+) -> None:
+    enqueue(store, notify(1), notify(2), notify(3))
+    one, two, three = claim(store, T0)
+    (retaken,) = claim(store, later(LEASE_S + 1), limit=1)  # one's lease ran out
+    assert retaken.id == one.id
+
+    assert store.complete_many([one, two, three]) == 2
+    (left,) = store.entries()
+    assert left.id == one.id  # its new holder still owns it
+    assert store.complete_many([retaken]) == 1
+    assert store.complete_many([]) == 0
+    assert store.entries() == []
+
+
 def test_retry_later_makes_the_message_due_only_at_the_given_time(store: StateStore) -> None:
     enqueue(store, notify(1))
     (message,) = claim(store)
@@ -463,3 +480,38 @@ def test_concurrent_claims_never_hand_out_a_message_twice(store: StateStore) -> 
     handed_out = [i for mine in taken for i in mine] + leftovers
     assert sorted(handed_out) == sorted(e.id for e in store.entries())
     assert len(handed_out) == 40
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.at = 100.0
+
+    def now(self) -> datetime:
+        return T0 + timedelta(seconds=self.at)
+
+    def monotonic(self) -> float:
+        return self.at
+
+
+def test_a_batch_of_successes_leaves_the_outbox_together_or_once_the_oldest_waited(
+    store: StateStore,
+) -> None:
+    enqueue(store, notify(1), notify(2), notify(3))
+    one, two, three = claim(store, T0)
+    clock = ManualClock()
+    done = Completions(store, clock)
+
+    done.add(one)
+    clock.at += COMPLETE_EVERY_S / 2
+    done.add(two)
+    done.flush_if_due()
+    assert len(store.entries()) == 3  # still leased: neither re-sent nor overtaken
+    clock.at += COMPLETE_EVERY_S / 2
+    done.flush_if_due()  # the first success has waited long enough: both go
+    assert [e.id for e in store.entries()] == [three.id]
+
+    done.add(three)
+    done.flush()
+    assert store.entries() == []
