@@ -532,7 +532,6 @@ class StateStore:
             # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
             candidates = candidates.with_for_update(skip_locked=True, of=t.outbox)
         claimed: list[OutboxMessage] = []
-        token = str(uuid.uuid4())
         with self._write() as conn:
             rows = conn.execute(candidates).all()
             if superseded_ids := [r.id for r in rows if r.superseded]:
@@ -541,6 +540,7 @@ class StateStore:
             if not wanted:
                 return []
             # One token for the batch: a message is held by its id and the token together.
+            token = str(uuid.uuid4())
             taken = conn.execute(
                 sa.update(t.outbox)
                 .where(
