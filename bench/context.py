@@ -98,6 +98,24 @@ QUICK = Plan(
 )
 
 
+RUN_LOCK = 0x5E7A_BE7C
+"""PostgreSQL advisory lock key held by a run for its whole length."""
+
+
+def _run_guard() -> psycopg.Connection:
+    """A connection holding RUN_LOCK. A second run would drop the database under the first
+    (each starts and ends with DROP DATABASE ... WITH (FORCE)), so it is refused instead."""
+    guard = psycopg.connect(psycopg_url("postgres"), autocommit=True)
+    row = guard.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK,)).fetchone()
+    if not (row and row[0]):
+        guard.close()
+        raise SystemExit(
+            f"another `python -m bench` run is using the database {DATABASE} on {PG_SERVER}; "
+            "wait for it to finish (or stop it) and run again"
+        )
+    return guard
+
+
 def psycopg_url(database: str) -> str:
     return f"{PG_SERVER}/{database}"
 
@@ -119,16 +137,19 @@ class Context:
     versions: dict[str, str] = field(default_factory=dict)
     last_change: float = 0.0
     """time.monotonic() of the last change the benchmark made to an inventory."""
+    guard: psycopg.Connection | None = None
+    """Holds the advisory lock that keeps a second run off the bench database (_run_guard)."""
 
     @classmethod
     def open(cls, plan: Plan) -> Context:
+        guard = _run_guard()
         with psycopg.connect(psycopg_url("postgres"), autocommit=True) as admin:
             ident = sql.Identifier(DATABASE)
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
             admin.execute(sql.SQL("CREATE DATABASE {}").format(ident))
         conn = psycopg.connect(psycopg_url(DATABASE), autocommit=True)
         workdir = Path(tempfile.mkdtemp(prefix="seyaha-bench-"))
-        context = cls(plan=plan, workdir=workdir, conn=conn)
+        context = cls(plan=plan, workdir=workdir, conn=conn, guard=guard)
         context.versions["postgresql"] = str(conn.execute("SHOW server_version").fetchone()[0])
         return context
 
@@ -139,6 +160,8 @@ class Context:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE))
             )
+        if self.guard is not None:
+            self.guard.close()  # the session ends, and its advisory lock with it
         if not keep_files:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
