@@ -216,7 +216,7 @@ class Agent:
 
     def _after(self, report: ScanReport) -> None:
         if report.enqueued:
-            self.deliverer.poke()
+            self.deliverer.poke(report.enqueued)
         self.refresh_outbox_metrics()
 
     def full_scan_job(self) -> None:

@@ -133,11 +133,16 @@ class Deliverer:
 
     # -- wake-ups -----------------------------------------------------------------------
 
-    def poke(self) -> None:
-        """New work was queued: wake idle workers now."""
+    def poke(self, messages: int | None = None) -> None:
+        """New work was queued: wake idle workers now; with `messages`, only as many as can
+        take a batch of them (one for a single booking: the others would open a write
+        transaction on the outbox just to find nothing). None wakes every worker (shutdown)."""
         with self._work:
             self._generation += 1
-            self._work.notify_all()
+            if messages is None:
+                self._work.notify_all()
+            else:
+                self._work.notify(max(1, -(-messages // self.batch_size)))
 
     def _idle(self, seen: int, stop: threading.Event) -> None:
         with self._work:
