@@ -210,9 +210,8 @@ class Deliverer:
         for message in messages:
             self.store.release(message, at=now)
 
-    def process(self, message: OutboxMessage, done: Completions | None = None) -> Outcome:
-        """Send one claimed message and record the outcome; a success is recorded through
-        `done` when given (in batches), else at once."""
+    def process(self, message: OutboxMessage, done: Completions) -> Outcome:
+        """Send one claimed message and record the outcome (a success through `done`)."""
         now = self.clock.now()
         if message.kind == "notify" and message.slot_start is not None and message.slot_start < now:
             self.store.discard(message)
@@ -251,7 +250,7 @@ class Deliverer:
         response: Response,
         outcome: Outcome,
         elapsed_s: float,
-        done: Completions | None,
+        done: Completions,
     ) -> None:
         endpoint = "sync_trigger" if message.kind == "trigger" else "availability_notify"
         code = str(response.status) if response.status is not None else "none"
@@ -277,12 +276,9 @@ class Deliverer:
         outcome: Outcome,
         fields: dict[str, object],
         now: datetime,
-        done: Completions | None,
+        done: Completions,
     ) -> None:
-        if done is None:
-            self.store.complete(message)
-        else:
-            done.add(message)
+        done.add(message)
         self.metrics.last_delivery.set(now.timestamp())
         self.metrics.delivery_latency.labels(
             "sync_trigger" if message.kind == "trigger" else "availability_notify"
