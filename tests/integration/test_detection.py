@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,45 @@ def _eventually(condition: Callable[[], bool], timeout_s: float) -> bool:
     return True
 
 
+@dataclass
+class Baselined:
+    """An inventory whose writer stamps updated_at, and an incremental agent that has recorded
+    its baseline and delivered the baseline trigger to the sandbox."""
+
+    inventory: Inventory
+    slots: dict[int, TourSlot]
+    sandbox: Sandbox
+    agent: Agent
+
+
+@pytest.fixture
+def baselined(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> Callable[..., Baselined]:
+    """`baselined(backend, **source_keys)`: see Baselined; [source] keys on top of INCREMENTAL."""
+
+    def make(backend: str, **source: Any) -> Baselined:
+        inventory = make_inventory(backend)
+        slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
+        inventory.track_updates()
+        sandbox = make_sandbox()
+        agent = make_agent(
+            "agent",
+            base_url=sandbox.url,
+            source_url=inventory.url,
+            state_url=_state(tmp_path),
+            source={**INCREMENTAL, **source},
+        )
+        assert _poll(agent).baseline
+        _delivered(agent)
+        return Baselined(inventory, slots, sandbox, agent)
+
+    return make
+
+
 # -- incremental polls ------------------------------------------------------------------
 
 
@@ -204,25 +244,10 @@ def test_an_incremental_poll_sends_exactly_what_changed_and_a_re_read_sends_noth
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_a_poll_skips_rows_it_handled_as_they_are_but_never_a_row_the_store_moved_past(
-    backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    backend: str, baselined: Callable[..., Baselined]
 ) -> None:
-    inventory = make_inventory(backend)
-    slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
-    inventory.track_updates()
-    sandbox = make_sandbox()
-    agent = make_agent(
-        "agent",
-        base_url=sandbox.url,
-        source_url=inventory.url,
-        state_url=_state(tmp_path),
-        source=INCREMENTAL,
-    )
-    assert _poll(agent).baseline
-    _delivered(agent)
+    setup = baselined(backend)
+    inventory, slots, sandbox, agent = setup.inventory, setup.slots, setup.sandbox, setup.agent
 
     inventory.update_slot(101, vacancies=12)
     inventory.update_slot(102, vacancies=3)
@@ -310,25 +335,10 @@ def _commit_out_of_order(
 
 @pytest.mark.parametrize("backend", SERVER_PARAMS)
 def test_a_commit_that_lands_behind_the_cursor_is_caught_by_the_overlap_window(
-    backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    backend: str, baselined: Callable[..., Baselined]
 ) -> None:
-    inventory = make_inventory(backend)
-    slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
-    inventory.track_updates()
-    sandbox = make_sandbox()
-    agent = make_agent(
-        "agent",
-        base_url=sandbox.url,
-        source_url=inventory.url,
-        state_url=_state(tmp_path),
-        source=INCREMENTAL,  # cursor_overlap: the default 60 s
-    )
-    assert _poll(agent).baseline
-    _delivered(agent)
+    setup = baselined(backend)  # cursor_overlap: the default 60 s
+    inventory, slots, sandbox, agent = setup.inventory, setup.slots, setup.sandbox, setup.agent
 
     between, delivered_between, after = _commit_out_of_order(
         inventory, agent, sandbox, early_stamp=inventory.clock_sql, params={}
@@ -346,25 +356,10 @@ def test_a_commit_that_lands_behind_the_cursor_is_caught_by_the_overlap_window(
 
 @pytest.mark.parametrize("backend", SERVER_PARAMS)
 def test_without_an_overlap_a_late_commit_is_missed_by_polls_and_found_by_the_full_scan(
-    backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    backend: str, baselined: Callable[..., Baselined]
 ) -> None:
-    inventory = make_inventory(backend)
-    slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
-    inventory.track_updates()
-    sandbox = make_sandbox()
-    agent = make_agent(
-        "agent",
-        base_url=sandbox.url,
-        source_url=inventory.url,
-        state_url=_state(tmp_path),
-        source={**INCREMENTAL, "cursor_overlap": 0},
-    )
-    assert _poll(agent).baseline
-    _delivered(agent)
+    setup = baselined(backend, cursor_overlap=0)
+    inventory, slots, sandbox, agent = setup.inventory, setup.slots, setup.sandbox, setup.agent
 
     # An application server stamps the row itself, two seconds behind the database.
     early = inventory.clock() - timedelta(seconds=2)
@@ -500,25 +495,10 @@ def test_fifty_rows_sharing_one_timestamp_arrive_exactly_once_across_a_poll_boun
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_a_delete_is_not_seen_by_polls_and_closed_once_by_the_full_scan(
-    backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    backend: str, baselined: Callable[..., Baselined]
 ) -> None:
-    inventory = make_inventory(backend)
-    slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
-    inventory.track_updates()
-    sandbox = make_sandbox()
-    agent = make_agent(
-        "agent",
-        base_url=sandbox.url,
-        source_url=inventory.url,
-        state_url=_state(tmp_path),
-        source=INCREMENTAL,
-    )
-    assert _poll(agent).baseline
-    _delivered(agent)
+    setup = baselined(backend)
+    inventory, slots, sandbox, agent = setup.inventory, setup.slots, setup.sandbox, setup.agent
 
     inventory.delete_slot(104)
     inventory.update_slot(105, vacancies=25)
