@@ -25,9 +25,15 @@ VOLUME ["/var/lib/seyaha-agent"]
 # /metrics, /healthz, /readyz
 EXPOSE 9464
 
-# `check` connects to the source and the state store and runs both queries on a few rows.
-HEALTHCHECK --interval=60s --timeout=30s --start-period=20s --retries=3 \
-  CMD ["seyaha-agent", "check", "--config", "/etc/seyaha-agent/seyaha-agent.toml"]
+# Health is the daemon's own, and never costs the supplier's database a query: `outbox status`
+# reads the agent's state store, and --daemon asks the running daemon's /readyz on the listen
+# address above (through loopback). Unhealthy while delivery is paused (exit 6), the daemon
+# does not answer or is not ready (5: hung, stopped scanning, source or state store
+# unreachable), or the circuit breaker is open (4). --ignore-dead: dead letters are an
+# operator's to-do (alert SeyahaAgentDeadLetters), not a broken daemon, and a restart would
+# not clear them.
+HEALTHCHECK --interval=30s --timeout=20s --start-period=30s --retries=3 \
+  CMD ["seyaha-agent", "outbox", "--config", "/etc/seyaha-agent/seyaha-agent.toml", "status", "--daemon", "--ignore-dead"]
 
 # tini as PID 1 forwards SIGTERM to the agent, which stops cleanly and exits 0.
 ENTRYPOINT ["/usr/bin/tini", "--", "seyaha-agent"]

@@ -4,12 +4,43 @@ from __future__ import annotations
 
 import argparse
 import sys
+from enum import IntEnum
 from pathlib import Path
 
 from agent import __version__
 
 DEFAULT_ONCE_TIMEOUT_S = 60.0
 DEFAULT_DEMO_SECONDS = 30.0
+
+
+class StatusExit(IntEnum):
+    """Exit codes of `outbox status`, for cron jobs and container health checks.
+
+    The higher, the more severe: when several conditions hold, the command prints each and
+    exits with the highest. 1 (the command failed) and 2 (invalid configuration) keep the
+    meaning they have for every command.
+    """
+
+    OK = 0
+    DEAD_LETTERS = 3
+    BREAKER_OPEN = 4
+    DAEMON_NOT_READY = 5
+    PAUSED = 6
+
+
+STATUS_EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
+    (StatusExit.OK, "delivery is healthy"),
+    (1, "the command failed, e.g. the state store cannot be reached"),
+    (2, "the configuration is invalid"),
+    (StatusExit.DEAD_LETTERS, "dead letters wait for an operator (not counted with --ignore-dead)"),
+    (StatusExit.BREAKER_OPEN, "the circuit breaker is open or half-open: Seyaha keeps failing"),
+    (
+        StatusExit.DAEMON_NOT_READY,
+        "with --daemon: the daemon does not answer on [metrics] listen, or /readyz lists problems",
+    ),
+    (StatusExit.PAUSED, "delivery is paused: Seyaha refuses the secret or the integration id"),
+)
+"""Each exit code of `outbox status` and its meaning: the --help epilog, and the README table."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     outbox = with_config("outbox", "look at and repair the outbox: status, list, retry, purge")
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("status", help="backlog, oldest message, last delivery, breaker, pause")
+    status = actions.add_parser(
+        "status",
+        help="backlog, oldest message, last delivery, breaker, pause; an exit code for health",
+        description="Backlog, oldest message, last delivery, circuit breaker and pause, read\n"
+        "from the state store (never the source database); the exit code says what is wrong.",
+        epilog="exit codes (several at once: the highest):\n"
+        + "\n".join(f"  {code:d}  {meaning}" for code, meaning in STATUS_EXIT_MEANINGS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument(
+        "--daemon",
+        action="store_true",
+        help="also ask the running daemon's /readyz on [metrics] listen (a hung or stopped "
+        "daemon, an unreachable source)",
+    )
+    status.add_argument(
+        "--ignore-dead",
+        action="store_true",
+        help="dead letters are shown but leave the exit code alone (for a health check: they "
+        "are an operator's to-do, not a broken daemon)",
+    )
     listing = actions.add_parser("list", help="messages with their state, age and last error")
     listing.add_argument(
         "--state", choices=("pending", "dead", "all"), default="all", help="which messages"

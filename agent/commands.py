@@ -8,24 +8,30 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.app import Agent, DrainResult
+from agent.cli import StatusExit
 from agent.clock import SystemClock
 from agent.config import (
     SECRET_ENV,
     Config,
+    listen_address,
     load_config,
     load_settings,
     read_secret,
     secret_warnings,
 )
 from agent.db import create_engine, redact_url
+from agent.delivery.flow import BreakerState
 from agent.delivery.worker import Tally
 from agent.errors import AgentError, ConfigError, SourceUnavailable
 from agent.logs import Redaction, setup_logging
@@ -249,17 +255,97 @@ PAUSING_STATUSES = frozenset({301, 302, 303, 307, 308, 401, 403, 404})
 """Answers that pause delivery: a message last refused with one of them is shown as paused."""
 
 
+READYZ_TIMEOUT_S = 5.0
+"""How long `outbox status --daemon` waits for /readyz. The daemon answers it from memory and
+one state-store ping: a longer silence means it is stuck, and a health check must say so well
+within its own timeout."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Something wrong with delivery, and the exit code of `outbox status` that names it."""
+
+    code: StatusExit
+    text: str
+
+
+def status_conditions(
+    status: Mapping[str, str],
+    dead: int,
+    daemon_problems: list[str] | None,
+    *,
+    ignore_dead: bool,
+) -> list[Condition]:
+    """What is wrong, most severe first; empty when delivery is healthy.
+
+    `status` is the state store's delivery record, `dead` the dead letters in the outbox,
+    `daemon_problems` what the daemon's /readyz reported (None: it was not asked).
+    """
+    found = []
+    if status.get("pause"):
+        found.append(Condition(StatusExit.PAUSED, "delivery paused"))
+    # Any state but closed counts, half-open included: a half-open breaker still holds back
+    # every call but its one probe (the circuit_breaker_open gauge says 1 for it too), and the
+    # record, written when the breaker opens and when it closes, reads open through the probe.
+    breaker = status.get("breaker", BreakerState.CLOSED.value)
+    if breaker != BreakerState.CLOSED.value:
+        found.append(Condition(StatusExit.BREAKER_OPEN, f"circuit breaker {breaker}"))
+    if daemon_problems:
+        found.append(Condition(StatusExit.DAEMON_NOT_READY, "daemon not ready"))
+    if dead and not ignore_dead:
+        found.append(Condition(StatusExit.DEAD_LETTERS, f"{dead} dead letter(s)"))
+    return sorted(found, key=lambda c: c.code, reverse=True)
+
+
+def readyz_url(listen: str) -> str:
+    """Where the daemon serves /readyz, from `[metrics] listen` as this host reaches it."""
+    address = listen_address(listen) if listen else None
+    if address is None or address[1] == 0:
+        found = f"{listen!r} has no fixed port" if listen else "it is empty (no listener)"
+        raise ConfigError(
+            [
+                f"[metrics] listen: --daemon asks the daemon's /readyz there, but {found}; "
+                'set a fixed port, e.g. listen = "127.0.0.1:9464"'
+            ]
+        )
+    host, port = address
+    # A wildcard listens on every address, loopback included: ask that one.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/readyz"
+
+
+def ask_daemon(url: str) -> list[str]:
+    """The problems the daemon's /readyz lists; no answer, or not its answer, is one too."""
+    try:
+        # trust_env=False: a proxy from the environment must not stand between us and it.
+        answer = httpx.get(url, timeout=READYZ_TIMEOUT_S, trust_env=False)
+    except httpx.HTTPError as exc:
+        return [f"no answer ({type(exc).__name__}): is the daemon running?"]
+    try:
+        body = answer.json()
+        ready, problems = body["ready"], body["problems"]
+    except (ValueError, KeyError, TypeError):
+        return [f"answered {answer.status_code} without a readiness report: is it the daemon?"]
+    if answer.status_code == 200 and ready is True:
+        return []
+    return [str(problem) for problem in problems] or [f"answered {answer.status_code}"]
+
+
 def outbox(path: Path, args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Operator commands on the outbox; safe while the daemon runs."""
     out = out or sys.stdout
     settings = load_settings(path)
+    asks_daemon = args.action == "status" and args.daemon
+    daemon_url = readyz_url(settings.metrics.listen) if asks_daemon else None
     store = StateStore.from_url(settings.state.url)
     clock = SystemClock()
     try:
         store.open()
         now = clock.now()
         if args.action == "status":
-            _outbox_status(store, now, out)
+            return _outbox_status(
+                store, now, out, daemon_url=daemon_url, ignore_dead=args.ignore_dead
+            )
         elif args.action == "list":
             _outbox_list(
                 store, now, out, state=None if args.state == "all" else args.state, limit=args.limit
@@ -276,7 +362,10 @@ def outbox(path: Path, args: argparse.Namespace, out: TextIO | None = None) -> i
     return 0
 
 
-def _outbox_status(store: StateStore, now: datetime, out: TextIO) -> None:
+def _outbox_status(
+    store: StateStore, now: datetime, out: TextIO, *, daemon_url: str | None, ignore_dead: bool
+) -> int:
+    """Print the state of delivery; return the exit code of its most severe problem."""
     stats = store.stats()
     status = store.status()
     print(
@@ -297,6 +386,17 @@ def _outbox_status(store: StateStore, now: datetime, out: TextIO) -> None:
         print(f"delivery         PAUSED since {since}: {reason}", file=out)
     else:
         print("delivery         running", file=out)
+    daemon_problems = None
+    if daemon_url is not None:
+        daemon_problems = ask_daemon(daemon_url)
+        verdict = "NOT READY: " + "; ".join(daemon_problems) if daemon_problems else "ready"
+        print(f"daemon           {verdict} ({daemon_url})", file=out)
+    conditions = status_conditions(status, stats.dead, daemon_problems, ignore_dead=ignore_dead)
+    for condition in conditions:
+        print(f"health           {condition.text} (exit {condition.code:d})", file=out)
+    if not conditions:
+        print(f"health           ok (exit {StatusExit.OK:d})", file=out)
+    return conditions[0].code if conditions else StatusExit.OK
 
 
 def _outbox_list(

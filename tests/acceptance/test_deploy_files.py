@@ -1,4 +1,5 @@
-"""The files operators install: Prometheus rules, the Grafana dashboard, the systemd unit."""
+"""The files operators install: Prometheus rules, the Grafana dashboard, the systemd unit,
+the Dockerfile."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from agent.cli import build_parser
+from agent.commands import READYZ_TIMEOUT_S, readyz_url
 from agent.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,3 +170,28 @@ def test_the_dockerfile_builds_a_wheel_then_runs_it_unprivileged_under_tini() ->
         'ENTRYPOINT ["/usr/bin/tini", "--", "seyaha-agent"]',
     ):
         assert line in dockerfile, line
+
+
+def test_the_image_health_check_asks_the_daemon_and_its_state_never_the_source() -> None:
+    """`check` queried the supplier's database every minute and stayed healthy while delivery
+    was paused; the health check is `outbox status --daemon --ignore-dead` instead."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    (healthcheck,) = re.findall(r"^HEALTHCHECK (.*) CMD (\[.*\])$", dockerfile, re.MULTILINE)
+    options = dict(re.findall(r"--([a-z-]+)=(\d+)s", healthcheck[0]))
+    command = json.loads(healthcheck[1])
+    assert command[0] == "seyaha-agent"
+    assert "check" not in command
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.action, args.daemon, args.ignore_dead) == (
+        "outbox",
+        "status",
+        True,
+        True,
+    )
+    (run_command,) = re.findall(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE)
+    assert args.config == build_parser().parse_args(json.loads(run_command)).config
+    # it finds the daemon where the image makes it listen, and gives it time to answer
+    (listen,) = re.findall(r"SEYAHA_AGENT_METRICS__LISTEN=(\S+)", dockerfile)
+    (exposed,) = re.findall(r"^EXPOSE (\d+)$", dockerfile, re.MULTILINE)
+    assert readyz_url(listen) == f"http://127.0.0.1:{exposed}/readyz"
+    assert int(options["timeout"]) > 2 * READYZ_TIMEOUT_S
