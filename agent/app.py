@@ -11,8 +11,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from pathlib import Path
 
 import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -28,14 +26,15 @@ from agent.delivery.client import SeyahaClient
 from agent.delivery.flow import CircuitBreaker, RateLimit
 from agent.delivery.policy import RetryPolicy
 from agent.delivery.worker import Deliverer
-from agent.errors import AgentError, QueryError, SourceUnavailable
+from agent.errors import AgentError, QueryError, SourceUnavailable, StateError
 from agent.logs import event
 from agent.metrics import Metrics
-from agent.outbox.lock import StateFileLock
-from agent.outbox.store import OutboxStats, StateStore
 from agent.scan import Scanner, ScanReport
 from agent.source.reader import SourceReader
 from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
+from agent.store import OutboxStats, StateStore
+from agent.store.coordination import SCANNER
+from agent.store.lock import StateFileLock
 
 log = logging.getLogger("agent")
 
@@ -57,8 +56,9 @@ READY_MIN_STALE_S = 60.0
 SCAN_GRACE_S = 300.0
 """A scan may keep the poll loop busy this long before the watchdog stops vouching for it."""
 
-SCANNER_LEASE_MIN_S = 120.0
-"""Shortest scanner lease on a shared state store: it must outlive a long full scan."""
+SCANNER_RENEWALS = 3
+"""The scanner lease is renewed this many times per lease ([state] scanner_lease): two
+renewals may fail (a slow store, a blip) before another agent takes over."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,11 @@ class Agent:
     ) -> None:
         s = config.settings
         self.config = config
-        self.clock: Clock = clock or SystemClock()
         self.metrics = metrics or Metrics(registry or CollectorRegistry())
+        self.store = StateStore.from_url(s.state.url)
+        self.clock: Clock = self.store.clock(clock or SystemClock())
+        """The database's clock on a shared state store, the host's on a SQLite file: leases,
+        retry times and scan times are all stamped with it (see store.clock)."""
         self.reader = SourceReader(
             create_engine(s.source.url, role="source"),
             catalog_query=s.source.catalog_query,
@@ -93,7 +96,6 @@ class Agent:
             catalog_changed_query=s.source.catalog_changed_query,
             query_timeout_s=s.source.query_timeout,
         )
-        self.store = StateStore.from_url(s.state.url)
         self.client = SeyahaClient(
             base_url=s.seyaha.base_url,
             integration_id=s.seyaha.integration_id,
@@ -128,15 +130,13 @@ class Agent:
         )
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Names this process in the scanner lease of a shared state store."""
-        self._lock = (
-            StateFileLock(Path(self.store.engine.url.database or ""))
-            if self.store.backend == "sqlite"
-            and self.store.engine.url.database not in (None, "", ":memory:")
-            else None
-        )
+        if self.store.dialect.shared:
+            self.scanner.fence = self.identity
+        database = self.store.dialect.file_database(self.store.engine.url)
+        self._lock = StateFileLock(database) if database is not None else None
         self._not_scanner_logged = False
-        self._lease_until: datetime | None = None
-        """When the scanner lease this agent last took runs out (shared state stores)."""
+        self._holds_scanner = False
+        """Whether this agent held the scanner lease at its last attempt (shared stores)."""
         self.poll_wake = threading.Event()
         """Set by a wake-up (LISTEN/NOTIFY, file watch): wakes the poll loop."""
         self.scan_lock = threading.Lock()
@@ -152,9 +152,10 @@ class Agent:
         """Open the state store; `exclusive` refuses to share a SQLite state file."""
         if exclusive and self._lock is not None:
             self._lock.acquire()
-        self.store.open()
+        self.store.open(clock=self.clock)
 
     def close(self) -> None:
+        self._hand_over_scanning()
         self.client.close()
         self.store.close()
         self.reader.engine.dispose()
@@ -163,19 +164,22 @@ class Agent:
 
     def _scanner_turn(self) -> bool:
         """On a shared (non-SQLite) store, only the holder of the scanner lease scans."""
-        if self.store.backend == "sqlite":
+        if not self.store.dialect.shared:
             return True
-        lease = max(SCANNER_LEASE_MIN_S, 3 * self.config.settings.source.poll_interval)
-        now = self.clock.now()
-        if self.store.hold_scanner(self.identity, now, lease):
-            if self._lease_until is None or now >= self._lease_until:
-                # The lease is new or ran out since this agent last held it: another agent may
-                # have recorded changes meanwhile, so what the last poll saw may be stale.
-                self.scanner.recent.clear()
-            self._lease_until = now + timedelta(seconds=lease)
+        held = self.store.coordination.hold(
+            SCANNER, self.identity, self.clock.now(), self.config.settings.state.scanner_lease
+        )
+        if held == "taken":
+            # The lease is new to this agent, or another agent held it since: that one may
+            # have recorded changes meanwhile, so what the last poll saw may be stale.
+            self.scanner.recent.clear()
+        if held is not None:
+            if not self._holds_scanner:
+                event(log, logging.INFO, "scan.leader", "this agent holds the scanner lease")
+            self._holds_scanner = True
             self._not_scanner_logged = False
             return True
-        self._lease_until = None
+        self._holds_scanner = False
         self.scanner.recent.clear()
         if not self._not_scanner_logged:
             event(
@@ -191,8 +195,19 @@ class Agent:
     # -- scanning -----------------------------------------------------------------------
 
     def scan(self, *, resync: bool = False) -> ScanReport:
-        """A full scan (reads everything, finds deletes)."""
+        """A full scan (reads everything, finds deletes), asked for by a command or a test:
+        on a shared store it takes the scanner lease first, and is refused while another
+        agent holds it."""
         with self.scan_lock:
+            if not self._scanner_turn():
+                lease = self.store.coordination.lease(SCANNER)
+                holder = "another agent" if lease is None else f"agent {lease.holder}"
+                raise StateError(
+                    f"{holder} scans this state store (it holds the scanner lease); a daemon "
+                    "already scans for you. Let it, or stop it and run this again once its "
+                    f"lease has run out ([state] scanner_lease, "
+                    f"{self.config.settings.state.scanner_lease:g} s)."
+                )
             report = self.scanner.scan(resync=resync)
         self._after(report)
         return report
@@ -329,7 +344,7 @@ class Agent:
 
     def _feed_watchdog(self, stop: threading.Event, every_s: float) -> None:
         """WATCHDOG=1 while the poll loop keeps going round; silence lets systemd restart us."""
-        limit = max(2 * every_s, 2 * self.next_poll_in_s() + SCAN_GRACE_S)
+        limit = max(2 * every_s, self._stuck_after_s())
         while not stop.wait(every_s):
             if self.clock.monotonic() - self.heartbeat < limit:
                 systemd.notify("WATCHDOG=1")
@@ -337,19 +352,42 @@ class Agent:
     def wakeup(self) -> Wakeup | None:
         """The wake-up source for this database, if it has one."""
         source = self.config.settings.source
-        dialect = self.reader.engine.dialect.name
-        if dialect == "postgresql":
+        if self.reader.dialect.listens:
             return PostgresListener(source.url, source.notify_channel)
-        database = self.reader.engine.url.database
-        if dialect == "sqlite" and source.watch_file and database and database != ":memory:":
-            return SqliteFileWatcher(Path(database))
+        database = self.reader.dialect.file_database(self.reader.engine.url)
+        if database is not None and source.watch_file:
+            return SqliteFileWatcher(database)
         return None
+
+    def renew_scanner_job(self) -> None:
+        """Keep the scanner lease while the poll loop is alive, however long a scan takes:
+        the lease can then be short, and a dead holder is replaced quickly."""
+        if not self._holds_scanner:
+            return
+        if self.clock.monotonic() - self.heartbeat > self._stuck_after_s():
+            return  # the poll loop is stuck: let another agent take over
+        try:
+            held = self.store.coordination.hold(
+                SCANNER,
+                self.identity,
+                self.clock.now(),
+                self.config.settings.state.scanner_lease,
+                renew_only=True,
+            )
+        except SQLAlchemyError:
+            return  # the poll loop reports the store's failures; the next renewal retries
+        if held is None:
+            self._holds_scanner = False
+
+    def _stuck_after_s(self) -> float:
+        """How long the poll loop may go without a turn before it counts as stuck."""
+        return 2 * self.next_poll_in_s() + SCAN_GRACE_S
 
     def _wake(self, reason: str) -> None:
         self.poll_wake.set()
 
     def refresh_outbox_metrics(self) -> OutboxStats:
-        stats = self.store.stats()
+        stats = self.store.admin.stats()
         self.metrics.outbox.labels("pending").set(stats.pending)
         self.metrics.outbox.labels("dead").set(stats.dead)
         age = 0.0
@@ -369,6 +407,16 @@ class Agent:
                 self.full_scan_job,
                 IntervalTrigger(seconds=source.full_scan_interval),
                 id="full-scan",
+                max_instances=1,
+                coalesce=True,
+            )
+        if self.store.dialect.shared:
+            scheduler.add_job(
+                self.renew_scanner_job,
+                IntervalTrigger(
+                    seconds=self.config.settings.state.scanner_lease / SCANNER_RENEWALS
+                ),
+                id="scanner-lease",
                 max_instances=1,
                 coalesce=True,
             )
@@ -428,7 +476,19 @@ class Agent:
             scheduler.shutdown(wait=True)
             for thread in threads:
                 thread.join(SHUTDOWN_GRACE_S)
+            self._hand_over_scanning()
             event(log, logging.INFO, "agent.stopped", "stopped")
+
+    def _hand_over_scanning(self) -> None:
+        """A clean stop frees the scanner lease at once: another agent scans at its next
+        poll instead of waiting for the lease to run out."""
+        if not self._holds_scanner:
+            return
+        try:
+            self.store.coordination.give_up(SCANNER, self.identity)
+        except SQLAlchemyError:
+            return  # the lease runs out by itself
+        self._holds_scanner = False
 
     def _run_wakeup(self, wakeup: Wakeup, stop: threading.Event) -> None:
         try:
@@ -454,7 +514,7 @@ class Agent:
         timed_out, paused = True, None
         try:
             while not stop.is_set():
-                stats = self.store.stats()
+                stats = self.store.admin.stats()
                 if stats.pending == 0:
                     timed_out = False
                     break
@@ -470,4 +530,4 @@ class Agent:
             self.deliverer.poke()
             for worker in workers:
                 worker.join(self.config.settings.delivery.shutdown_grace)
-        return DrainResult(self.store.stats(), timed_out, paused)
+        return DrainResult(self.store.admin.stats(), timed_out, paused)

@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"longest time to spend delivering (default {DEFAULT_ONCE_TIMEOUT_S:g})",
         )
     with_config("check", "validate the configuration, the databases and both queries")
+    migrate = with_config(
+        "migrate",
+        "upgrade the state store's schema to this agent's version (every start does it too)",
+    )
+    migrate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the store's version and the steps; change nothing",
+    )
     triggers = with_config(
         "triggers",
         "PostgreSQL: install, remove or print the triggers that wake the agent on a change",
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.once(args.config, timeout_s=args.timeout, resync=True)
         if args.command == "check":
             return commands.check(args.config)
+        if args.command == "migrate":
+            return commands.migrate(args.config, dry_run=args.dry_run)
         if args.command == "outbox":
             return commands.outbox(args.config, args)
         if args.command == "triggers":

@@ -33,12 +33,14 @@ from agent.config import (
 from agent.db import create_engine, redact_url
 from agent.delivery.flow import BreakerState
 from agent.delivery.worker import Tally
+from agent.dialects import dialect_of
 from agent.errors import AgentError, ConfigError, SourceUnavailable
 from agent.logs import Redaction, setup_logging
-from agent.outbox.store import StateStore
 from agent.scan import ScanReport
 from agent.source import cursor
 from agent.source.reader import SourceReader
+from agent.store import StateStore
+from agent.store.migrate import Migrator
 
 __all__ = ["AgentError", "ConfigError", "check", "once", "run", "sandbox"]
 
@@ -225,6 +227,29 @@ def check(path: Path, out: TextIO | None = None) -> int:
     return 0 if problems == 0 else 1
 
 
+def migrate(path: Path, *, dry_run: bool, out: TextIO | None = None) -> int:
+    """Show (dry run) or apply the migrations the state store needs; safe to run again."""
+    out = out or sys.stdout
+    settings = load_settings(path)
+    engine = create_engine(settings.state.url, role="state")
+    try:
+        plan = Migrator(engine).migrate(dry_run=dry_run)
+    finally:
+        engine.dispose()
+    current = "none (a new store)" if plan.current is None else str(plan.current)
+    print(f"state store      {redact_url(settings.state.url)}", file=out)
+    print(f"schema version   {current}; this agent writes {plan.head}", file=out)
+    if not plan.steps:
+        print("nothing to do: the store is up to date", file=out)
+        return 0
+    print("would apply:" if dry_run else "applied:", file=out)
+    for step in plan.steps:
+        print(f"  {step.version}  {step.title}", file=out)
+    if plan.backup is not None:
+        print(f"{'would copy' if dry_run else 'copied'} the store first to {plan.backup}", file=out)
+    return 0
+
+
 def parse_age(text: str) -> timedelta:
     """'7d', '12h', '30m', '45s' or plain seconds."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -351,11 +376,11 @@ def outbox(path: Path, args: argparse.Namespace, out: TextIO | None = None) -> i
                 store, now, out, state=None if args.state == "all" else args.state, limit=args.limit
             )
         elif args.action == "retry":
-            count = store.retry_dead(now, ids=args.ids or (), kind=args.kind)
+            count = store.admin.retry_dead(now, ids=args.ids or (), kind=args.kind)
             print(f"{count} dead letter(s) queued again", file=out)
         elif args.action == "purge":
             cutoff = None if args.older_than is None else now - parse_age(args.older_than)
-            count = store.purge_dead(older_than=cutoff)
+            count = store.admin.purge_dead(older_than=cutoff)
             print(f"{count} dead letter(s) deleted", file=out)
     finally:
         store.close()
@@ -366,8 +391,8 @@ def _outbox_status(
     store: StateStore, now: datetime, out: TextIO, *, daemon_url: str | None, ignore_dead: bool
 ) -> int:
     """Print the state of delivery; return the exit code of its most severe problem."""
-    stats = store.stats()
-    status = store.status()
+    stats = store.admin.stats()
+    status = store.coordination.status()
     print(
         f"backlog          {stats.pending} waiting ({stats.in_flight} in flight), {stats.dead} dead",
         file=out,
@@ -402,7 +427,7 @@ def _outbox_status(
 def _outbox_list(
     store: StateStore, now: datetime, out: TextIO, *, state: str | None, limit: int
 ) -> None:
-    entries = store.entries(state=state, limit=limit)
+    entries = store.admin.entries(state=state, limit=limit)
     if not entries:
         print("the outbox is empty" if state is None else f"no {state} messages", file=out)
         return
@@ -435,7 +460,7 @@ def triggers(path: Path, action: str, out: TextIO | None = None) -> int:
     source = load_settings(path).source
     engine = create_engine(source.url, role="source")
     try:
-        if engine.dialect.name != "postgresql":
+        if not dialect_of(engine).listens:
             raise ConfigError(
                 [
                     f"[source] url: triggers are for PostgreSQL sources; this one is "

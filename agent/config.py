@@ -150,6 +150,13 @@ class SourceSettings(_Section):
 
 class StateSettings(_Section):
     url: str = DEFAULT_STATE_URL
+    scanner_lease: float = Field(
+        15.0,
+        ge=2,
+        le=3600,
+        description="seconds after which another agent on a shared store takes over scanning "
+        "from one that stopped renewing its lease",
+    )
 
     @field_validator("url")
     @classmethod

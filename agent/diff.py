@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Literal
 
 from agent.model import CatalogDiff, CatalogKey, CatalogRow, Slot, SlotDiff, SlotKey, StoredSlot
-from agent.rows import slot_fingerprint
 
 
 def diff_catalog(
@@ -54,7 +53,7 @@ def diff_slots(
         previous = stored.get(item.key)
         if previous is None:
             added.append(item)
-        elif previous.fingerprint != slot_fingerprint(item) and item.key not in protected:
+        elif previous.fingerprint != item.fingerprint and item.key not in protected:
             changed.append(item)
     removed: list[StoredSlot] = []
     expired: list[SlotKey] = []
@@ -83,7 +82,7 @@ def _compare(previous: StoredSlot | None, item: Slot | None) -> ChangeKind | Non
         return None  # protected: whatever the store remembers stays
     if previous is None:
         return "added"
-    if previous.fingerprint != slot_fingerprint(item):
+    if previous.fingerprint != item.fingerprint:
         return "changed"
     return "same"
 

@@ -5,6 +5,8 @@ Small frozen dataclasses with full type hints; pydantic stays at the configurati
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -49,6 +51,12 @@ class Slot:
     status: Status
     vacancies: int | None
     capacity: int | None
+    fingerprint: str = field(init=False, compare=False, repr=False)
+    """The digest of what a notify would carry (slot_fingerprint), computed once, here:
+    the diff compares it and the store records it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", slot_fingerprint(self))
 
     @property
     def key(self) -> SlotKey:
@@ -65,6 +73,26 @@ class Slot:
             "vacancies": self.vacancies,
             "capacity": self.capacity,
         }
+
+
+def slot_fingerprint(value: Slot) -> str:
+    """The digest of what a notify would carry. The repr of a tuple of str, int and None is
+    stable across processes and releases, and far cheaper than canonical JSON."""
+    carried = (
+        value.product_id,
+        value.option_id,
+        value.availability_id,
+        value.local_date_time_start,
+        value.status,
+        value.vacancies,
+        value.capacity,
+    )
+    return hashlib.blake2b(repr(carried).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def request_body(payload: dict[str, Any]) -> str:
+    """The exact JSON body of a notify, as the outbox keeps it and the client sends it."""
+    return json.dumps(payload, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +154,14 @@ class OutboxMessage:
     id: int
     kind: MessageKind
     dedupe_key: str
-    payload: dict[str, Any] | None
+    body: str | None
+    """The exact request body (notifies), written once when the message was queued."""
     attempts: int
     created_at: datetime
     slot_start: datetime | None
     lease_token: str = field(default="", compare=False)
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        """The body read back (for logs and operators; sending uses `body` as it is)."""
+        return None if self.body is None else dict(json.loads(self.body))

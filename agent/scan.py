@@ -22,11 +22,11 @@ from agent.diff import (
 from agent.logs import event
 from agent.metrics import Metrics
 from agent.model import CatalogDiff, Message, SkippedRow, Slot, SlotDiff
-from agent.outbox.store import StateStore
 from agent.plan import plan
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
 from agent.source.recent import RecentRows
+from agent.store import StateStore
 
 log = logging.getLogger("agent.scan")
 
@@ -98,6 +98,9 @@ class Scanner:
     overlap_s: float = 60.0
     recent: RecentRows = field(default_factory=RecentRows)
     """The rows the last poll handled: the next poll skips those that come back unchanged."""
+    fence: str | None = None
+    """On a shared store, the identity that must still hold the scanner lease for a scan's
+    result to be recorded (StateStore.commit_scan)."""
     _reported: set[tuple[str, str, str]] = field(default_factory=set)
 
     def scan(self, *, resync: bool = False) -> ScanReport:
@@ -115,16 +118,18 @@ class Scanner:
             upper = self.reader.clock(src) if self.reader.incremental else None
             self.reader.read_catalog(src, snapshot)
             now = self.clock.now()
-            report = ScanReport(at=now, kind="full", baseline=not self.store.is_baselined())
+            report = ScanReport(
+                at=now, kind="full", baseline=not self.store.fingerprints.is_baselined()
+            )
             report.catalog = diff_catalog(
-                self.store.load_catalog(), snapshot.catalog, snapshot.catalog_protected
+                self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
             )
             with self.store.reading() as stored:
                 changes = iter_slot_changes(
-                    self.store.iter_slots(stored),
+                    self.store.fingerprints.iter_slots(stored),
                     self.reader.stream_slots(src, snapshot),
                     now,
-                    in_store=lambda keys: self.store.lookup_slots(keys).keys(),
+                    in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
                     include_unchanged=resync,
                 )
                 first = True
@@ -135,7 +140,13 @@ class Scanner:
                     self._commit_chunk(report, [], first=True, resync=resync)
         cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}
         self.store.commit_scan(
-            CatalogDiff(), SlotDiff(), [], now, baseline=report.baseline, cursors=cursors
+            CatalogDiff(),
+            SlotDiff(),
+            [],
+            now,
+            baseline=report.baseline,
+            cursors=cursors,
+            scanner=self.fence,
         )
         report.take_skipped(snapshot)
         report.duration_s = self.clock.monotonic() - started
@@ -157,7 +168,7 @@ class Scanner:
             if not first:
                 messages = [m for m in messages if m.kind != "trigger"]
         enqueued = self.store.commit_scan(
-            catalog if first else CatalogDiff(), slots, messages, report.at
+            catalog if first else CatalogDiff(), slots, messages, report.at, scanner=self.fence
         )
         report.count(slots, messages, enqueued)
 
@@ -166,7 +177,7 @@ class Scanner:
 
         Falls back to a full scan when there is no cursor yet (first run) or no change query.
         """
-        saved = self.store.cursor(CURSOR) if self.reader.incremental else None
+        saved = self.store.fingerprints.cursor(CURSOR) if self.reader.incremental else None
         if saved is None:
             return self.scan()
         recent, self.recent = self.recent, RecentRows(self.recent.limit)
@@ -183,7 +194,7 @@ class Scanner:
             # The stored fingerprints of just the catalog rows this poll touches.
             wanted = {(k[0], k[1]) for k, item in found if item is not None}
             touched = wanted | {r.key for r in snapshot.catalog}
-            stored_catalog = self.store.lookup_catalog(touched) if touched else {}
+            stored_catalog = self.store.fingerprints.lookup_catalog(touched) if touched else {}
             if not wanted <= stored_catalog.keys() | {r.key for r in snapshot.catalog}:
                 # A slot of a (product, option) the store has not seen: read the catalog now,
                 # so that its trigger is queued before the slot's notify. Sent first, the
@@ -191,7 +202,7 @@ class Scanner:
                 # not resend the slot (Seyaha's catalog sync does not carry availability).
                 snapshot.catalog.clear()
                 self.reader.read_catalog(src, snapshot)
-                stored_catalog = self.store.load_catalog()
+                stored_catalog = self.store.fingerprints.load_catalog()
         now = self.clock.now()
         report = ScanReport(at=now, kind="incremental")
         report.catalog = CatalogDiff(
@@ -202,11 +213,16 @@ class Scanner:
                 if r.key in stored_catalog and stored_catalog[r.key] != r.fingerprint
             ),
         )
-        stored = self.store.lookup_slots([key for key, _ in found])
+        stored = self.store.fingerprints.lookup_slots([key for key, _ in found])
         slots = diff_changed_slots(stored, found, now)
         messages = plan(report.catalog, slots)
         enqueued = self.store.commit_scan(
-            report.catalog, slots, messages, now, cursors={CURSOR: cursor.encode(upper)}
+            report.catalog,
+            slots,
+            messages,
+            now,
+            cursors={CURSOR: cursor.encode(upper)},
+            scanner=self.fence,
         )
         self.recent.replace(snapshot.handled)
         report.count(slots, messages, enqueued)

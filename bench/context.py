@@ -253,7 +253,7 @@ class Context:
         """
         from agent.app import Agent
         from agent.config import load_config
-        from agent.outbox import tables
+        from agent.store import schema as tables
 
         reference = self.reference_state(size)
         config = self.config(f"reference-{size}-catch-up", self.setup(size, reference))

@@ -7,7 +7,7 @@ process:
 - the floor: the same slots_query through the same driver (psycopg), a server-side cursor
   fetching 5,000 rows at a time into Python tuples, nothing else;
 - the ordered floor: the same, wrapped in the ORDER BY the agent adds for its merge-join
-  (agent.source.reader.ordered_sql), to show what the sort alone costs in PostgreSQL.
+  (agent.dialects.Dialect.ordered), to show what the sort alone costs in PostgreSQL.
 Peak RSS is ru_maxrss of the process that ran the scan.
 """
 
@@ -23,7 +23,8 @@ CHANGED_FRACTION = 0.001
 
 
 def measure(ctx: Context) -> dict[str, Any]:
-    from agent.source.reader import ordered_sql
+    from agent.dialects import PostgresDialect
+    from agent.source.rows import SLOT_KEY_COLUMNS
 
     sizes: list[dict[str, Any]] = []
     for size in ctx.plan.scan_sizes:
@@ -45,7 +46,7 @@ def measure(ctx: Context) -> dict[str, Any]:
             floor = worker.run("floor", {"dsn": ctx.dsn, "sql": slots_sql}, log=ctx.log("workers"))
             ordered = worker.run(
                 "floor",
-                {"dsn": ctx.dsn, "sql": ordered_sql(slots_sql, "postgresql")},
+                {"dsn": ctx.dsn, "sql": PostgresDialect().ordered(slots_sql, SLOT_KEY_COLUMNS)},
                 log=ctx.log("workers"),
             )
             runs.append(

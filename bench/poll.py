@@ -5,7 +5,7 @@ fresh process on a copy of the baselined state. Each measured poll is preceded b
 cursor_overlap + 0.2 s and an untimed poll, so that it sees exactly the rows changed for it:
 with the agent's default cursor_overlap of 60 s, a poll re-reads every row changed in the
 last minute, whatever the previous poll already saw (see the latency measurement).
-At the end, StateStore.lookup_slots() (how a poll finds the stored fingerprints of the rows
+At the end, Fingerprints.lookup_slots() (how a poll finds the stored fingerprints of the rows
 it read) is timed alone for 1 key and for one batch of 500, and the state database's plan
 for that statement is shown.
 """

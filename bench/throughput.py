@@ -10,7 +10,7 @@ agent with its default concurrency N. rate_limit is 0 in these drains: the defau
 (reported separately) caps delivery on purpose and would measure only itself. An
 httpx.AsyncClient with 8 requests in flight is reported for context. Every client runs in a
 fresh process; the receiver's CPU during each one shows whether it was the bottleneck. One
-StateStore.claim() of a batch from the full backlog is timed on its own (it was quadratic in
+Queue.claim() of a batch from the full backlog is timed on its own (it was quadratic in
 the backlog before commit abec86e). The agent's sandbox (a ThreadingHTTPServer) is measured
 the same way, once, with a smaller backlog.
 """
@@ -36,7 +36,7 @@ DRAIN_TIMEOUT_S = 1800.0
 
 def payloads(ctx: Context, count: int) -> Path:
     """`count` notify bodies of distinct slots, as the agent computes them, in a JSON file."""
-    from agent import rows
+    from agent.source import rows
 
     path = ctx.path(f"payloads-{count}.json")
     if path.exists():

@@ -8,7 +8,7 @@ Tasks:
   scan       Agent.scan() on the configured state (a baseline or a reconciliation)
   floor      the slots query through a psycopg server-side cursor, rows fetched to Python
   enqueue    a backlog of notifies through StateStore.commit_scan()
-  claim      one StateStore.claim() from that backlog, timed
+  claim      one Queue.claim() from that backlog, timed
   drain      Agent.drain() of the backlog to the receiver
   post_sync  the same payloads posted by a bare sequential httpx.Client loop
   post_threads  the same, N threads sharing one httpx.Client (the agent's own model)
@@ -86,7 +86,7 @@ def task_scan(args: dict[str, Any]) -> dict[str, Any]:
     report = agent.scan()
     seconds = time.perf_counter() - started
     cpu = own_cpu_s() - cpu_before
-    pending = agent.store.stats().pending
+    pending = agent.store.admin.stats().pending
     agent.close()
     return {
         "seconds": seconds,
@@ -153,11 +153,11 @@ def task_enqueue(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_claim(args: dict[str, Any]) -> dict[str, Any]:
-    """One StateStore.claim() of a batch from the backlog, timed."""
+    """One Queue.claim() of a batch from the backlog, timed."""
     agent = _agent(args)
-    pending = agent.store.stats().pending
+    pending = agent.store.admin.stats().pending
     started = time.perf_counter()
-    claimed = agent.store.claim(agent.clock.now(), limit=int(args["limit"]), lease_s=60.0)
+    claimed = agent.store.queue.claim(agent.clock.now(), limit=int(args["limit"]), lease_s=60.0)
     seconds = time.perf_counter() - started
     agent.close()
     return {"seconds": seconds, "claimed": len(claimed), "pending": pending}
@@ -322,7 +322,7 @@ statement); on SQLite, two statements of SQLITE_LOOKUP_BATCH and the rest."""
 
 
 def _lookup_probe(agent: Any, inventory: Any) -> dict[str, Any]:
-    """StateStore.lookup_slots() timed for 1 key and for a batch, with the plan the state
+    """Fingerprints.lookup_slots() timed for 1 key and for a batch, with the plan the state
     database chose for the agent's own statement (SQLite: EXPLAIN QUERY PLAN)."""
     import sqlalchemy as sa
 
@@ -342,7 +342,7 @@ def _lookup_probe(agent: Any, inventory: Any) -> dict[str, Any]:
     try:
         for count in (1, len(keys)):
             started = time.perf_counter()
-            found = len(agent.store.lookup_slots(keys[:count]))
+            found = len(agent.store.fingerprints.lookup_slots(keys[:count]))
             timings[str(count)] = (time.perf_counter() - started) * 1000
     finally:
         sa.event.remove(agent.store.engine, "before_cursor_execute", grab)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
@@ -61,15 +59,16 @@ class SeyahaClient:
     def trigger(self) -> Response:
         return self._post(self.trigger_path, None)
 
-    def notify(self, payload: dict[str, Any]) -> Response:
-        return self._post(self.notify_path, payload)
+    def notify(self, body: str) -> Response:
+        """Send a notify with `body`, the exact JSON the outbox kept (model.request_body)."""
+        return self._post(self.notify_path, body)
 
-    def _post(self, path: str, payload: dict[str, Any] | None) -> Response:
+    def _post(self, path: str, body: str | None) -> Response:
         headers = {SECRET_HEADER: self._secret.reveal()}
         content: bytes | None = None
-        if payload is not None:
+        if body is not None:
             headers["Content-Type"] = "application/json"
-            content = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+            content = body.encode("utf-8")
         try:
             answer = self._http.post(path, content=content, headers=headers)
         except httpx.TimeoutException as exc:

@@ -27,7 +27,7 @@ from agent.delivery.policy import Outcome, RetryPolicy, Verdict, classify, retry
 from agent.logs import event
 from agent.metrics import Metrics
 from agent.model import OutboxMessage
-from agent.outbox.store import StateStore
+from agent.store import StateStore
 
 log = logging.getLogger("agent.delivery")
 
@@ -91,7 +91,7 @@ class Completions:
     def flush(self) -> None:
         if self._messages:
             messages, self._messages = self._messages, []
-            self.store.complete_many(messages)
+            self.store.queue.complete_many(messages)
 
 
 class Deliverer:
@@ -158,7 +158,7 @@ class Deliverer:
             self.pause = None
         self.metrics.paused.set(0)
         if was is not None:
-            self.store.set_status("pause", None)
+            self.store.coordination.set_status("pause", None)
             event(log, logging.INFO, "delivery.resumed", "delivery resumed")
 
     def _may_send(self, now: datetime) -> tuple[bool, int]:
@@ -182,7 +182,7 @@ class Deliverer:
         if not allowed or self.breaker.wait_s(self.clock.monotonic()) > 0:
             return 0
         attempted = 0
-        claimed = self.store.claim(now, limit=limit, lease_s=self.lease_s)
+        claimed = self.store.queue.claim(now, limit=limit, lease_s=self.lease_s)
         done = Completions(self.store, self.clock)
         try:
             for index, message in enumerate(claimed):
@@ -208,13 +208,13 @@ class Deliverer:
         """Give claimed but unsent messages back at once, without counting an attempt."""
         now = self.clock.now()
         for message in messages:
-            self.store.release(message, at=now)
+            self.store.queue.release(message, at=now)
 
     def process(self, message: OutboxMessage, done: Completions) -> Outcome:
         """Send one claimed message and record the outcome (a success through `done`)."""
         now = self.clock.now()
         if message.kind == "notify" and message.slot_start is not None and message.slot_start < now:
-            self.store.discard(message)
+            self.store.queue.discard(message)
             self.metrics.expired.inc()
             self.tally.add("expired")
             event(
@@ -230,8 +230,8 @@ class Deliverer:
         if message.kind == "trigger":
             response = self.client.trigger()
         else:
-            assert message.payload is not None
-            response = self.client.notify(message.payload)
+            assert message.body is not None
+            response = self.client.notify(message.body)
         elapsed = self.clock.monotonic() - started
         outcome = classify(
             status=response.status,
@@ -293,7 +293,7 @@ class Deliverer:
         mono = self.clock.monotonic()
         if mono - self._last_delivery_written >= LAST_DELIVERY_EVERY_S:
             self._last_delivery_written = mono
-            self.store.set_status("last_delivery", now.isoformat())
+            self.store.coordination.set_status("last_delivery", now.isoformat())
         if verdict is Verdict.NOT_UPDATED:
             self.metrics.not_updated.inc()
             self.tally.add("not_updated")
@@ -307,13 +307,13 @@ class Deliverer:
         process (or before a reload) is over, but only a transition of this one's would have
         cleared it, and `outbox status` would show it for good."""
         self._stale_status_cleared = True
-        recorded = self.store.status()
+        recorded = self.store.coordination.status()
         if "pause" in recorded and self.pause is None:
-            self.store.set_status("pause", None)
+            self.store.coordination.set_status("pause", None)
         if recorded.get("breaker", "closed") != "closed" and (
             self.breaker.state is BreakerState.CLOSED
         ):
-            self.store.set_status("breaker", BreakerState.CLOSED.value)
+            self.store.coordination.set_status("breaker", BreakerState.CLOSED.value)
 
     def _paused(
         self,
@@ -325,7 +325,7 @@ class Deliverer:
     ) -> None:
         self.tally.note_problem(outcome.reason)
         self.breaker.neutral()
-        self.store.retry_later(
+        self.store.queue.retry_later(
             message, at=now, error=outcome.reason, status=response.status, count_attempt=False
         )
         with self._lock:
@@ -337,7 +337,7 @@ class Deliverer:
             )
         self.metrics.paused.set(1)
         if first:
-            self.store.set_status("pause", f"{now.isoformat()} {outcome.reason}")
+            self.store.coordination.set_status("pause", f"{now.isoformat()} {outcome.reason}")
             event(
                 log,
                 logging.ERROR,
@@ -361,7 +361,7 @@ class Deliverer:
     ) -> None:
         self.tally.note_problem(reason)
         self.tally.add("dead")
-        self.store.dead_letter(message, error=reason, status=status, at=self.clock.now())
+        self.store.queue.dead_letter(message, error=reason, status=status, at=self.clock.now())
         self.metrics.dead_letters.inc()
         event(log, logging.ERROR, name, reason, **fields)
 
@@ -390,7 +390,7 @@ class Deliverer:
         self.tally.note_problem(outcome.reason)
         self.tally.add("retried")
         self.metrics.retries.inc()
-        self.store.retry_later(
+        self.store.queue.retry_later(
             message,
             at=now + timedelta(seconds=delay),
             error=outcome.reason,
@@ -407,7 +407,7 @@ class Deliverer:
     def _breaker_changed(self) -> None:
         state = self.breaker.state
         # The shared record first: whoever sees the gauge change finds it already written.
-        self.store.set_status("breaker", state.value)
+        self.store.coordination.set_status("breaker", state.value)
         self.metrics.breaker_open.set(0 if state is BreakerState.CLOSED else 1)
         if state is BreakerState.CLOSED:
             event(log, logging.INFO, "breaker.closed", "Seyaha answers again; circuit closed")

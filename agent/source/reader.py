@@ -18,11 +18,12 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from agent import rows
 from agent.db import redact_url
+from agent.dialects import Dialect, dialect_of
 from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
+from agent.source import rows
 from agent.source.recent import RawKey, RawValues, RecentRows
 
 STREAM_BATCH_ROWS = 5000
@@ -68,6 +69,7 @@ class SourceReader:
         query_timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
+        self.dialect: Dialect = dialect_of(engine)
         self.catalog_query = catalog_query
         self.slots_query = slots_query
         self.timezone = timezone
@@ -94,8 +96,8 @@ class SourceReader:
                 f"cannot reach the source database at {self.where}: {_reason(exc)}"
             ) from None
         try:
-            if self.engine.dialect.name in ("postgresql", "mysql", "mariadb"):
-                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            if self.dialect.source_isolation is not None:
+                conn = conn.execution_options(isolation_level=self.dialect.source_isolation)
             try:
                 transaction = conn.begin()
                 self._limit_time(conn)
@@ -120,17 +122,8 @@ class SourceReader:
             conn.close()
 
     def _limit_time(self, conn: sa.Connection) -> None:
-        if self.query_timeout_s is None:
-            return
-        dialect = self.engine.dialect
-        ms = max(1, int(self.query_timeout_s * 1000))
-        if dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
-        elif dialect.name in ("mysql", "mariadb"):
-            if getattr(dialect, "is_mariadb", False):
-                conn.exec_driver_sql(f"SET SESSION max_statement_time = {ms / 1000:.3f}")
-            else:
-                conn.exec_driver_sql(f"SET SESSION max_execution_time = {ms}")
+        if self.query_timeout_s is not None:
+            self.dialect.limit_statement_time(conn, self.query_timeout_s)
 
     def clock(self, conn: sa.Connection) -> Any:
         """The database's own current time: the upper bound of a change cursor.
@@ -138,23 +131,16 @@ class SourceReader:
         Taken from the database, not this host, so that clock skew between the agent and the
         application servers writing `updated_at` cannot open a gap.
         """
-        name = self.engine.dialect.name
-        if name == "postgresql":
-            sql = "SELECT now()"
-        elif name in ("mysql", "mariadb"):
-            sql = "SELECT NOW(6)"
-        else:
-            sql = "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"
-        return conn.exec_driver_sql(sql).scalar()
+        return conn.exec_driver_sql(self.dialect.clock_sql()).scalar()
 
     def stream_slots(self, conn: sa.Connection, snapshot: Snapshot) -> Iterator[SourceSlot]:
-        """Every slot, streamed through a server-side cursor in key order (see ordered_sql).
+        """Every slot, streamed through a server-side cursor in key order (see Dialect.ordered).
 
         Unreadable rows whose key is sound come through as (key, None); skipped rows are
         recorded on `snapshot`. Memory does not grow with the size of the result.
         """
         name = "slots_query"
-        sql = ordered_sql(self.slots_query, self.engine.dialect.name)
+        sql = self.dialect.ordered(self.slots_query, rows.SLOT_KEY_COLUMNS)
         result = self._execute(conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=True)
         zone = self.timezone
         previous: tuple[str, ...] | None = None
@@ -408,24 +394,6 @@ class _Collector:
             return False
         self.seen.add(key)
         return True
-
-
-def ordered_sql(sql: str, dialect: str) -> str:
-    """The slots query wrapped to come back in key order, as Python orders the id strings.
-
-    Each id is compared as text in code-point order (byte order of UTF-8): COLLATE "C" on
-    PostgreSQL, a binary cast on MySQL/MariaDB, SQLite's default BINARY collation. The state
-    store keeps its keys in the same order, so the two streams can be merge-joined.
-    """
-    inner = sql.strip().rstrip(";").strip()
-    if dialect == "postgresql":
-        template = 'CAST(q.{0} AS TEXT) COLLATE "C"'
-    elif dialect in ("mysql", "mariadb"):
-        template = "CAST(q.{0} AS BINARY)"
-    else:
-        template = "CAST(q.{0} AS TEXT)"
-    order = ", ".join(template.format(c) for c in rows.SLOT_KEY_COLUMNS)
-    return f"SELECT * FROM ({inner}) q ORDER BY {order}"  # noqa: S608 - the operator's own query
 
 
 _TIMEOUT_SQLSTATES = frozenset({"57014"})

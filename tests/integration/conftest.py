@@ -13,9 +13,9 @@ import pytest
 from agent.app import Agent
 from agent.config import ENV_PREFIX, SECRET_ENV, load_config
 from agent.db import create_engine
-from agent.outbox.store import StateStore
 from agent.sandbox import Sandbox
 from agent.source.reader import SourceReader
+from agent.store import StateStore
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.inventory import (
     CATALOG_QUERY,

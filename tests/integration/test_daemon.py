@@ -71,7 +71,7 @@ def test_the_daemon_delivers_a_change_and_stops_when_asked(
         ("notify", 200, expected),
     ]
     assert _scans(agent, "ok") >= 2
-    assert agent.store.entries() == []
+    assert agent.store.admin.entries() == []
 
 
 @pytest.mark.postgres

@@ -210,7 +210,7 @@ def test_an_incremental_poll_sends_exactly_what_changed_and_a_re_read_sends_noth
 
     first = _poll(agent)  # no cursor yet: a full scan records the baseline and the cursor
     assert (first.kind, first.baseline, first.slot_rows) == ("full", True, len(slots))
-    saved = agent.store.cursor(CURSOR)
+    saved = agent.store.fingerprints.cursor(CURSOR)
     assert saved is not None
     _delivered(agent)
     assert _endpoints(sandbox) == ["trigger"]
@@ -237,7 +237,7 @@ def test_an_incremental_poll_sends_exactly_what_changed_and_a_re_read_sends_noth
     assert _per_slot(_notified(sandbox)) == {"101": 1, "202": 1}
     assert len(calls(sandbox)) == 3
 
-    later = agent.store.cursor(CURSOR)
+    later = agent.store.fingerprints.cursor(CURSOR)
     assert later is not None
     assert cursor.decode(later) > cursor.decode(saved)  # every successful poll moves it on
 
@@ -514,7 +514,7 @@ def test_a_delete_is_not_seen_by_polls_and_closed_once_by_the_full_scan(
     assert agent.scan().messages == 0
     _delivered(agent)
     assert _notified(sandbox)[1:] == [_closed(slots[104])]
-    assert agent.store.lookup_slots([("1", "1-sunset", "104")]) == {}
+    assert agent.store.fingerprints.lookup_slots([("1", "1-sunset", "104")]) == {}
 
 
 # -- a product leaves; a slot's start passes --------------------------------------------
@@ -576,7 +576,7 @@ def test_a_removed_product_is_one_trigger_and_a_started_slot_is_dropped_silently
         assert agent.scan().baseline
         _delivered(agent)
         gone = [("2", "2-guided", "201"), ("2", "2-guided", "202"), ("1", "1-sunset", "106")]
-        assert len(agent.store.lookup_slots(gone)) == 3
+        assert len(agent.store.fingerprints.lookup_slots(gone)) == 3
 
         clock.advance(2 * 3600)  # slot 106 has started
         inventory.update_slot(106, vacancies=1)
@@ -589,7 +589,7 @@ def test_a_removed_product_is_one_trigger_and_a_started_slot_is_dropped_silently
         assert (full.triggers, full.notifies) == (1, 0)
         assert (full.slots_removed, full.slots_expired) == (2, 1)
         _delivered(agent)
-        assert agent.store.lookup_slots(gone) == {}
+        assert agent.store.fingerprints.lookup_slots(gone) == {}
         assert agent.scan().messages == 0
 
     assert _endpoints(sandbox) == ["trigger", "trigger"]
@@ -733,8 +733,8 @@ def test_a_slow_slots_query_is_cancelled_and_named(
 
     assert agent.guarded(agent.scan) is False
     assert (_scans(agent, "query_error"), _scans(agent, "ok")) == (1, 0)
-    assert not agent.store.is_baselined()  # nothing was recorded
-    assert agent.store.stats().pending == 0
+    assert not agent.store.fingerprints.is_baselined()  # nothing was recorded
+    assert agent.store.admin.stats().pending == 0
     assert calls(sandbox) == []
 
 
@@ -914,7 +914,7 @@ def test_sqlite_without_the_watcher_a_change_waits_for_the_poll_interval(
         time.sleep(QUIET_S)
         assert _notified(sandbox) == []
         assert _scans(agent) == 1
-        assert agent.store.stats().pending == 0  # not even queued: no poll ran since
+        assert agent.store.admin.stats().pending == 0  # not even queued: no poll ran since
 
 
 # -- PostgreSQL: the LISTEN connection is lost ------------------------------------------

@@ -160,7 +160,7 @@ def test_acceptance_scenario(
     assert [(c.endpoint, c.status) for c in calls(sandbox)[before:]] == [("notify", 401)]
     with sandbox.lock:
         assert ("1", "1-sunset", "105") not in sandbox.slots
-    (waiting,) = agent.store.entries()
+    (waiting,) = agent.store.admin.entries()
     assert (waiting.kind, waiting.state, waiting.last_status) == ("notify", "pending", 401)
     assert waiting.payload == change
 
@@ -172,4 +172,4 @@ def test_acceptance_scenario(
     assert after[1].body == change
     with sandbox.lock:
         assert sandbox.slots[("1", "1-sunset", "105")] == change
-    assert agent.store.entries() == []
+    assert agent.store.admin.entries() == []

@@ -23,16 +23,17 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent.app import SCANNER_LEASE_MIN_S, Agent
+from agent.app import Agent
 from agent.cli import main as cli_main
 from agent.config import load_config
 from agent.delivery.client import Response
 from agent.errors import StateError
 from agent.model import CatalogDiff, Slot, SlotDiff
-from agent.outbox import tables as outbox_tables
-from agent.outbox.store import StateStore
 from agent.plan import notify_message
 from agent.sandbox import Call, Sandbox
+from agent.store import StateStore
+from agent.store import schema as outbox_tables
+from agent.store.coordination import SCANNER
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.inventory import (
     BACKEND_PARAMS,
@@ -59,16 +60,20 @@ SHARED_BACKENDS = [p for p in BACKEND_PARAMS if p.values[0] != "sqlite"]
 
 
 class ShiftedClock:
-    """The real clock, `offset` ahead: another process that looks at the outbox later."""
+    """The real clock, `offset` ahead on both readings: moving the offset makes time pass
+    for this process alone. On a shared store the agent's clock is the database's, read once
+    and then advanced by the monotonic reading (store.clock.StoreClock), so an offset set
+    before that first reading only skews the host's wall clock, which changes nothing; set
+    after it, time passes."""
 
-    def __init__(self, offset: timedelta) -> None:
+    def __init__(self, offset: timedelta = timedelta()) -> None:
         self.offset = offset
 
     def now(self) -> datetime:
         return datetime.now(UTC) + self.offset
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return time.monotonic() + self.offset.total_seconds()
 
 
 def _with_delivery(path: Path, delivery: Mapping[str, Any]) -> None:
@@ -163,10 +168,10 @@ class Wire:
         self._lock = threading.Lock()
         send = agent.client.notify
 
-        def notify(payload: dict[str, Any]) -> Response:
-            response = send(payload)
+        def notify(body: str) -> Response:
+            response = send(body)
             with self._lock:
-                self.sent.append((dict(payload), response.status))
+                self.sent.append((json.loads(body), response.status))
             return response
 
         agent.client.notify = notify  # type: ignore[method-assign]
@@ -278,7 +283,7 @@ def test_two_consumers_on_one_store_claim_every_message_exactly_once(
     store = make_store(backend)
     queued_at = datetime.now(UTC)
     assert enqueue(store, *(store_slot(n) for n in range(total)), now=queued_at) == total
-    all_ids = {e.id for e in store.entries(limit=total + 1)}
+    all_ids = {e.id for e in store.admin.entries(limit=total + 1)}
     assert len(all_ids) == total
     url = store.engine.url.render_as_string(hide_password=False)
 
@@ -293,7 +298,7 @@ def test_two_consumers_on_one_store_claim_every_message_exactly_once(
             start.wait(30)
             # Leases of 30 s, far longer than the work: a claim is never taken back by
             # expiry, and nothing is completed, so only the leases keep the two apart.
-            while batch := other.claim(datetime.now(UTC), limit=25, lease_s=30.0):
+            while batch := other.queue.claim(datetime.now(UTC), limit=25, lease_s=30.0):
                 mine.extend(m.id for m in batch)
         except BaseException as exc:
             errors.append(exc)
@@ -317,8 +322,8 @@ def test_two_consumers_on_one_store_claim_every_message_exactly_once(
     assert len(b) == len(set(b)), "a consumer got a message twice"
     assert set(a) & set(b) == set(), "a message was handed to both consumers"
     assert set(a) | set(b) == all_ids
-    assert store.stats().in_flight == total
-    assert store.claim(datetime.now(UTC), limit=total, lease_s=30.0) == []
+    assert store.admin.stats().in_flight == total
+    assert store.queue.claim(datetime.now(UTC), limit=total, lease_s=30.0) == []
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -349,7 +354,7 @@ def test_a_claim_stays_cheap_behind_a_large_backlog(
         conn.execute(sa.insert(outbox_tables.outbox), rows)
 
     started = time.monotonic()
-    claimed = store.claim(now, limit=50, lease_s=30)
+    claimed = store.queue.claim(now, limit=50, lease_s=30)
     took = time.monotonic() - started
 
     print(f"\n{backend}: one claim of 50 behind 20,000 waiting messages took {took:.2f} s")
@@ -434,7 +439,7 @@ def test_changes_made_during_an_outage_reach_seyaha_once_per_slot_with_the_last_
         "201": expected["201"],
     }
     assert {c.body["vacancies"] for c in delivered if c.body} == {20, 7}
-    assert agent.store.entries() == []
+    assert agent.store.admin.entries() == []
     assert SECRET not in caplog.text
 
 
@@ -478,8 +483,10 @@ def test_with_four_workers_each_slot_hears_its_changes_in_order(
                 sandbox.fail_next(503, count=3)
             agent.scan()
             if round_ % 6 == 0:  # let the outbox run dry now and then
-                wait_until(lambda: agent.store.stats().pending == 0, "the outbox to drain", WAIT_S)
-        wait_until(lambda: agent.store.stats().pending == 0, "the outbox to drain", WAIT_S)
+                wait_until(
+                    lambda: agent.store.admin.stats().pending == 0, "the outbox to drain", WAIT_S
+                )
+        wait_until(lambda: agent.store.admin.stats().pending == 0, "the outbox to drain", WAIT_S)
 
     def sequence(call: Call) -> int:
         assert call.body is not None
@@ -503,7 +510,7 @@ def test_with_four_workers_each_slot_hears_its_changes_in_order(
         assert all(a >= b for a, b in pairwise(seen)), (slot_id, seen)
     expected = expected_view(inventory, slots)
     assert received(sandbox) == {k: expected[k] for k in ("101", "102", "201", "202")}
-    assert agent.store.entries() == []
+    assert agent.store.admin.entries() == []
 
 
 # -- 4. Retry-After -------------------------------------------------------------------------
@@ -580,7 +587,7 @@ def test_the_circuit_breaker_holds_a_backlog_back_while_seyaha_fails_and_lets_it
     sandbox.fail_next(503, count=1_000_000)
     with delivering(agent):
         wait_until(lambda: breaker_gauge(agent) == 1, "the breaker to open", WAIT_S)
-        assert agent.store.status()["breaker"] == "open"
+        assert agent.store.coordination.status()["breaker"] == "open"
         at_open = len(notifies(sandbox))
         # A fixed window, only to show what does NOT happen: the backlog hammering Seyaha.
         time.sleep(3.0)
@@ -602,8 +609,8 @@ def test_the_circuit_breaker_holds_a_backlog_back_while_seyaha_fails_and_lets_it
         wait_until(lambda: breaker_gauge(agent) == 0, "the breaker gauge to drop", WAIT_S)
     assert received(sandbox) == expected_view(inventory, slots)
     assert len(notifies(sandbox, 200)) == backlog
-    assert agent.store.status()["breaker"] == "closed"
-    assert agent.store.entries() == []
+    assert agent.store.coordination.status()["breaker"] == "closed"
+    assert agent.store.admin.entries() == []
 
 
 def test_a_pause_and_an_open_breaker_left_by_an_earlier_process_end_with_the_next_delivery(
@@ -620,19 +627,21 @@ def test_a_pause_and_an_open_breaker_left_by_an_earlier_process_end_with_the_nex
     earlier = StateStore.from_url(url)
     try:
         earlier.open()
-        earlier.set_status("pause", "2030-07-01T09:00:00+00:00 401 from Seyaha: wrong secret")
-        earlier.set_status("breaker", "open")
+        earlier.coordination.set_status(
+            "pause", "2030-07-01T09:00:00+00:00 401 from Seyaha: wrong secret"
+        )
+        earlier.coordination.set_status("breaker", "open")
     finally:
         earlier.close()
 
     agent = build_agent("agent", base_url=sandbox.url, source_url=inventory.url, state_url=url)
-    assert {k: v for k, v in agent.store.status().items() if k != "last_delivery"} == {
+    assert {k: v for k, v in agent.store.coordination.status().items() if k != "last_delivery"} == {
         "pause": "2030-07-01T09:00:00+00:00 401 from Seyaha: wrong secret",
         "breaker": "open",
     }
     baseline(agent, sandbox)
 
-    status = agent.store.status()
+    status = agent.store.coordination.status()
     assert "pause" not in status
     assert status["breaker"] == "closed"
 
@@ -673,7 +682,7 @@ def test_refused_and_exhausted_messages_become_dead_letters_that_retry_brings_ba
         ),
     )
     drained(agent)
-    (rejected,) = agent.store.entries(state="dead")
+    (rejected,) = agent.store.admin.entries(state="dead")
     assert (rejected.attempts, rejected.last_status, rejected.last_error) == (
         1,
         422,
@@ -684,7 +693,9 @@ def test_refused_and_exhausted_messages_become_dead_letters_that_retry_brings_ba
     agent.scan()
     sandbox.fail_next(503, count=2)
     drained(agent)
-    dead = {e.payload["availabilityId"]: e for e in agent.store.entries(state="dead") if e.payload}
+    dead = {
+        e.payload["availabilityId"]: e for e in agent.store.admin.entries(state="dead") if e.payload
+    }
     assert set(dead) == {"101", "201"}
     exhausted = dead["201"]
     assert (exhausted.attempts, exhausted.last_status) == (2, 503)
@@ -696,7 +707,7 @@ def test_refused_and_exhausted_messages_become_dead_letters_that_retry_brings_ba
         ("201", 503),
         ("201", 503),
     ]
-    assert agent.store.stats().dead == 2
+    assert agent.store.admin.stats().dead == 2
 
     capsys.readouterr()
     code = cli_main(["outbox", "--config", str(agent.config.path), "retry", "--all-dead"])
@@ -704,10 +715,10 @@ def test_refused_and_exhausted_messages_become_dead_letters_that_retry_brings_ba
     assert code == 0
     assert out.out.strip() == "2 dead letter(s) queued again"
     assert SECRET not in out.out + out.err
-    assert {e.state for e in agent.store.entries()} == {"pending"}
+    assert {e.state for e in agent.store.admin.entries()} == {"pending"}
 
     drained(agent)
-    assert agent.store.entries() == []
+    assert agent.store.admin.entries() == []
     expected = expected_view(inventory, slots)
     assert received(sandbox) == {"101": expected["101"], "201": expected["201"]}
     assert SECRET not in caplog.text
@@ -725,19 +736,19 @@ def test_a_lease_that_runs_out_hands_the_message_to_another_store_and_the_first_
     try:
         second.open()
         enqueue(first, store_slot(1, vacancies=4))
-        (held,) = first.claim(T0, limit=10, lease_s=30)  # ... and the holder never finishes
+        (held,) = first.queue.claim(T0, limit=10, lease_s=30)  # ... and the holder never finishes
 
-        assert second.claim(T0 + timedelta(seconds=29), limit=10, lease_s=30) == []
-        (taken,) = second.claim(T0 + timedelta(seconds=31), limit=10, lease_s=30)
+        assert second.queue.claim(T0 + timedelta(seconds=29), limit=10, lease_s=30) == []
+        (taken,) = second.queue.claim(T0 + timedelta(seconds=31), limit=10, lease_s=30)
 
         assert taken.id == held.id
         assert taken.lease_token != held.lease_token
         assert taken.payload == held.payload
-        assert not first.complete(held)
-        assert not first.release(held, at=T0)
-        assert second.stats().in_flight == 1
-        assert second.complete(taken)
-        assert first.entries() == []
+        assert not first.queue.complete(held)
+        assert not first.queue.release(held, at=T0)
+        assert second.admin.stats().in_flight == 1
+        assert second.queue.complete(taken)
+        assert first.admin.entries() == []
     finally:
         second.close()
 
@@ -762,29 +773,32 @@ def test_a_stale_message_left_by_a_dead_holder_is_dropped_for_the_newer_state(
     dying.scan()
     lease_s = dying.config.settings.delivery.lease
     # The process claims the notify and dies before sending it.
-    (stale,) = dying.store.claim(dying.clock.now(), limit=50, lease_s=lease_s)
+    (stale,) = dying.store.queue.claim(dying.clock.now(), limit=50, lease_s=lease_s)
     assert stale.payload is not None
     assert stale.payload["vacancies"] == 33
 
     inventory.update_slot(101, vacancies=32)
     dying.scan()  # the leased row is not touched: the newer state gets a row of its own
-    assert [e.payload["vacancies"] for e in dying.store.entries() if e.payload] == [33, 32]
+    assert [e.payload["vacancies"] for e in dying.store.admin.entries() if e.payload] == [33, 32]
 
     # Another agent, once the lease has run out.
+    later_clock = ShiftedClock()
     later = build_agent(
         "later",
         base_url=sandbox.url,
         source_url=inventory.url,
         state_url=url,
-        clock=ShiftedClock(timedelta(seconds=lease_s + 5)),
+        clock=later_clock,
     )
+    later.clock.now()  # on a shared store: the database's clock, read once
+    later_clock.offset = timedelta(seconds=lease_s + 5)
     drained(later)
 
     assert [(c.status, c.body) for c in notifies(sandbox)] == [
         (200, expected_view(inventory, slots)["101"])
     ]
-    assert later.store.entries() == []
-    assert not dying.store.complete(stale)
+    assert later.store.admin.entries() == []
+    assert not dying.store.queue.complete(stale)
 
 
 # -- 8. the scanner lease -----------------------------------------------------------------
@@ -812,23 +826,28 @@ def test_two_agents_on_a_shared_store_take_turns_scanning_through_the_lease(
     assert two.poll() is None
     inventory.update_slot(101, vacancies=21)
     assert two.poll() is None  # the change waits for the holder, not for this agent
-    assert len(two.store.entries()) == 1  # only the baseline trigger
-    holder = one.store.status()["scanner"]
-    assert holder.startswith(one.identity + " ")
+    assert len(two.store.admin.entries()) == 1  # only the baseline trigger
+    lease_s = two.config.settings.state.scanner_lease
+    held = two.store.coordination.lease(SCANNER)
+    assert held is not None
+    assert held.holder == one.identity
 
-    now = datetime.now(UTC)
+    now = two.clock.now()
     # While the holder's lease runs, nobody else gets it, even a little later.
-    assert not two.store.hold_scanner(two.identity, now + timedelta(seconds=60), 120)
+    later = now + timedelta(seconds=lease_s / 2)
+    assert two.store.coordination.hold(SCANNER, two.identity, later, lease_s) is None
     # The holder stops renewing: once its lease has run out, the other takes over.
-    aged = now + timedelta(seconds=SCANNER_LEASE_MIN_S + 5)
-    assert two.store.hold_scanner(two.identity, aged, SCANNER_LEASE_MIN_S)
+    aged = now + timedelta(seconds=lease_s + 5)
+    assert two.store.coordination.hold(SCANNER, two.identity, aged, lease_s) == "taken"
     assert one.poll() is None
     took_over = two.poll()
     assert took_over is not None
     assert (took_over.baseline, took_over.slots_changed) == (False, 1)
     assert one.poll() is None
-    assert two.store.status()["scanner"].startswith(two.identity + " ")
-    assert [e.kind for e in one.store.entries()] == ["trigger", "notify"]
+    held = two.store.coordination.lease(SCANNER)
+    assert held is not None
+    assert held.holder == two.identity
+    assert [e.kind for e in one.store.admin.entries()] == ["trigger", "notify"]
 
 
 @pytest.mark.parametrize("backend", SHARED_BACKENDS)
@@ -846,8 +865,7 @@ def test_an_agent_taking_the_scanner_lease_back_diffs_every_row_the_full_way_aga
     inventory.track_updates()
     sandbox = make_sandbox()
     url = state_url(backend)
-    lease = timedelta(seconds=SCANNER_LEASE_MIN_S + 5)
-    one_clock, two_clock = ShiftedClock(timedelta()), ShiftedClock(lease)
+    one_clock, two_clock = ShiftedClock(), ShiftedClock()
     incremental = {"slots_changed_query": SLOTS_CHANGED_QUERY}
     one, two = (
         build_agent(name, base_url=sandbox.url, source_url=inventory.url, state_url=url,
@@ -865,6 +883,9 @@ def test_an_agent_taking_the_scanner_lease_back_diffs_every_row_the_full_way_aga
     drained(one)
 
     # One stalls past its lease; two takes over and records a booking.
+    lease = timedelta(seconds=one.config.settings.state.scanner_lease + 5)
+    two.clock.now()  # the database's clock, read once: from here on time passes for two
+    two_clock.offset = lease
     inventory.update_slot(101, vacancies=11)
     taken = two.poll()
     assert taken is not None
@@ -916,7 +937,7 @@ def test_a_second_agent_on_the_same_sqlite_state_file_is_refused_until_the_first
 
         first.close()
         second.open(exclusive=True)
-        assert not second.store.is_baselined()
+        assert not second.store.fingerprints.is_baselined()
     finally:
         first.close()
         second.close()

@@ -15,11 +15,18 @@ import sqlalchemy as sa
 
 from agent.delivery.worker import COMPLETE_EVERY_S, Completions
 from agent.errors import StateError
-from agent.model import CatalogDiff, CatalogRow, Message, OutboxMessage, Slot, SlotDiff
-from agent.outbox import tables
-from agent.outbox.store import OutboxStats, StateStore
+from agent.model import (
+    CatalogDiff,
+    CatalogRow,
+    Message,
+    OutboxMessage,
+    Slot,
+    SlotDiff,
+    slot_fingerprint,
+)
 from agent.plan import notify_message, trigger_message
-from agent.rows import slot_fingerprint
+from agent.store import OutboxStats, StateStore
+from agent.store import schema as tables
 from tests.integration.inventory import BACKEND_PARAMS
 
 T0 = datetime(2026, 7, 1, 9, 0, tzinfo=UTC)
@@ -58,7 +65,7 @@ def enqueue(store: StateStore, *messages: Message, now: datetime = T0) -> int:
 
 
 def claim(store: StateStore, now: datetime = T0, limit: int = 50) -> list[OutboxMessage]:
-    return store.claim(now, limit=limit, lease_s=LEASE_S)
+    return store.queue.claim(now, limit=limit, lease_s=LEASE_S)
 
 
 def vacancies(message: OutboxMessage) -> object:
@@ -86,29 +93,53 @@ def test_open_creates_the_tables_and_is_idempotent(store: StateStore) -> None:
     again = StateStore.from_url(url_of(store))
     try:
         again.open()
-        assert again.is_baselined()
-        assert again.load_catalog() == {("1", "a"): "f1"}
-        assert [e.kind for e in again.entries()] == ["trigger"]
+        assert again.fingerprints.is_baselined()
+        assert again.fingerprints.load_catalog() == {("1", "a"): "f1"}
+        assert [e.kind for e in again.admin.entries()] == ["trigger"]
     finally:
         again.close()
 
     names = set(sa.inspect(store.engine).get_table_names())
-    assert {"seyaha_meta", "seyaha_catalog", "seyaha_slots", "seyaha_outbox"} <= names
+    assert {
+        "seyaha_meta",
+        "seyaha_catalog",
+        "seyaha_slots",
+        "seyaha_outbox",
+        "seyaha_leases",
+        "seyaha_schema_version",
+    } <= names
     with store.engine.connect() as conn:
         meta = conn.execute(sa.select(tables.meta.c.key, tables.meta.c.value)).all()
+        version = conn.execute(sa.text("SELECT version_num FROM seyaha_schema_version")).all()
     assert sorted(tuple(row) for row in meta) == [
         ("baseline_ms", str(int(T0.timestamp() * 1000))),
-        ("schema_version", "1"),
+        ("schema_version", str(tables.SCHEMA_VERSION)),
     ]
+    assert [tuple(row) for row in version] == [(f"{tables.SCHEMA_VERSION:04d}",)]
 
 
-def test_open_refuses_a_store_of_another_schema_version(store: StateStore) -> None:
+def test_open_refuses_a_store_written_by_a_newer_agent(store: StateStore) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE seyaha_schema_version SET version_num = '0099'"))
+
+    with pytest.raises(StateError) as refused:
+        store.open()
+    message = str(refused.value)
+    assert (
+        f"has schema version 99, written by a newer seyaha-agent; this agent knows versions up to {tables.SCHEMA_VERSION}"
+        in message
+    )
+    assert "stores are never downgraded" in message
+
+
+def test_open_refuses_a_store_whose_meta_records_a_newer_schema(store: StateStore) -> None:
+    """Also what a 0.1.0 agent reads: it refuses a store this agent migrated."""
     with store.engine.begin() as conn:
         conn.execute(
             sa.update(tables.meta).where(tables.meta.c.key == "schema_version").values(value="99")
         )
 
-    with pytest.raises(StateError, match="has schema version 99; this agent uses 1"):
+    with pytest.raises(StateError, match="has schema version 99, written by a newer"):
         store.open()
 
 
@@ -116,7 +147,7 @@ def test_open_refuses_a_store_of_another_schema_version(store: StateStore) -> No
 
 
 def test_fingerprints_round_trip_and_follow_each_scan(store: StateStore) -> None:
-    assert not store.is_baselined()
+    assert not store.fingerprints.is_baselined()
     one, two, three = slot(1), slot(2), slot(3, start=START + timedelta(days=1))
     written = store.commit_scan(
         CatalogDiff(added=(CatalogRow("1", "a", "f1"), CatalogRow("2", "b", "f2"))),
@@ -127,11 +158,13 @@ def test_fingerprints_round_trip_and_follow_each_scan(store: StateStore) -> None
     )
 
     assert written == 1
-    assert store.is_baselined()
-    assert store.load_catalog() == {("1", "a"): "f1", ("2", "b"): "f2"}
-    assert store.lookup_catalog({("2", "b"), ("9", "z"), ("1", "b")}) == {("2", "b"): "f2"}
-    assert store.lookup_catalog(set()) == {}
-    stored = store.load_slots()
+    assert store.fingerprints.is_baselined()
+    assert store.fingerprints.load_catalog() == {("1", "a"): "f1", ("2", "b"): "f2"}
+    assert store.fingerprints.lookup_catalog({("2", "b"), ("9", "z"), ("1", "b")}) == {
+        ("2", "b"): "f2"
+    }
+    assert store.fingerprints.lookup_catalog(set()) == {}
+    stored = store.fingerprints.load_slots()
     assert set(stored) == {one.key, two.key, three.key}
     assert stored[three.key].fingerprint == slot_fingerprint(three)
     assert stored[three.key].local_date_time_start == three.local_date_time_start
@@ -145,8 +178,8 @@ def test_fingerprints_round_trip_and_follow_each_scan(store: StateStore) -> None
         later(60),
     )
 
-    assert store.load_catalog() == {("1", "a"): "f1b"}
-    stored = store.load_slots()
+    assert store.fingerprints.load_catalog() == {("1", "a"): "f1b"}
+    stored = store.fingerprints.load_slots()
     assert set(stored) == {one.key}
     assert stored[one.key].fingerprint == slot_fingerprint(moved)
     assert stored[one.key].start_utc == START + timedelta(hours=2)
@@ -167,21 +200,21 @@ def test_commit_scan_writes_nothing_when_a_message_cannot_be_stored(store: State
             baseline=True,
         )
 
-    assert not store.is_baselined()
-    assert store.load_catalog() == {}
-    assert store.load_slots() == {}
-    assert store.entries() == []
-    assert store.stats() == OutboxStats(pending=0, dead=0, in_flight=0, oldest_pending=None)
+    assert not store.fingerprints.is_baselined()
+    assert store.fingerprints.load_catalog() == {}
+    assert store.fingerprints.load_slots() == {}
+    assert store.admin.entries() == []
+    assert store.admin.stats() == OutboxStats(pending=0, dead=0, in_flight=0, oldest_pending=None)
     # and the store is still usable: the same scan without the bad message goes through
     assert store.commit_scan(catalog, slots, [trigger_message("catalog"), notify(1)], T0) == 2
-    assert set(store.load_slots()) == {slot(1).key, slot(2).key}
+    assert set(store.fingerprints.load_slots()) == {slot(1).key, slot(2).key}
 
 
 def test_commit_scan_writes_nothing_when_the_database_refuses(store: StateStore) -> None:
     store.commit_scan(
         CatalogDiff(added=(CatalogRow("1", "a", "f1"),)), SlotDiff(added=(slot(1),)), [], T0
     )
-    before_slots = store.load_slots()
+    before_slots = store.fingerprints.load_slots()
 
     with pytest.raises(sa.exc.IntegrityError):
         store.commit_scan(
@@ -193,9 +226,9 @@ def test_commit_scan_writes_nothing_when_the_database_refuses(store: StateStore)
             later(1),
         )
 
-    assert store.load_catalog() == {("1", "a"): "f1"}
-    assert store.load_slots() == before_slots
-    assert store.entries() == []
+    assert store.fingerprints.load_catalog() == {("1", "a"): "f1"}
+    assert store.fingerprints.load_slots() == before_slots
+    assert store.admin.entries() == []
 
 
 # -- the outbox rules -------------------------------------------------------------------
@@ -206,7 +239,7 @@ def test_notifies_for_a_waiting_slot_coalesce_into_one_row_with_the_newest_paylo
 ) -> None:
     assert enqueue(store, notify(1, vacancies=5)) == 1
     assert enqueue(store, notify(2, vacancies=9)) == 1
-    first_id = store.entries()[0].id
+    first_id = store.admin.entries()[0].id
 
     assert enqueue(store, notify(1, vacancies=3), now=later(1)) == 1
     assert enqueue(store, notify(1, vacancies=2), now=later(2)) == 1
@@ -214,7 +247,7 @@ def test_notifies_for_a_waiting_slot_coalesce_into_one_row_with_the_newest_paylo
     # (MySQL counts only changed rows unless told otherwise)
     assert enqueue(store, notify(1, vacancies=2), now=later(2)) == 1
 
-    entries = store.entries()
+    entries = store.admin.entries()
     assert len(entries) == 2
     assert entries[0].id == first_id  # refreshed in place: it keeps its turn
     assert entries[0].payload is not None
@@ -241,7 +274,7 @@ def test_one_scan_queues_its_messages_in_order_and_coalesces_within_itself(
 
     queued = [
         (e.kind, e.payload and (e.payload["availabilityId"], e.payload["vacancies"]))
-        for e in store.entries()
+        for e in store.admin.entries()
     ]
     # 1 keeps its place with its newest state; 3 is one row with the last of its two states.
     assert queued == [
@@ -255,16 +288,16 @@ def test_one_scan_queues_its_messages_in_order_and_coalesces_within_itself(
 def test_at_most_one_waiting_trigger(store: StateStore) -> None:
     assert enqueue(store, trigger_message("catalog")) == 1
     assert enqueue(store, trigger_message("catalog"), now=later(1)) == 0
-    assert [e.kind for e in store.entries()] == ["trigger"]
+    assert [e.kind for e in store.admin.entries()] == ["trigger"]
 
     (in_flight,) = claim(store, later(2))
     # The trigger in flight may have read the catalog before this change: a new one waits.
     assert enqueue(store, trigger_message("catalog"), now=later(3)) == 1
     assert enqueue(store, trigger_message("catalog"), now=later(4)) == 0
-    assert [e.kind for e in store.entries()] == ["trigger", "trigger"]
+    assert [e.kind for e in store.admin.entries()] == ["trigger", "trigger"]
     assert claim(store, later(5)) == []  # not while the older trigger is in flight
 
-    assert store.complete(in_flight)
+    assert store.queue.complete(in_flight)
     (second,) = claim(store, later(6))
     assert second.kind == "trigger"
     assert second.id != in_flight.id
@@ -276,10 +309,10 @@ def test_a_notify_for_a_slot_in_flight_waits_for_the_older_message(store: StateS
 
     assert enqueue(store, notify(1, vacancies=3), now=later(1)) == 1
     assert enqueue(store, notify(1, vacancies=2), now=later(2)) == 1  # coalesces, not a third
-    assert len(store.entries()) == 2
+    assert len(store.admin.entries()) == 2
     assert claim(store, later(3)) == []
 
-    assert store.complete(first)
+    assert store.queue.complete(first)
     (second,) = claim(store, later(4))
     assert second.id != first.id
     assert vacancies(second) == 2
@@ -291,19 +324,19 @@ def test_a_failed_message_whose_slot_changed_meanwhile_is_dropped_for_the_newer_
     enqueue(store, notify(1, vacancies=5), notify(2, vacancies=5))
     first, other = claim(store)
     enqueue(store, notify(1, vacancies=3), now=later(1))  # a row of its own: 5 is in flight
-    assert store.retry_later(first, at=later(2), error="503", status=503)
-    assert store.retry_later(other, at=later(2), error="503", status=503)
+    assert store.queue.retry_later(first, at=later(2), error="503", status=503)
+    assert store.queue.retry_later(other, at=later(2), error="503", status=503)
 
     # The older state of slot 1 is never sent again; slot 2 has nothing newer and is retried.
     claimed = claim(store, later(2))
     assert [(m.payload and m.payload["availabilityId"], vacancies(m)) for m in claimed] == [
         ("2", 5)
     ]
-    assert store.complete(claimed[0])
+    assert store.queue.complete(claimed[0])
     (newest,) = claim(store, later(3))
     assert (newest.attempts, vacancies(newest)) == (0, 3)
-    assert store.complete(newest)
-    assert store.entries() == []
+    assert store.queue.complete(newest)
+    assert store.admin.entries() == []
 
 
 def test_a_notify_behind_a_waiting_trigger_waits_until_the_trigger_completes(
@@ -317,16 +350,16 @@ def test_a_notify_behind_a_waiting_trigger_waits_until_the_trigger_completes(
         ("notify", "2"),
         ("trigger", None),
     ]
-    assert store.complete(claimed[0])
+    assert store.queue.complete(claimed[0])
     trigger = claimed[1]
     # The trigger failed and waits for its retry: the notify behind it still may not go.
-    assert store.retry_later(trigger, at=later(60), error="503", status=503)
+    assert store.queue.retry_later(trigger, at=later(60), error="503", status=503)
     assert claim(store, later(2)) == []
 
     (trigger,) = claim(store, later(60))
     assert trigger.kind == "trigger"
     assert claim(store, later(61)) == []
-    assert store.complete(trigger)
+    assert store.queue.complete(trigger)
     (behind,) = claim(store, later(62))
     assert behind.payload is not None
     assert behind.payload["availabilityId"] == "1"
@@ -343,13 +376,13 @@ def test_an_expired_lease_frees_the_message_and_the_first_holder_loses_it(
 
     assert second.id == first.id
     assert second.lease_token != first.lease_token
-    assert not store.complete(first)
-    assert not store.retry_later(first, at=later(100), error="late", status=None)
-    assert not store.dead_letter(first, error="late", status=None, at=T0)
-    (entry,) = store.entries()
+    assert not store.queue.complete(first)
+    assert not store.queue.retry_later(first, at=later(100), error="late", status=None)
+    assert not store.queue.dead_letter(first, error="late", status=None, at=T0)
+    (entry,) = store.admin.entries()
     assert (entry.state, entry.attempts, entry.last_error) == ("pending", 0, None)
-    assert store.complete(second)
-    assert store.entries() == []
+    assert store.queue.complete(second)
+    assert store.admin.entries() == []
 
 
 def test_complete_many_removes_what_is_still_held_and_leaves_what_was_taken_over(
@@ -360,23 +393,23 @@ def test_complete_many_removes_what_is_still_held_and_leaves_what_was_taken_over
     (retaken,) = claim(store, later(LEASE_S + 1), limit=1)  # one's lease ran out
     assert retaken.id == one.id
 
-    assert store.complete_many([one, two, three]) == 2
-    (left,) = store.entries()
+    assert store.queue.complete_many([one, two, three]) == 2
+    (left,) = store.admin.entries()
     assert left.id == one.id  # its new holder still owns it
-    assert store.complete_many([retaken]) == 1
-    assert store.complete_many([]) == 0
-    assert store.entries() == []
+    assert store.queue.complete_many([retaken]) == 1
+    assert store.queue.complete_many([]) == 0
+    assert store.admin.entries() == []
 
 
 def test_retry_later_makes_the_message_due_only_at_the_given_time(store: StateStore) -> None:
     enqueue(store, notify(1))
     (message,) = claim(store)
 
-    assert store.retry_later(message, at=later(60), error="503 from Seyaha: busy", status=503)
+    assert store.queue.retry_later(message, at=later(60), error="503 from Seyaha: busy", status=503)
 
-    assert store.next_due() == later(60)
+    assert store.queue.next_due() == later(60)
     assert claim(store, later(59.999)) == []
-    (entry,) = store.entries()
+    (entry,) = store.admin.entries()
     assert (entry.state, entry.attempts, entry.last_status, entry.last_error) == (
         "pending",
         1,
@@ -389,7 +422,9 @@ def test_retry_later_makes_the_message_due_only_at_the_given_time(store: StateSt
     assert again.attempts == 1
 
     # a pause puts the message back without counting an attempt
-    assert store.retry_later(again, at=later(61), error="401", status=401, count_attempt=False)
+    assert store.queue.retry_later(
+        again, at=later(61), error="401", status=401, count_attempt=False
+    )
     (third,) = claim(store, later(61))
     assert third.attempts == 1
 
@@ -398,12 +433,12 @@ def test_dead_letter_keeps_the_message_with_its_error(store: StateStore) -> None
     enqueue(store, notify(1, vacancies=4))
     (message,) = claim(store)
 
-    assert store.dead_letter(message, error="422 from Seyaha: bad slot", status=422, at=T0)
+    assert store.queue.dead_letter(message, error="422 from Seyaha: bad slot", status=422, at=T0)
 
     assert claim(store, later(86_400)) == []
-    assert store.next_due() is None
-    assert store.entries(state="pending") == []
-    (dead,) = store.entries(state="dead")
+    assert store.queue.next_due() is None
+    assert store.admin.entries(state="pending") == []
+    (dead,) = store.admin.entries(state="dead")
     assert (dead.id, dead.state, dead.attempts, dead.last_status, dead.last_error) == (
         message.id,
         "dead",
@@ -413,7 +448,7 @@ def test_dead_letter_keeps_the_message_with_its_error(store: StateStore) -> None
     )
     assert dead.payload is not None
     assert dead.payload["vacancies"] == 4
-    assert store.stats() == OutboxStats(pending=0, dead=1, in_flight=0, oldest_pending=None)
+    assert store.admin.stats() == OutboxStats(pending=0, dead=1, in_flight=0, oldest_pending=None)
     # a dead letter neither absorbs nor blocks the slot's next message
     assert enqueue(store, notify(1, vacancies=3), now=later(10)) == 1
     (fresh,) = claim(store, later(11))
@@ -422,19 +457,19 @@ def test_dead_letter_keeps_the_message_with_its_error(store: StateStore) -> None
 
 
 def test_stats_and_next_due(store: StateStore) -> None:
-    assert store.stats() == OutboxStats(pending=0, dead=0, in_flight=0, oldest_pending=None)
-    assert store.next_due() is None
+    assert store.admin.stats() == OutboxStats(pending=0, dead=0, in_flight=0, oldest_pending=None)
+    assert store.queue.next_due() is None
 
     enqueue(store, notify(1), now=T0)
     enqueue(store, notify(2), now=later(5))
-    assert store.stats() == OutboxStats(pending=2, dead=0, in_flight=0, oldest_pending=T0)
-    assert store.next_due() == T0
+    assert store.admin.stats() == OutboxStats(pending=2, dead=0, in_flight=0, oldest_pending=T0)
+    assert store.queue.next_due() == T0
 
     (first,) = claim(store, later(6), limit=1)
-    assert store.stats().in_flight == 1
-    store.retry_later(first, at=later(100), error="timeout", status=None)
-    assert store.stats() == OutboxStats(pending=2, dead=0, in_flight=0, oldest_pending=T0)
-    assert store.next_due() == later(5)
+    assert store.admin.stats().in_flight == 1
+    store.queue.retry_later(first, at=later(100), error="timeout", status=None)
+    assert store.admin.stats() == OutboxStats(pending=2, dead=0, in_flight=0, oldest_pending=T0)
+    assert store.queue.next_due() == later(5)
 
 
 def test_claim_takes_the_oldest_first_up_to_the_limit(store: StateStore) -> None:
@@ -444,7 +479,7 @@ def test_claim_takes_the_oldest_first_up_to_the_limit(store: StateStore) -> None
     first = claim(store, later(10), limit=2)
     rest = claim(store, later(10), limit=10)
 
-    ids = [e.id for e in store.entries()]
+    ids = [e.id for e in store.admin.entries()]
     assert [m.id for m in first] == ids[:2]
     assert [m.id for m in rest] == ids[2:]
 
@@ -460,7 +495,7 @@ def test_concurrent_claims_never_hand_out_a_message_twice(store: StateStore) -> 
         other = StateStore.from_url(url)
         mine: list[int] = []
         try:
-            while batch := other.claim(later(1), limit=3, lease_s=LEASE_S):
+            while batch := other.queue.claim(later(1), limit=3, lease_s=LEASE_S):
                 mine.extend(m.id for m in batch)
         except BaseException as exc:
             errors.append(exc)
@@ -478,7 +513,7 @@ def test_concurrent_claims_never_hand_out_a_message_twice(store: StateStore) -> 
     assert not any(thread.is_alive() for thread in threads)
     leftovers = [m.id for m in claim(store, later(2))]
     handed_out = [i for mine in taken for i in mine] + leftovers
-    assert sorted(handed_out) == sorted(e.id for e in store.entries())
+    assert sorted(handed_out) == sorted(e.id for e in store.admin.entries())
     assert len(handed_out) == 40
 
 
@@ -507,11 +542,11 @@ def test_a_batch_of_successes_leaves_the_outbox_together_or_once_the_oldest_wait
     clock.at += COMPLETE_EVERY_S / 2
     done.add(two)
     done.flush_if_due()
-    assert len(store.entries()) == 3  # still leased: neither re-sent nor overtaken
+    assert len(store.admin.entries()) == 3  # still leased: neither re-sent nor overtaken
     clock.at += COMPLETE_EVERY_S / 2
     done.flush_if_due()  # the first success has waited long enough: both go
-    assert [e.id for e in store.entries()] == [three.id]
+    assert [e.id for e in store.admin.entries()] == [three.id]
 
     done.add(three)
     done.flush()
-    assert store.entries() == []
+    assert store.admin.entries() == []

@@ -10,6 +10,7 @@ import pytest
 from agent import __version__
 from agent.config import Secret
 from agent.delivery.client import Response, SeyahaClient, user_agent
+from agent.model import request_body
 from tests.conftest import INTEGRATION_ID, SECRET
 
 BASE_URL = "https://api.seyaha.test"
@@ -23,6 +24,7 @@ PAYLOAD = {
     "vacancies": 2,
     "capacity": 10,
 }
+BODY = request_body(PAYLOAD)
 
 Handler = Callable[[httpx.Request], httpx.Response]
 MakeClient = Callable[[Handler], SeyahaClient]
@@ -80,7 +82,7 @@ def test_trigger_request(make_client: MakeClient, seen: list[httpx.Request]) -> 
 
 
 def test_notify_request(make_client: MakeClient, seen: list[httpx.Request]) -> None:
-    make_client(ok).notify(PAYLOAD)
+    make_client(ok).notify(BODY)
 
     (request,) = seen
     assert request.method == "POST"
@@ -89,6 +91,7 @@ def test_notify_request(make_client: MakeClient, seen: list[httpx.Request]) -> N
     assert request.headers["x-webhook-secret"] == SECRET
     assert request.headers["user-agent"] == f"seyaha-agent/{__version__}"
     assert json.loads(request.content) == PAYLOAD
+    assert request.content == BODY.encode("utf-8")  # the kept body, not a re-serialisation
 
 
 @pytest.mark.parametrize("base_url", ["https://api.seyaha.test/", "https://api.seyaha.test//"])
@@ -124,7 +127,7 @@ def test_set_secret_changes_the_header(make_client: MakeClient, seen: list[httpx
 def test_answer_is_passed_on(
     make_client: MakeClient, answer: httpx.Response, expected: Response
 ) -> None:
-    assert make_client(lambda request: answer).notify(PAYLOAD) == expected
+    assert make_client(lambda request: answer).notify(BODY) == expected
 
 
 @pytest.mark.parametrize(
@@ -145,7 +148,7 @@ def test_network_error_is_a_response_without_status(
         raise error(f"failed talking to {request.url}", request=request)
 
     client = make_client(fail)
-    answer = client.trigger() if send == "trigger" else client.notify(PAYLOAD)
+    answer = client.trigger() if send == "trigger" else client.notify(BODY)
 
     assert answer.status is None
     assert answer.error is not None

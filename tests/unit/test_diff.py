@@ -4,10 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent import rows
 from agent.clock import FakeClock
 from agent.diff import diff_catalog, diff_slots
-from agent.model import CatalogRow, Slot, SlotDiff, StoredSlot
+from agent.model import CatalogRow, Slot, SlotDiff, StoredSlot, slot_fingerprint
+from agent.source import rows
 
 NOW = FakeClock(datetime(2026, 7, 1, 9, 0, tzinfo=UTC)).now()
 
@@ -35,7 +35,7 @@ def make_slot(
 def remembered(item: Slot) -> StoredSlot:
     return StoredSlot(
         key=item.key,
-        fingerprint=rows.slot_fingerprint(item),
+        fingerprint=slot_fingerprint(item),
         local_date_time_start=item.local_date_time_start,
         start_utc=item.start_utc,
     )

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent.diff import diff_changed_slots, diff_slots, merge_slots
-from agent.model import Slot, SlotDiff, SlotKey, StoredSlot
-from agent.rows import format_local, slot_fingerprint
+from agent.model import Slot, SlotDiff, SlotKey, StoredSlot, slot_fingerprint
+from agent.source.rows import format_local
 
 NOW = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
 

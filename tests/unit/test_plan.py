@@ -4,7 +4,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent import rows
 from agent.model import (
     TRIGGER_DEDUPE_KEY,
     CatalogDiff,
@@ -15,6 +14,7 @@ from agent.model import (
     StoredSlot,
 )
 from agent.plan import plan, slot_dedupe_key
+from agent.source import rows
 
 NOW = datetime(2026, 7, 1, 9, 0, tzinfo=UTC)
 CATALOG_CHANGE = CatalogDiff(changed=(CatalogRow("p1", "o1", "f-new"),))

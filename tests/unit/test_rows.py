@@ -7,8 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent import rows
-from agent.rows import BadRow
+from agent.model import slot_fingerprint
+from agent.source import rows
+from agent.source.rows import BadRow
 
 BERLIN = ZoneInfo("Europe/Berlin")
 ISTANBUL = ZoneInfo("Europe/Istanbul")
@@ -381,8 +382,8 @@ def test_slot_fingerprint_follows_the_payload() -> None:
     again = rows.slot(slot_row(product_id="101", availability_id="9001"), BERLIN)
     fewer_seats = rows.slot(slot_row(vacancies=7), BERLIN)
 
-    assert rows.slot_fingerprint(base) == rows.slot_fingerprint(again)
-    assert rows.slot_fingerprint(base) != rows.slot_fingerprint(fewer_seats)
+    assert slot_fingerprint(base) == slot_fingerprint(again)
+    assert slot_fingerprint(base) != slot_fingerprint(fewer_seats)
 
 
 def test_raw_key_reports_what_came_back() -> None:

@@ -259,21 +259,6 @@ def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:
     )
 
 
-def slot_fingerprint(value: Slot) -> str:
-    """The digest of what a notify would carry. The repr of a tuple of str, int and None is
-    stable across processes and releases, and far cheaper than canonical JSON."""
-    carried = (
-        value.product_id,
-        value.option_id,
-        value.availability_id,
-        value.local_date_time_start,
-        value.status,
-        value.vacancies,
-        value.capacity,
-    )
-    return hashlib.blake2b(repr(carried).encode("utf-8"), digest_size=16).hexdigest()
-
-
 def raw_key(row: Mapping[str, Any], columns: Sequence[str]) -> tuple[Any, ...] | None:
     """The row's key as it came back, for reporting a skipped row; None if no part is known."""
     key = tuple(row.get(c) for c in columns)

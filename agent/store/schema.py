@@ -1,4 +1,6 @@
-"""The state store's tables, shared by every backend (SQLite, PostgreSQL, MySQL/MariaDB).
+"""The state store's tables as the newest migration leaves them, shared by every backend
+(SQLite, PostgreSQL, MySQL/MariaDB). The tables are created and changed only by the
+migrations in agent/store/migrations; this module describes them for the queries.
 
 Timestamps are integer epoch milliseconds: they sort and compare the same way everywhere.
 Id columns are VARCHAR(255) so that the three-column slot key fits InnoDB's 3072-byte index
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = 2
+"""The schema the newest migration writes (also kept in seyaha_meta, where 0.1.0 reads it)."""
 
 ID_LENGTH = 255
 
@@ -17,7 +20,7 @@ ID_LENGTH = 255
 def _id_column_type() -> sa.types.TypeEngine[str]:
     """Ids compare in code-point order on every backend, the order Python sorts strings in,
     so that a full scan can merge-join the stored keys with the source's (see
-    source.reader.ordered_sql)."""
+    Dialect.ordered)."""
     return (
         sa.String(ID_LENGTH)
         .with_variant(sa.String(ID_LENGTH, collation="C"), "postgresql")
@@ -64,6 +67,7 @@ outbox = sa.Table(
     ),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("dedupe_key", sa.String(64), nullable=False),
+    # The exact JSON body to send (notifies), written once when the message is planned.
     sa.Column("payload", sa.Text, nullable=True),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("reason", sa.String(32), nullable=False, server_default=""),
@@ -82,6 +86,15 @@ outbox = sa.Table(
     # The oldest waiting trigger, which the claim looks up once per batch.
     sa.Index("seyaha_outbox_trigger", "kind", "state", "id"),
     sa.Index("seyaha_outbox_dedupe", "dedupe_key", "state"),
+)
+
+leases = sa.Table(
+    "seyaha_leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(255), nullable=False),
+    # On the clock of the store's database (see store.clock.StoreClock).
+    sa.Column("until_ms", sa.BigInteger, nullable=False),
 )
 
 PENDING = "pending"

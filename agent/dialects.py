@@ -1,0 +1,327 @@
+"""Every SQL difference between SQLite, PostgreSQL and MySQL/MariaDB, in one object per backend.
+
+The source reader, the state store, the wake-ups and the engines ask the Dialect of their
+engine instead of testing its name: session setup, the database's clock, key ordering,
+statement time limits, row locking, bulk key look-ups and the advisory lock that serialises
+migrations all live here, so adding a backend means adding one class.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+"""How long a SQLite writer waits for another writer before failing (milliseconds)."""
+
+CONNECT_TIMEOUT_S = 10
+"""Seconds to wait for a network database to accept a connection: a dead host fails fast."""
+
+LOOKUP_BATCH = 500
+"""Keys per IN (...) look-up on PostgreSQL and MySQL: far below their bound-parameter limits."""
+
+SQLITE_LOOKUP_BATCH = 300
+"""Keys per VALUES list on SQLite: 900 bound parameters, under the 999 of older SQLite builds."""
+
+Role = str
+""""source" (the supplier's database, read only) or "state" (the agent's own store)."""
+
+
+class Dialect:
+    """What every backend answers; the defaults are plain SQL that all three accept."""
+
+    name: ClassVar[str]
+    shared: ClassVar[bool] = True
+    """Several agents may share one store here: leases, row locks and the database's clock."""
+    listens: ClassVar[bool] = False
+    """The source can push wake-ups (LISTEN/NOTIFY)."""
+    key_order_template: ClassVar[str] = "CAST(q.{0} AS TEXT)"
+    """Orders an id column as text in code-point order (the order Python sorts strings in)."""
+    source_isolation: ClassVar[str | None] = "REPEATABLE READ"
+    """Isolation of the source's read transaction: both queries see one moment."""
+
+    # -- engines ------------------------------------------------------------------------
+
+    def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(create_engine keyword arguments, driver connect arguments) for `role`."""
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if role == "state":
+            kwargs["isolation_level"] = "READ COMMITTED"
+        return kwargs, {"connect_timeout": CONNECT_TIMEOUT_S}
+
+    def prepare(self, engine: sa.Engine, role: Role) -> None:
+        """Hook session set-up onto a new engine (nothing by default)."""
+
+    # -- the source ---------------------------------------------------------------------
+
+    def limit_statement_time(self, conn: sa.Connection, seconds: float) -> None:
+        """Cancel any statement of this transaction that runs longer than `seconds`."""
+
+    def clock_sql(self) -> str:
+        """A SELECT of the database's current time, in the type its timestamp columns use:
+        the upper bound of a change cursor."""
+        raise NotImplementedError
+
+    def ordered(self, sql: str, key_columns: Sequence[str]) -> str:
+        """`sql` wrapped to come back in key order, each id compared as text in code-point
+        order (byte order of UTF-8): the order the state store keeps its keys in, so that
+        the two streams can be merge-joined."""
+        inner = sql.strip().rstrip(";").strip()
+        order = ", ".join(self.key_order_template.format(c) for c in key_columns)
+        return f"SELECT * FROM ({inner}) q ORDER BY {order}"  # noqa: S608 - the operator's own query
+
+    def file_database(self, url: URL) -> Path | None:
+        """The database file behind `url`, for backends that are a local file."""
+        return None
+
+    # -- the state store ----------------------------------------------------------------
+
+    def now_ms(self, conn: sa.Connection) -> int:
+        """The database's clock, in epoch milliseconds."""
+        raise NotImplementedError
+
+    def lock_rows(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """Lock the rows `query` reads until the transaction ends."""
+        return query.with_for_update()
+
+    def skip_locked(self, query: sa.Select[Any], of: sa.Table) -> sa.Select[Any]:
+        """Skip rows another transaction holds instead of queueing behind its lock: several
+        agents claiming from one outbox each take different rows."""
+        return query.with_for_update(skip_locked=True, of=of)
+
+    def lookup(
+        self,
+        conn: sa.Connection,
+        columns: Sequence[sa.Column[Any]],
+        key: Sequence[sa.Column[Any]],
+        keys: Collection[tuple[str, ...]],
+    ) -> Iterator[sa.Row[Any]]:
+        """Rows whose `key` columns equal one of `keys`, searched through the primary key
+        (PostgreSQL and MySQL search it once per item of a row-value IN list)."""
+        ordered = list(keys)
+        for start in range(0, len(ordered), LOOKUP_BATCH):
+            batch = ordered[start : start + LOOKUP_BATCH]
+            yield from conn.execute(sa.select(*columns).where(sa.tuple_(*key).in_(batch)))
+
+    def try_lock(self, conn: sa.Connection, name: str) -> bool:
+        """Take the advisory lock `name` for this connection's session, without waiting."""
+        raise NotImplementedError
+
+    def unlock(self, conn: sa.Connection, name: str) -> None:
+        raise NotImplementedError
+
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+    shared = False
+    source_isolation = None  # a SQLite transaction is serializable already
+
+    def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
+        # A SQLite "connection" is a file handle: there is no server whose restart a ping
+        # detects. The driver's own transaction handling is switched off: it never begins a
+        # transaction before a SELECT, so the source's two queries would each see a different
+        # moment, and the store could not open write transactions with BEGIN IMMEDIATE.
+        # _begin starts every transaction instead.
+        return {"pool_pre_ping": False}, {
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            "check_same_thread": False,
+            "isolation_level": None,
+        }
+
+    def prepare(self, engine: sa.Engine, role: Role) -> None:
+        sa.event.listen(engine, "connect", _state_pragmas if role == "state" else _pragmas)
+        sa.event.listen(engine, "begin", _begin)
+
+    def clock_sql(self) -> str:
+        return "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+    def file_database(self, url: URL) -> Path | None:
+        database = url.database
+        return Path(database) if database and database != ":memory:" else None
+
+    def now_ms(self, conn: sa.Connection) -> int:
+        return _integer(
+            conn.exec_driver_sql(
+                "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+            ).scalar()
+        )
+
+    def lock_rows(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        # A SQLite write transaction (BEGIN IMMEDIATE) already excludes every other writer.
+        return query
+
+    def skip_locked(self, query: sa.Select[Any], of: sa.Table) -> sa.Select[Any]:
+        return query
+
+    def lookup(
+        self,
+        conn: sa.Connection,
+        columns: Sequence[sa.Column[Any]],
+        key: Sequence[sa.Column[Any]],
+        keys: Collection[tuple[str, ...]],
+    ) -> Iterator[sa.Row[Any]]:
+        # SQLite answers a row-value IN list with a scan of the whole table, but joins a list
+        # of VALUES to the table through its primary key: one statement per batch.
+        ordered = list(keys)
+        table = key[0].table.name
+        names = ", ".join(c.name for c in key)
+        joined = " AND ".join(f"t.{c.name} = k.{c.name}" for c in key)
+        selected = ", ".join(f"t.{c.name}" for c in columns)
+        row = "(" + ", ".join("?" * len(key)) + ")"
+        for start in range(0, len(ordered), SQLITE_LOOKUP_BATCH):
+            batch = ordered[start : start + SQLITE_LOOKUP_BATCH]
+            sql = (
+                f"WITH k({names}) AS (VALUES {', '.join([row] * len(batch))}) "  # noqa: S608 - names are the store's own
+                f"SELECT {selected} FROM k JOIN {table} t ON {joined}"
+            )
+            yield from conn.exec_driver_sql(sql, tuple(v for k in batch for v in k))
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+    listens = True
+    key_order_template = 'CAST(q.{0} AS TEXT) COLLATE "C"'
+
+    def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
+        kwargs, connect = super().engine_options(role)
+        connect["application_name"] = f"seyaha-agent-{role}"
+        return kwargs, connect
+
+    def limit_statement_time(self, conn: sa.Connection, seconds: float) -> None:
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
+
+    def clock_sql(self) -> str:
+        return "SELECT now()"
+
+    def now_ms(self, conn: sa.Connection) -> int:
+        return _integer(
+            conn.exec_driver_sql(
+                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+            ).scalar()
+        )
+
+    def try_lock(self, conn: sa.Connection, name: str) -> bool:
+        return bool(
+            conn.execute(
+                sa.text("SELECT pg_try_advisory_lock(hashtext(:name))"), {"name": name}
+            ).scalar()
+        )
+
+    def unlock(self, conn: sa.Connection, name: str) -> None:
+        conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:name))"), {"name": name})
+
+
+class MysqlDialect(Dialect):
+    name = "mysql"
+    key_order_template = "CAST(q.{0} AS BINARY)"
+
+    def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
+        kwargs, connect = super().engine_options(role)
+        kwargs["pool_recycle"] = 3600
+        return kwargs, connect
+
+    def limit_statement_time(self, conn: sa.Connection, seconds: float) -> None:
+        ms = max(1, int(seconds * 1000))
+        # Known only once connected: a mysql:// URL may point at a MariaDB server.
+        if getattr(conn.dialect, "is_mariadb", False):
+            conn.exec_driver_sql(f"SET SESSION max_statement_time = {ms / 1000:.3f}")
+        else:
+            conn.exec_driver_sql(f"SET SESSION max_execution_time = {ms}")
+
+    def clock_sql(self) -> str:
+        return "SELECT NOW(6)"
+
+    def now_ms(self, conn: sa.Connection) -> int:
+        # UNIX_TIMESTAMP reads NOW(3) in the session's time zone: the result is zone-free.
+        return _integer(
+            conn.exec_driver_sql("SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)").scalar()
+        )
+
+    def try_lock(self, conn: sa.Connection, name: str) -> bool:
+        return conn.execute(sa.text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar() == 1
+
+    def unlock(self, conn: sa.Connection, name: str) -> None:
+        conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+
+
+def dialect_for_backend(backend: str) -> Dialect:
+    """The Dialect of a URL's backend name ("sqlite", "postgresql", "mysql", "mariadb")."""
+    if backend == "sqlite":
+        return SqliteDialect()
+    if backend == "postgresql":
+        return PostgresDialect()
+    if backend in ("mysql", "mariadb"):
+        return MysqlDialect()
+    raise ValueError(f"unsupported database backend {backend!r}")
+
+
+def dialect_of(engine: sa.Engine) -> Dialect:
+    return dialect_for_backend(engine.dialect.name)
+
+
+class FileLock:
+    """An advisory lock on a file beside a SQLite database (the kernel drops it when the
+    holder dies, even by SIGKILL): SQLite has no advisory locks of its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def write(self, text: str) -> None:
+        """Replace the lock file's content (e.g. with the holder's pid, for the next one)."""
+        assert self._fd is not None, "write() needs the lock"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, text.encode("ascii"), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _integer(value: Any) -> int:
+    return int(value)
+
+
+def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def _state_pragmas(dbapi_connection: Any, record: Any) -> None:
+    _pragmas(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+    finally:
+        cursor.close()
+
+
+def _begin(conn: sa.Connection) -> None:
+    # A transaction that reads and then writes must take the write lock up front: upgrading
+    # a read lock later fails at once with "database is locked" when another writer got in
+    # between, whatever the busy timeout.
+    mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+    conn.exec_driver_sql(f"BEGIN {mode}")

@@ -1,0 +1,223 @@
+"""What Seyaha was last told: catalog and slot fingerprints, the baseline mark and the change
+cursors. Reads stand alone; writes join the scan's transaction (StateStore.commit_scan)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from agent.clock import from_epoch_ms, to_epoch_ms
+from agent.model import CatalogDiff, CatalogKey, SlotDiff, SlotKey, StoredSlot
+from agent.store import schema as t
+from agent.store.connector import Connector
+
+STREAM_BATCH_ROWS = 5000
+"""Stored slots fetched per round trip by iter_slots."""
+
+BASELINE = "baseline_ms"
+CURSOR_PREFIX = "cursor:"
+
+_SLOT_COLUMNS = (
+    t.slot_fingerprints.c.product_id,
+    t.slot_fingerprints.c.option_id,
+    t.slot_fingerprints.c.availability_id,
+    t.slot_fingerprints.c.fingerprint,
+    t.slot_fingerprints.c.local_start,
+    t.slot_fingerprints.c.start_ms,
+)
+_SLOT_KEY = (
+    t.slot_fingerprints.c.product_id,
+    t.slot_fingerprints.c.option_id,
+    t.slot_fingerprints.c.availability_id,
+)
+_CATALOG_KEY = (t.catalog_fingerprints.c.product_id, t.catalog_fingerprints.c.option_id)
+
+
+class Fingerprints:
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+
+    # -- reads --------------------------------------------------------------------------
+
+    def is_baselined(self) -> bool:
+        with self.connector.read() as conn:
+            return get_meta(conn, BASELINE) is not None
+
+    def load_catalog(self) -> dict[CatalogKey, str]:
+        c = t.catalog_fingerprints.c
+        with self.connector.read() as conn:
+            rows = conn.execute(sa.select(c.product_id, c.option_id, c.fingerprint))
+            return {(r.product_id, r.option_id): r.fingerprint for r in rows}
+
+    def load_slots(self) -> dict[SlotKey, StoredSlot]:
+        with self.connector.read() as conn:
+            return {s.key: s for s in map(_stored_slot, conn.execute(sa.select(*_SLOT_COLUMNS)))}
+
+    def iter_slots(self, conn: sa.Connection) -> Iterator[StoredSlot]:
+        """Every stored slot in key order (code-point order), streamed in batches, within the
+        read transaction `conn` (StateStore.reading)."""
+        query = sa.select(*_SLOT_COLUMNS).order_by(*_SLOT_KEY)
+        result = conn.execution_options(stream_results=True, yield_per=STREAM_BATCH_ROWS).execute(
+            query
+        )
+        try:
+            # Unpacked by position: a million rows per scan, and attribute look-ups on a Row
+            # cost more than the rest of the loop.
+            for product_id, option_id, availability_id, fingerprint, local, start_ms in result:
+                yield StoredSlot(
+                    (product_id, option_id, availability_id),
+                    fingerprint,
+                    local,
+                    from_epoch_ms(start_ms),
+                )
+        finally:
+            result.close()
+
+    def lookup_slots(self, keys: Sequence[SlotKey]) -> dict[SlotKey, StoredSlot]:
+        """The stored slots among `keys` (for incremental polls and late rows of a merge)."""
+        with self.connector.read() as conn:
+            rows = self.connector.dialect.lookup(conn, _SLOT_COLUMNS, _SLOT_KEY, keys)
+            return {s.key: s for s in map(_stored_slot, rows)}
+
+    def lookup_catalog(self, keys: Collection[CatalogKey]) -> dict[CatalogKey, str]:
+        """The stored fingerprints of the catalog rows among `keys` (for incremental polls:
+        a poll needs a handful of them, not the whole catalog)."""
+        c = t.catalog_fingerprints.c
+        with self.connector.read() as conn:
+            rows = self.connector.dialect.lookup(
+                conn, (c.product_id, c.option_id, c.fingerprint), _CATALOG_KEY, keys
+            )
+            return {(r.product_id, r.option_id): r.fingerprint for r in rows}
+
+    def cursor(self, name: str) -> str | None:
+        """The change cursor saved under `name` by the last scan, or None."""
+        with self.connector.read() as conn:
+            return get_meta(conn, CURSOR_PREFIX + name)
+
+    # -- writes, inside the scan's transaction ------------------------------------------
+
+    @staticmethod
+    def record(
+        conn: sa.Connection,
+        catalog: CatalogDiff,
+        slots: SlotDiff,
+        *,
+        baseline_ms: int | None,
+        cursors: Mapping[str, str],
+    ) -> None:
+        _apply_catalog(conn, catalog)
+        _apply_slots(conn, slots)
+        if baseline_ms is not None:
+            set_meta(conn, BASELINE, str(baseline_ms))
+        for name, value in cursors.items():
+            set_meta(conn, CURSOR_PREFIX + name, value)
+
+
+def get_meta(conn: sa.Connection, key: str) -> str | None:
+    value = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == key)).scalar()
+    return None if value is None else str(value)
+
+
+def set_meta(conn: sa.Connection, key: str, value: str | None) -> None:
+    """Replace (or, with None, remove) one record of seyaha_meta."""
+    conn.execute(sa.delete(t.meta).where(t.meta.c.key == key))
+    if value is not None:
+        conn.execute(sa.insert(t.meta).values(key=key, value=value))
+
+
+def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:
+    tbl = t.catalog_fingerprints
+    matches = sa.and_(
+        tbl.c.product_id == sa.bindparam("product"), tbl.c.option_id == sa.bindparam("option")
+    )
+    if diff.added:
+        conn.execute(
+            sa.insert(tbl),
+            [
+                {"product_id": r.product_id, "option_id": r.option_id, "fingerprint": r.fingerprint}
+                for r in diff.added
+            ],
+        )
+    if diff.changed:
+        conn.execute(
+            sa.update(tbl).where(matches).values(fingerprint=sa.bindparam("new_fingerprint")),
+            [
+                {"product": r.product_id, "option": r.option_id, "new_fingerprint": r.fingerprint}
+                for r in diff.changed
+            ],
+        )
+    if diff.removed:
+        conn.execute(
+            sa.delete(tbl).where(matches),
+            [{"product": p, "option": o} for p, o in diff.removed],
+        )
+
+
+def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
+    tbl = t.slot_fingerprints
+    matches = sa.and_(
+        tbl.c.product_id == sa.bindparam("product"),
+        tbl.c.option_id == sa.bindparam("option"),
+        tbl.c.availability_id == sa.bindparam("slot"),
+    )
+    if diff.added:
+        # Delete first: an incremental poll racing a full scan may both find a slot new.
+        conn.execute(
+            sa.delete(tbl).where(matches),
+            [
+                {"product": s.product_id, "option": s.option_id, "slot": s.availability_id}
+                for s in diff.added
+            ],
+        )
+        conn.execute(
+            sa.insert(tbl),
+            [
+                {
+                    "product_id": s.product_id,
+                    "option_id": s.option_id,
+                    "availability_id": s.availability_id,
+                    "fingerprint": s.fingerprint,
+                    "local_start": s.local_date_time_start,
+                    "start_ms": to_epoch_ms(s.start_utc),
+                }
+                for s in diff.added
+            ],
+        )
+    if diff.changed:
+        conn.execute(
+            sa.update(tbl)
+            .where(matches)
+            .values(
+                fingerprint=sa.bindparam("new_fingerprint"),
+                local_start=sa.bindparam("local_start_text"),
+                start_ms=sa.bindparam("start_epoch_ms"),
+            ),
+            [
+                {
+                    "product": s.product_id,
+                    "option": s.option_id,
+                    "slot": s.availability_id,
+                    "new_fingerprint": s.fingerprint,
+                    "local_start_text": s.local_date_time_start,
+                    "start_epoch_ms": to_epoch_ms(s.start_utc),
+                }
+                for s in diff.changed
+            ],
+        )
+    gone = [s.key for s in diff.removed] + list(diff.expired)
+    if gone:
+        conn.execute(
+            sa.delete(tbl).where(matches),
+            [{"product": p, "option": o, "slot": a} for p, o, a in gone],
+        )
+
+
+def _stored_slot(r: Any) -> StoredSlot:
+    return StoredSlot(
+        key=(r.product_id, r.option_id, r.availability_id),
+        fingerprint=r.fingerprint,
+        local_date_time_start=r.local_start,
+        start_utc=from_epoch_ms(r.start_ms),
+    )

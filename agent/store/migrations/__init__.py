@@ -1,0 +1,1 @@
+"""Versioned, forward-only migrations of the state store (Alembic scripts; see store.migrate)."""

@@ -1,0 +1,120 @@
+"""The state store: one object per job over one set of connections.
+
+- fingerprints: what Seyaha was last told, the baseline mark and the change cursors;
+- queue: the outbox (enqueue, claim, complete, retry, dead-letter);
+- admin: what operators do to the outbox (stats, list, retry, purge);
+- coordination: the scanner lease and the status records agents share;
+- migrate: the schema and its versions.
+
+Its one promise across jobs: a scan's fingerprints and the messages it decided are written in
+one transaction (commit_scan), so a crash at any point neither loses an update nor invents
+one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from agent.clock import Clock, to_epoch_ms
+from agent.db import create_engine
+from agent.dialects import Dialect
+from agent.errors import StateError
+from agent.model import CatalogDiff, Message, SlotDiff
+from agent.store.admin import Admin
+from agent.store.clock import StoreClock
+from agent.store.connector import Connector
+from agent.store.coordination import SCANNER, Coordination
+from agent.store.fingerprints import Fingerprints
+from agent.store.migrate import Migrator, Plan
+from agent.store.queue import Queue
+
+
+class LeaseLost(StateError):
+    """A scan finished after its agent lost the scanner lease: its result is not recorded."""
+
+
+class StateStore:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.connector = Connector(engine)
+        self.fingerprints = Fingerprints(self.connector)
+        self.queue = Queue(self.connector)
+        self.admin = Admin(self.connector)
+        self.coordination = Coordination(self.connector)
+
+    @classmethod
+    def from_url(cls, url: str) -> StateStore:
+        return cls(create_engine(url, role="state"))
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self.connector.engine
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.connector.dialect
+
+    @property
+    def backend(self) -> str:
+        return self.connector.dialect.name
+
+    def open(self, *, clock: Clock | None = None) -> Plan:
+        """Bring the schema to this agent's version (see store.migrate); returns what was
+        done."""
+        return Migrator(self.engine, clock=clock).migrate()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def clock(self, host: Clock) -> Clock:
+        """The clock for everything this store stamps: the database's on a shared store,
+        the host's on a SQLite file (see store.clock)."""
+        return StoreClock(host, self.connector.now_ms) if self.dialect.shared else host
+
+    @contextmanager
+    def reading(self) -> Iterator[sa.Connection]:
+        """A read transaction for `fingerprints.iter_slots` (one picture of the store)."""
+        with self.connector.read() as conn:
+            yield conn
+
+    def commit_scan(
+        self,
+        catalog: CatalogDiff,
+        slots: SlotDiff,
+        messages: Sequence[Message],
+        now: datetime,
+        *,
+        baseline: bool = False,
+        cursors: Mapping[str, str] | None = None,
+        scanner: str | None = None,
+    ) -> int:
+        """Record the new fingerprints and enqueue `messages`, all or nothing.
+
+        `baseline` marks the state as baselined; `cursors` saves change cursors by name;
+        `scanner` (on a shared store) is the agent that must still hold the scanner lease,
+        or LeaseLost is raised and nothing is written. Returns how many outbox rows were
+        added or refreshed.
+        """
+        now_ms = to_epoch_ms(now)
+        with self.connector.write() as conn:
+            if scanner is not None and not self.coordination.holds(conn, SCANNER, scanner):
+                raise LeaseLost(
+                    "another agent took the scanner lease while this one was scanning; its "
+                    "result is dropped and the other agent scans instead"
+                )
+            self.fingerprints.record(
+                conn,
+                catalog,
+                slots,
+                baseline_ms=now_ms if baseline else None,
+                cursors=cursors or {},
+            )
+            return self.queue.enqueue(conn, messages, now_ms)
