@@ -223,19 +223,28 @@ START_CACHE = 65_536
 start times than slots (every option of a venue shares its 15-minute grid)."""
 
 
-@functools.lru_cache(maxsize=START_CACHE)
-def _cached_start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
-    start = parse_start(value, tz)
-    return format_local(start), start.astimezone(UTC)
+def _convert_start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
+    """local_date_time_start as sent (see format_local) and as a UTC instant."""
+    try:
+        start = parse_start(value, tz)
+        return format_local(start), start.astimezone(UTC)
+    except OverflowError:
+        # Python's datetimes span years 1 to 9999: 0001-01-01 00:30 east of UTC, or
+        # 9999-12-31 23:30 west of it, has no UTC instant.
+        raise BadRow(
+            f"local_date_time_start {value!r} is out of range: in UTC it falls before year 1 "
+            "or after year 9999"
+        ) from None
+
+
+_cached_start = functools.lru_cache(maxsize=START_CACHE)(_convert_start)
 
 
 def _start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
-    """local_date_time_start as sent (see format_local) and as a UTC instant."""
     try:
         return _cached_start(value, tz)
     except TypeError:  # a driver value that cannot be hashed: converted every time
-        start = parse_start(value, tz)
-        return format_local(start), start.astimezone(UTC)
+        return _convert_start(value, tz)
 
 
 def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:

@@ -270,6 +270,24 @@ def test_a_start_inside_a_dst_gap_is_a_bad_row_every_time() -> None:
             rows.slot(row, BERLIN)
 
 
+@pytest.mark.parametrize(
+    ("value", "zone"),
+    [
+        ("0001-01-01 00:30", ZoneInfo("Asia/Tokyo")),  # east of UTC: before year 1 in UTC
+        (datetime(1, 1, 1, 0, 30), ZoneInfo("Asia/Tokyo")),
+        ("9999-12-31 23:30", NEW_YORK),  # west of UTC: after year 9999 in UTC
+        (datetime(9999, 12, 31, 23, 30), NEW_YORK),
+        ("9999-12-31T23:59:59-05:00", ZoneInfo("UTC")),
+        (datetime(9999, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-5))), BERLIN),
+    ],
+)
+def test_a_start_with_no_utc_instant_is_a_bad_row_not_a_crash(value: Any, zone: ZoneInfo) -> None:
+    row = {"product_id": 1, "option_id": 2, "availability_id": 3, "local_date_time_start": value}
+    for _ in range(2):  # the conversion cache must not turn the second one into a crash
+        with pytest.raises(BadRow, match=r"local_date_time_start .* is out of range"):
+            rows.slot(row, zone)
+
+
 def test_format_local_refuses_a_naive_datetime() -> None:
     with pytest.raises(ValueError, match="aware"):
         rows.format_local(datetime(2026, 7, 1, 10, 0))
