@@ -20,7 +20,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench import full_scan, latency, poll, profile, report, snapshot, throughput, versus_dlt
+from bench import (
+    full_scan,
+    latency,
+    poll,
+    profile,
+    report,
+    snapshot,
+    takeover,
+    throughput,
+    versus_dlt,
+)
 from bench.context import FULL, QUICK, Context
 
 MEASUREMENTS = {
@@ -29,6 +39,7 @@ MEASUREMENTS = {
     "latency": latency.measure,
     "throughput": throughput.measure,
     "dlt": versus_dlt.measure,
+    "takeover": takeover.measure,
     "profile": profile.measure,
 }
 FULL_ONLY = ("dlt", "profile")

@@ -34,6 +34,7 @@ SECTIONS = {
     "latency": "bench.latency",
     "throughput": "bench.throughput",
     "dlt": "bench.versus_dlt",
+    "takeover": "bench.takeover",
     "profile": "bench.profile",
 }
 
@@ -437,6 +438,70 @@ def dlt_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool
     return lines, []
 
 
+def takeover_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    lease, poll = r["scanner_lease_s"], r["poll_interval_s"]
+    promises = {
+        "SIGKILL": f"scanner_lease + poll_interval = {lease + poll:g} s",
+        "SIGTERM": f"poll_interval = {poll:g} s after the holder exits",
+    }
+    rows = [
+        [
+            s["signal"],
+            promises[s["signal"]],
+            f"{_num(s['leader_median_s'], 2)} / {_num(s['leader_max_s'], 2)}",
+            f"{_num(s['first_change_median_s'], 2)} / {_num(s['first_change_max_s'], 2)}",
+            _num(s["holder_exit_median_s"], 2),
+            _num(s["missed"], 0),
+            f"{_num(s['missing'], 0)} of {_num(s['committed'], 0)}",
+            _num(len(s["runs"]), 0),
+        ]
+        for s in r["signals"]
+    ]
+    lines = [
+        f"Two daemons on one PostgreSQL state store, {_num(r['slots'], 0)} slots, polling only; "
+        f"the agent's defaults: scanner_lease {lease:g} s, poll_interval {poll:g} s. One "
+        f"booking committed every {r['commit_spacing_s']:g} s from the signal on. Times in "
+        "seconds from the signal; median / max over runs.",
+        "",
+        "The first change after the signal arrives behind the other bookings that waited for "
+        "the takeover: its poll queues them all at once, and they are sent at the default "
+        f"rate_limit ({r['rate_limit_per_s']:g}/s).",
+        "",
+        *_table(
+            [
+                "signal to the scanner",
+                "promise",
+                "survivor logs scan.leader (s)",
+                "first change after the signal arrives (s)",
+                "holder exited after (s, median)",
+                "takeovers missed",
+                "bookings never delivered",
+                "runs",
+            ],
+            rows,
+        ),
+    ]
+    goals: list[tuple[str, str, bool | None]] = []
+    for s in r["signals"]:
+        done = [t for t in s["runs"] if t["leader_s"] is not None]
+        if s["signal"] == "SIGKILL":
+            waited = [t["leader_s"] for t in done]
+            what = f"after SIGKILL of the scanner, another agent scans within {lease + poll:g} s"
+        else:
+            waited = [t["leader_s"] - t["holder_exit_s"] for t in done]
+            what = f"after SIGTERM, another agent scans within {poll:g} s of the holder's exit"
+        worst = max(waited) if waited else None
+        goals.append(
+            (
+                what,
+                f"max {_num(worst, 2)} s over {len(s['runs'])} run(s)"
+                + (f", {s['missed']} missed" if s["missed"] else ""),
+                worst is not None and not s["missed"] and worst <= s["promise_s"],
+            )
+        )
+    return lines, goals
+
+
 def profile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
     if "error" in r:
         return [f"No profile: `{r['error']}`"], []
@@ -463,6 +528,7 @@ TITLES = {
     "latency": "3. Commit-to-delivery latency",
     "throughput": "4. Delivery throughput",
     "dlt": "5. Against dlt",
+    "takeover": "6. Scanner takeover",
     "profile": "Where the time goes (profiles)",
 }
 RENDER: dict[
@@ -473,6 +539,7 @@ RENDER: dict[
     "latency": latency_section,
     "throughput": throughput_section,
     "dlt": dlt_section,
+    "takeover": takeover_section,
     "profile": profile_section,
 }
 
