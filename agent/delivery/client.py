@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+import zlib
 from dataclasses import dataclass
 
 import httpx
@@ -10,6 +13,10 @@ from agent import __version__
 from agent.config import Secret
 
 SECRET_HEADER = "x-webhook-secret"
+
+MAX_ANSWER_BYTES = 64 * 1024
+"""Most of an answer's body that is read (bytes): Seyaha's envelopes are tiny, and a proxy's
+50 MB error page must not cost 50 MB per worker. Unpacked gzip is capped the same way."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class SeyahaClient:
         self.trigger_path = f"{prefix}/sync/trigger"
         self.notify_path = f"{prefix}/availability/notify"
         self._secret = secret
+        self._timeout_s = timeout_s
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"User-Agent": user_agent()},
@@ -64,21 +72,88 @@ class SeyahaClient:
         return self._post(self.notify_path, body)
 
     def _post(self, path: str, body: str | None) -> Response:
-        headers = {SECRET_HEADER: self._secret.reveal()}
+        headers = {
+            SECRET_HEADER: self._secret.reveal(),
+            # Compressed answers are not invited: a small gzip body can unpack to gigabytes.
+            "Accept-Encoding": "identity",
+        }
         content: bytes | None = None
         if body is not None:
             headers["Content-Type"] = "application/json"
             content = body.encode("utf-8")
+        deadline = time.monotonic() + self._timeout_s
         try:
-            answer = self._http.post(path, content=content, headers=headers)
+            with self._http.stream("POST", path, content=content, headers=headers) as answer:
+                text = self._read(answer, deadline)
+                if text is None:
+                    return self._redacted(
+                        Response(None, error="timed out (the answer was still arriving)")
+                    )
+                return self._redacted(
+                    Response(
+                        status=answer.status_code,
+                        body=text,
+                        retry_after=answer.headers.get("retry-after"),
+                        location=answer.headers.get("location"),
+                    )
+                )
         except httpx.TimeoutException as exc:
             return Response(None, error=f"timed out ({type(exc).__name__})")
         except httpx.HTTPError as exc:
-            # httpx errors name the URL, never the headers, so the secret cannot leak here.
-            return Response(None, error=f"{type(exc).__name__}: {exc}")
+            # httpx errors name the URL, never the headers; a URL never holds the secret.
+            return self._redacted(Response(None, error=f"{type(exc).__name__}: {exc}"))
+
+    @staticmethod
+    def _read(answer: httpx.Response, deadline: float) -> str | None:
+        """At most MAX_ANSWER_BYTES of the answer's body, as text; None past `deadline` (a
+        server trickling its answer byte by byte passes every per-read timeout)."""
+        if answer.is_stream_consumed:  # a transport that hands over a body already read
+            return answer.content[:MAX_ANSWER_BYTES].decode("utf-8", "replace")
+        raw = bytearray()
+        for chunk in answer.iter_raw():
+            raw += chunk
+            if len(raw) >= MAX_ANSWER_BYTES:
+                break
+            if time.monotonic() > deadline:
+                return None
+        encoding = answer.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            data = _inflate(bytes(raw), encoding)
+            if data is None:
+                return f"({encoding}-encoded answer of {len(raw)}+ bytes, not decoded)"
+            raw = bytearray(data)
+        return bytes(raw[:MAX_ANSWER_BYTES]).decode("utf-8", "replace")
+
+    def _redacted(self, response: Response) -> Response:
+        """The answer with every echo of the secret masked: it is kept in the outbox as the
+        last error, printed by the CLI and served by /readyz."""
+        secret = self._secret.reveal()
+        if not secret:
+            return response
+        pattern = re.compile(re.escape(secret), re.IGNORECASE)
+
+        def mask(text: str | None) -> str | None:
+            return None if text is None else pattern.sub("***", text)
+
         return Response(
-            status=answer.status_code,
-            body=answer.text,
-            retry_after=answer.headers.get("retry-after"),
-            location=answer.headers.get("location"),
+            status=response.status,
+            body=mask(response.body) or "",
+            retry_after=mask(response.retry_after),
+            error=mask(response.error),
+            location=mask(response.location),
         )
+
+
+def _inflate(data: bytes, encoding: str) -> bytes | None:
+    """A gzip or deflate body unpacked to at most MAX_ANSWER_BYTES; None for other codings
+    or a body that does not unpack."""
+    if encoding in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        return None
+    try:
+        return zlib.decompressobj(wbits).decompress(data, MAX_ANSWER_BYTES)
+    except zlib.error:
+        return None

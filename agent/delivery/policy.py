@@ -103,7 +103,16 @@ def classify(
     wait = parse_retry_after(retry_after, now)
     if 200 <= status < 300:
         envelope = _envelope(body)
-        if envelope is not None and envelope.get("success") in (0, False):
+        if envelope is None or "success" not in envelope:
+            # A catch-all proxy or web server behind a wrong base_url answers 200 with a page
+            # of its own: counting that as delivered would lose every change.
+            return Outcome(
+                Verdict.PAUSE,
+                f"{status} from Seyaha's address, but not Seyaha's JSON answer "
+                f"({_excerpt(body)}): something else answers at seyaha.base_url (check it)",
+                status,
+            )
+        if envelope.get("success") in (0, False):
             return Outcome(
                 Verdict.RETRY,
                 f"Seyaha answered {status} without success: {_envelope_error(envelope, body)}",

@@ -27,10 +27,12 @@ def envelope(**fields: object) -> str:
 @pytest.mark.parametrize(
     ("status", "body", "verdict", "reason"),
     [
-        (200, "", Verdict.DELIVERED, "delivered"),
-        (204, "", Verdict.DELIVERED, "delivered"),
-        (200, "OK", Verdict.DELIVERED, "delivered"),
-        (200, "[1, 2]", Verdict.DELIVERED, "delivered"),
+        (200, "", Verdict.PAUSE, "200 from Seyaha's address, but not Seyaha's JSON answer"),
+        (204, "", Verdict.PAUSE, "not Seyaha's JSON answer ((empty body))"),
+        (200, "OK", Verdict.PAUSE, "not Seyaha's JSON answer (OK): something else answers"),
+        (200, "[1, 2]", Verdict.PAUSE, "not Seyaha's JSON answer ([1, 2])"),
+        (200, "<html><body>Welcome to nginx</body></html>", Verdict.PAUSE, "check it"),
+        (200, envelope(data={"updated": True}), Verdict.PAUSE, "not Seyaha's JSON answer"),
         (200, envelope(success=1, data={"updated": True}), Verdict.DELIVERED, "delivered"),
         (
             200,

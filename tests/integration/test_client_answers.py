@@ -1,0 +1,197 @@
+"""The HTTP client against a real server that answers badly: huge, compressed, trickling,
+echoing the secret. Each answer costs bounded memory and time, and the secret is never kept."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from agent.config import Secret
+from agent.delivery.client import MAX_ANSWER_BYTES, SeyahaClient
+from agent.delivery.policy import Verdict, classify
+from tests.conftest import INTEGRATION_ID, SECRET
+
+TIMEOUT_S = 1.0
+
+Answer = Callable[[BaseHTTPRequestHandler], None]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Answer], str]]:
+    """`serve(answer)`: a real HTTP server on 127.0.0.1 answering every POST with `answer`."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(answer: Answer) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                # The client may stop reading early: that is the point.
+                with suppress(BrokenPipeError, ConnectionResetError):
+                    answer(self)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def client_for() -> Iterator[Callable[[str], SeyahaClient]]:
+    made: list[SeyahaClient] = []
+
+    def make(base_url: str) -> SeyahaClient:
+        client = SeyahaClient(
+            base_url=base_url,
+            integration_id=INTEGRATION_ID,
+            secret=Secret(SECRET),
+            connect_timeout_s=TIMEOUT_S,
+            timeout_s=TIMEOUT_S,
+        )
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def send(handler: BaseHTTPRequestHandler, status: int, body: bytes, **headers: str) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    for name, value in headers.items():
+        handler.send_header(name.replace("_", "-"), value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def peak_bytes(work: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_huge_answer_is_read_only_up_to_the_cap(
+    serve: Callable[[Answer], str], client_for: Callable[[str], SeyahaClient]
+) -> None:
+    size = 50 * 1024 * 1024
+    chunk = b"<p>catch-all proxy</p>" * 4096
+
+    def huge(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(502)
+        handler.send_header("Content-Length", str(size))
+        handler.end_headers()
+        for _ in range(size // len(chunk)):
+            handler.wfile.write(chunk)
+
+    client = client_for(serve(huge))
+    answers = []
+    peak = peak_bytes(lambda: answers.append(client.trigger()))
+
+    (answer,) = answers
+    assert answer.status == 502
+    assert len(answer.body) == MAX_ANSWER_BYTES
+    assert peak < 8 * MAX_ANSWER_BYTES  # was 330 MB for this answer
+
+
+def test_a_gzip_bomb_is_unpacked_only_up_to_the_cap(
+    serve: Callable[[Answer], str], client_for: Callable[[str], SeyahaClient]
+) -> None:
+    bomb = gzip.compress(b"0" * (200 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 300 * 1024
+
+    def packed(handler: BaseHTTPRequestHandler) -> None:
+        send(handler, 500, bomb, Content_Encoding="gzip", Content_Type="text/plain")
+
+    client = client_for(serve(packed))
+    answers = []
+    peak = peak_bytes(lambda: answers.append(client.trigger()))
+
+    (answer,) = answers
+    assert answer.status == 500
+    assert answer.body == "0" * MAX_ANSWER_BYTES
+    assert peak < 16 * MAX_ANSWER_BYTES  # was 590 MB for a 100 KB bomb
+
+
+def test_the_client_does_not_invite_compression(
+    serve: Callable[[Answer], str], client_for: Callable[[str], SeyahaClient]
+) -> None:
+    asked: list[str | None] = []
+
+    def record(handler: BaseHTTPRequestHandler) -> None:
+        asked.append(handler.headers.get("accept-encoding"))
+        send(handler, 200, b'{"success":1,"data":{"synced":1,"skipped":false}}')
+
+    client_for(serve(record)).trigger()
+    assert asked == ["identity"]
+
+
+def test_an_answer_trickling_byte_by_byte_ends_at_the_timeout(
+    serve: Callable[[Answer], str], client_for: Callable[[str], SeyahaClient]
+) -> None:
+    body = b'{"success":1,"data":{"updated":true}}' * 10
+
+    def trickle(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for byte in body:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(0.1)  # each read returns long before the per-read timeout
+
+    client = client_for(serve(trickle))
+    started = time.monotonic()
+    answer = client.notify('{"productId":"1"}')
+    elapsed = time.monotonic() - started
+
+    assert answer.status is None
+    assert answer.error == "timed out (the answer was still arriving)"
+    # The body alone takes 37 s to arrive; the call ends one chunk after its deadline.
+    assert elapsed < TIMEOUT_S + 1.0
+
+
+@pytest.mark.parametrize("echo", [SECRET, SECRET.upper(), f"bad secret '{SECRET}' for {SECRET}"])
+def test_a_server_echoing_the_secret_never_gets_it_kept(
+    serve: Callable[[Answer], str], client_for: Callable[[str], SeyahaClient], echo: str
+) -> None:
+    def echoing(handler: BaseHTTPRequestHandler) -> None:
+        body = f'{{"success":0,"error":"Bad Request","message":"{echo}"}}'.encode()
+        send(handler, 500, body, Location=f"https://x.test/?s={echo}", Retry_After=echo)
+
+    answer = client_for(serve(echoing)).notify('{"productId":"1"}')
+    outcome = classify(
+        status=answer.status,
+        body=answer.body,
+        retry_after=answer.retry_after,
+        location=answer.location,
+        now=datetime.now(UTC),
+    )
+
+    assert answer.status == 500
+    assert outcome.verdict is Verdict.RETRY
+    for kept in (answer.body, answer.location, answer.retry_after, outcome.reason):
+        assert kept is not None
+        assert SECRET.lower() not in kept.lower()
+        assert "***" in kept
