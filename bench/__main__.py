@@ -1,6 +1,6 @@
 """`python -m bench all [--quick]` or `python -m bench NAME`: run measurements, print, report.
 
-NAME is one of scan, poll, latency, throughput, dlt, profile. `all` runs every one of them
+NAME is one of scan, poll, latency, throughput, dlt, takeover, profile. `all` runs every one of them
 (dlt and profile only in the full run) and regenerates docs/benchmarks.md; `all --quick`
 (small sizes, one run, about a minute; what CI runs to check the suite still works) writes
 its report to bench/results/benchmarks-quick.md instead, so a quick run never replaces the

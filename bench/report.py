@@ -211,7 +211,7 @@ def poll_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, boo
         )
         lines += [
             "",
-            f"StateStore.lookup_slots() alone on this state ({_num(r['slots'], 0)} stored "
+            f"Fingerprints.lookup_slots() alone on this state ({_num(r['slots'], 0)} stored "
             f"slots): {timed}.",
         ]
         for count, plan in (lookup.get("plans") or {}).items():
@@ -336,7 +336,7 @@ def throughput_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, st
         f"The agent's delivery defaults here: concurrency {d.get('concurrency', 1)}, rate_limit "
         f"{d.get('rate_limit', 0)}/s, batch_size {d.get('batch_size')}.",
         "",
-        f"- One StateStore.claim() of {_num(claim['claimed'], 0)} messages with "
+        f"- One Queue.claim() of {_num(claim['claimed'], 0)} messages with "
         f"{_num(claim['pending'], 0)} pending: {_num(claim['seconds'] * 1000, 0)} ms.",
         f"- Writing the backlog through StateStore.commit_scan() (one transaction): {enqueue}.",
         "",
