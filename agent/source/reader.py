@@ -34,6 +34,11 @@ CHECK_ROW_LIMIT = 100
 
 T = TypeVar("T")
 
+DUPLICATE_KEY = (
+    "duplicate key: the query returned this key more than once, so no copy is sent and "
+    "Seyaha keeps the last state it was told (make the query return each key once)"
+)
+
 _MYSQL_BAD_FIELD_ERROR = 1054
 """Unknown column, for PyMySQL releases that do not report the SQLSTATE."""
 
@@ -143,29 +148,36 @@ class SourceReader:
         sql = self.dialect.ordered(self.slots_query, rows.SLOT_KEY_COLUMNS)
         result = self._execute(conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=True)
         zone = self.timezone
-        previous: tuple[str, ...] | None = None
+        # Rows come in key order, so the copies of a duplicated key are adjacent: each row is
+        # held back until the next key differs, and a key that came twice goes on protected.
+        held: SourceSlot | None = None
+        duplicated = False
         for raw in self._rows(result, name, None):
             snapshot.slot_rows_read += 1
+            item: Slot | None
             try:
                 item = rows.slot(raw, zone)
+                key = item.key
             except rows.BadRow as exc:
                 snapshot.skipped.append(
                     SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
                 )
                 try:
-                    key = tuple(rows.to_id(raw.get(c), c) for c in rows.SLOT_KEY_COLUMNS)
+                    ids = tuple(rows.to_id(raw.get(c), c) for c in rows.SLOT_KEY_COLUMNS)
                 except rows.BadRow:
                     continue
-                previous = key
-                yield (key[0], key[1], key[2]), None
-                continue
-            if item.key == previous:
+                item, key = None, (ids[0], ids[1], ids[2])
+            if held is not None and held[0] == key:
                 snapshot.skipped.append(
-                    SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), "duplicate key")
+                    SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), DUPLICATE_KEY)
                 )
+                duplicated = True
                 continue
-            previous = item.key
-            yield item.key, item
+            if held is not None:
+                yield (held[0], None) if duplicated else held
+            held, duplicated = (key, item), False
+        if held is not None:
+            yield (held[0], None) if duplicated else held
 
     def read_catalog(self, conn: sa.Connection, snapshot: Snapshot) -> None:
         """Every catalog row, into `snapshot` (catalogs are small: thousands of rows)."""
@@ -212,6 +224,11 @@ class SourceReader:
                 found.append((item.key, item))
                 with suppress(TypeError):  # a key value that cannot be hashed: not remembered
                     handled[raw_key] = (values, item.key)
+        if collect.duplicates:
+            found = [f for f in found if f[0] not in collect.duplicates]
+            for raw_key, (_values, key) in list(handled.items()):
+                if key in collect.duplicates:
+                    del handled[raw_key]
         found.extend(((k[0], k[1], k[2]), None) for k in collect.protected)
         return found
 
@@ -336,6 +353,8 @@ class SourceReader:
             item = collect.convert(raw, rows.catalog_row)
             if item is not None and collect.first_time(raw, item.key):
                 snapshot.catalog.append(item)
+        if collect.duplicates:
+            snapshot.catalog[:] = [r for r in snapshot.catalog if r.key not in collect.duplicates]
         snapshot.catalog_protected |= {(k[0], k[1]) for k in collect.protected}
 
     def _read_slots(self, conn: sa.Connection, snapshot: Snapshot, limit: int | None) -> None:
@@ -350,6 +369,8 @@ class SourceReader:
             item = collect.convert(raw, lambda r: rows.slot(r, zone))
             if item is not None and collect.first_time(raw, item.key):
                 snapshot.slots.append(item)
+        if collect.duplicates:
+            snapshot.slots[:] = [s for s in snapshot.slots if s.key not in collect.duplicates]
         snapshot.slots_protected |= {(k[0], k[1], k[2]) for k in collect.protected}
 
 
@@ -362,6 +383,8 @@ class _Collector:
         self.skipped = skipped
         self.seen: set[tuple[str, ...]] = set()
         self.protected: set[tuple[str, ...]] = set()
+        self.duplicates: set[tuple[str, ...]] = set()
+        """Keys returned more than once: no copy is used, and the key is protected."""
 
     def convert(
         self, raw: Mapping[str, Any], convert: Callable[[Mapping[str, Any]], T]
@@ -386,11 +409,14 @@ class _Collector:
             return None
 
     def first_time(self, raw: Mapping[str, Any], key: tuple[str, ...]) -> bool:
-        """False (and the row is recorded as skipped) when the key was already returned."""
+        """False (and the row is recorded as skipped) when the key was already returned; the
+        copy returned before is then dropped too, by the caller, whatever the row order."""
         if key in self.seen:
             self.skipped.append(
-                SkippedRow(self.name, rows.raw_key(raw, self.key_columns), "duplicate key")
+                SkippedRow(self.name, rows.raw_key(raw, self.key_columns), DUPLICATE_KEY)
             )
+            self.duplicates.add(key)
+            self.protected.add(key)
             return False
         self.seen.add(key)
         return True

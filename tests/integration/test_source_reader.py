@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from agent.errors import QueryError, SourceUnavailable
 from agent.model import Slot
-from agent.source.reader import SourceReader
+from agent.source.reader import DUPLICATE_KEY, Snapshot, SourceReader
 from tests.integration.inventory import (
     BACKEND_PARAMS,
     CATALOG_QUERY,
@@ -242,7 +242,7 @@ def test_bad_rows_are_skipped_with_key_and_reason_and_the_rest_comes_through(
 
 
 @every_backend
-def test_duplicate_keys_are_skipped(
+def test_a_duplicated_key_sends_no_copy_and_keeps_its_last_known_state(
     backend: str, make_inventory: MakeInventory, make_reader: MakeReader
 ) -> None:
     inventory = make_inventory(backend)
@@ -250,18 +250,32 @@ def test_duplicate_keys_are_skipped(
     inventory.add_slot(11, "1-a", _at(9), capacity=10, vacancies=8)
     inventory.add_slot(12, "1-a", _at(10), capacity=10, vacancies=5)
     catalog_query = f"{CATALOG_QUERY} UNION ALL {CATALOG_QUERY}"
-    slots_query = f"{SLOTS_QUERY} UNION ALL {SLOTS_QUERY} WHERE s.id = 12"
+    # The second copy of slot 12 says something else: which one would win depended on order.
+    other_copy = SLOTS_QUERY.replace("s.vacancies", "s.vacancies - 1 AS vacancies", 1)
+    assert other_copy != SLOTS_QUERY
+    for slots_query in (
+        f"{SLOTS_QUERY} UNION ALL {other_copy} WHERE s.id = 12",
+        f"{other_copy} WHERE s.id = 12 UNION ALL {SLOTS_QUERY}",
+    ):
+        reader = make_reader(inventory.url, catalog_query=catalog_query, slots_query=slots_query)
+        snapshot = reader.read()
 
-    snapshot = make_reader(
-        inventory.url, catalog_query=catalog_query, slots_query=slots_query
-    ).read()
+        assert snapshot.catalog == []
+        assert snapshot.catalog_protected == {("1", "1-a")}
+        assert _by_id(snapshot.slots) == {"11": snapshot.slots[0]}
+        assert snapshot.slots_protected == {("1", "1-a", "12")}
+        assert sorted((row.query, row.key, row.reason) for row in snapshot.skipped) == [
+            ("catalog_query", (1, "1-a"), DUPLICATE_KEY),
+            ("slots_query", (1, "1-a", 12), DUPLICATE_KEY),
+        ]
 
-    assert [row.key for row in snapshot.catalog] == [("1", "1-a")]
-    assert sorted(_by_id(snapshot.slots)) == ["11", "12"]
-    assert sorted((row.query, row.key, row.reason) for row in snapshot.skipped) == [
-        ("catalog_query", (1, "1-a"), "duplicate key"),
-        ("slots_query", (1, "1-a", 12), "duplicate key"),
-    ]
+        # A full scan streams the rows in key order: the same rule holds there.
+        streamed = Snapshot()
+        with reader.transaction() as conn:
+            found = dict(reader.stream_slots(conn, streamed))
+        assert found[("1", "1-a", "12")] is None  # protected: no copy is sent
+        assert found[("1", "1-a", "11")] is not None
+        assert [(r.key, r.reason) for r in streamed.skipped] == [((1, "1-a", 12), DUPLICATE_KEY)]
 
 
 @every_backend
