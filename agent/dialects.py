@@ -243,11 +243,14 @@ class MysqlDialect(Dialect):
             conn.exec_driver_sql("SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)").scalar()
         )
 
+    # GET_LOCK names are server-wide (PostgreSQL's advisory locks are per database): the
+    # database's name goes into the lock's, so stores on one server do not wait for each other.
     def try_lock(self, conn: sa.Connection, name: str) -> bool:
-        return conn.execute(sa.text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar() == 1
+        query = sa.text("SELECT GET_LOCK(CONCAT(:name, ':', DATABASE()), 0)")
+        return conn.execute(query, {"name": name}).scalar() == 1
 
     def unlock(self, conn: sa.Connection, name: str) -> None:
-        conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        conn.execute(sa.text("SELECT RELEASE_LOCK(CONCAT(:name, ':', DATABASE()))"), {"name": name})
 
 
 def dialect_for_backend(backend: str) -> Dialect:

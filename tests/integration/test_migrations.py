@@ -832,21 +832,9 @@ def test_an_agent_starting_while_another_migrates_waits_for_it_then_starts(
     "backend",
     [
         pytest.param("postgresql", marks=pytest.mark.postgres),
-        pytest.param(
-            "mariadb",
-            marks=[
-                pytest.mark.mariadb,
-                # BUG (agent/store/migrate.py, MysqlDialect.try_lock): GET_LOCK names are
-                # global to a MySQL/MariaDB server, and the migration lock is the fixed name
-                # LOCK_NAME, so an agent waits for the migration of any store on the same
-                # server, for up to LOCK_WAIT_S, logging that its own store is being
-                # migrated. PostgreSQL's advisory locks belong to one database.
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="the MySQL migration lock is server-wide, not per database",
-                ),
-            ],
-        ),
+        # GET_LOCK names are global to a MySQL/MariaDB server: the lock's name must carry
+        # the database's (PostgreSQL's advisory locks belong to one database anyway).
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
     ],
 )
 def test_a_migration_of_one_store_does_not_hold_up_an_agent_on_another_store_of_the_server(
