@@ -121,6 +121,7 @@ class Agent:
             ),
             lease_s=s.delivery.lease,
             batch_size=s.delivery.batch_size,
+            request_s=s.delivery.connect_timeout + s.delivery.timeout,
             probe_interval_s=s.delivery.auth_probe_interval,
             concurrency=s.delivery.concurrency,
             rate_limit=RateLimit(s.delivery.rate_limit, burst=s.delivery.concurrency),

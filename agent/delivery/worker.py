@@ -38,6 +38,18 @@ LAST_DELIVERY_EVERY_S = 1.0
 """The last-delivery time is written to the store at most this often (seconds)."""
 
 
+CLAIM_WORK_S = 1.0
+"""A worker claims about this many seconds of work at a time (by the recent answer time),
+up to batch_size: with slow answers the others take the rest instead of idling while one
+worker sends a long batch in series."""
+
+ANSWER_TIME_WEIGHT = 0.2
+"""Weight of the newest answer in the moving average of answer times."""
+
+RETRY_WAKE_MARGIN_S = 0.01
+"""A worker waiting for a retry wakes this much after it is due (seconds), so that the claim
+it makes then finds the message due rather than a millisecond early."""
+
 COMPLETE_EVERY_S = 0.5
 """Successful calls of a batch are removed from the outbox together, at the end of the batch
 or once the oldest of them waited this long (seconds). Until then each stays leased, so it
@@ -106,6 +118,7 @@ class Deliverer:
         lease_s: float,
         batch_size: int,
         probe_interval_s: float,
+        request_s: float = 0.0,
         concurrency: int = 1,
         rate_limit: RateLimit | None = None,
         breaker: CircuitBreaker | None = None,
@@ -118,6 +131,13 @@ class Deliverer:
         self.policy = policy
         self.lease_s = lease_s
         self.batch_size = batch_size
+        self.request_s = request_s
+        """The longest a request can take (connect_timeout + timeout): a message is sent only
+        while its lease has at least this long to run, extended first if need be."""
+        self._retry_at = 0.0
+        """Monotonic time of the earliest retry this process scheduled (0: none ahead)."""
+        self._answer_s: float | None = None
+        """Moving average of recent answer times (seconds), for the claim size."""
         self.probe_interval_s = probe_interval_s
         self.concurrency = concurrency
         self.rate_limit = rate_limit or RateLimit(0)
@@ -142,12 +162,20 @@ class Deliverer:
             if messages is None:
                 self._work.notify_all()
             else:
-                self._work.notify(max(1, -(-messages // self.batch_size)))
+                self._work.notify(max(1, -(-messages // self.claim_size())))
 
     def _idle(self, seen: int, stop: threading.Event) -> None:
         with self._work:
             if self._generation == seen and not stop.is_set():
-                self._work.wait(IDLE_WAIT_S)
+                # Wake for the earliest retry this process scheduled, not a second later.
+                until_retry = self._retry_at - self.clock.monotonic()
+                self._work.wait(min(IDLE_WAIT_S, until_retry) if until_retry > 0 else IDLE_WAIT_S)
+
+    def _retry_due_in(self, seconds: float) -> None:
+        with self._work:
+            now = self.clock.monotonic()
+            if self._retry_at <= now or now + seconds < self._retry_at:
+                self._retry_at = now + seconds
 
     # -- pause --------------------------------------------------------------------------
 
@@ -161,11 +189,25 @@ class Deliverer:
             self.store.coordination.set_status("pause", None)
             event(log, logging.INFO, "delivery.resumed", "delivery resumed")
 
+    def claim_size(self) -> int:
+        """How many messages one claim takes: about CLAIM_WORK_S of sending at the recent
+        answer time, at least 1, at most batch_size."""
+        answer_s = self._answer_s
+        if not answer_s:
+            return self.batch_size
+        return max(1, min(self.batch_size, int(CLAIM_WORK_S / answer_s)))
+
+    def _note_answer_time(self, seconds: float) -> None:
+        previous = self._answer_s
+        self._answer_s = (
+            seconds if previous is None else previous + ANSWER_TIME_WEIGHT * (seconds - previous)
+        )
+
     def _may_send(self, now: datetime) -> tuple[bool, int]:
         """Whether this worker may claim now, and how many messages at most."""
         with self._lock:
             if self.pause is None:
-                return True, self.batch_size
+                return True, self.claim_size()
             if now < self.pause.probe_at:
                 return False, 0
             # One probe: push the next probe time forward so no other worker probes too.
@@ -183,6 +225,8 @@ class Deliverer:
             return 0
         attempted = 0
         claimed = self.store.queue.claim(now, limit=limit, lease_s=self.lease_s)
+        leased_until = now + timedelta(seconds=self.lease_s)
+        lost: set[int] = set()
         done = Completions(self.store, self.clock)
         try:
             for index, message in enumerate(claimed):
@@ -191,13 +235,22 @@ class Deliverer:
                     or (self.pause is not None and attempted > 0)
                     or not self.breaker.allow(self.clock.monotonic())
                 ):
-                    self._release(claimed[index:])
+                    self._release([m for m in claimed[index:] if m.id not in lost])
                     break
                 wait = self.rate_limit.reserve(self.clock.monotonic())
                 if wait > 0 and stop.wait(wait):
-                    self._release(claimed[index:])
+                    self._release([m for m in claimed[index:] if m.id not in lost])
                     break
                 done.flush_if_due()
+                if self.clock.now() + timedelta(seconds=self.request_s) >= leased_until:
+                    # Slow answers ate the lease: renew it before sending, or another worker
+                    # could take the message while this one's call is still in flight.
+                    done.flush()
+                    leased_until = self.clock.now() + timedelta(seconds=self.lease_s)
+                    rest = [m for m in claimed[index:] if m.id not in lost]
+                    lost |= {m.id for m in rest} - self.store.queue.extend(rest, until=leased_until)
+                if message.id in lost:
+                    continue  # its lease ran out and another worker holds it now
                 self.process(message, done)
                 attempted += 1
         finally:
@@ -233,6 +286,7 @@ class Deliverer:
             assert message.body is not None
             response = self.client.notify(message.body)
         elapsed = self.clock.monotonic() - started
+        self._note_answer_time(elapsed)
         outcome = classify(
             status=response.status,
             body=response.body,
@@ -396,6 +450,7 @@ class Deliverer:
             error=outcome.reason,
             status=response.status,
         )
+        self._retry_due_in(delay + RETRY_WAKE_MARGIN_S)
         event(
             log,
             logging.WARNING,

@@ -216,6 +216,28 @@ class Queue:
                 for row in wanted
             ]
 
+    def extend(self, messages: Sequence[OutboxMessage], *, until: datetime) -> set[int]:
+        """Extend the lease of claimed messages to `until`; returns the ids still held (a
+        message whose lease ran out and was taken by another worker is not among them)."""
+        if not messages:
+            return set()
+        o = t.outbox.c
+        ids = [m.id for m in messages]
+        tokens = {m.lease_token for m in messages}
+        with self.connector.write() as conn:
+            extended = conn.execute(
+                sa.update(t.outbox)
+                .where(o.id.in_(ids), o.lease_token.in_(tokens), o.state == t.PENDING)
+                .values(leased_until_ms=to_epoch_ms(until))
+            ).rowcount
+            if extended == len(ids):
+                return set(ids)
+            held = conn.execute(
+                sa.select(o.id, o.lease_token).where(o.id.in_(ids), o.lease_token.in_(tokens))
+            ).all()
+        mine = {(m.id, m.lease_token) for m in messages}
+        return {row.id for row in held if (row.id, row.lease_token) in mine}
+
     def complete(self, message: OutboxMessage) -> bool:
         """The call succeeded: the message leaves the outbox. False if the lease was lost."""
         return self.complete_many([message]) == 1

@@ -4,7 +4,10 @@ all real, and all closed at the end of the test (warnings are errors: nothing ma
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +127,38 @@ def make_store(new_database: Callable[[str], str]) -> Iterator[Callable[[str], S
     yield make
     for store in made:
         store.close()
+
+
+Answer = Callable[[BaseHTTPRequestHandler], None]
+"""How a test server answers one POST (see `serve`)."""
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Answer], str]]:
+    """`serve(answer)`: a real HTTP server on 127.0.0.1 answering every POST with `answer`
+    (the request's body already read, as the handler's `request_body`)."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(answer: Answer) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.request_body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                # The client may stop reading early: that is the point.
+                with suppress(BrokenPipeError, ConnectionResetError):
+                    answer(self)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -4,13 +4,11 @@ echoing the secret. Each answer costs bounded memory and time, and the secret is
 from __future__ import annotations
 
 import gzip
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -18,40 +16,9 @@ from agent.config import Secret
 from agent.delivery.client import MAX_ANSWER_BYTES, SeyahaClient
 from agent.delivery.policy import Verdict, classify
 from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.conftest import Answer
 
 TIMEOUT_S = 1.0
-
-Answer = Callable[[BaseHTTPRequestHandler], None]
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Answer], str]]:
-    """`serve(answer)`: a real HTTP server on 127.0.0.1 answering every POST with `answer`."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(answer: Answer) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                # The client may stop reading early: that is the point.
-                with suppress(BrokenPipeError, ConnectionResetError):
-                    answer(self)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from agent.app import Agent
 from agent.cli import main as cli_main
 from agent.config import load_config
 from agent.delivery.client import Response
+from agent.delivery.worker import IDLE_WAIT_S
 from agent.errors import StateError
 from agent.model import CatalogDiff, Slot, SlotDiff
 from agent.plan import notify_message
@@ -35,6 +37,7 @@ from agent.store import StateStore
 from agent.store import schema as outbox_tables
 from agent.store.coordination import SCANNER
 from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.conftest import Answer
 from tests.integration.inventory import (
     BACKEND_PARAMS,
     SLOTS_CHANGED_QUERY,
@@ -941,3 +944,109 @@ def test_a_second_agent_on_the_same_sqlite_state_file_is_refused_until_the_first
     finally:
         first.close()
         second.close()
+
+
+# -- 10. slow answers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_slow_answers_are_sent_once_and_never_overlap_for_one_slot(
+    backend: str,
+    make_inventory: Callable[[str], Inventory],
+    serve: Callable[[Answer], str],
+    build_agent: Callable[..., Agent],
+    state_url: Callable[[str], str],
+) -> None:
+    """Each answer takes 0.5 s, so a batch of 24 takes 12 s in series while a lease lasts
+    2.5 s: a batch sent under one unrenewed lease was taken again by idle workers while its
+    calls were still in flight (120 changes became 144 calls at 1.5-2.5 s answers)."""
+    inventory = make_inventory("sqlite")
+    day = first_day()
+    inventory.add_product(1, "Cruise", 4500, {"1-a": "Sunset"})
+    slot_ids = list(range(1001, 1025))
+    for number, slot_id in enumerate(slot_ids):
+        inventory.add_slot(slot_id, "1-a", at(day, 9, number), capacity=30, vacancies=30)
+    lock = threading.Lock()
+    in_flight: Counter[str] = Counter()
+    most_in_flight: Counter[str] = Counter()
+    notified: list[str] = []
+
+    def slow(handler: BaseHTTPRequestHandler) -> None:
+        body = json.loads(getattr(handler, "request_body", b"") or b"{}")
+        slot = str(body.get("availabilityId", "trigger"))
+        with lock:
+            in_flight[slot] += 1
+            most_in_flight[slot] = max(most_in_flight[slot], in_flight[slot])
+        time.sleep(0.5)
+        with lock:
+            in_flight[slot] -= 1
+            if slot != "trigger":
+                notified.append(slot)
+        data = {"updated": True} if slot != "trigger" else {"synced": 1, "skipped": False}
+        answer = json.dumps({"success": 1, "data": data}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(answer)))
+        handler.end_headers()
+        handler.wfile.write(answer)
+
+    agent = build_agent(
+        "slow",
+        base_url=serve(slow),
+        source_url=inventory.url,
+        state_url=state_url(backend),
+        delivery={
+            "lease": 2.5,
+            "timeout": 1.0,
+            "connect_timeout": 0.2,
+            "concurrency": 4,
+            "rate_limit": 0,
+        },
+    )
+    assert agent.scan().baseline
+    drained(agent)
+    for slot_id in slot_ids:
+        inventory.update_slot(slot_id, vacancies=29)
+    assert agent.scan().notifies == len(slot_ids)
+    drained(agent)
+
+    assert sorted(notified) == sorted(str(s) for s in slot_ids)  # each once, none again
+    assert max(most_in_flight.values()) == 1
+
+
+def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
+    make_inventory: Callable[[str], Inventory],
+    serve: Callable[[Answer], str],
+    build_agent: Callable[..., Agent],
+    state_url: Callable[[str], str],
+) -> None:
+    """The log said "retry in 0.1 s" and the retry came about a second later: the worker
+    slept its whole idle wait (IDLE_WAIT_S) past the retry it had just scheduled."""
+    inventory = make_inventory("sqlite")
+    seed_tours(inventory, first_day())
+    attempts: list[float] = []
+
+    def busy_once(handler: BaseHTTPRequestHandler) -> None:
+        attempts.append(time.monotonic())
+        status, answer = (
+            (503, b'{"success":0,"error":"Service Unavailable","message":"busy"}')
+            if len(attempts) == 1
+            else (200, b'{"success":1,"data":{"synced":8,"skipped":false}}')
+        )
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(answer)))
+        handler.end_headers()
+        handler.wfile.write(answer)
+
+    agent = build_agent(
+        "retry",
+        base_url=serve(busy_once),
+        source_url=inventory.url,
+        state_url=state_url("sqlite"),
+        delivery={"backoff_initial": 0.1, "backoff_max": 0.1, "concurrency": 1},
+    )
+    assert agent.scan().baseline
+    drained(agent)
+
+    assert len(attempts) == 2
+    # Full jitter: the retry was due within 0.1 s of the failure.
+    assert attempts[1] - attempts[0] < IDLE_WAIT_S / 2

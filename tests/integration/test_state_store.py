@@ -401,6 +401,22 @@ def test_complete_many_removes_what_is_still_held_and_leaves_what_was_taken_over
     assert store.admin.entries() == []
 
 
+def test_extend_keeps_held_messages_and_leaves_what_was_taken_over(store: StateStore) -> None:
+    enqueue(store, notify(1), notify(2), notify(3))
+    one, two, three = claim(store, T0)
+    (retaken,) = claim(store, later(LEASE_S + 1), limit=1)  # one's lease ran out
+    assert retaken.id == one.id
+
+    held = store.queue.extend([one, two, three], until=later(LEASE_S + 60))
+    assert held == {two.id, three.id}
+    # Extended: nobody can take them when the first lease would have run out...
+    assert claim(store, later(LEASE_S + 2)) == []
+    # ... and the one that was taken over stays with its new holder.
+    assert store.queue.complete(retaken)
+    assert not store.queue.complete(one)
+    assert store.queue.extend([], until=later(1)) == set()
+
+
 def test_retry_later_makes_the_message_due_only_at_the_given_time(store: StateStore) -> None:
     enqueue(store, notify(1))
     (message,) = claim(store)
