@@ -27,6 +27,11 @@ SLOT_OPTIONAL_COLUMNS = ("status", "vacancies", "capacity")
 _STATUS_BY_NAME: dict[str, Status] = {s: s for s in STATUSES}
 
 
+MAX_COUNT = 2**31 - 1
+"""Largest vacancies or capacity sent: a 32-bit integer, which every consumer of OCTO
+payloads reads exactly; anything above it is a data error, not a tour."""
+
+
 class BadRow(ValueError):
     """The row cannot be used; `str(error)` says why in words an operator understands."""
 
@@ -88,6 +93,8 @@ def to_count(value: Any, column: str) -> int | None:
         raise BadRow(f"{column} has an unexpected type ({type(value).__name__})")
     if number < 0:
         raise BadRow(f"{column} is negative ({number})")
+    if number > MAX_COUNT:
+        raise BadRow(f"{column} is larger than any tour ({number} > {MAX_COUNT})")
     return number
 
 
@@ -104,7 +111,11 @@ def derive_status(
         chosen = _STATUS_BY_NAME.get(str(status).strip().upper())
         if chosen is None:
             raise BadRow(f"status {status!r} is not one of {', '.join(STATUSES)}")
-        return chosen, (None if chosen == "FREESALE" else vacancies)
+        if chosen == "FREESALE":
+            return chosen, None
+        _check_within_capacity(vacancies, capacity)
+        return chosen, vacancies
+    _check_within_capacity(vacancies, capacity)
     if capacity is None:
         return "FREESALE", None
     if vacancies is None:
@@ -116,6 +127,13 @@ def derive_status(
     if vacancies * 2 < capacity:
         return "LIMITED", vacancies
     return "AVAILABLE", vacancies
+
+
+def _check_within_capacity(vacancies: int | None, capacity: int | None) -> None:
+    # Skipped, not clamped: a clamped count is a number the supplier never wrote, while a
+    # skipped row keeps Seyaha on the last state that made sense and names the row loudly.
+    if vacancies is not None and capacity is not None and vacancies > capacity:
+        raise BadRow(f"vacancies ({vacancies}) exceed capacity ({capacity})")
 
 
 def localize(naive: datetime, tz: ZoneInfo) -> datetime:

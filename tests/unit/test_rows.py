@@ -131,7 +131,7 @@ def test_to_count_refuses_unusable_values(value: Any, reason: str) -> None:
         (None, 5, 10, ("AVAILABLE", 5)),
         (None, 5, 9, ("AVAILABLE", 5)),
         (None, 10, 10, ("AVAILABLE", 10)),
-        (None, 12, 10, ("AVAILABLE", 12)),
+        ("FREESALE", 12, 10, ("FREESALE", None)),  # vacancies are not sent with FREESALE
     ],
 )
 def test_derive_status(
@@ -388,6 +388,10 @@ def test_slot_status_and_counts(
         ({"capacity": -10}, "capacity is negative"),
         ({"vacancies": None}, "vacancies is NULL while capacity is 10"),
         ({"status": "MAYBE"}, "status 'MAYBE' is not one of"),
+        ({"vacancies": 12}, r"vacancies \(12\) exceed capacity \(10\)"),
+        ({"vacancies": 12, "status": "AVAILABLE"}, r"vacancies \(12\) exceed capacity"),
+        ({"vacancies": 2**31}, r"vacancies is larger than any tour \(2147483648 > 2147483647\)"),
+        ({"capacity": 10**30}, "capacity is larger than any tour"),
     ],
 )
 def test_slot_bad_rows_name_the_column(overrides: dict[str, Any], reason: str) -> None:
