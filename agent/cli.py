@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from enum import IntEnum
 from pathlib import Path
 
 from agent import __version__
+from agent.errors import AgentError, ConfigError
 
 DEFAULT_ONCE_TIMEOUT_S = 60.0
+EXIT_BROKEN_PIPE = 128 + 13
+"""What a shell reports for a process its pipe's reader closed on (SIGPIPE is 13)."""
 DEFAULT_DEMO_SECONDS = 30.0
 
 
@@ -172,37 +176,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from agent import commands  # imported late so that --help stays fast
-
     try:
-        if args.command == "run":
-            return commands.run(args.config)
-        if args.command == "once":
-            return commands.once(args.config, timeout_s=args.timeout, resync=False)
-        if args.command == "resync":
-            return commands.once(args.config, timeout_s=args.timeout, resync=True)
-        if args.command == "check":
-            return commands.check(args.config)
-        if args.command == "migrate":
-            return commands.migrate(args.config, dry_run=args.dry_run)
-        if args.command == "outbox":
-            return commands.outbox(args.config, args)
-        if args.command == "triggers":
-            return commands.triggers(args.config, args.action)
-        if args.command == "sandbox":
-            return commands.sandbox(
-                port=args.port,
-                host=args.host,
-                config_path=args.config,
-                secret_file=args.secret_file,
-            )
-        if args.command == "demo":
-            from agent.demo import run_demo
-
-            return run_demo(seconds=args.seconds)
-    except commands.AgentError as exc:
+        code = _dispatch(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here
+        return code
+    except AgentError as exc:
         print(f"seyaha-agent: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, commands.ConfigError) else 1
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`outbox list | head`): stop quietly, as a process killed by
+        # SIGPIPE would, instead of a traceback; stdout is pointed at /dev/null so that the
+        # interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from agent import commands  # imported late so that --help stays fast
+
+    if args.command == "run":
+        return commands.run(args.config)
+    if args.command == "once":
+        return commands.once(args.config, timeout_s=args.timeout, resync=False)
+    if args.command == "resync":
+        return commands.once(args.config, timeout_s=args.timeout, resync=True)
+    if args.command == "check":
+        return commands.check(args.config)
+    if args.command == "migrate":
+        return commands.migrate(args.config, dry_run=args.dry_run)
+    if args.command == "outbox":
+        return commands.outbox(args.config, args)
+    if args.command == "triggers":
+        return commands.triggers(args.config, args.action)
+    if args.command == "sandbox":
+        return commands.sandbox(
+            port=args.port,
+            host=args.host,
+            config_path=args.config,
+            secret_file=args.secret_file,
+        )
+    if args.command == "demo":
+        from agent.demo import run_demo
+
+        return run_demo(seconds=args.seconds)
     raise AssertionError(f"unhandled command {args.command}")

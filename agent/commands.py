@@ -84,7 +84,7 @@ def once(path: Path, *, timeout_s: float, resync: bool, out: TextIO | None = Non
         except AgentError as exc:
             print(f"scan failed: {exc}", file=out)
             drain = agent.drain(timeout_s, stop)  # still deliver what earlier runs queued
-            _print_delivery(out, drain, agent.deliverer.tally)
+            _print_delivery(out, drain, agent.deliverer.tally, scanned=False)
             return 1
         drain = agent.drain(timeout_s, stop)
         _print_scan(out, report)
@@ -120,7 +120,9 @@ def _print_scan(out: TextIO, report: ScanReport) -> None:
             print(f"    ... and {report.skipped_total - 10} more (see the log)", file=out)
 
 
-def _print_delivery(out: TextIO, drain: DrainResult, tally: Tally) -> None:
+def _print_delivery(
+    out: TextIO, drain: DrainResult, tally: Tally, *, scanned: bool = True
+) -> None:
     counts = tally.counts
     sent = (
         f"sent {counts['trigger_sent']} sync/trigger and {counts['notify_sent']} "
@@ -148,7 +150,12 @@ def _print_delivery(out: TextIO, drain: DrainResult, tally: Tally) -> None:
     if stats.dead:
         print(f"  dead letters kept in the outbox: {stats.dead}", file=out)
     if not stats.pending and not counts["dead"]:
-        print("  everything delivered", file=out)
+        print(
+            "  everything delivered"
+            if scanned
+            else "  the outbox is empty, but this run's changes were not read: the scan failed",
+            file=out,
+        )
 
 
 def check(path: Path, out: TextIO | None = None) -> int:

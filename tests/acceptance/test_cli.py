@@ -144,6 +144,41 @@ def test_bad_rows_are_skipped_with_key_and_reason_while_the_rest_goes_on(
     assert "c2" not in slots  # not closed, not sent: kept as it was until the row is fixed
 
 
+def test_a_year_9999_start_west_of_utc_is_a_skipped_row_and_the_rest_is_delivered(
+    setup: Setup, sandbox: SandboxClient
+) -> None:
+    """9999-12-31 23:30 in Istanbul is fine; in New York it has no UTC instant (past year
+    9999): the conversion used to raise, and every scan ended in a traceback."""
+    config = setup.config.read_text().replace(
+        'timezone = "Europe/Istanbul"', 'timezone = "America/New_York"'
+    )
+    setup.config.write_text(config, encoding="utf-8")
+    assert cli("once", "--config", str(setup.config)).returncode == 0
+    setup.inventory.execute("UPDATE slots SET starts_at = '9999-12-31T23:30:00' WHERE id = 'c2'")
+    setup.inventory.execute("UPDATE slots SET vacancies = 4 WHERE id = 'c1'")
+
+    result = cli("once", "--config", str(setup.config))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "cruise/sunset/c2: local_date_time_start '9999-12-31T23:30:00' is out of range" in (
+        result.stdout
+    )
+    assert sandbox.slots()["c1"]["vacancies"] == 4
+
+
+def test_once_after_a_failed_scan_does_not_say_everything_was_delivered(setup: Setup) -> None:
+    assert cli("once", "--config", str(setup.config)).returncode == 0
+    setup.inventory.execute("DROP TABLE slots")
+
+    result = cli("once", "--config", str(setup.config))
+
+    assert result.returncode == 1
+    assert "scan failed: " in result.stdout
+    assert "everything delivered" not in result.stdout
+    assert "this run's changes were not read: the scan failed" in result.stdout
+
+
 def test_config_error_at_start_names_the_key(setup: Setup) -> None:
     broken = setup.folder / "broken.toml"
     broken.write_text(

@@ -6,15 +6,18 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
-from agent.cli import STATUS_EXIT_MEANINGS, StatusExit
+from agent.cli import EXIT_BROKEN_PIPE, STATUS_EXIT_MEANINGS, StatusExit
 from tests.acceptance.conftest import SandboxClient, Setup, agent_env, cli, write_config
 from tests.acceptance.test_operations import Daemon, start, wait
 from tests.acceptance.test_operations import daemons as daemons  # the fixture
 from tests.conftest import SECRET
+
+OUTBOX_COMMAND = (sys.executable, "-m", "agent", "outbox")
 
 WRONG_SECRET = "0bad" * 16
 
@@ -321,3 +324,23 @@ def test_every_exit_code_of_status_is_documented_in_its_help_and_the_readme() ->
     for code, meaning in STATUS_EXIT_MEANINGS:
         assert f"  {code:d}  {meaning}\n" in shown.stdout
         assert f"| {code:d} | {meaning} |" in readme
+
+
+def test_a_listing_piped_into_a_reader_that_stops_early_ends_quietly(
+    setup: Setup, sandbox: SandboxClient
+) -> None:
+    """`outbox list | head -1` ended in a BrokenPipeError traceback."""
+    sandbox.fail_next(422, count=1)
+    assert run(setup, "once").returncode == 1  # a dead letter, so there is a row to list
+    listing = subprocess.Popen(
+        [*OUTBOX_COMMAND, "--config", str(setup.config), "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=agent_env(),
+    )
+    assert listing.stdout is not None
+    listing.stdout.close()  # the reader is gone before the first line is written
+    _out, err = listing.communicate(timeout=60)
+
+    assert listing.returncode == EXIT_BROKEN_PIPE
+    assert err == b""
