@@ -8,8 +8,10 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 
 import httpx
@@ -49,6 +51,9 @@ SOURCE_BACKOFF_MAX_S = 60.0
 
 DRAIN_CHECK_S = 0.05
 """How often a one-shot drain looks at the outbox to see whether it is done (seconds)."""
+
+DRAIN_STATS_TRIES = 5
+"""Reads of the outbox's counts at the end of a drain before a store failure is reported."""
 
 READY_MIN_STALE_S = 60.0
 """/readyz fails when no scan succeeded for 3 poll intervals, and never sooner than this."""
@@ -515,8 +520,13 @@ class Agent:
         timed_out, paused = True, None
         try:
             while not stop.is_set():
-                stats = self.store.admin.stats()
-                if stats.pending == 0:
+                try:
+                    pending: int | None = self.store.admin.stats().pending
+                except SQLAlchemyError:
+                    # The store blinked (a failover, a killed connection): the workers retry
+                    # by themselves; look again at the next check.
+                    pending = None
+                if pending == 0:
                     timed_out = False
                     break
                 if self.deliverer.pause is not None:
@@ -531,4 +541,11 @@ class Agent:
             self.deliverer.poke()
             for worker in workers:
                 worker.join(self.config.settings.delivery.shutdown_grace)
-        return DrainResult(self.store.admin.stats(), timed_out, paused)
+        return DrainResult(self._stats_after_drain(), timed_out, paused)
+
+    def _stats_after_drain(self) -> OutboxStats:
+        for _ in range(DRAIN_STATS_TRIES - 1):
+            with suppress(SQLAlchemyError):
+                return self.store.admin.stats()
+            time.sleep(DRAIN_CHECK_S)
+        return self.store.admin.stats()

@@ -15,10 +15,14 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.clock import Clock
 from agent.delivery.client import Response, SeyahaClient
@@ -45,6 +49,11 @@ worker sends a long batch in series."""
 
 ANSWER_TIME_WEIGHT = 0.2
 """Weight of the newest answer in the moving average of answer times."""
+
+RELEASE_TRIES = 3
+RELEASE_RETRY_S = 0.1
+"""Tries, and the pause between them (seconds), to give unsent messages back to a store that
+fails."""
 
 RETRY_WAKE_MARGIN_S = 0.01
 """A worker waiting for a retry wakes this much after it is due (seconds), so that the claim
@@ -101,9 +110,16 @@ class Completions:
             self.flush()
 
     def flush(self) -> None:
+        """Remove the successes from the outbox. If the store fails, they are kept here and
+        removed at the next flush: the removal (id and lease token) is safe to repeat, and
+        dropping it would leave each success to be sent again once its lease runs out."""
         if self._messages:
-            messages, self._messages = self._messages, []
-            self.store.queue.complete_many(messages)
+            self.store.queue.complete_many(self._messages)
+            self._messages = []
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._messages)
 
 
 class Deliverer:
@@ -216,9 +232,12 @@ class Deliverer:
 
     # -- one batch ----------------------------------------------------------------------
 
-    def step(self, stop: threading.Event | None = None) -> int:
-        """Claim and process one batch; returns how many messages were attempted."""
+    def step(self, stop: threading.Event | None = None, done: Completions | None = None) -> int:
+        """Claim and process one batch; returns how many messages were attempted. `done`
+        carries a worker's successes from batch to batch while the store cannot take them."""
         stop = stop or threading.Event()
+        done = done or Completions(self.store, self.clock)
+        done.flush()  # successes an earlier batch could not record go first
         now = self.clock.now()
         allowed, limit = self._may_send(now)
         if not allowed or self.breaker.wait_s(self.clock.monotonic()) > 0:
@@ -227,41 +246,56 @@ class Deliverer:
         claimed = self.store.queue.claim(now, limit=limit, lease_s=self.lease_s)
         leased_until = now + timedelta(seconds=self.lease_s)
         lost: set[int] = set()
-        done = Completions(self.store, self.clock)
+        unsent = 0  # claimed[unsent:] have not been sent yet
         try:
             for index, message in enumerate(claimed):
+                unsent = index
                 if (
                     stop.is_set()
                     or (self.pause is not None and attempted > 0)
                     or not self.breaker.allow(self.clock.monotonic())
                 ):
-                    self._release([m for m in claimed[index:] if m.id not in lost])
                     break
                 wait = self.rate_limit.reserve(self.clock.monotonic())
                 if wait > 0 and stop.wait(wait):
-                    self._release([m for m in claimed[index:] if m.id not in lost])
                     break
-                done.flush_if_due()
+                with suppress(SQLAlchemyError):  # kept, and recorded at a later flush
+                    done.flush_if_due()
                 if self.clock.now() + timedelta(seconds=self.request_s) >= leased_until:
                     # Slow answers ate the lease: renew it before sending, or another worker
                     # could take the message while this one's call is still in flight.
-                    done.flush()
                     leased_until = self.clock.now() + timedelta(seconds=self.lease_s)
                     rest = [m for m in claimed[index:] if m.id not in lost]
                     lost |= {m.id for m in rest} - self.store.queue.extend(rest, until=leased_until)
-                if message.id in lost:
-                    continue  # its lease ran out and another worker holds it now
-                self.process(message, done)
-                attempted += 1
+                if message.id not in lost:  # else another worker holds it now
+                    unsent = index + 1
+                    self.process(message, done)
+                    attempted += 1
+            else:
+                unsent = len(claimed)
         finally:
+            # Whatever stopped the batch (a stop, a pause, an open breaker, a store that
+            # failed), what was not sent is given back now rather than when its lease runs out.
+            rest = [m for m in claimed[unsent:] if m.id not in lost]
+            if rest:
+                with suppress(SQLAlchemyError):
+                    self._release(rest)
             done.flush()
         return attempted
 
     def _release(self, messages: list[OutboxMessage]) -> None:
-        """Give claimed but unsent messages back at once, without counting an attempt."""
+        """Give claimed but unsent messages back at once, without counting an attempt. The
+        release is retried a few times: it is safe to repeat, and a lost one leaves the
+        messages waiting for their lease to run out."""
         now = self.clock.now()
-        for message in messages:
-            self.store.queue.release(message, at=now)
+        for attempt in range(1, RELEASE_TRIES + 1):
+            try:
+                self.store.queue.release_many(messages, at=now)
+                return
+            except SQLAlchemyError:
+                if attempt == RELEASE_TRIES:
+                    raise
+                time.sleep(RELEASE_RETRY_S)
 
     def process(self, message: OutboxMessage, done: Completions) -> Outcome:
         """Send one claimed message and record the outcome (a success through `done`)."""
@@ -479,10 +513,11 @@ class Deliverer:
 
     def work(self, stop: threading.Event) -> None:
         """One worker: deliver until `stop` is set."""
+        done = Completions(self.store, self.clock)
         while not stop.is_set():
             seen = self._generation
             try:
-                attempted = self.step(stop)
+                attempted = self.step(stop, done)
             except Exception:
                 log.exception(
                     "delivery step failed; retrying shortly", extra={"event": "delivery.error"}
@@ -490,6 +525,8 @@ class Deliverer:
                 attempted = 0
             if attempted == 0:
                 self._idle(seen, stop)
+        with suppress(SQLAlchemyError):
+            done.flush()  # a last try for successes the store could not take
 
     def run(self, stop: threading.Event, grace_s: float = 30.0) -> None:
         """Run `concurrency` workers until `stop` is set; then let in-flight calls finish

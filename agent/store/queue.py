@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.clock import from_epoch_ms, to_epoch_ms
 from agent.dialects import LOOKUP_BATCH
@@ -170,6 +173,25 @@ class Queue:
         # Several agents on one store: each skips the rows another is claiming instead of
         # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
         candidates = self.connector.dialect.skip_locked(candidates, of=t.outbox)
+        claim = _Claim()
+        try:
+            return self._claim(candidates, claim, now_ms, until_ms)
+        except SQLAlchemyError:
+            # The connection died: the lease UPDATE may have committed without this process
+            # hearing of it. Its rows would wait out their lease; give them back now.
+            if claim.token is not None:
+                with suppress(SQLAlchemyError), self.connector.write() as conn:
+                    conn.execute(
+                        sa.update(t.outbox)
+                        .where(o.lease_token == claim.token)
+                        .values(lease_token=None, leased_until_ms=None)
+                    )
+            raise
+
+    def _claim(
+        self, candidates: sa.Select[Any], claim: _Claim, now_ms: int, until_ms: int
+    ) -> list[OutboxMessage]:
+        o = t.outbox.c
         with self.connector.write() as conn:
             rows = conn.execute(candidates).all()
             if superseded_ids := [r.id for r in rows if r.superseded]:
@@ -178,7 +200,7 @@ class Queue:
             if not wanted:
                 return []
             # One token for the batch: a message is held by its id and the token together.
-            token = str(uuid.uuid4())
+            token = claim.token = str(uuid.uuid4())
             taken = conn.execute(
                 sa.update(t.outbox)
                 .where(
@@ -294,6 +316,23 @@ class Queue:
         """Give back a claimed message that was not sent (shutdown, pause, open breaker)."""
         return self._update_held(message, available_ms=to_epoch_ms(at))
 
+    def release_many(self, messages: Sequence[OutboxMessage], *, at: datetime) -> int:
+        """`release` for several messages in one statement; returns how many were held."""
+        if not messages:
+            return 0
+        o = t.outbox.c
+        with self.connector.write() as conn:
+            return int(
+                conn.execute(
+                    sa.update(t.outbox)
+                    .where(
+                        o.id == sa.bindparam("message_id"), o.lease_token == sa.bindparam("token")
+                    )
+                    .values(available_ms=to_epoch_ms(at), lease_token=None, leased_until_ms=None),
+                    [{"message_id": m.id, "token": m.lease_token} for m in messages],
+                ).rowcount
+            )
+
     def discard(self, message: OutboxMessage) -> bool:
         """Drop a message that no longer needs sending (its slot has already started)."""
         return self.complete(message)
@@ -318,6 +357,12 @@ class Queue:
                 sa.select(sa.func.min(o.available_ms)).where(o.state == t.PENDING)
             ).scalar()
         return None if first is None else from_epoch_ms(first)
+
+
+class _Claim:
+    """The lease token of a claim in progress, known before its transaction ends."""
+
+    token: str | None = None
 
 
 def _body(message: Message) -> str | None:
