@@ -24,7 +24,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,13 +40,17 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from agent.errors import ConfigError
 
 SECRET_ENV = "SEYAHA_WEBHOOK_SECRET"
 ENV_PREFIX = "SEYAHA_AGENT_"
 DEFAULT_STATE_URL = "sqlite:///state.db"
+HOUR_S = 3600
+DAY_S = 86400
+"""Upper bounds of durations, in seconds: far above any sensible setting, far below what
+makes a timer overflow."""
 _HEX24 = re.compile(r"^[0-9a-fA-F]{24}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _SINCE = re.compile(r"(?<![:\w]):since\b")
@@ -46,7 +58,19 @@ _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are refused: a poll_interval of inf killed the poll thread while /readyz
+    # stayed ready. Upper bounds (le=...) keep every duration within what timers accept.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # TOML's true is an int to pydantic's lax mode: max_attempts = true meant 1.
+        if isinstance(value, bool) and info.field_name is not None:
+            kind = cls.model_fields[info.field_name].annotation
+            if kind in (int, float):
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
 
 
 class SeyahaSettings(_Section):
@@ -60,6 +84,18 @@ class SeyahaSettings(_Section):
         value = value.strip().rstrip("/")
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
+        parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:
+            # Never echoed: the part before @ may hold a password.
+            raise ValueError(
+                "must not contain a user name or password (user:password@); Seyaha "
+                "authenticates with the webhook secret alone"
+            )
+        if parts.query or parts.fragment or "?" in value or "#" in value:
+            raise ValueError(
+                f"must be the address alone, without ?query or #fragment (got {value!r}); "
+                "the agent appends /api/v1/partner-integrations/..."
+            )
         if value.startswith("http://") and not _is_loopback(urlsplit(value).hostname or ""):
             raise ValueError(
                 f"{value} would send the webhook secret in clear over the network; use "
@@ -81,19 +117,24 @@ class SeyahaSettings(_Section):
 
 class SourceSettings(_Section):
     url: str
-    poll_interval: float = Field(5.0, gt=0, description="seconds between scans")
+    poll_interval: float = Field(5.0, gt=0, le=HOUR_S, description="seconds between scans")
     timezone: str = "UTC"
     catalog_query: str
     slots_query: str
     slots_changed_query: str | None = None
     catalog_changed_query: str | None = None
     cursor_overlap: float = Field(
-        60.0, ge=0, description="seconds re-read behind the change cursor on every poll"
+        60.0, ge=0, le=DAY_S, description="seconds re-read behind the change cursor on every poll"
     )
     full_scan_interval: float = Field(
-        300.0, gt=0, description="seconds between full reconciliations (finds deletes)"
+        300.0,
+        gt=0,
+        le=7 * DAY_S,
+        description="seconds between full reconciliations (finds deletes)",
     )
-    query_timeout: float = Field(60.0, gt=0, description="seconds before a query is cancelled")
+    query_timeout: float = Field(
+        60.0, gt=0, le=DAY_S, description="seconds before a query is cancelled"
+    )
     notify_channel: str = Field("seyaha_agent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     notify_tables: tuple[str, ...] = ()
     watch_file: bool = True
@@ -165,33 +206,57 @@ class StateSettings(_Section):
 
 
 class DeliverySettings(_Section):
-    connect_timeout: float = Field(5.0, gt=0, description="seconds to open a connection to Seyaha")
-    timeout: float = Field(10.0, gt=0, description="seconds to wait for Seyaha's answer")
-    max_attempts: int = Field(20, ge=1, description="attempts before a message is dead-lettered")
-    backoff_initial: float = Field(1.0, gt=0, description="seconds before the first retry")
-    backoff_max: float = Field(300.0, gt=0, description="longest pause between two retries")
+    connect_timeout: float = Field(
+        5.0, gt=0, le=HOUR_S, description="seconds to open a connection to Seyaha"
+    )
+    timeout: float = Field(10.0, gt=0, le=HOUR_S, description="seconds to wait for Seyaha's answer")
+    max_attempts: int = Field(
+        20, ge=1, le=1_000_000, description="attempts before a message is dead-lettered"
+    )
+    backoff_initial: float = Field(
+        1.0, gt=0, le=DAY_S, description="seconds before the first retry"
+    )
+    backoff_max: float = Field(
+        300.0, gt=0, le=DAY_S, description="longest pause between two retries"
+    )
     retry_after_max: float = Field(
-        3600.0, gt=0, description="longest Retry-After that is honoured, in seconds"
+        3600.0, gt=0, le=7 * DAY_S, description="longest Retry-After that is honoured, in seconds"
     )
     auth_probe_interval: float = Field(
-        60.0, gt=0, description="seconds between probes while Seyaha refuses the secret"
+        60.0, gt=0, le=DAY_S, description="seconds between probes while Seyaha refuses the secret"
     )
-    lease: float = Field(60.0, gt=0, description="seconds a claimed message stays reserved")
+    lease: float = Field(
+        60.0, gt=0, le=DAY_S, description="seconds a claimed message stays reserved"
+    )
     batch_size: int = Field(50, ge=1, le=10_000)
     concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
-    rate_limit: float = Field(50.0, ge=0, description="requests per second at most (0: no limit)")
+    rate_limit: float = Field(
+        50.0, ge=0, le=1_000_000, description="requests per second at most (0: no limit)"
+    )
     breaker_failures: int = Field(
-        5, ge=1, description="failures in a row that open the circuit breaker"
+        5, ge=1, le=1_000_000, description="failures in a row that open the circuit breaker"
     )
     breaker_cooldown: float = Field(
-        30.0, gt=0, description="seconds the breaker stays open before one probe"
+        30.0, gt=0, le=DAY_S, description="seconds the breaker stays open before one probe"
     )
     max_age: float = Field(
-        86400.0, gt=0, description="seconds a failing message is retried before it is dead"
+        86400.0,
+        gt=0,
+        le=365 * DAY_S,
+        description="seconds a failing message is retried before it is dead",
     )
     shutdown_grace: float = Field(
-        20.0, ge=0, description="seconds in-flight calls may take to finish at shutdown"
+        20.0, ge=0, le=HOUR_S, description="seconds in-flight calls may take to finish at shutdown"
     )
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> DeliverySettings:
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError(
+                f"backoff_initial ({self.backoff_initial:g} s) is above backoff_max "
+                f"({self.backoff_max:g} s): the first retry would wait longer than any other"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_request(self) -> DeliverySettings:
@@ -299,15 +364,44 @@ class Config:
     secret: Secret
 
 
+_DRIVER_HINTS = {
+    "postgresql": "postgresql+psycopg://user@host/db",
+    "mysql": "mysql+pymysql://user@host/db",
+    "mariadb": "mysql+pymysql://user@host/db",
+    "sqlite": "sqlite:///file.db",
+}
+"""The URL form whose driver ships with the agent, per backend."""
+
+
 def _check_url(value: str) -> str:
     try:
-        make_url(value)
+        url = make_url(value)
     except ArgumentError as exc:
         raise ValueError(
             f"is not a database URL (expected e.g. postgresql+psycopg://user@host/db, "
-            f"mysql+pymysql://user@host/db or sqlite:///file.db; got {value!r})"
+            f"mysql+pymysql://user@host/db or sqlite:///file.db; got "
+            f"{redacted_url(value)!r})"
         ) from exc
+    backend = url.get_backend_name()
+    hint = _DRIVER_HINTS.get(backend)
+    try:
+        url.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError) as exc:
+        if hint is None:
+            raise ValueError(
+                f"{backend}:// databases are not supported (use PostgreSQL, MySQL/MariaDB or "
+                f"SQLite, e.g. {_DRIVER_HINTS['postgresql']})"
+            ) from None
+        raise ValueError(
+            f"the driver for {url.drivername}:// is not installed ({exc}); use {hint}, "
+            "whose driver ships with the agent"
+        ) from None
     return value
+
+
+def redacted_url(value: str) -> str:
+    """A URL fit for a message: whatever stands between :// and @ is hidden."""
+    return re.sub(r"(://)[^/@\s]*@", r"\1***@", value)
 
 
 def resolve_sqlite_url(url: str, base: Path) -> str:
@@ -325,9 +419,12 @@ def resolve_sqlite_url(url: str, base: Path) -> str:
     )
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], environ: Mapping[str, str] | None = None) -> str:
     loc = [str(p) for p in error.get("loc", ())]
-    if len(loc) >= 2:
+    override = env_override(loc, os.environ if environ is None else environ)
+    if override is not None:
+        where = f"{override} (environment override of [{loc[0]}] {'.'.join(loc[1:])})"
+    elif len(loc) >= 2:
         where = f"[{loc[0]}] {'.'.join(loc[1:])}"
     elif loc:
         where = f"[{loc[0]}]"
@@ -344,6 +441,15 @@ def _describe(error: dict[str, Any]) -> str:
     if kind not in ("value_error",) and isinstance(got, str | int | float | bool):
         message = f"{message} (got {got!r})"
     return f"{where}: {message}"
+
+
+def env_override(loc: list[str], environ: Mapping[str, str]) -> str | None:
+    """The environment variable that set the key at `loc`, if one did: a wrong override
+    must not be blamed on the file."""
+    if len(loc) < 2:
+        return None
+    wanted = (ENV_PREFIX + "__".join(loc[:2])).upper()
+    return next((name for name in environ if name.upper() == wanted), None)
 
 
 def _settings_from_file(path: Path) -> AgentSettings:

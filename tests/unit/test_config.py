@@ -174,6 +174,39 @@ def test_missing_required_key_is_named(
         ("delivery", "lease", 20, "[delivery]: lease (20 s) must be more than twice"),
         ("log", "level", "LOUD", "[log] level:"),
         ("log", "format", "xml", "[log] format:"),
+        # Values that broke the daemon instead of the start:
+        ("source", "poll_interval", 1e300, "[source] poll_interval: Input should be less than"),
+        ("delivery", "lease", 1e300, "[delivery] lease: Input should be less than or equal"),
+        ("delivery", "backoff_max", 1e300, "[delivery] backoff_max: Input should be less than"),
+        ("delivery", "max_attempts", True, "[delivery] max_attempts: must be a number, not true"),
+        ("delivery", "rate_limit", False, "[delivery] rate_limit: must be a number, not false"),
+        (
+            "delivery",
+            "backoff_initial",
+            600,
+            "[delivery]: backoff_initial (600 s) is above backoff_max (300 s)",
+        ),
+        ("metrics", "listen", "127.0.0.1:65536", "[metrics] listen: must be host:port"),
+        (
+            "seyaha",
+            "base_url",
+            "https://api.seyaha.net/?tenant=1",
+            "[seyaha] base_url: must be the address alone, without ?query",
+        ),
+        (
+            "seyaha",
+            "base_url",
+            "https://api.seyaha.net#top",
+            "[seyaha] base_url: must be the address alone",
+        ),
+        (
+            "source",
+            "url",
+            "mysql://reader@db.example/inventory",
+            "[source] url: the driver for mysql:// is not installed (No module named 'MySQLdb'); "
+            "use mysql+pymysql://user@host/db",
+        ),
+        ("state", "url", "oracle://agent@db.example/x", "[state] url: oracle:// databases are not"),
     ],
 )
 def test_invalid_value_is_named(
@@ -185,6 +218,30 @@ def test_invalid_value_is_named(
     problems = problems_of(write(change))
     assert len(problems) == 1
     assert problems[0].startswith(problem)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "+inf"])
+@pytest.mark.parametrize(("section", "key"), [("source", "poll_interval"), ("delivery", "lease")])
+def test_an_infinite_or_undefined_number_is_named(
+    write: Write, section: str, key: str, value: str
+) -> None:
+    """poll_interval = inf killed the poll thread silently while /readyz stayed ready."""
+    path = write()
+    path.write_text(path.read_text().replace(f"[{section}]", f"[{section}]\n{key} = {value}"))
+    if f"[{section}]" not in path.read_text():
+        path.write_text(path.read_text() + f"\n[{section}]\n{key} = {value}\n")
+
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"[{section}] {key}: Input should be a finite number")
+
+
+def test_credentials_in_the_base_url_are_refused_without_echoing_them(write: Write) -> None:
+    def change(s: Sections) -> None:
+        s["seyaha"]["base_url"] = "https://partner:hunter2@api.seyaha.net"
+
+    (problem,) = problems_of(write(change))
+    assert problem.startswith("[seyaha] base_url: must not contain a user name or password")
+    assert "hunter2" not in problem
 
 
 def test_every_problem_is_reported_at_once(write: Write) -> None:
@@ -271,7 +328,11 @@ def test_invalid_environment_override_is_named(
 ) -> None:
     monkeypatch.setenv("SEYAHA_AGENT_SOURCE__POLL_INTERVAL", "-1")
     (problem,) = problems_of(write())
-    assert problem.startswith("[source] poll_interval: Input should be greater than 0")
+    # Named by the variable that set it, not blamed on the file.
+    assert problem.startswith(
+        "SEYAHA_AGENT_SOURCE__POLL_INTERVAL (environment override of [source] poll_interval): "
+        "Input should be greater than 0"
+    )
 
 
 def test_secret_from_environment_wins_over_the_file(
@@ -373,7 +434,10 @@ def test_secret_in_an_environment_override_is_not_echoed(
     monkeypatch.setenv("SEYAHA_AGENT_SEYAHA__WEBHOOK_SECRET", SECRET)
     with pytest.raises(ConfigError) as caught:
         load_config(write())
-    assert "[seyaha] webhook_secret: unknown key" in str(caught.value)
+    assert (
+        "SEYAHA_AGENT_SEYAHA__WEBHOOK_SECRET (environment override of [seyaha] webhook_secret): "
+        "unknown key"
+    ) in str(caught.value)
     assert SECRET not in str(caught.value)
 
 
