@@ -28,7 +28,7 @@ from agent.delivery.client import SeyahaClient
 from agent.delivery.flow import CircuitBreaker, RateLimit
 from agent.delivery.policy import RetryPolicy
 from agent.delivery.worker import Deliverer
-from agent.errors import AgentError, QueryError, SourceUnavailable, StateError
+from agent.errors import AgentError, QueryError, SourceUnavailable, StateError, first_line
 from agent.logs import event
 from agent.metrics import Metrics
 from agent.scan import Scanner, ScanReport
@@ -54,6 +54,9 @@ DRAIN_CHECK_S = 0.05
 
 DRAIN_STATS_TRIES = 5
 """Reads of the outbox's counts at the end of a drain before a store failure is reported."""
+
+READY_FAILURES = 2
+"""Failed scans in a row after which /readyz reports the agent not ready."""
 
 READY_MIN_STALE_S = 60.0
 """/readyz fails when no scan succeeded for 3 poll intervals, and never sooner than this."""
@@ -149,6 +152,8 @@ class Agent:
         """One scan at a time: full scans and polls both write fingerprints."""
         self._source_down: str | None = None
         self._failures = 0
+        self._failure: tuple[str, str] | None = None
+        """What the last failed scan ran into (source, query, state, scan) and why."""
         self._last_scan_ok: float | None = None
         """Monotonic time of the last successful poll or scan (or standby turn)."""
         self.heartbeat = self.clock.monotonic()
@@ -257,40 +262,45 @@ class Agent:
                     f"{exc}; retrying with backoff, nothing is lost",
                 )
             self._source_down = str(exc)
-            self._failures += 1
-            return False
+            return self._failed("source", str(exc))
         except QueryError as exc:
             self.metrics.scans.labels("query_error").inc()
             event(log, logging.ERROR, "scan.query_error", str(exc))
-            self._failures += 1
-            return False
+            return self._failed("query", str(exc))
         except AgentError as exc:
             self.metrics.scans.labels("error").inc()
             event(log, logging.ERROR, "scan.failed", str(exc))
-            self._failures += 1
-            return False
+            return self._failed("scan", str(exc))
         except OperationalError as exc:
             self.metrics.scans.labels("state_unavailable").inc()
-            event(
-                log,
-                logging.ERROR,
-                "state.unavailable",
-                f"the state store failed: {str(exc.orig).strip().splitlines()[0]}; "
-                "retrying with backoff",
-            )
-            self._failures += 1
-            return False
-        except Exception:
+            reason = f"the state store failed: {first_line(exc)}"
+            event(log, logging.ERROR, "state.unavailable", f"{reason}; retrying with backoff")
+            return self._failed("state", reason)
+        except Exception as exc:
             self.metrics.scans.labels("error").inc()
             log.exception("scan failed unexpectedly", extra={"event": "scan.crashed"})
-            self._failures += 1
-            return False
+            return self._failed("scan", f"unexpected {type(exc).__name__}")
         if self._source_down is not None:
             event(log, logging.INFO, "source.recovered", "source database reachable again")
             self._source_down = None
+        if self._failures and self._failure is not None:
+            kind, _reason = self._failure
+            name = "state.recovered" if kind == "state" else "scan.recovered"
+            event(
+                log,
+                logging.INFO,
+                name,
+                f"scans succeed again after {self._failures} failed scan(s)",
+            )
         self._failures = 0
+        self._failure = None
         self._last_scan_ok = self.clock.monotonic()
         return True
+
+    def _failed(self, kind: str, reason: str) -> bool:
+        self._failures += 1
+        self._failure = (kind, reason)
+        return False
 
     def scan_job(self) -> None:
         """One poll, as the daemon runs it (kept for callers that drive scans themselves)."""
@@ -330,6 +340,10 @@ class Agent:
         problems = []
         if self._source_down is not None:
             problems.append(f"source unavailable: {self._source_down}")
+        elif self._failures >= READY_FAILURES and self._failure is not None:
+            # Scans that keep failing (a broken query, a full state store) deliver nothing:
+            # not ready after two in a row, not only once the last success is old.
+            problems.append(f"the last {self._failures} scans failed: {self._failure[1]}")
         source = self.config.settings.source
         stale_s = max(READY_MIN_STALE_S, 3 * source.poll_interval)
         if self._last_scan_ok is None:
@@ -341,9 +355,7 @@ class Agent:
         try:
             self.store.ping()
         except SQLAlchemyError as exc:
-            problems.append(
-                f"state store unreachable: {str(getattr(exc, 'orig', exc)).splitlines()[0]}"
-            )
+            problems.append(f"state store unreachable: {first_line(exc)}")
         if self.deliverer.pause is not None:
             problems.append(f"delivery paused: {self.deliverer.pause.reason}")
         return problems

@@ -8,8 +8,10 @@ import sys
 from enum import IntEnum
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from agent import __version__
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, first_line
 
 DEFAULT_ONCE_TIMEOUT_S = 60.0
 EXIT_BROKEN_PIPE = 128 + 13
@@ -185,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
+    except SQLAlchemyError as exc:
+        # A database failed where no narrower error applies (a read-only state store, a
+        # server gone mid-command): one line, not a traceback.
+        print(f"seyaha-agent: a database failed: {first_line(exc)}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader went away (`outbox list | head`): stop quietly, as a process killed by
         # SIGPIPE would, instead of a traceback; stdout is pointed at /dev/null so that the

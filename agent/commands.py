@@ -34,7 +34,7 @@ from agent.db import create_engine, redact_url
 from agent.delivery.flow import BreakerState
 from agent.delivery.worker import Tally
 from agent.dialects import dialect_of
-from agent.errors import AgentError, ConfigError, SourceUnavailable
+from agent.errors import AgentError, ConfigError, SourceUnavailable, first_line
 from agent.logs import Redaction, setup_logging
 from agent.scan import ScanReport
 from agent.source import cursor
@@ -120,9 +120,7 @@ def _print_scan(out: TextIO, report: ScanReport) -> None:
             print(f"    ... and {report.skipped_total - 10} more (see the log)", file=out)
 
 
-def _print_delivery(
-    out: TextIO, drain: DrainResult, tally: Tally, *, scanned: bool = True
-) -> None:
+def _print_delivery(out: TextIO, drain: DrainResult, tally: Tally, *, scanned: bool = True) -> None:
     counts = tally.counts
     sent = (
         f"sent {counts['trigger_sent']} sync/trigger and {counts['notify_sent']} "
@@ -176,8 +174,11 @@ def check(path: Path, out: TextIO | None = None) -> int:
         return 1
     report(True, f"configuration {path}")
     try:
-        read_secret(settings)
+        secret = read_secret(settings)
         report(True, "webhook secret readable")
+        # The same doubts `run` logs at start: a check must not look cleaner than a start.
+        for doubt in secret_warnings(secret, settings.seyaha.webhook_secret_file):
+            print(f"warning {doubt}", file=out)
     except ConfigError as exc:
         for problem in exc.problems:
             report(False, problem)
@@ -225,7 +226,8 @@ def check(path: Path, out: TextIO | None = None) -> int:
     store = StateStore.from_url(settings.state.url)
     try:
         store.open()
-        report(True, f"state store {redact_url(settings.state.url)} ready")
+        store.probe_write()  # a read-only store passed here, and every run then failed
+        report(True, f"state store {redact_url(settings.state.url)} ready (read and write)")
     except AgentError as exc:
         report(False, str(exc))
     finally:
@@ -499,14 +501,14 @@ def triggers(path: Path, action: str, out: TextIO | None = None) -> int:
             except SQLAlchemyError as exc:
                 raise SourceUnavailable(
                     f"cannot reach the source database at {redact_url(source.url)}: "
-                    f"{str(getattr(exc, 'orig', exc)).splitlines()[0]}"
+                    f"{first_line(exc)}"
                 ) from None
             print(f"-- installed now on: {', '.join(found) or 'no table'}", file=out)
             return 0
         try:
             pg_triggers.apply(engine, statements)
         except SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            reason = first_line(exc)
             raise AgentError(
                 f"triggers {action} failed: {reason} (the source user may lack the privilege; "
                 "`seyaha-agent triggers show` prints the SQL for a DBA)"

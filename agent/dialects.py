@@ -74,7 +74,8 @@ class Dialect:
         the two streams can be merge-joined."""
         inner = sql.strip().rstrip(";").strip()
         order = ", ".join(self.key_order_template.format(c) for c in key_columns)
-        return f"SELECT * FROM ({inner}) q ORDER BY {order}"  # noqa: S608 - the operator's own query
+        # The query on lines of its own: a trailing `-- comment` would swallow the ")".
+        return f"SELECT * FROM (\n{inner}\n) q ORDER BY {order}"  # noqa: S608 - the operator's own query
 
     def file_database(self, url: URL) -> Path | None:
         """The database file behind `url`, for backends that are a local file."""

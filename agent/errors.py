@@ -28,3 +28,11 @@ class SourceUnavailable(AgentError):
 
 class StateError(AgentError):
     """The state store (fingerprints and outbox) cannot be used."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what went wrong, in the driver's words where there is a driver (a
+    SQLAlchemy error's `orig`): fit for a log line or a one-line message."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip()
+    return text.splitlines()[0] if text else type(original).__name__

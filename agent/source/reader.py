@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from agent.db import redact_url
 from agent.dialects import Dialect, dialect_of
 from agent.diff import SourceSlot
-from agent.errors import QueryError, SourceUnavailable
+from agent.errors import QueryError, SourceUnavailable, first_line
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
 from agent.source import rows
 from agent.source.recent import RawKey, RawValues, RecentRows
@@ -98,7 +98,7 @@ class SourceReader:
             conn = self.engine.connect()
         except SQLAlchemyError as exc:
             raise SourceUnavailable(
-                f"cannot reach the source database at {self.where}: {_reason(exc)}"
+                f"cannot reach the source database at {self.where}: {first_line(exc)}"
             ) from None
         try:
             if self.dialect.source_isolation is not None:
@@ -108,7 +108,7 @@ class SourceReader:
                 self._limit_time(conn)
             except DBAPIError as exc:
                 raise SourceUnavailable(
-                    f"cannot use the source database at {self.where}: {_reason(exc)}"
+                    f"cannot use the source database at {self.where}: {first_line(exc)}"
                 ) from None
             try:
                 yield conn
@@ -121,7 +121,7 @@ class SourceReader:
             except DBAPIError as exc:
                 # Ending a read transaction fails only when the connection died.
                 raise SourceUnavailable(
-                    f"the source database at {self.where} went away: {_reason(exc)}"
+                    f"the source database at {self.where} went away: {first_line(exc)}"
                 ) from None
         finally:
             conn.close()
@@ -294,11 +294,11 @@ class SourceReader:
                 isinstance(exc, sa.exc.OperationalError) and not _blames_query(exc)
             ):
                 raise SourceUnavailable(
-                    f"{name} could not run on {self.where}: {_reason(exc)}"
+                    f"{name} could not run on {self.where}: {first_line(exc)}"
                 ) from None
-            raise QueryError(f"{name} failed: {_reason(exc)}") from None
+            raise QueryError(f"{name} failed: {first_line(exc)}") from None
         except SQLAlchemyError as exc:
-            raise QueryError(f"{name} failed: {_reason(exc)}") from None
+            raise QueryError(f"{name} failed: {first_line(exc)}") from None
         got = list(result.keys())
         if not result.returns_rows:
             raise QueryError(f"{name} returned no rows at all; it must be a SELECT")
@@ -325,7 +325,7 @@ class SourceReader:
                     f"{name} was cancelled after {self.query_timeout_s:g} s "
                     "(raise [source] query_timeout, or make the query cheaper)"
                 ) from None
-            raise SourceUnavailable(f"{name} stopped part-way: {_reason(exc)}") from None
+            raise SourceUnavailable(f"{name} stopped part-way: {first_line(exc)}") from None
         finally:
             result.close()
 
@@ -359,8 +359,10 @@ class SourceReader:
 
     def _read_slots(self, conn: sa.Connection, snapshot: Snapshot, limit: int | None) -> None:
         name = "slots_query"
+        # The SQL a full scan runs, so that `check` passes only what the scan will run too.
+        sql = self.dialect.ordered(self.slots_query, rows.SLOT_KEY_COLUMNS)
         result = self._execute(
-            conn, name, self.slots_query, rows.SLOT_REQUIRED_COLUMNS, stream=limit is not None
+            conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=limit is not None
         )
         collect = _Collector(name, rows.SLOT_KEY_COLUMNS, snapshot.skipped)
         zone = self.timezone
@@ -451,9 +453,3 @@ def _blames_query(exc: DBAPIError) -> bool:
         return sqlstate.startswith("42")
     args: tuple[Any, ...] = getattr(original, "args", ())
     return bool(args) and args[0] == _MYSQL_BAD_FIELD_ERROR
-
-
-def _reason(exc: BaseException) -> str:
-    original = getattr(exc, "orig", None) or exc
-    text = str(original).strip()
-    return text.splitlines()[0] if text else type(original).__name__

@@ -27,6 +27,7 @@ import psycopg
 import watchfiles
 from sqlalchemy.engine import make_url
 
+from agent.errors import first_line
 from agent.logs import event
 
 log = logging.getLogger("agent.wakeup")
@@ -87,11 +88,14 @@ class PostgresListener:
             except psycopg.Error as exc:
                 if stop.is_set():
                     return
+                # Once per outage, like the source's own outage: each failed reconnection
+                # attempt after that is logged at DEBUG.
+                said_before = delay > RECONNECT_INITIAL_S
                 event(
                     log,
-                    logging.WARNING,
+                    logging.DEBUG if said_before else logging.WARNING,
                     "wakeup.disconnected",
-                    f"LISTEN connection to {self._where} lost ({_first_line(exc)}); "
+                    f"LISTEN connection to {self._where} lost ({first_line(exc)}); "
                     f"polling continues, reconnecting in {delay:g} s",
                 )
                 stop.wait(delay)
@@ -132,8 +136,3 @@ class SqliteFileWatcher:
 def _data_version(conn: sqlite3.Connection) -> int:
     row = conn.execute("PRAGMA data_version").fetchone()
     return int(row[0])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

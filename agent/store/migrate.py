@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agent.clock import Clock, SystemClock
 from agent.dialects import Dialect, FileLock, dialect_of
-from agent.errors import StateError
+from agent.errors import StateError, first_line
 from agent.logs import event
 
 log = logging.getLogger("agent.state")
@@ -164,6 +164,9 @@ class Migrator:
 
     def migrate(self, *, dry_run: bool = False) -> Plan:
         """Bring the store to the newest schema (or, with `dry_run`, say what that takes)."""
+        # Alembic narrates at INFO ("Will assume transactional DDL"): our own events say
+        # what happens.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         try:
             if dry_run:
                 return self.plan()
@@ -176,10 +179,8 @@ class Migrator:
                         self._apply(conn, plan)
                 return plan
         except SQLAlchemyError as exc:
-            text = str(getattr(exc, "orig", None) or exc).strip()
             raise StateError(
-                f"cannot open the state store at {self.where}: "
-                f"{text.splitlines()[0] if text else type(exc).__name__}"
+                f"cannot open the state store at {self.where}: {first_line(exc)}"
             ) from None
 
     def _apply(self, conn: sa.Connection, plan: Plan) -> None:
@@ -195,15 +196,9 @@ class Migrator:
                 + (f"; a copy of it is kept at {plan.backup}" if plan.backup else ""),
             )
         config = _alembic_config(conn)
-        alembic_log = logging.getLogger("alembic")
-        level = alembic_log.level
-        alembic_log.setLevel(logging.WARNING)  # our own events say what happens
-        try:
-            if plan.stamp_legacy:
-                command.stamp(config, f"{plan.current:04d}")
-            command.upgrade(config, "head")
-        finally:
-            alembic_log.setLevel(level)
+        if plan.stamp_legacy:
+            command.stamp(config, f"{plan.current:04d}")
+        command.upgrade(config, "head")
         if plan.steps:
             event(
                 log,

@@ -18,11 +18,12 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.clock import Clock, to_epoch_ms
 from agent.db import create_engine
 from agent.dialects import Dialect
-from agent.errors import StateError
+from agent.errors import StateError, first_line
 from agent.model import CatalogDiff, Message, SlotDiff
 from agent.store.admin import Admin
 from agent.store.clock import StoreClock
@@ -73,6 +74,27 @@ class StateStore:
         """Raise if the store cannot be reached."""
         with self.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
+
+    def probe_write(self) -> None:
+        """Raise StateError unless the agent can write here (a read-only file, a user without
+        UPDATE): a write that changes nothing, rolled back."""
+        meta = sa.table("seyaha_meta", sa.column("key", sa.String), sa.column("value", sa.Text))
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin() as transaction:
+                    conn.execute(
+                        sa.update(meta)
+                        .where(meta.c.key == "schema_version")
+                        .values(value=meta.c.value)
+                    )
+                    transaction.rollback()
+        except SQLAlchemyError as exc:
+            raise StateError(
+                f"the state store at {self.engine.url.render_as_string(hide_password=True)} "
+                f"cannot be written: {first_line(exc)}. "
+                "The agent records every scan and delivery there: give it write access."
+            ) from None
 
     def clock(self, host: Clock) -> Clock:
         """The clock for everything this store stamps: the database's on a shared store,

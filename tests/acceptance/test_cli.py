@@ -130,6 +130,40 @@ def test_check_reports_each_problem_with_its_key(setup: Setup) -> None:
     assert "starts" in result.stdout
 
 
+def test_check_shows_the_secret_warnings_that_run_logs(setup: Setup) -> None:
+    (setup.folder / "webhook_secret").chmod(0o644)
+
+    result = cli("check", "--config", str(setup.config))
+
+    assert result.returncode == 0, result.stdout
+    assert "warning [seyaha] webhook_secret_file: " in result.stdout
+    assert "can be read by other users (mode 644); run chmod 600 on it" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_a_read_only_state_store_fails_check_and_once_says_why_in_one_line(
+    setup: Setup,
+) -> None:
+    assert cli("once", "--config", str(setup.config)).returncode == 0  # the store exists
+    state = setup.folder / "state.db"
+    assert state.exists()
+    read_only = setup.folder / "read-only.toml"
+    read_only.write_text(
+        setup.config.read_text() + f'\n[state]\nurl = "sqlite:///file:{state}?mode=ro&uri=true"\n',
+        encoding="utf-8",
+    )
+
+    checked = cli("check", "--config", str(read_only))
+    assert checked.returncode == 1
+    assert "cannot be written: attempt to write a readonly database" in checked.stdout
+
+    setup.inventory.execute("UPDATE slots SET vacancies = 3 WHERE id = 'c1'")
+    ran = cli("once", "--config", str(read_only))
+    assert ran.returncode == 1
+    assert "Traceback" not in ran.stderr
+    assert "a database failed: attempt to write a readonly database" in ran.stderr
+
+
 def test_bad_rows_are_skipped_with_key_and_reason_while_the_rest_goes_on(
     setup: Setup, sandbox: SandboxClient
 ) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from agent.app import Agent
 from tests.conftest import PG_ADMIN_URL
-from tests.integration.inventory import Inventory
+from tests.integration.inventory import Inventory, first_day, seed_tours
 
 
 def test_not_ready_before_the_first_scan_then_ready(
@@ -79,3 +81,40 @@ def test_an_unreachable_state_store_makes_the_agent_not_ready(
         admin.dispose()
     assert agent.guarded(agent.poll)
     assert agent.readiness() == []
+
+
+def test_scans_failing_on_a_broken_query_make_the_agent_not_ready_until_one_succeeds(
+    make_inventory: Callable[..., Inventory],
+    make_agent: Callable[..., Agent],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """/readyz stayed 200 through 30 s of failing scans, and nothing said when they
+    recovered."""
+    inventory = make_inventory("sqlite")
+    seed_tours(inventory, first_day())
+    agent = make_agent(
+        "broken",
+        base_url="http://127.0.0.1:9",
+        source_url=inventory.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+    )
+    assert agent.guarded(agent.poll)
+    caplog.set_level(logging.INFO, logger="agent")
+    with sa.create_engine(inventory.url).begin() as conn:
+        conn.execute(sa.text("ALTER TABLE slots RENAME COLUMN vacancies TO seats"))
+
+    assert not agent.guarded(agent.poll)
+    assert agent.readiness() == []  # one failure may be a blip
+    assert not agent.guarded(agent.poll)
+    (problem,) = agent.readiness()
+    assert problem.startswith("the last 2 scans failed: slots_query failed: ")
+
+    with sa.create_engine(inventory.url).begin() as conn:
+        conn.execute(sa.text("ALTER TABLE slots RENAME COLUMN seats TO vacancies"))
+    assert agent.guarded(agent.poll)
+    assert agent.readiness() == []
+    recovered = [
+        r.getMessage() for r in caplog.records if getattr(r, "event", "") == "scan.recovered"
+    ]
+    assert recovered == ["scans succeed again after 2 failed scan(s)"]

@@ -393,3 +393,24 @@ def test_both_queries_see_the_source_at_one_moment(
     later = reader.read()
     assert sorted(row.key for row in later.catalog) == [("1", "1-a"), ("2", "2-a")]
     assert sorted(s.key for s in later.slots) == [("1", "1-a", "11"), ("2", "2-a", "21")]
+
+
+@every_backend
+def test_a_query_ending_in_a_comment_runs_in_check_and_in_the_scan_alike(
+    backend: str, make_inventory: MakeInventory, make_reader: MakeReader
+) -> None:
+    """The ordering wrapper of the full scan used to land inside a trailing `-- comment`:
+    `check` passed and every scan failed with a syntax error."""
+    inventory = make_inventory(backend)
+    _catalog_and_slots(inventory)
+    reader = make_reader(
+        inventory.url, slots_query=SLOTS_QUERY.rstrip() + "  -- every slot, including closed"
+    )
+
+    sampled = reader.sample()
+    streamed = Snapshot()
+    with reader.transaction() as conn:
+        found = list(reader.stream_slots(conn, streamed))
+
+    assert sampled.slot_rows_read == len(found) > 0
+    assert sorted(key for key, _slot in found) == sorted(s.key for s in sampled.slots)
