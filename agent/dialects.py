@@ -13,6 +13,7 @@ import os
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -144,6 +145,11 @@ class SqliteDialect(Dialect):
 
     def file_database(self, url: URL) -> Path | None:
         database = url.database
+        if database and database.startswith("file:"):
+            # A URI filename (sqlite:///file:/path/state.db?mode=ro&uri=true).
+            if url.query.get("mode") == "memory":
+                return None
+            database = unquote(database[len("file:") :].partition("?")[0])
         return Path(database) if database and database != ":memory:" else None
 
     def now_ms(self, conn: sa.Connection) -> int:

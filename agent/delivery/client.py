@@ -15,8 +15,12 @@ from agent.config import Secret
 SECRET_HEADER = "x-webhook-secret"
 
 MAX_ANSWER_BYTES = 64 * 1024
-"""Most of an answer's body that is read (bytes): Seyaha's envelopes are tiny, and a proxy's
+"""Most of an answer's body that is kept (bytes): Seyaha's envelopes are tiny, and a proxy's
 50 MB error page must not cost 50 MB per worker. Unpacked gzip is capped the same way."""
+
+PARTIAL_SECRET_CHARS = 4
+"""A body cut short that ends in at least this many first characters of the secret has them
+masked (fewer can match by chance and reveal nothing)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,9 @@ class SeyahaClient:
         deadline = time.monotonic() + self._timeout_s
         try:
             with self._http.stream("POST", path, content=content, headers=headers) as answer:
-                text = self._read(answer, deadline)
+                # A little past the cap, so that a copy of the secret across it is read whole
+                # and masked before the body is cut (see _redacted).
+                text = self._read(answer, deadline, MAX_ANSWER_BYTES + len(headers[SECRET_HEADER]))
                 if text is None:
                     return self._redacted(
                         Response(None, error="timed out (the answer was still arriving)")
@@ -104,25 +110,25 @@ class SeyahaClient:
             return self._redacted(Response(None, error=f"{type(exc).__name__}: {exc}"))
 
     @staticmethod
-    def _read(answer: httpx.Response, deadline: float) -> str | None:
-        """At most MAX_ANSWER_BYTES of the answer's body, as text; None past `deadline` (a
+    def _read(answer: httpx.Response, deadline: float, limit: int) -> str | None:
+        """At most `limit` bytes of the answer's body, as text; None past `deadline` (a
         server trickling its answer byte by byte passes every per-read timeout)."""
         if answer.is_stream_consumed:  # a transport that hands over a body already read
-            return answer.content[:MAX_ANSWER_BYTES].decode("utf-8", "replace")
+            return answer.content[:limit].decode("utf-8", "replace")
         raw = bytearray()
         for chunk in answer.iter_raw():
             raw += chunk
-            if len(raw) >= MAX_ANSWER_BYTES:
+            if len(raw) >= limit:
                 break
             if time.monotonic() > deadline:
                 return None
         encoding = answer.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            data = _inflate(bytes(raw), encoding)
+            data = _inflate(bytes(raw), encoding, limit)
             if data is None:
                 return f"({encoding}-encoded answer of {len(raw)}+ bytes, not decoded)"
             raw = bytearray(data)
-        return bytes(raw[:MAX_ANSWER_BYTES]).decode("utf-8", "replace")
+        return bytes(raw[:limit]).decode("utf-8", "replace")
 
     def _redacted(self, response: Response) -> Response:
         """The answer with every echo of the secret masked: it is kept in the outbox as the
@@ -135,18 +141,25 @@ class SeyahaClient:
         def mask(text: str | None) -> str | None:
             return None if text is None else pattern.sub("***", text)
 
+        body = mask(response.body) or ""
+        # A body cut short may end in the first characters of a copy of the secret.
+        folded = body.lower()
+        for length in range(min(len(secret) - 1, len(body)), PARTIAL_SECRET_CHARS - 1, -1):
+            if folded.endswith(secret[:length].lower()):
+                body = body[:-length] + "***"
+                break
         return Response(
             status=response.status,
-            body=mask(response.body) or "",
+            body=body[:MAX_ANSWER_BYTES],
             retry_after=mask(response.retry_after),
             error=mask(response.error),
             location=mask(response.location),
         )
 
 
-def _inflate(data: bytes, encoding: str) -> bytes | None:
-    """A gzip or deflate body unpacked to at most MAX_ANSWER_BYTES; None for other codings
-    or a body that does not unpack."""
+def _inflate(data: bytes, encoding: str, limit: int) -> bytes | None:
+    """A gzip or deflate body unpacked to at most `limit` bytes; None for other codings or a
+    body that does not unpack."""
     if encoding in ("gzip", "x-gzip"):
         wbits = 16 + zlib.MAX_WBITS
     elif encoding == "deflate":
@@ -154,6 +167,6 @@ def _inflate(data: bytes, encoding: str) -> bytes | None:
     else:
         return None
     try:
-        return zlib.decompressobj(wbits).decompress(data, MAX_ANSWER_BYTES)
+        return zlib.decompressobj(wbits).decompress(data, limit)
     except zlib.error:
         return None

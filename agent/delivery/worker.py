@@ -50,6 +50,9 @@ worker sends a long batch in series."""
 ANSWER_TIME_WEIGHT = 0.2
 """Weight of the newest answer in the moving average of answer times."""
 
+SUPERSEDED_CHECK_S = 0.5
+"""How often a worker sending a batch looks for newer states queued for its slots (seconds)."""
+
 RELEASE_TRIES = 3
 RELEASE_RETRY_S = 0.1
 """Tries, and the pause between them (seconds), to give unsent messages back to a store that
@@ -246,7 +249,9 @@ class Deliverer:
         claimed = self.store.queue.claim(now, limit=limit, lease_s=self.lease_s)
         leased_until = now + timedelta(seconds=self.lease_s)
         lost: set[int] = set()
+        """Claimed messages not to send: taken over by another worker, or superseded."""
         unsent = 0  # claimed[unsent:] have not been sent yet
+        checked = self.clock.monotonic()
         try:
             for index, message in enumerate(claimed):
                 unsent = index
@@ -261,16 +266,23 @@ class Deliverer:
                     break
                 with suppress(SQLAlchemyError):  # kept, and recorded at a later flush
                     done.flush_if_due()
+                if index and self.clock.monotonic() - checked >= SUPERSEDED_CHECK_S:
+                    # A scan may have queued a newer state for a slot of this batch while it
+                    # waited behind slow answers: that one goes out instead, never after it.
+                    checked = self.clock.monotonic()
+                    rest = [m for m in claimed[index:] if m.id not in lost]
+                    lost |= self.store.queue.drop_superseded(rest)
                 if self.clock.now() + timedelta(seconds=self.request_s) >= leased_until:
                     # Slow answers ate the lease: renew it before sending, or another worker
                     # could take the message while this one's call is still in flight.
                     leased_until = self.clock.now() + timedelta(seconds=self.lease_s)
                     rest = [m for m in claimed[index:] if m.id not in lost]
                     lost |= {m.id for m in rest} - self.store.queue.extend(rest, until=leased_until)
-                if message.id not in lost:  # else another worker holds it now
+                if message.id not in lost:  # else another worker holds it, or it is stale
                     unsent = index + 1
                     self.process(message, done)
                     attempted += 1
+                    self._share(claimed[index + 1 :], lost)
             else:
                 unsent = len(claimed)
         finally:
@@ -282,6 +294,19 @@ class Deliverer:
                     self._release(rest)
             done.flush()
         return attempted
+
+    def _share(self, rest: list[OutboxMessage], lost: set[int]) -> None:
+        """Give back the part of a batch that the recent answer time says this worker will
+        not reach soon, so that idle workers take it (answers slowed down after the claim)."""
+        keep = self.claim_size()
+        waiting = [m for m in rest if m.id not in lost]
+        if len(waiting) <= keep:
+            return
+        tail = waiting[keep:]
+        with suppress(SQLAlchemyError):  # kept, and sent by this worker in turn
+            self._release(tail)
+            lost.update(m.id for m in tail)
+            self.poke(len(tail))
 
     def _release(self, messages: list[OutboxMessage]) -> None:
         """Give claimed but unsent messages back at once, without counting an attempt. The

@@ -260,6 +260,35 @@ class Queue:
         mine = {(m.id, m.lease_token) for m in messages}
         return {row.id for row in held if (row.id, row.lease_token) in mine}
 
+    def drop_superseded(self, messages: Sequence[OutboxMessage]) -> set[int]:
+        """Of these claimed messages, delete those a newer waiting message for the same slot
+        has replaced since they were claimed (sending them would put an older state on the
+        wire after a newer one was decided); returns their ids."""
+        if not messages:
+            return set()
+        o = t.outbox.c
+        newer = t.outbox.alias("newer")
+        held = sa.and_(
+            o.id.in_([m.id for m in messages]),
+            o.lease_token.in_({m.lease_token for m in messages}),
+        )
+        with self.connector.write() as conn:
+            stale = set(
+                conn.execute(
+                    sa.select(o.id).where(
+                        held,
+                        sa.exists().where(
+                            newer.c.dedupe_key == o.dedupe_key,
+                            newer.c.state == t.PENDING,
+                            newer.c.id > o.id,
+                        ),
+                    )
+                ).scalars()
+            )
+            if stale:
+                conn.execute(sa.delete(t.outbox).where(held, o.id.in_(stale)))
+        return stale
+
     def complete(self, message: OutboxMessage) -> bool:
         """The call succeeded: the message leaves the outbox. False if the lease was lost."""
         return self.complete_many([message]) == 1

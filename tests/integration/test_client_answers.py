@@ -162,3 +162,27 @@ def test_a_server_echoing_the_secret_never_gets_it_kept(
         assert kept is not None
         assert SECRET.lower() not in kept.lower()
         assert "***" in kept
+
+
+@pytest.mark.parametrize("cut", [1, 4, 20, 40, 63])
+@pytest.mark.parametrize("padding", [" ", "x"])
+def test_a_secret_echoed_across_the_read_cap_is_not_kept_in_part(
+    serve: Callable[[Answer], str],
+    client_for: Callable[[str], SeyahaClient],
+    cut: int,
+    padding: str,
+) -> None:
+    """A copy of the secret straddling the cap was cut, and its first part kept (whitespace
+    folding in the stored reason then brought it to the front)."""
+    body = (padding * (MAX_ANSWER_BYTES - cut) + SECRET + padding * 100).encode()
+
+    def echoing(handler: BaseHTTPRequestHandler) -> None:
+        send(handler, 500, body)
+
+    answer = client_for(serve(echoing)).notify('{"productId":"1"}')
+    reason = classify(status=answer.status, body=answer.body, now=datetime.now(UTC)).reason
+
+    pieces = {SECRET[i : i + 8].lower() for i in range(len(SECRET) - 7)}
+    for kept in (answer.body, reason):
+        assert not any(piece in kept.lower() for piece in pieces)
+    assert len(answer.body) <= MAX_ANSWER_BYTES

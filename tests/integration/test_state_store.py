@@ -417,6 +417,18 @@ def test_extend_keeps_held_messages_and_leaves_what_was_taken_over(store: StateS
     assert store.queue.extend([], until=later(1)) == set()
 
 
+def test_drop_superseded_removes_held_messages_a_newer_state_replaced(store: StateStore) -> None:
+    enqueue(store, notify(1, vacancies=5), notify(2, vacancies=5), notify(3, vacancies=5))
+    one, two, three = claim(store, T0)
+    enqueue(store, notify(2, vacancies=4), now=later(1))  # slot 2 changed while held
+
+    assert store.queue.drop_superseded([one, two, three]) == {two.id}
+    assert store.queue.drop_superseded([one, three]) == set()
+    assert not store.queue.complete(two)
+    assert [vacancies(m) for m in claim(store, later(LEASE_S + 1))] == [5, 5, 4]
+    assert store.queue.drop_superseded([]) == set()
+
+
 def test_retry_later_makes_the_message_due_only_at_the_given_time(store: StateStore) -> None:
     enqueue(store, notify(1))
     (message,) = claim(store)
