@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import settings
 
 PG_ADMIN_URL = os.environ.get(
     "SEYAHA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -27,6 +28,18 @@ SECRET = "5eca" * 16
 """A 64-hex webhook secret used by tests; tests assert it never appears in any output."""
 
 INTEGRATION_ID = "64a1b2c3d4e5f6a7b8c9d0e1"
+
+settings.register_profile(
+    "seyaha",
+    max_examples=200,
+    # Some properties open a SQLite store per example: its time varies with the disk, and a
+    # slow first example is not a failure.
+    deadline=None,
+    # A counterexample worth keeping is pinned with @example in its test file; nothing is
+    # written into the working tree.
+    database=None,
+)
+settings.load_profile("seyaha")
 
 
 def _unavailable(what: str, exc: Exception) -> None:
