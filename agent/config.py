@@ -42,7 +42,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, first_line
 
 SECRET_ENV = "SEYAHA_WEBHOOK_SECRET"
 ENV_PREFIX = "SEYAHA_AGENT_"
@@ -61,6 +61,13 @@ class _Section(BaseModel):
     # inf and nan are refused: a poll_interval of inf killed the poll thread while /readyz
     # stayed ready. Upper bounds (le=...) keep every duration within what timers accept.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("contains a NUL character")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod
@@ -98,7 +105,7 @@ class SeyahaSettings(_Section):
             )
         if value.startswith("http://") and not _is_loopback(urlsplit(value).hostname or ""):
             raise ValueError(
-                f"{value} would send the webhook secret in clear over the network; use "
+                f"{value!r} would send the webhook secret in clear over the network; use "
                 "https:// (plain http:// is accepted only for loopback addresses, such as the "
                 "sandbox)"
             )
@@ -420,7 +427,8 @@ def resolve_sqlite_url(url: str, base: Path) -> str:
 
 
 def _describe(error: dict[str, Any], environ: Mapping[str, str] | None = None) -> str:
-    loc = [str(p) for p in error.get("loc", ())]
+    # A key with a line break in it (TOML allows "\n" = 1) must not split the problem's line.
+    loc = [str(p) if str(p).isprintable() else repr(str(p)) for p in error.get("loc", ())]
     override = env_override(loc, os.environ if environ is None else environ)
     if override is not None:
         where = f"{override} (environment override of [{loc[0]}] {'.'.join(loc[1:])})"
@@ -439,8 +447,11 @@ def _describe(error: dict[str, Any], environ: Mapping[str, str] | None = None) -
     message = message.removeprefix("Value error, ")
     got = error.get("input")
     if kind not in ("value_error",) and isinstance(got, str | int | float | bool):
-        message = f"{message} (got {got!r})"
-    return f"{where}: {message}"
+        try:
+            message = f"{message} (got {got!r})"
+        except ValueError:  # an integer of more than 4,300 digits cannot be printed
+            message = f"{message} (got an integer too long to show)"
+    return f"{where}: {' '.join(message.split())}"
 
 
 def env_override(loc: list[str], environ: Mapping[str, str]) -> str | None:
@@ -538,6 +549,8 @@ def load_settings(path: Path) -> AgentSettings:
         raise ConfigError(
             [_describe(dict(e)) for e in exc.errors(include_url=False)], source=str(path)
         ) from None
+    except ValueError as exc:  # tomllib refuses an integer of more than 4,300 digits so
+        raise ConfigError([f"not valid TOML: {first_line(exc)}"], source=str(path)) from None
     base = path.resolve().parent
     seyaha = settings.seyaha
     if seyaha.webhook_secret_file is not None and not seyaha.webhook_secret_file.is_absolute():

@@ -27,6 +27,11 @@ SLOT_OPTIONAL_COLUMNS = ("status", "vacancies", "capacity")
 _STATUS_BY_NAME: dict[str, Status] = {s: s for s in STATUSES}
 
 
+MAX_ID_DIGITS = 100
+MAX_ID_BITS = 332
+"""An id of more than 100 digits (332 bits) is a data error; Python also refuses to print an
+integer of more than 4,300 digits."""
+
 MAX_COUNT = 2**31 - 1
 """Largest vacancies or capacity sent: a 32-bit integer, which every consumer of OCTO
 payloads reads exactly; anything above it is a data error, not a tour."""
@@ -34,6 +39,14 @@ payloads reads exactly; anything above it is a data error, not a tour."""
 
 class BadRow(ValueError):
     """The row cannot be used; `str(error)` says why in words an operator understands."""
+
+
+def _shown(value: Any) -> str:
+    """repr() for a message, also for an integer too long to print."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"(a {type(value).__name__} too long to show)"
 
 
 def missing_columns(got: Sequence[str], required: Sequence[str]) -> list[str]:
@@ -44,7 +57,8 @@ def missing_columns(got: Sequence[str], required: Sequence[str]) -> list[str]:
 def _is_whole(value: Decimal | float) -> bool:
     """False for fractions, NaN and infinities (PostgreSQL numeric has 'Infinity' too)."""
     if isinstance(value, Decimal):
-        return value.is_finite() and value % 1 == 0
+        # Not `value % 1`: 1E+28 % 1 raises InvalidOperation (DivisionImpossible).
+        return value.is_finite() and value == value.to_integral_value()
     return math.isfinite(value) and value % 1 == 0
 
 
@@ -55,10 +69,14 @@ def to_id(value: Any, column: str) -> str:
     if isinstance(value, bool):
         raise BadRow(f"{column} is a boolean ({value!r}), not an id")
     if isinstance(value, int):
+        if value.bit_length() > MAX_ID_BITS:
+            raise BadRow(f"{column} is a number of more than {MAX_ID_DIGITS} digits")
         return str(value)
     if isinstance(value, Decimal | float):
         if not _is_whole(value):
-            raise BadRow(f"{column} is not a whole number ({value!r})")
+            raise BadRow(f"{column} is not a whole number ({_shown(value)})")
+        if abs(value) >= 10**MAX_ID_DIGITS:
+            raise BadRow(f"{column} is a number of more than {MAX_ID_DIGITS} digits")
         return str(int(value))
     if isinstance(value, bytes | bytearray | memoryview):
         try:
@@ -91,10 +109,12 @@ def to_count(value: Any, column: str) -> int | None:
             raise BadRow(f"{column} is not a number ({value!r})") from exc
     else:
         raise BadRow(f"{column} has an unexpected type ({type(value).__name__})")
+    if number > MAX_COUNT:  # first: the number itself may be too long to print
+        raise BadRow(f"{column} is larger than any tour (more than {MAX_COUNT})")
+    if number < -MAX_COUNT:
+        raise BadRow(f"{column} is negative (less than -{MAX_COUNT})")
     if number < 0:
         raise BadRow(f"{column} is negative ({number})")
-    if number > MAX_COUNT:
-        raise BadRow(f"{column} is larger than any tour ({number} > {MAX_COUNT})")
     return number
 
 
@@ -108,9 +128,9 @@ def derive_status(
     (OCTO's "less than 50% remaining"); anything else is AVAILABLE.
     """
     if status is not None:
-        chosen = _STATUS_BY_NAME.get(str(status).strip().upper())
+        chosen = _STATUS_BY_NAME.get(status.strip().upper()) if isinstance(status, str) else None
         if chosen is None:
-            raise BadRow(f"status {status!r} is not one of {', '.join(STATUSES)}")
+            raise BadRow(f"status {_shown(status)} is not one of {', '.join(STATUSES)}")
         if chosen == "FREESALE":
             return chosen, None
         _check_within_capacity(vacancies, capacity)
@@ -207,6 +227,8 @@ def _offset_text(offset: timedelta) -> str:
 
 
 def _canonical(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4096:
+        return hex(value)  # json.dumps cannot print an integer of more than 4,300 digits
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -241,11 +263,14 @@ START_CACHE = 65_536
 start times than slots (every option of a venue shares its 15-minute grid)."""
 
 
-def _convert_start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
-    """local_date_time_start as sent (see format_local) and as a UTC instant."""
+def _convert_start(value: Any, tz: ZoneInfo, _fold: int = 0) -> tuple[str, datetime]:
+    """local_date_time_start as sent (see format_local) and as a UTC instant: the instant of
+    the sent text, so that a sub-minute offset or a fraction of a second dropped from the text
+    is dropped from the instant too (`_fold` keeps the two readings of a repeated hour apart in
+    the cache: datetimes equal as values may be different instants)."""
     try:
-        start = parse_start(value, tz)
-        return format_local(start), start.astimezone(UTC)
+        text = format_local(parse_start(value, tz))
+        return text, datetime.fromisoformat(text).astimezone(UTC)
     except OverflowError:
         # Python's datetimes span years 1 to 9999: 0001-01-01 00:30 east of UTC, or
         # 9999-12-31 23:30 west of it, has no UTC instant.
@@ -259,8 +284,10 @@ _cached_start = functools.lru_cache(maxsize=START_CACHE)(_convert_start)
 
 
 def _start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
+    if isinstance(value, bytearray | memoryview):
+        value = bytes(value)  # a writable buffer cannot be a cache key
     try:
-        return _cached_start(value, tz)
+        return _cached_start(value, tz, getattr(value, "fold", 0))
     except TypeError:  # a driver value that cannot be hashed: converted every time
         return _convert_start(value, tz)
 

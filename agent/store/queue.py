@@ -266,27 +266,34 @@ class Queue:
         wire after a newer one was decided); returns their ids."""
         if not messages:
             return set()
+        with self.connector.write() as conn:
+            return self._replaced(conn, messages)
+
+    @staticmethod
+    def _replaced(conn: sa.Connection, messages: Sequence[OutboxMessage]) -> set[int]:
+        """Delete those of these held messages that a newer waiting message for the same key
+        replaced; returns their ids. A failed or unsent message goes back to waiting only when
+        nothing newer waits: a slot has one waiting message, and one trigger waits."""
         o = t.outbox.c
         newer = t.outbox.alias("newer")
         held = sa.and_(
             o.id.in_([m.id for m in messages]),
             o.lease_token.in_({m.lease_token for m in messages}),
         )
-        with self.connector.write() as conn:
-            stale = set(
-                conn.execute(
-                    sa.select(o.id).where(
-                        held,
-                        sa.exists().where(
-                            newer.c.dedupe_key == o.dedupe_key,
-                            newer.c.state == t.PENDING,
-                            newer.c.id > o.id,
-                        ),
-                    )
-                ).scalars()
-            )
-            if stale:
-                conn.execute(sa.delete(t.outbox).where(held, o.id.in_(stale)))
+        stale = set(
+            conn.execute(
+                sa.select(o.id).where(
+                    held,
+                    sa.exists().where(
+                        newer.c.dedupe_key == o.dedupe_key,
+                        newer.c.state == t.PENDING,
+                        newer.c.id > o.id,
+                    ),
+                )
+            ).scalars()
+        )
+        if stale:
+            conn.execute(sa.delete(t.outbox).where(held, o.id.in_(stale)))
         return stale
 
     def complete(self, message: OutboxMessage) -> bool:
@@ -321,6 +328,7 @@ class Queue:
         o = t.outbox.c
         return self._update_held(
             message,
+            waiting=True,
             attempts=o.attempts + (1 if count_attempt else 0),
             available_ms=to_epoch_ms(at),
             last_error=error,
@@ -334,6 +342,7 @@ class Queue:
         o = t.outbox.c
         return self._update_held(
             message,
+            waiting=False,
             state=t.DEAD,
             updated_ms=to_epoch_ms(at),
             attempts=o.attempts + 1,
@@ -343,7 +352,7 @@ class Queue:
 
     def release(self, message: OutboxMessage, *, at: datetime) -> bool:
         """Give back a claimed message that was not sent (shutdown, pause, open breaker)."""
-        return self._update_held(message, available_ms=to_epoch_ms(at))
+        return self._update_held(message, waiting=True, available_ms=to_epoch_ms(at))
 
     def release_many(self, messages: Sequence[OutboxMessage], *, at: datetime) -> int:
         """`release` for several messages in one statement; returns how many were held."""
@@ -351,14 +360,18 @@ class Queue:
             return 0
         o = t.outbox.c
         with self.connector.write() as conn:
-            return int(
+            gone = self._replaced(conn, messages)
+            rest = [m for m in messages if m.id not in gone]
+            if not rest:
+                return len(gone)
+            return len(gone) + int(
                 conn.execute(
                     sa.update(t.outbox)
                     .where(
                         o.id == sa.bindparam("message_id"), o.lease_token == sa.bindparam("token")
                     )
                     .values(available_ms=to_epoch_ms(at), lease_token=None, leased_until_ms=None),
-                    [{"message_id": m.id, "token": m.lease_token} for m in messages],
+                    [{"message_id": m.id, "token": m.lease_token} for m in rest],
                 ).rowcount
             )
 
@@ -366,10 +379,13 @@ class Queue:
         """Drop a message that no longer needs sending (its slot has already started)."""
         return self.complete(message)
 
-    def _update_held(self, message: OutboxMessage, **values: object) -> bool:
-        """Change a message this process still holds, and give its lease up."""
+    def _update_held(self, message: OutboxMessage, *, waiting: bool, **values: object) -> bool:
+        """Change a message this process still holds, and give its lease up; one that goes
+        back to `waiting` is deleted instead when a newer one for its key waits already."""
         o = t.outbox.c
         with self.connector.write() as conn:
+            if waiting and self._replaced(conn, [message]):
+                return True
             return bool(
                 conn.execute(
                     sa.update(t.outbox)

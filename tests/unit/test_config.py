@@ -494,7 +494,7 @@ def test_plain_http_is_only_accepted_for_loopback(
         assert load_config(path).settings.seyaha.base_url == base_url
     else:
         (found,) = problems_of(path)
-        assert found.startswith(f"[seyaha] base_url: {base_url} would send the webhook secret")
+        assert found.startswith(f"[seyaha] base_url: {base_url!r} would send the webhook secret")
 
 
 @pytest.mark.parametrize(
