@@ -298,6 +298,8 @@ class Deliverer:
     def _share(self, rest: list[OutboxMessage], lost: set[int]) -> None:
         """Give back the part of a batch that the recent answer time says this worker will
         not reach soon, so that idle workers take it (answers slowed down after the claim)."""
+        if self.pause is not None:
+            return  # the batch stops at the next message and gives the rest back anyway
         keep = self.claim_size()
         waiting = [m for m in rest if m.id not in lost]
         if len(waiting) <= keep:
@@ -438,9 +440,8 @@ class Deliverer:
     ) -> None:
         self.tally.note_problem(outcome.reason)
         self.breaker.neutral()
-        self.store.queue.retry_later(
-            message, at=now, error=outcome.reason, status=response.status, count_attempt=False
-        )
+        # The pause first: once the message is due again, an idle worker could otherwise
+        # claim and send it before it hears of the pause (a second refused call).
         with self._lock:
             first = self.pause is None
             self.pause = Pause(
@@ -448,6 +449,9 @@ class Deliverer:
                 since=self.pause.since if self.pause else now,
                 probe_at=now + timedelta(seconds=self.probe_interval_s),
             )
+        self.store.queue.retry_later(
+            message, at=now, error=outcome.reason, status=response.status, count_attempt=False
+        )
         self.metrics.paused.set(1)
         if first:
             self.store.coordination.set_status("pause", f"{now.isoformat()} {outcome.reason}")

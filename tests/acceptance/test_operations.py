@@ -307,7 +307,7 @@ def test_plain_http_to_a_remote_host_is_refused(setup: Setup) -> None:
     )
     assert result.returncode == 2
     assert (
-        "[seyaha] base_url: http://api.seyaha.example would send the webhook secret in clear"
+        "[seyaha] base_url: 'http://api.seyaha.example' would send the webhook secret in clear"
         in result.stderr
     )
 
