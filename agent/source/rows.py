@@ -62,8 +62,23 @@ def _is_whole(value: Decimal | float) -> bool:
     return math.isfinite(value) and value % 1 == 0
 
 
+_NUMBERS = (Decimal, float)
+_BUFFERS = (bytes, bytearray, memoryview)
+_PLAIN = (bool, int, str)
+_MOMENTS = (datetime, date, time)
+"""isinstance() tuples built once: `A | B` in a call builds a new union on every row."""
+
+
 def to_id(value: Any, column: str) -> str:
     """Ids may come back as integers or strings; Seyaha always gets strings."""
+    kind = type(value)
+    if kind is str:
+        text: str = value.strip()
+        if text:
+            return text
+        raise BadRow(f"{column} is empty")
+    if kind is int and value.bit_length() <= MAX_ID_BITS:
+        return str(value)
     if value is None:
         raise BadRow(f"{column} is NULL")
     if isinstance(value, bool):
@@ -72,13 +87,13 @@ def to_id(value: Any, column: str) -> str:
         if value.bit_length() > MAX_ID_BITS:
             raise BadRow(f"{column} is a number of more than {MAX_ID_DIGITS} digits")
         return str(value)
-    if isinstance(value, Decimal | float):
+    if isinstance(value, _NUMBERS):
         if not _is_whole(value):
             raise BadRow(f"{column} is not a whole number ({_shown(value)})")
         if abs(value) >= 10**MAX_ID_DIGITS:
             raise BadRow(f"{column} is a number of more than {MAX_ID_DIGITS} digits")
         return str(int(value))
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, _BUFFERS):
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -96,9 +111,11 @@ def to_count(value: Any, column: str) -> int | None:
     if isinstance(value, bool):
         raise BadRow(f"{column} is a boolean ({value!r}), not a count")
     number: int
+    if type(value) is int and 0 <= value <= MAX_COUNT:
+        return value  # the usual case
     if isinstance(value, int):
         number = value
-    elif isinstance(value, Decimal | float):
+    elif isinstance(value, _NUMBERS):
         if not _is_whole(value):
             raise BadRow(f"{column} is not a whole number ({value!r})")
         number = int(value)
@@ -109,13 +126,13 @@ def to_count(value: Any, column: str) -> int | None:
             raise BadRow(f"{column} is not a number ({value!r})") from exc
     else:
         raise BadRow(f"{column} has an unexpected type ({type(value).__name__})")
+    if 0 <= number <= MAX_COUNT:
+        return number
     if number > MAX_COUNT:  # first: the number itself may be too long to print
         raise BadRow(f"{column} is larger than any tour (more than {MAX_COUNT})")
     if number < -MAX_COUNT:
         raise BadRow(f"{column} is negative (less than -{MAX_COUNT})")
-    if number < 0:
-        raise BadRow(f"{column} is negative ({number})")
-    return number
+    raise BadRow(f"{column} is negative ({number})")
 
 
 def derive_status(
@@ -133,11 +150,13 @@ def derive_status(
             raise BadRow(f"status {_shown(status)} is not one of {', '.join(STATUSES)}")
         if chosen == "FREESALE":
             return chosen, None
-        _check_within_capacity(vacancies, capacity)
+        if vacancies is not None and capacity is not None and vacancies > capacity:
+            raise _over_capacity(vacancies, capacity)
         return chosen, vacancies
-    _check_within_capacity(vacancies, capacity)
     if capacity is None:
         return "FREESALE", None
+    if vacancies is not None and vacancies > capacity:
+        raise _over_capacity(vacancies, capacity)
     if vacancies is None:
         raise BadRow(
             f"vacancies is NULL while capacity is {capacity}: the status cannot be derived"
@@ -149,11 +168,10 @@ def derive_status(
     return "AVAILABLE", vacancies
 
 
-def _check_within_capacity(vacancies: int | None, capacity: int | None) -> None:
+def _over_capacity(vacancies: int, capacity: int) -> BadRow:
     # Skipped, not clamped: a clamped count is a number the supplier never wrote, while a
     # skipped row keeps Seyaha on the last state that made sense and names the row loudly.
-    if vacancies is not None and capacity is not None and vacancies > capacity:
-        raise BadRow(f"vacancies ({vacancies}) exceed capacity ({capacity})")
+    return BadRow(f"vacancies ({vacancies}) exceed capacity ({capacity})")
 
 
 def localize(naive: datetime, tz: ZoneInfo) -> datetime:
@@ -190,7 +208,7 @@ def parse_start(value: Any, tz: ZoneInfo) -> datetime:
         return localize(value, tz)
     if isinstance(value, date):
         return localize(datetime.combine(value, time()), tz)
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, _BUFFERS):
         value = bytes(value).decode("utf-8", "replace")
     if isinstance(value, str):
         text = value.strip()
@@ -229,15 +247,15 @@ def _offset_text(offset: timedelta) -> str:
 def _canonical(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4096:
         return hex(value)  # json.dumps cannot print an integer of more than 4,300 digits
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, _PLAIN):
         return value
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, Decimal):
         return str(value)
-    if isinstance(value, datetime | date | time):
+    if isinstance(value, _MOMENTS):
         return value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, _BUFFERS):
         return bytes(value).hex()
     return str(value)
 
@@ -284,11 +302,13 @@ _cached_start = functools.lru_cache(maxsize=START_CACHE)(_convert_start)
 
 
 def _start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
-    if isinstance(value, bytearray | memoryview):
-        value = bytes(value)  # a writable buffer cannot be a cache key
     try:
-        return _cached_start(value, tz, getattr(value, "fold", 0))
-    except TypeError:  # a driver value that cannot be hashed: converted every time
+        return _cached_start(value, tz, value.fold if type(value) is datetime else 0)
+    except TypeError:
+        # A value that cannot be a cache key: a writable buffer is cached by its bytes,
+        # anything else unhashable is converted every time.
+        if isinstance(value, (bytearray, memoryview)):
+            return _cached_start(bytes(value), tz, 0)
         return _convert_start(value, tz)
 
 

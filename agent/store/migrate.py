@@ -20,12 +20,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.clock import Clock, SystemClock
@@ -33,7 +30,18 @@ from agent.dialects import Dialect, FileLock, dialect_of
 from agent.errors import StateError, first_line
 from agent.logs import event
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+# Alembic is imported only when a store is not at HEAD (or for `migrate`): an agent starting
+# on an up-to-date store does not pay for it in memory or start time.
+
 log = logging.getLogger("agent.state")
+
+HEAD = 2
+"""The newest schema version (the last migration in migrations/versions; a test checks the
+two agree)."""
 
 VERSION_TABLE = "seyaha_schema_version"
 """Alembic's version table in the state store."""
@@ -77,10 +85,14 @@ class Plan:
 
 
 def _script() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config(None))
 
 
 def _alembic_config(connection: sa.Connection | None) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -108,6 +120,8 @@ class Migrator:
             return self._plan(conn)
 
     def _plan(self, conn: sa.Connection) -> Plan:
+        from alembic.runtime.migration import MigrationContext
+
         script = _script()
         head = head_version()
         inspector = sa.inspect(conn)
@@ -152,6 +166,20 @@ class Migrator:
             backup = database.with_name(f"{database.name}.schema-{current}.bak")
         return Plan(current, head, steps, stamp_legacy, backup)
 
+    def _at_head(self) -> bool:
+        """Whether the store is already at HEAD: the usual start, answered without Alembic
+        or the migration lock (anything else goes the long way, under the lock)."""
+        version = sa.table(VERSION_TABLE, sa.column("version_num", sa.String))
+        with self.engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            if not (inspector.has_table(VERSION_TABLE) and inspector.has_table("seyaha_meta")):
+                return False
+            revisions = conn.execute(sa.select(version.c.version_num)).scalars().all()
+            recorded = conn.execute(
+                sa.select(_META.c.value).where(_META.c.key == "schema_version")
+            ).scalar()
+        return revisions == [f"{HEAD:04d}"] and recorded == str(HEAD)
+
     def _newer(self, found: str, head: int) -> StateError:
         found = str(int(found)) if found.isdigit() else repr(found)
         return StateError(
@@ -170,6 +198,8 @@ class Migrator:
         try:
             if dry_run:
                 return self.plan()
+            if self._at_head():
+                return Plan(HEAD, HEAD, ())
             with self.engine.connect() as conn, self._locked(conn):
                 # One transaction reads the version and applies the steps (SQLite takes its
                 # write lock up front; MySQL commits each DDL statement by itself).
@@ -195,6 +225,8 @@ class Migrator:
                 f"{plan.current if plan.current is not None else '(new)'} to {plan.head}"
                 + (f"; a copy of it is kept at {plan.backup}" if plan.backup else ""),
             )
+        from alembic import command
+
         config = _alembic_config(conn)
         if plan.stamp_legacy:
             command.stamp(config, f"{plan.current:04d}")

@@ -33,7 +33,7 @@ from agent.model import StoredSlot, request_body
 from agent.sandbox import Sandbox
 from agent.store import OutboxEntry, StateStore
 from agent.store.coordination import SCANNER
-from agent.store.migrate import LOCK_NAME, Migrator, Plan, Step
+from agent.store.migrate import HEAD, LOCK_NAME, Migrator, Plan, Step, head_version
 from tests.integration.inventory import (
     BACKEND_PARAMS,
     ZONE,
@@ -549,6 +549,27 @@ def test_opening_an_upgraded_store_again_changes_nothing(
         assert sorted(p.name for p in written.file.parent.glob("*.bak")) == [
             f"{written.file.name}.schema-1.bak"
         ]
+
+
+def test_head_is_the_last_migration_in_the_folder() -> None:
+    # HEAD lets a start on an up-to-date store skip Alembic; a new migration must move it.
+    assert head_version() == HEAD
+
+
+def test_a_start_on_an_up_to_date_store_does_not_load_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    StateStore.from_url(url).open()  # created at HEAD (Alembic runs here, in this process)
+    probe = (
+        "import sys\n"
+        "from agent.store import StateStore\n"
+        f"plan = StateStore.from_url({url!r}).open()\n"
+        "print(plan.current, plan.head, len(plan.steps), 'alembic' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(HEAD), str(HEAD), "0", "False"]
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
