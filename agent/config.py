@@ -42,7 +42,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from agent.errors import ConfigError, first_line
+from agent.errors import ConfigError, first_line, shown_path
 
 SECRET_ENV = "SEYAHA_WEBHOOK_SECRET"
 ENV_PREFIX = "SEYAHA_AGENT_"
@@ -492,10 +492,10 @@ def read_secret(settings: AgentSettings, environ: Mapping[str, str] | None = Non
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(
-            [f"[seyaha] webhook_secret_file: cannot read {secret_file} ({why})"]
+            [f"[seyaha] webhook_secret_file: cannot read {shown_path(secret_file)} ({why})"]
         ) from None
     if not value:
-        raise ConfigError([f"[seyaha] webhook_secret_file: {secret_file} is empty"])
+        raise ConfigError([f"[seyaha] webhook_secret_file: {shown_path(secret_file)} is empty"])
     return _usable_secret(value, "[seyaha] webhook_secret_file")
 
 
@@ -530,7 +530,7 @@ def secret_warnings(secret: Secret, secret_file: Path | None = None) -> list[str
             mode = secret_file.stat().st_mode
             if mode & 0o077:
                 doubts.append(
-                    f"[seyaha] webhook_secret_file: {secret_file} can be read by other users "
+                    f"[seyaha] webhook_secret_file: {shown_path(secret_file)} can be read by other users "
                     f"(mode {stat.S_IMODE(mode):o}); run chmod 600 on it"
                 )
     return doubts

@@ -36,3 +36,10 @@ def first_line(exc: BaseException) -> str:
     original = getattr(exc, "orig", None) or exc
     text = str(original).strip()
     return text.splitlines()[0] if text else type(original).__name__
+
+
+def shown_path(path: object) -> str:
+    """A file name for a one-line message: as it is, or quoted with escapes when it holds a
+    line break or another control character."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)

@@ -303,13 +303,14 @@ _cached_start = functools.lru_cache(maxsize=START_CACHE)(_convert_start)
 
 def _start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
     try:
-        return _cached_start(value, tz, value.fold if type(value) is datetime else 0)
-    except TypeError:
-        # A value that cannot be a cache key: a writable buffer is cached by its bytes,
-        # anything else unhashable is converted every time.
+        hash(value)
+    except (TypeError, ValueError):  # ValueError: "cannot hash writable memoryview"
+        # Not a cache key: a buffer is cached by its bytes, anything else converted each time.
         if isinstance(value, (bytearray, memoryview)):
-            return _cached_start(bytes(value), tz, 0)
-        return _convert_start(value, tz)
+            value = bytes(value)
+        else:
+            return _convert_start(value, tz)
+    return _cached_start(value, tz, value.fold if type(value) is datetime else 0)
 
 
 def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:

@@ -292,6 +292,8 @@ def valid_with(section: str, key: str, value: Any) -> dict[str, Any]:
 @example(document=valid_with("state", "url", "sqlite:///sta\x00te.db"))
 # ... and from read_text() in read_secret, which catches OSError and UnicodeDecodeError only.
 @example(document=valid_with("seyaha", "webhook_secret_file", "/sec\x00ret.txt"))
+# A line break in a secret file's name, repeated in "cannot read ..." without quotes.
+@example(document=valid_with("seyaha", "webhook_secret_file", "\nsecret.txt"))
 def test_any_toml_document_loads_or_every_problem_is_one_line_naming_a_key(
     folder: Path, document: dict[str, Any]
 ) -> None:
