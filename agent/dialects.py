@@ -11,15 +11,20 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 """How long a SQLite writer waits for another writer before failing (milliseconds)."""
+
+NO_WAIT_MS = 1
+"""PostgreSQL's lock_timeout for a write that must not wait (milliseconds; 0 means never)."""
 
 CONNECT_TIMEOUT_S = 10
 """Seconds to wait for a network database to accept a connection: a dead host fails fast."""
@@ -111,6 +116,17 @@ class Dialect:
             batch = ordered[start : start + LOOKUP_BATCH]
             yield from conn.execute(sa.select(*columns).where(sa.tuple_(*key).in_(batch)))
 
+    @contextmanager
+    def without_waiting(self, conn: sa.Connection) -> Iterator[None]:
+        """A write transaction on `conn` that fails at once (see is_busy) instead of waiting
+        for a lock another transaction holds; the connection waits again afterwards."""
+        with conn.begin():
+            yield
+
+    def is_busy(self, exc: DBAPIError) -> bool:
+        """Whether `exc` says a lock was held by another transaction (see without_waiting)."""
+        return False
+
     def try_lock(self, conn: sa.Connection, name: str) -> bool:
         """Take the advisory lock `name` for this connection's session, without waiting."""
         raise NotImplementedError
@@ -165,6 +181,25 @@ class SqliteDialect(Dialect):
 
     def skip_locked(self, query: sa.Select[Any], of: sa.Table) -> sa.Select[Any]:
         return query
+
+    @contextmanager
+    def without_waiting(self, conn: sa.Connection) -> Iterator[None]:
+        # On the driver's connection, outside any transaction: through `conn` the PRAGMA
+        # would begin the transaction (with the busy timeout still set).
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        raw.execute("PRAGMA busy_timeout = 0")
+        try:
+            with conn.begin():
+                yield
+        finally:
+            with suppress(Exception):
+                raw.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+    def is_busy(self, exc: DBAPIError) -> bool:
+        # SQLITE_BUSY; SQLite says "database is locked" (a table lock says "... table is
+        # locked", which is SQLITE_LOCKED and not a wait).
+        return "database is locked" in str(exc.orig)
 
     def lookup(
         self,
@@ -223,6 +258,16 @@ class PostgresDialect(Dialect):
     def unlock(self, conn: sa.Connection, name: str) -> None:
         conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:name))"), {"name": name})
 
+    @contextmanager
+    def without_waiting(self, conn: sa.Connection) -> Iterator[None]:
+        with conn.begin():
+            # SET LOCAL ends with the transaction; 0 would mean "wait forever".
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {NO_WAIT_MS}")
+            yield
+
+    def is_busy(self, exc: DBAPIError) -> bool:
+        return getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
+
 
 class MysqlDialect(Dialect):
     name = "mysql"
@@ -258,6 +303,28 @@ class MysqlDialect(Dialect):
 
     def unlock(self, conn: sa.Connection, name: str) -> None:
         conn.execute(sa.text("SELECT RELEASE_LOCK(CONCAT(:name, ':', DATABASE()))"), {"name": name})
+
+    @contextmanager
+    def without_waiting(self, conn: sa.Connection) -> Iterator[None]:
+        # Whole seconds only: MySQL's shortest row-lock wait is 1 s.
+        # (SET SESSION is not undone by a rollback: it is set back by hand.)
+        previous: Any = None
+        try:
+            with conn.begin():
+                previous = conn.exec_driver_sql(
+                    "SELECT @@SESSION.innodb_lock_wait_timeout"
+                ).scalar()
+                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+                yield
+        finally:
+            if previous is not None:
+                with suppress(DBAPIError):
+                    conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {int(previous)}")
+                    conn.commit()
+
+    def is_busy(self, exc: DBAPIError) -> bool:
+        args: tuple[Any, ...] = tuple(getattr(exc.orig, "args", ()))
+        return len(args) > 0 and args[0] == 1205  # ER_LOCK_WAIT_TIMEOUT
 
 
 def dialect_for_backend(backend: str) -> Dialect:

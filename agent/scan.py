@@ -26,13 +26,17 @@ from agent.plan import plan
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
 from agent.source.recent import RecentRows
-from agent.store import StateStore
+from agent.store import StateStore, StoreBusy
 
 log = logging.getLogger("agent.scan")
 
 SKIPPED_MEMORY = 10_000
 """Skipped rows remembered between scans, so a bad row is logged once, not on every poll."""
 
+
+HELD_CHUNKS = 10
+"""Chunks a full scan holds in memory while the state store is locked by another process
+(about 5 MB per chunk of changed slots); past it the scan gives up rather than grow."""
 
 COMMIT_CHUNK = 5000
 """Slot changes written per state transaction during a full scan: memory stays bounded
@@ -132,12 +136,13 @@ class Scanner:
                     in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
                     include_unchanged=resync,
                 )
-                first = True
+                held = _Held(self, report, resync)
                 for chunk in _chunks(changes, COMMIT_CHUNK):
-                    self._commit_chunk(report, chunk, first=first, resync=resync)
-                    first = False
-                if first:
-                    self._commit_chunk(report, [], first=True, resync=resync)
+                    held.add(chunk)
+                if not held.chunks and not held.committed:
+                    held.add([])  # the catalog's changes, or at least the scan's time
+        # The supplier's database is no longer read: now the store may be waited for.
+        held.flush(wait=True)
         cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}
         self.store.commit_scan(
             CatalogDiff(),
@@ -154,7 +159,13 @@ class Scanner:
         return report
 
     def _commit_chunk(
-        self, report: ScanReport, chunk: list[SlotChange], *, first: bool, resync: bool
+        self,
+        report: ScanReport,
+        chunk: list[SlotChange],
+        *,
+        first: bool,
+        resync: bool,
+        wait: bool = True,
     ) -> None:
         slots = collect_changes(chunk)
         backfill = [
@@ -168,7 +179,12 @@ class Scanner:
             if not first:
                 messages = [m for m in messages if m.kind != "trigger"]
         enqueued = self.store.commit_scan(
-            catalog if first else CatalogDiff(), slots, messages, report.at, scanner=self.fence
+            catalog if first else CatalogDiff(),
+            slots,
+            messages,
+            report.at,
+            scanner=self.fence,
+            wait=wait,
         )
         report.count(slots, messages, enqueued)
 
@@ -300,6 +316,53 @@ class Scanner:
                 scan=report.kind,
                 duration_ms=round(report.duration_s * 1000, 1),
             )
+
+
+@dataclass
+class _Held:
+    """A full scan's chunks not yet recorded, oldest first.
+
+    While the scan reads the supplier's database, a chunk is written only if the state store
+    is free at that instant (StateStore.commit_scan(wait=False)): waiting there would keep
+    the source's read transaction, and on SQLite its lock, open for as long as another
+    process holds our store, and the supplier's own writes would fail ("database is
+    locked"). A chunk that cannot be written is held, in order (the first carries the
+    trigger), and retried at the next chunk; what is still held when the read ends is written
+    then, waiting as long as it takes. Holding is bounded (HELD_CHUNKS): past it the scan
+    gives up, and the next one starts again from what was recorded.
+    """
+
+    scanner: Scanner
+    report: ScanReport
+    resync: bool
+    chunks: list[list[SlotChange]] = field(default_factory=list)
+    committed: int = 0
+
+    def add(self, chunk: list[SlotChange]) -> None:
+        self.chunks.append(chunk)
+        self.flush(wait=False)
+        if len(self.chunks) > HELD_CHUNKS:
+            raise StoreBusy(
+                f"the state store stayed locked by another process while this scan read "
+                f"{len(self.chunks) * COMMIT_CHUNK:,} changed slots; the scan stops here "
+                "(what it recorded so far is kept) and the next one goes on. Look for a "
+                "long transaction on the state store (an `outbox purge`, a backup, a shell)."
+            )
+
+    def flush(self, *, wait: bool) -> None:
+        while self.chunks:
+            try:
+                self.scanner._commit_chunk(
+                    self.report,
+                    self.chunks[0],
+                    first=self.committed == 0,
+                    resync=self.resync,
+                    wait=wait,
+                )
+            except StoreBusy:
+                return
+            self.chunks.pop(0)
+            self.committed += 1
 
 
 def _chunks(items: Iterable[SlotChange], size: int) -> Iterator[list[SlotChange]]:

@@ -2,6 +2,6 @@
 the leases agents share, and the schema's versions."""
 
 from agent.store.admin import OutboxEntry, OutboxStats
-from agent.store.store import LeaseLost, StateStore
+from agent.store.store import LeaseLost, StateStore, StoreBusy
 
-__all__ = ["LeaseLost", "OutboxEntry", "OutboxStats", "StateStore"]
+__all__ = ["LeaseLost", "OutboxEntry", "OutboxStats", "StateStore", "StoreBusy"]

@@ -6,8 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 
 from agent.dialects import Dialect, dialect_of
+from agent.errors import StateError
+
+
+class StoreBusy(StateError):
+    """A write that must not wait found the store locked by another transaction."""
 
 
 class Connector:
@@ -22,6 +28,24 @@ class Connector:
             conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield conn
+
+    @contextmanager
+    def write_now(self) -> Iterator[sa.Connection]:
+        """A write transaction that raises StoreBusy at once, instead of waiting, when another
+        transaction holds what it needs (the scan writes this way while it still reads the
+        supplier's database, see scan.Scanner.scan)."""
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+                with self.dialect.without_waiting(conn):
+                    yield conn
+        except DBAPIError as exc:
+            if self.dialect.is_busy(exc):
+                raise StoreBusy(
+                    "the state store is locked by another transaction; the write waits "
+                    "until the supplier's database is no longer read"
+                ) from None
+            raise
 
     @contextmanager
     def read(self) -> Iterator[sa.Connection]:

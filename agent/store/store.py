@@ -27,11 +27,13 @@ from agent.errors import StateError, first_line
 from agent.model import CatalogDiff, Message, SlotDiff
 from agent.store.admin import Admin
 from agent.store.clock import StoreClock
-from agent.store.connector import Connector
+from agent.store.connector import Connector, StoreBusy
 from agent.store.coordination import SCANNER, Coordination
 from agent.store.fingerprints import Fingerprints
 from agent.store.migrate import Migrator, Plan
 from agent.store.queue import Queue
+
+__all__ = ["LeaseLost", "StateStore", "StoreBusy"]
 
 
 class LeaseLost(StateError):
@@ -117,16 +119,18 @@ class StateStore:
         baseline: bool = False,
         cursors: Mapping[str, str] | None = None,
         scanner: str | None = None,
+        wait: bool = True,
     ) -> int:
         """Record the new fingerprints and enqueue `messages`, all or nothing.
 
         `baseline` marks the state as baselined; `cursors` saves change cursors by name;
         `scanner` (on a shared store) is the agent that must still hold the scanner lease,
-        or LeaseLost is raised and nothing is written. Returns how many outbox rows were
-        added or refreshed.
+        or LeaseLost is raised and nothing is written; without `wait`, StoreBusy is raised
+        at once when another transaction holds the store. Returns how many outbox rows
+        were added or refreshed.
         """
         now_ms = to_epoch_ms(now)
-        with self.connector.write() as conn:
+        with self.connector.write() if wait else self.connector.write_now() as conn:
             if scanner is not None and not self.coordination.holds(conn, SCANNER, scanner):
                 raise LeaseLost(
                     "another agent took the scanner lease while this one was scanning; its "
