@@ -43,3 +43,11 @@ def shown_path(path: object) -> str:
     line break or another control character."""
     text = str(path)
     return text if text.isprintable() else repr(text)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE the database gave for `exc` (a SQLAlchemy error or the driver's own), or
+    None when there is none (the connection failed before the server answered)."""
+    original = getattr(exc, "orig", None) or exc
+    state = getattr(original, "sqlstate", None)
+    return state if isinstance(state, str) else None
