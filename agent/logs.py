@@ -2,7 +2,9 @@
 
 Every record carries a stable event name (`scan.done`, `delivery.failed`, ...) and the keys
 of what it concerns (product, option, slot, message id), so that logs can be searched and
-alerted on without parsing prose.
+alerted on without parsing prose. Every line is one record: Python's warnings are logged
+like any other event, and the database pool's complaints about a dead connection it throws
+away are one line at DEBUG instead of an ERROR with a traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +12,37 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from agent.errors import first_line
+
 REDACTED = "***"
+
+POOL_CLEANUP_MESSAGES = (
+    "Exception during reset or similar",
+    "Exception closing connection",
+    "Exception terminating connection",
+    "Error closing cursor",
+)
+"""How SQLAlchemy's pool starts the ERROR it logs, with a traceback, when closing a cursor or
+resetting or closing a connection fails. After the server killed the connection (a restart,
+pg_terminate_backend, an idle timeout), or once a failed scan closed it, that is expected:
+the agent has already reported the failure that mattered (source.unavailable,
+state.unavailable) and the pool opens a new connection when it needs one."""
+
+DRIVER_ERROR = "Error"
+"""PEP 249's name for the base class of every driver's exceptions (psycopg.Error,
+pymysql.err.Error, sqlite3.Error): what a driver raises when the connection it is asked to
+reset or close is dead or already closed."""
+
+QUIET_LOGGERS = ("httpx", "httpcore", "apscheduler", "tzlocal")
+"""Libraries logged at WARNING and above only, whatever the agent's level. httpx and httpcore
+log request lines at INFO/DEBUG (they never carry our headers, and Seyaha's answers are
+logged by the agent itself); tzlocal, under apscheduler, logs files it read over several
+lines at DEBUG."""
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
@@ -92,23 +120,91 @@ class RedactingFormatter(logging.Formatter):
         return self.redaction.apply(self.inner.format(record))
 
 
+def _driver_error(exc: BaseException | None) -> bool:
+    return exc is not None and any(
+        cls.__name__ == DRIVER_ERROR and cls.__module__ != "builtins" for cls in type(exc).__mro__
+    )
+
+
+class DiscardedConnections(logging.Filter):
+    """Turns the pool's ERROR-with-traceback about a connection or cursor it could not reset
+    or close because the connection is dead (or closed already) into one DEBUG line
+    (`db.connection_discarded`), shown only when the agent logs at DEBUG. Any other failure
+    of the pool (not a driver's error) is left as it is: that one is not expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("sqlalchemy.pool") or not record.exc_info:
+            return True
+        if not isinstance(record.msg, str) or not record.msg.startswith(POOL_CLEANUP_MESSAGES):
+            return True
+        exc = record.exc_info[1]
+        if not _driver_error(exc):
+            return True
+        assert exc is not None
+        record.msg = (
+            f"{record.getMessage()}: {first_line(exc)} (the connection was dead or closed already)"
+        )
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        record.__dict__["event"] = "db.connection_discarded"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` for the agent: a warning is one log line (`python.warning`),
+    formatted, redacted and filtered like every other. Python's filters still decide which
+    warnings are shown at all."""
+    if file is not None:  # written to a file on purpose: as Python would
+        _python_showwarning(message, category, filename, lineno, file, line)
+        return
+    text = " ".join(str(message).split())
+    event(
+        logging.getLogger("py.warnings"),
+        logging.WARNING,
+        "python.warning",
+        f"{category.__name__}: {text}",
+        category=category.__name__,
+        location=f"{filename}:{lineno}",
+    )
+
+
+_python_showwarning = warnings.showwarning
+
+
 def setup_logging(
     *, level: str, fmt: str, redaction: Redaction, stream: TextIO | None = None
 ) -> logging.Handler:
-    """Install one handler on the root logger; returns it so the caller can adjust it."""
+    """Install one handler on the root logger; returns it so the caller can adjust it.
+
+    Python's warnings go to it too (see log_warning), and the pool's noise about dead
+    connections is folded (see DiscardedConnections).
+    """
+    global _python_showwarning
     out = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         RedactingFormatter(JsonFormatter() if use_json else TextFormatter(), redaction)
     )
+    handler.addFilter(DiscardedConnections())
+    if warnings.showwarning is not log_warning:
+        _python_showwarning = warnings.showwarning
+        warnings.showwarning = log_warning
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # httpx and httpcore log request lines at INFO/DEBUG; they never carry our headers, but
-    # keep them quiet unless asked, since Seyaha's answers are logged by the agent itself.
-    for noisy in ("httpx", "httpcore", "apscheduler"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     return handler
