@@ -476,45 +476,42 @@ def triggers(path: Path, action: str, out: TextIO | None = None) -> int:
                     f"{engine.dialect.name}, which the agent polls"
                 ]
             )
-        if action != "show" and not source.notify_tables:
-            raise ConfigError(
-                [
-                    "[source] notify_tables: name the tables whose changes should wake the agent, "
-                    'e.g. notify_tables = ["products", "options", "slots"]'
-                ]
-            )
         if action == "install":
-            statements = pg_triggers.install_sql(
-                engine, source.notify_tables, source.notify_channel
-            )
-        elif action == "uninstall":
-            statements = pg_triggers.uninstall_sql(engine, source.notify_tables)
-        else:
-            statements = pg_triggers.install_sql(
-                engine, source.notify_tables or ("<table>",), source.notify_channel
-            )
-            print("-- SQL that `triggers install` applies (a DBA may apply it instead):", file=out)
-            for statement in statements:
-                print(f"{statement};", file=out)
-            try:
-                found = pg_triggers.installed(engine)
-            except SQLAlchemyError as exc:
-                raise SourceUnavailable(
-                    f"cannot reach the source database at {redact_url(source.url)}: "
-                    f"{first_line(exc)}"
-                ) from None
-            print(f"-- installed now on: {', '.join(found) or 'no table'}", file=out)
+            if not source.notify_tables:
+                raise ConfigError(
+                    [
+                        "[source] notify_tables: name the tables whose changes should wake the "
+                        'agent, e.g. notify_tables = ["products", "options", "slots"]'
+                    ]
+                )
+            pg_triggers.install(engine, source.notify_tables, source.notify_channel)
+            print(f"triggers installed on: {', '.join(source.notify_tables)}", file=out)
             return 0
+        if action == "uninstall":
+            # The catalog says where the agent's triggers are: notify_tables may have changed
+            # since they were installed, or be empty by now.
+            done = pg_triggers.uninstall(engine, source.notify_tables, source.notify_channel)
+            for line in done.lines():
+                print(line, file=out)
+            if not done.complete:
+                raise AgentError(
+                    "triggers uninstall removed what the source user may remove; what is left "
+                    "is listed with the SQL a DBA can run"
+                )
+            return 0
+        statements = pg_triggers.install_sql(
+            engine, source.notify_tables or ("<table>",), source.notify_channel
+        )
+        print("-- SQL that `triggers install` applies (a DBA may apply it instead):", file=out)
+        for statement in statements:
+            print(f"{statement};", file=out)
         try:
-            pg_triggers.apply(engine, statements)
+            found = pg_triggers.installed(engine)
         except SQLAlchemyError as exc:
-            reason = first_line(exc)
-            raise AgentError(
-                f"triggers {action} failed: {reason} (the source user may lack the privilege; "
-                "`seyaha-agent triggers show` prints the SQL for a DBA)"
+            raise SourceUnavailable(
+                f"cannot reach the source database at {redact_url(source.url)}: {first_line(exc)}"
             ) from None
-        verb = "installed on" if action == "install" else "removed from"
-        print(f"triggers {verb}: {', '.join(source.notify_tables)}", file=out)
+        print(f"-- installed now on: {', '.join(found) or 'no table'}", file=out)
         return 0
     finally:
         engine.dispose()

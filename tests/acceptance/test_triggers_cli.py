@@ -153,9 +153,18 @@ def _wake_up_end_to_end(
 
             removed = cli("triggers", "uninstall", "--config", str(config))
             assert removed.returncode == 0, removed.stdout + removed.stderr
-            assert "triggers removed from: slots" in removed.stdout
+            assert removed.stdout.splitlines() == [
+                "triggers removed from: slots",
+                "function public.seyaha_agent_notify() removed",
+            ]
             after = cli("triggers", "show", "--config", str(config))
             assert "-- installed now on: no table" in after.stdout
+            again = cli("triggers", "uninstall", "--config", str(config))
+            assert again.returncode == 0, again.stdout + again.stderr
+            assert again.stdout.splitlines() == [
+                "no trigger removed: none of the agent's triggers is installed",
+                "slots: no agent trigger on it, nothing to remove",
+            ]
 
             # Without the trigger nothing wakes the daemon: the change waits for the poll.
             before = _scans(agent)
