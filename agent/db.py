@@ -5,6 +5,7 @@ Nothing connects here: SQLAlchemy engines connect lazily, on first use.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import sqlalchemy as sa
@@ -27,4 +28,25 @@ def create_engine(url: str, *, role: str) -> sa.Engine:
     kwargs, connect_args = dialect.engine_options(role)
     engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
     dialect.prepare(engine, role)
+    sa.event.listen(engine, "handle_error", _remember_cursor)
     return engine
+
+
+def _remember_cursor(context: sa.engine.ExceptionContext) -> None:
+    # SQLAlchemy leaves the driver's cursor to the garbage collector when the connection
+    # died under it: a server-side cursor (psycopg's) then warns, unprompted, from whatever
+    # thread collects it. It cannot be closed here (the driver still holds its connection's
+    # lock while it reports the failure): it is kept on the error, for close_dead_cursor.
+    error = context.sqlalchemy_exception
+    cursor = getattr(context.execution_context, "cursor", None)
+    if context.is_disconnect and cursor is not None and error is not None:
+        error.dead_cursor = cursor  # type: ignore[attr-defined]
+
+
+def close_dead_cursor(exc: BaseException) -> None:
+    """Close the cursor a lost connection left open (see _remember_cursor), once the driver
+    has let go of it: on a dead connection the driver closes it without a round trip."""
+    cursor = getattr(exc, "dead_cursor", None)
+    if cursor is not None:
+        with contextlib.suppress(Exception):
+            cursor.close()

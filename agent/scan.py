@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -129,18 +130,23 @@ class Scanner:
                 self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
             )
             with self.store.reading() as stored:
-                changes = iter_slot_changes(
-                    self.store.fingerprints.iter_slots(stored),
-                    self.reader.stream_slots(src, snapshot),
-                    now,
-                    in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
-                    include_unchanged=resync,
-                )
-                held = _Held(self, report, resync)
-                for chunk in _chunks(changes, COMMIT_CHUNK):
-                    held.add(chunk)
-                if not held.chunks and not held.committed:
-                    held.add([])  # the catalog's changes, or at least the scan's time
+                remembered = self.store.fingerprints.iter_slots(stored)
+                current = self.reader.stream_slots(src, snapshot)
+                # Closed here, on failure too, while their connections are still open: left
+                # to the garbage collector, they would close their cursors on closed ones.
+                with closing(remembered), closing(current):
+                    changes = iter_slot_changes(
+                        remembered,
+                        current,
+                        now,
+                        in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
+                        include_unchanged=resync,
+                    )
+                    held = _Held(self, report, resync)
+                    for chunk in _chunks(changes, COMMIT_CHUNK):
+                        held.add(chunk)
+                    if not held.chunks and not held.committed:
+                        held.add([])  # the catalog's changes, or at least the scan's time
         # The supplier's database is no longer read: now the store may be waited for.
         held.flush(wait=True)
         cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}

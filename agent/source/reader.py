@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from agent.db import redact_url
+from agent.db import close_dead_cursor, redact_url
 from agent.dialects import Dialect, dialect_of
 from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable, first_line
@@ -138,7 +138,9 @@ class SourceReader:
         """
         return conn.exec_driver_sql(self.dialect.clock_sql()).scalar()
 
-    def stream_slots(self, conn: sa.Connection, snapshot: Snapshot) -> Iterator[SourceSlot]:
+    def stream_slots(
+        self, conn: sa.Connection, snapshot: Snapshot
+    ) -> Generator[SourceSlot, None, None]:
         """Every slot, streamed through a server-side cursor in key order (see Dialect.ordered).
 
         Unreadable rows whose key is sound come through as (key, None); skipped rows are
@@ -285,6 +287,7 @@ class SourceReader:
             )
             result = conn.execution_options(**options).execute(sa.text(sql), dict(params or {}))
         except DBAPIError as exc:
+            close_dead_cursor(exc)
             if _timed_out(exc):
                 raise QueryError(
                     f"{name} was cancelled after {self.query_timeout_s:g} s "
@@ -320,6 +323,7 @@ class SourceReader:
             for row in rows_in:
                 yield dict(zip(keys, row, strict=True))
         except DBAPIError as exc:
+            close_dead_cursor(exc)
             if _timed_out(exc):
                 raise QueryError(
                     f"{name} was cancelled after {self.query_timeout_s:g} s "

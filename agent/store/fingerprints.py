@@ -3,7 +3,7 @@ cursors. Reads stand alone; writes join the scan's transaction (StateStore.commi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,7 +55,7 @@ class Fingerprints:
         with self.connector.read() as conn:
             return {s.key: s for s in map(_stored_slot, conn.execute(sa.select(*_SLOT_COLUMNS)))}
 
-    def iter_slots(self, conn: sa.Connection) -> Iterator[StoredSlot]:
+    def iter_slots(self, conn: sa.Connection) -> Generator[StoredSlot, None, None]:
         """Every stored slot in key order (code-point order), streamed in batches, within the
         read transaction `conn` (StateStore.reading)."""
         query = sa.select(*_SLOT_COLUMNS).order_by(*_SLOT_KEY)
