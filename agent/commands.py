@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,7 +39,7 @@ from agent.errors import AgentError, ConfigError, SourceUnavailable, first_line
 from agent.logs import Redaction, setup_logging
 from agent.scan import ScanReport
 from agent.source import cursor
-from agent.source.reader import SourceReader
+from agent.source.reader import Snapshot, SourceReader
 from agent.store import StateStore
 from agent.store.migrate import Migrator
 
@@ -218,6 +219,11 @@ def check(path: Path, out: TextIO | None = None) -> int:
         for row in sample.skipped:
             key = "/".join("NULL" if k is None else str(k) for k in (row.key or ()))
             report(False, f"{row.query}: row {key or '(no key)'} would be skipped: {row.reason}")
+        rows_read, seconds = _time_full_read(reader)
+        report(True, f"slots_query: a full read takes {seconds:.1f} s ({rows_read:,} rows)")
+        if not reader.incremental:
+            for line in full_read_advice(rows_read, seconds, source.poll_interval):
+                print(f"warning {line}", file=out)
     except AgentError as exc:
         report(False, str(exc))
     finally:
@@ -234,6 +240,41 @@ def check(path: Path, out: TextIO | None = None) -> int:
         store.close()
     print("all checks passed" if problems == 0 else f"{problems} problem(s) found", file=out)
     return 0 if problems == 0 else 1
+
+
+def _time_full_read(reader: SourceReader) -> tuple[int, float]:
+    """Rows of a full read of the slots query, converted as a scan converts them, and its
+    seconds: what every poll costs when there is no change query."""
+    started = time.perf_counter()
+    snapshot = Snapshot()
+    with reader.transaction() as conn:
+        for _ in reader.stream_slots(conn, snapshot):
+            pass
+    return snapshot.slot_rows_read, time.perf_counter() - started
+
+
+LARGE_READ_ROWS = 50_000
+"""Above this many slots, `check` recommends a change query whatever the read takes."""
+
+LARGE_READ_SHARE = 0.1
+"""A full read taking more than this share of poll_interval earns the same advice."""
+
+
+def full_read_advice(rows_read: int, seconds: float, poll_interval_s: float) -> list[str]:
+    """What `check` says of a configuration without slots_changed_query (pure)."""
+    if rows_read <= LARGE_READ_ROWS and seconds <= LARGE_READ_SHARE * poll_interval_s:
+        return []
+    share = min(1.0, seconds / poll_interval_s)
+    return [
+        f"[source] slots_changed_query is not set: every poll is a full read of "
+        f"{rows_read:,} rows ({seconds:.1f} s, about {share:.0%} of every "
+        f"{poll_interval_s:g} s poll_interval, in the agent and in your database), and a "
+        "booking waits for the next one",
+        "add a change query: your slots_query with one more condition on the column your "
+        "booking system stamps on every change, for example",
+        "    slots_changed_query = '''<your slots_query> AND s.updated_at >= :since'''",
+        "(AND or WHERE, whichever your query needs; see the README's Incremental polls)",
+    ]
 
 
 def migrate(path: Path, *, dry_run: bool, out: TextIO | None = None) -> int:

@@ -108,6 +108,8 @@ def test_check_reports_each_problem_with_its_key(setup: Setup) -> None:
     good = cli("check", "--config", str(setup.config))
     assert good.returncode == 0, good.stdout
     assert "all checks passed" in good.stdout
+    assert "slots_query: a full read takes " in good.stdout  # what a poll costs without a
+    assert "slots_changed_query is not set" not in good.stdout  # change query: little here
 
     typo = setup.folder / "typo.toml"
     typo.write_text(

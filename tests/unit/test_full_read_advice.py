@@ -1,0 +1,39 @@
+"""What `check` says about a configuration whose every poll is a full read (no change query)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.commands import LARGE_READ_ROWS, full_read_advice
+
+
+@pytest.mark.parametrize(
+    ("rows", "seconds", "poll_interval_s"),
+    [
+        (0, 0.0, 5.0),
+        (1_000, 0.05, 5.0),
+        (LARGE_READ_ROWS, 0.5, 5.0),  # at both limits: still quiet
+    ],
+)
+def test_a_small_quick_read_needs_no_change_query(
+    rows: int, seconds: float, poll_interval_s: float
+) -> None:
+    assert full_read_advice(rows, seconds, poll_interval_s) == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "seconds", "poll_interval_s", "share"),
+    [
+        (LARGE_READ_ROWS + 1, 0.2, 5.0, "4%"),  # many rows, even if read fast
+        (2_000, 1.0, 5.0, "20%"),  # few rows, but a slow read for the interval
+        (1_000_000, 13.0, 5.0, "100%"),  # a read longer than the interval: polls back to back
+    ],
+)
+def test_a_large_or_slow_read_names_the_key_its_cost_and_the_query_to_add(
+    rows: int, seconds: float, poll_interval_s: float, share: str
+) -> None:
+    advice = full_read_advice(rows, seconds, poll_interval_s)
+    assert advice[0].startswith("[source] slots_changed_query is not set")
+    assert f"{rows:,} rows ({seconds:.1f} s, about {share} of every" in advice[0]
+    assert any(":since" in line and "slots_changed_query = " in line for line in advice)
+    assert all("\n" not in line for line in advice)
