@@ -4,6 +4,7 @@ and the scheduler from a Config, and wires them into the daemon and the one-shot
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import socket
@@ -28,7 +29,14 @@ from agent.delivery.client import SeyahaClient
 from agent.delivery.flow import CircuitBreaker, RateLimit
 from agent.delivery.policy import RetryPolicy
 from agent.delivery.worker import Deliverer
-from agent.errors import AgentError, QueryError, SourceUnavailable, StateError, first_line
+from agent.errors import (
+    AgentError,
+    QueryError,
+    SourceUnavailable,
+    StateError,
+    first_line,
+    shown_path,
+)
 from agent.logs import event
 from agent.metrics import Metrics
 from agent.scan import Scanner, ScanReport
@@ -36,7 +44,8 @@ from agent.source.reader import SourceReader
 from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
 from agent.store import OutboxStats, StateStore
 from agent.store.coordination import SCANNER
-from agent.store.lock import StateFileLock
+from agent.store.identity import AlreadyReported, StateFileGuard, StateFileLost
+from agent.store.lock import LockRecord, StateFileLock, evidence_of_a_lost_store
 
 log = logging.getLogger("agent")
 
@@ -87,6 +96,7 @@ class Agent:
         registry: CollectorRegistry | None = None,
         metrics: Metrics | None = None,
         transport: httpx.BaseTransport | None = None,
+        on_state_lost: Callable[[StateFileLost], None] | None = None,
     ) -> None:
         s = config.settings
         self.config = config
@@ -143,6 +153,14 @@ class Agent:
             self.scanner.fence = self.identity
         database = self.store.dialect.file_database(self.store.engine.url)
         self._lock = StateFileLock(database) if database is not None else None
+        self._guard = (
+            StateFileGuard(database, self._state_file_lost) if database is not None else None
+        )
+        self.on_state_lost = on_state_lost
+        """Told once when the SQLite state file is lost under the agent (the daemon stops)."""
+        self._quiet_delivery = AlreadyReported()
+        self._resync_because: str | None = None
+        """Why the first full scan must resync: the store lost the baseline it had (see open)."""
         self._not_scanner_logged = False
         self._holds_scanner = False
         """Whether this agent held the scanner lease at its last attempt (shared stores)."""
@@ -161,17 +179,83 @@ class Agent:
 
     def open(self, *, exclusive: bool = True) -> None:
         """Open the state store; `exclusive` refuses to share a SQLite state file."""
-        if exclusive and self._lock is not None:
-            self._lock.acquire()
+        lock = self._lock if exclusive else None
+        previous = lock.acquire() if lock is not None else None
         self.store.open(clock=self.clock)
+        if lock is not None:
+            self._look_for_a_lost_store(lock, previous)
+        if self._guard is not None:
+            self._guard.watch(self.store.engine)
+            logging.getLogger("agent.delivery").addFilter(self._quiet_delivery)
+
+    def _look_for_a_lost_store(self, lock: StateFileLock, previous: LockRecord | None) -> None:
+        """A SQLite store without a baseline where one was recorded before (it was deleted,
+        emptied or replaced since) is resynced by the first full scan, not baselined: a
+        baseline would count every slot as told, and the changes made since the store was
+        lost would never reach Seyaha. A resync loses nothing and needs nobody."""
+        assert self._guard is not None  # a SQLite file, as the lock
+        database = self._guard.database
+        baselined = self.store.fingerprints.is_baselined()
+        evidence = evidence_of_a_lost_store(
+            baselined=baselined,
+            previous=previous,
+            lock_path=lock.path,
+            backups=sorted(database.parent.glob(glob.escape(database.name) + ".schema-*.bak")),
+        )
+        if evidence is not None:
+            self._resync_because = evidence
+            event(
+                log,
+                logging.WARNING,
+                "state.resync",
+                f"the state store {shown_path(database)} holds no baseline, but {evidence}: "
+                "it was lost, emptied or replaced since. The first scan resends every slot "
+                "to Seyaha (a resync) instead of taking a new baseline, so that no change "
+                "made meanwhile is missed; nothing to do. To start afresh on purpose, delete "
+                f"{shown_path(lock.path)} with the store, or use a new [state] url.",
+                file=str(database),
+            )
+        if baselined or evidence is not None:
+            # Kept until the resync is recorded: a crash before it resyncs again.
+            lock.mark_baselined()
 
     def close(self) -> None:
         self._hand_over_scanning()
         self.client.close()
         self.store.close()
+        if self._guard is not None:
+            self._guard.after_close()
         self.reader.engine.dispose()
         if self._lock is not None:
             self._lock.release()
+        logging.getLogger("agent.delivery").removeFilter(self._quiet_delivery)
+
+    @property
+    def state_lost(self) -> StateFileLost | None:
+        """What happened to the SQLite state file under the agent, once it has."""
+        return None if self._guard is None else self._guard.lost
+
+    def _check_state_file(self) -> None:
+        """Raise StateFileLost unless the SQLite state file is still the one opened (a stat:
+        cheap enough for every scan, see store.identity)."""
+        if self._guard is not None:
+            self._guard.check()
+
+    def _state_file_lost(self, lost: StateFileLost) -> None:
+        """Said once, by whichever thread found it; the store refuses every use after it."""
+        event(
+            log,
+            logging.ERROR,
+            "state.lost",
+            str(lost),
+            file=str(lost.path),
+            problem=lost.problem,
+        )
+        if self._lock is not None:
+            self._lock.keep_after_loss()
+        self.poll_wake.set()
+        if self.on_state_lost is not None:
+            self.on_state_lost(lost)
 
     def _scanner_turn(self) -> bool:
         """On a shared (non-SQLite) store, only the holder of the scanner lease scans."""
@@ -210,6 +294,7 @@ class Agent:
         on a shared store it takes the scanner lease first, and is refused while another
         agent holds it."""
         with self.scan_lock:
+            self._check_state_file()
             if not self._scanner_turn():
                 lease = self.store.coordination.lease(SCANNER)
                 holder = "another agent" if lease is None else f"agent {lease.holder}"
@@ -219,8 +304,22 @@ class Agent:
                     f"lease has run out ([state] scanner_lease, "
                     f"{self.config.settings.state.scanner_lease:g} s)."
                 )
-            report = self.scanner.scan(resync=resync)
+            report = self._full_scan(resync=resync)
         self._after(report)
+        return report
+
+    def _full_scan(self, *, resync: bool) -> ScanReport:
+        """Scanner.scan, which resyncs while the store has lost its baseline (see open)."""
+        lost = self._resync_because is not None
+        report = self.scanner.scan(resync=resync or lost)
+        if lost:
+            self._resync_because = None
+            event(
+                log,
+                logging.INFO,
+                "state.resynced",
+                f"resync queued: {report.triggers} trigger(s) and {report.notifies} notify(s)",
+            )
         return report
 
     def poll(self) -> ScanReport | None:
@@ -234,13 +333,17 @@ class Agent:
 
     def _as_scanner(self, work: Callable[[], ScanReport]) -> ScanReport | None:
         with self.scan_lock:
+            self._check_state_file()
             if not self._scanner_turn():
                 return None
-            report = work()
+            # A store that lost its baseline is resynced by the first scan, poll or not.
+            report = work() if self._resync_because is None else self._full_scan(resync=True)
         self._after(report)
         return report
 
     def _after(self, report: ScanReport) -> None:
+        if report.baseline and self._lock is not None:
+            self._lock.mark_baselined()
         if report.enqueued:
             self.deliverer.poke(report.enqueued)
         self.refresh_outbox_metrics()
@@ -252,6 +355,10 @@ class Agent:
         """Run a scan, reporting failures and keeping the daemon alive; True on success."""
         try:
             work()
+        except StateFileLost as exc:
+            # Said once, as state.lost, when it was found; the agent is stopping.
+            self.metrics.scans.labels("state_unavailable").inc()
+            return self._failed("state", str(exc))
         except SourceUnavailable as exc:
             self.metrics.scans.labels("source_unavailable").inc()
             if self._source_down != str(exc):
@@ -316,7 +423,7 @@ class Agent:
     def poll_loop(self, stop: threading.Event) -> None:
         """Poll on poll_interval, or at once when a wake-up arrives."""
         first = True
-        while not stop.is_set():
+        while not stop.is_set() and self.state_lost is None:
             ok = self.guarded(self.poll)
             self.heartbeat = self.clock.monotonic()
             if first:
@@ -404,6 +511,10 @@ class Agent:
     def _wake(self, reason: str) -> None:
         self.poll_wake.set()
 
+    def _outbox_metrics_job(self) -> None:
+        with suppress(StateFileLost):  # said once, as state.lost; the agent is stopping
+            self.refresh_outbox_metrics()
+
     def refresh_outbox_metrics(self) -> OutboxStats:
         stats = self.store.admin.stats()
         self.metrics.outbox.labels("pending").set(stats.pending)
@@ -439,7 +550,7 @@ class Agent:
                 coalesce=True,
             )
         scheduler.add_job(
-            self.refresh_outbox_metrics,
+            self._outbox_metrics_job,
             IntervalTrigger(seconds=OUTBOX_METRICS_EVERY_S),
             id="outbox-metrics",
             max_instances=1,
@@ -519,7 +630,9 @@ class Agent:
 
     def drain(self, timeout_s: float, stop: threading.Event | None = None) -> DrainResult:
         """Deliver with the configured workers until the outbox has nothing waiting, delivery
-        pauses, or `timeout_s` passes."""
+        pauses, or `timeout_s` passes. Raises StateFileLost if the SQLite state file is lost
+        before or meanwhile."""
+        self._check_state_file()
         stop = stop or threading.Event()
         workers_stop = threading.Event()
         workers = [
@@ -531,7 +644,7 @@ class Agent:
         deadline = self.clock.monotonic() + timeout_s
         timed_out, paused = True, None
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self.state_lost is None:
                 try:
                     pending: int | None = self.store.admin.stats().pending
                 except SQLAlchemyError:
@@ -553,6 +666,7 @@ class Agent:
             self.deliverer.poke()
             for worker in workers:
                 worker.join(self.config.settings.delivery.shutdown_grace)
+        self._check_state_file()
         return DrainResult(self._stats_after_drain(), timed_out, paused)
 
     def _stats_after_drain(self) -> OutboxStats:

@@ -41,6 +41,7 @@ from agent.scan import ScanReport
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
 from agent.store import StateStore
+from agent.store.identity import watch_state_file
 from agent.store.migrate import Migrator
 
 __all__ = ["AgentError", "ConfigError", "check", "once", "run", "sandbox"]
@@ -103,7 +104,7 @@ def _print_scan(out: TextIO, report: ScanReport) -> None:
         f"in {report.duration_s:.2f} s",
         file=out,
     )
-    if report.baseline:
+    if report.baseline and not report.notifies:  # with notifies: a resync of an empty store
         print("  first run: baseline recorded, one sync/trigger queued", file=out)
     else:
         print(
@@ -416,6 +417,7 @@ def outbox(path: Path, args: argparse.Namespace, out: TextIO | None = None) -> i
     clock = SystemClock()
     try:
         store.open()
+        watch_state_file(store.engine)  # a state file lost meanwhile is refused, not written
         now = clock.now()
         if args.action == "status":
             return _outbox_status(

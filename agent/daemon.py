@@ -5,6 +5,11 @@ What outlives a reload: the metrics registry and the operations listener (/metri
 configuration file or the secret file) validates the new configuration first: an invalid one
 is rejected with the reason and the running agent carries on untouched; a valid one replaces
 the agent after a clean stop. The outbox lives in the state store, so nothing is lost.
+
+A SQLite state file deleted, replaced or emptied under the agent stops the daemon with exit 1
+and the reason (agent.store.identity): going on would write into a file that is gone. The
+restart (systemd, Docker) then resends every slot if the store it finds holds no baseline
+(Agent.open).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from agent.endpoints import OperationsServer
 from agent.errors import AgentError, ConfigError
 from agent.logs import Redaction, event, setup_logging
 from agent.metrics import Metrics
+from agent.store.identity import StateFileLost
 
 log = logging.getLogger("agent")
 
@@ -46,6 +52,8 @@ class Daemon:
         self._changed = threading.Event()
         self.agent: Agent | None = None
         self.listener: OperationsServer | None = None
+        self.state_lost: StateFileLost | None = None
+        """Why the daemon stops by itself: its state file was lost (said once, as state.lost)."""
 
     @staticmethod
     def _warn_about(config: Config) -> None:
@@ -104,8 +112,13 @@ class Daemon:
             port=port,
         )
 
+    def _state_file_lost(self, lost: StateFileLost) -> None:
+        self.state_lost = lost
+        self.stop.set()
+        self._changed.set()
+
     def _start_agent(self) -> tuple[Agent, threading.Event, threading.Thread]:
-        agent = Agent(self.config, metrics=self.metrics)
+        agent = Agent(self.config, metrics=self.metrics, on_state_lost=self._state_file_lost)
         agent.open()
         stop = threading.Event()
         thread = threading.Thread(target=agent.run, args=(stop,), name="agent", daemon=True)
@@ -164,6 +177,9 @@ class Daemon:
                     agent, agent_stop, thread = self._start_agent()
                     event(log, logging.INFO, "config.reloaded", "configuration reloaded")
                 systemd.notify("READY=1")
+            if self.state_lost is not None:
+                # The agent stops cleanly below (finally); the CLI then prints why, exit 1.
+                raise self.state_lost
         except AgentError:
             agent_stop.set()
             raise
