@@ -291,7 +291,15 @@ class Scanner:
         if len(current) <= SKIPPED_MEMORY:
             self._reported = current
 
-        if report.baseline:
+        if report.baseline and report.notifies:
+            event(
+                log,
+                logging.INFO,
+                "scan.resync",
+                f"resync of an empty store recorded: {report.catalog_rows} catalog rows, "
+                f"{report.notifies} notify(s) and {report.triggers} trigger(s) queued",
+            )
+        elif report.baseline:
             event(
                 log,
                 logging.INFO,
