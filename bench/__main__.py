@@ -1,11 +1,11 @@
 """`python -m bench all [--quick]` or `python -m bench NAME`: run measurements, print, report.
 
-NAME is one of scan, poll, latency, throughput, dlt, takeover, profile. `all` runs every one of them
-(dlt and profile only in the full run) and regenerates docs/benchmarks.md; `all --quick`
-(small sizes, one run, about a minute; what CI runs to check the suite still works) writes
-its report to bench/results/benchmarks-quick.md instead, so a quick run never replaces the
-real figures. A single NAME writes bench/results/NAME.md. The raw results of every run go
-beside the report as JSON.
+NAME is one of scan, poll, latency, throughput, dlt, takeover, profile, answers. `all` runs every
+one of them but answers (dlt and profile only in the full run) and regenerates
+docs/benchmarks.md; `all --quick` (small sizes, one run, about a minute; what CI runs to
+check the suite still works) writes its report to bench/results/benchmarks-quick.md
+instead, so a quick run never replaces the real figures. A single NAME writes
+bench/results/NAME.md. The raw results of every run go beside the report as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    answers,
     full_scan,
     latency,
     poll,
@@ -41,9 +42,14 @@ MEASUREMENTS = {
     "dlt": versus_dlt.measure,
     "takeover": takeover.measure,
     "profile": profile.measure,
+    "answers": answers.measure,
 }
-FULL_ONLY = ("dlt", "profile")
-"""Left out of `all --quick`: dlt is an optional extra, and a profile is not a check."""
+FULL_ONLY = ("dlt", "profile", "answers")
+"""Left out of `all --quick`: dlt is an optional extra, a profile is not a check, and answers
+waits out answers that take seconds each (even `answers --quick` takes a few minutes)."""
+ON_ITS_OWN = ("answers",)
+"""Run only when named: answers waits out slow and trickled answers for about 15 minutes,
+more than the rest of a full run can carry."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         plan = replace(plan, runs=args.runs, latency_runs=args.runs)
     if args.name == "all":
-        names = [n for n in MEASUREMENTS if not (plan.quick and n in FULL_ONLY)]
+        names = [
+            n for n in MEASUREMENTS if n not in ON_ITS_OWN and not (plan.quick and n in FULL_ONLY)
+        ]
     else:
         names = [args.name]
     if args.output is not None:
@@ -99,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work folder kept: {ctx.workdir}", flush=True)
         ctx.close(keep_files=failed or args.keep)
     extra_versions["seyaha-agent"] = agent.describe()
-    meta = report.meta_for(command, time.monotonic() - started, plan.runs, extra_versions)
+    runs = 1 if all(n in ON_ITS_OWN for n in names) else plan.runs  # answers runs once
+    meta = report.meta_for(command, time.monotonic() - started, runs, extra_versions)
     document = report.render(results, meta)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(document, encoding="utf-8")

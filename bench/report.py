@@ -36,6 +36,7 @@ SECTIONS = {
     "dlt": "bench.versus_dlt",
     "takeover": "bench.takeover",
     "profile": "bench.profile",
+    "answers": "bench.answers",
 }
 
 
@@ -522,6 +523,159 @@ def profile_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
     return lines, []
 
 
+def _size(count: Any) -> str:
+    if not count:
+        return "–"
+    for unit, scale in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count} bytes"
+
+
+def answers_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    d, b = r["defaults"], r["breaker"]
+    slow, hostile = r["slow"], r["hostile"]
+    runs = [*slow, *hostile]
+
+    def arrived(x: dict[str, Any]) -> str:
+        return "yes" if x["all_arrived"] else f"**no: {len(x['missing'])} slots wrong**"
+
+    slow_rows = [
+        [
+            f"{s['delay_s']:g}",
+            f"{_num(s['bookings'], 0)} on {_num(s['slots'], 0)} slots",
+            _num(s["calls"], 0),
+            _num(s["calls_per_change"], 3),
+            _num(s["repeats"], 0),
+            _num(s["max_in_flight"], 0),
+            f"{_num(s['booked_again_in_flight'], 0)} of {_num(s['booked_again'], 0)}",
+            arrived(s),
+            _num(s["drain_s"], 1),
+            f"{_num(s['span_s'], 1)} / {_num(s['floor_s'], 1)}",
+            _num(s["peak_rss_mb"], 0),
+        ]
+        for s in slow
+    ]
+    hostile_rows = [
+        [
+            h["what"],
+            f"{_size(h['body_bytes'])} / {_size(h['unpacked_bytes'])}",
+            f"{_num(h['hostile_answers'], 0)} ({_num(h['hostile_hung_up'], 0)} hung up)",
+            f"{_num(h['calls_per_change'], 2)} / {_num(h['delivered_per_change'], 2)}",
+            _num(h["repeats"], 0),
+            _num(h["max_in_flight"], 0),
+            arrived(h),
+            _num(h["recovery_s"], 1),
+            f"{_num(h['rss_before_mb'], 0)} → {_num(h['peak_rss_mb'], 0)} "
+            f"(+{_num(h['growth_mb'], 1)})",
+        ]
+        for h in hostile
+    ]
+    lines = [
+        f"The daemon with the default [delivery] settings (concurrency {d['concurrency']}, "
+        f"timeout {d['timeout']:g} s, lease {d['lease']:g} s, batch_size {d['batch_size']}, "
+        f"rate_limit {d['rate_limit']:g}/s, circuit breaker after {b['breaker_failures']} "
+        f"failures for {b['breaker_cooldown']:g} s), polling every {r['poll_interval_s']:g} s "
+        f"on {_num(r['slots'], 0)} slots. One run per case.",
+        "",
+        f"Slow answers: {_num(r['changes'], 0)} bookings of distinct slots, the first fifth "
+        "booked again as soon as its first call arrived.",
+        "",
+        *_table(
+            [
+                "answer after (s)",
+                "bookings",
+                "calls",
+                "calls per change",
+                "repeats",
+                "most calls in flight for one slot",
+                "booked again while its call was in flight",
+                "every change arrived",
+                "drain after the last commit (s)",
+                "first commit to last answer / floor (s)",
+                "peak RSS (MB)",
+            ],
+            slow_rows,
+        ),
+        "",
+        f"Hostile answers: {_num(r['hostile_changes'], 0)} bookings; every answer hostile for "
+        f"{r['hostile_s']:g} s from the first call, then correct.",
+        "",
+        *_table(
+            [
+                "answer",
+                "body on the wire / unpacked",
+                "hostile answers served",
+                "calls per change (all / answered 200)",
+                "repeats",
+                "most calls in flight for one slot",
+                "every change arrived",
+                "last answer after the switch (s)",
+                "peak RSS before → after (MB)",
+            ],
+            hostile_rows,
+        ),
+    ]
+    for x in runs:
+        case = x.get("what") or f"answers after {x['delay_s']:g} s"
+        if x.get("exit_code"):
+            lines += ["", f"**{case}**: the daemon exited with {x['exit_code']}."]
+        if x.get("timed_out"):
+            lines += ["", f"**{case}**: not everything arrived before the run gave up waiting."]
+        for slot, calls in x["overlaps"].items():
+            lines += [
+                "",
+                f"**{case}**: calls for slot {slot} overlapped (seconds from the first commit):",
+                "",
+                *_table(
+                    ["call", "vacancies", "answer", "arrived", "ended", "status", "hung up"],
+                    [
+                        [
+                            str(c["call"]),
+                            str(c["vacancies"]),
+                            c["answer"],
+                            _num(c["arrived_s"], 2),
+                            _num(c["ended_s"], 2),
+                            str(c["status"]),
+                            "yes" if c["hung_up"] else "",
+                        ]
+                        for c in calls
+                    ],
+                ),
+                "",
+                "```text",
+                *x["log"]["lines"].get(slot, []),
+                "```",
+            ]
+    worst = max(slow, key=lambda s: s["calls_per_change"])
+    growth = max(hostile, key=lambda h: h["growth_mb"])
+    in_flight = max(x["max_in_flight"] for x in runs)
+    missing = [x.get("what") or f"{x['delay_s']:g} s" for x in runs if not x["all_arrived"]]
+    goals: list[tuple[str, str, bool | None]] = [
+        (
+            f"calls per change with answers taking 0-5 s ≤ {r['calls_per_change_goal']:g}",
+            f"max {worst['calls_per_change']:.3f} (answers after {worst['delay_s']:g} s)",
+            worst["calls_per_change"] <= r["calls_per_change_goal"],
+        ),
+        (
+            "never two calls for one slot in flight at once (slow and hostile answers)",
+            f"at most {in_flight}",
+            in_flight <= 1,
+        ),
+        (
+            "every change arrived (slow and hostile answers)",
+            "all" if not missing else "not with: " + ", ".join(missing),
+            not missing,
+        ),
+        (
+            f"hostile answers add ≤ {r['rss_growth_goal_mb']:g} MB to peak memory",
+            f"at most +{growth['growth_mb']:.1f} MB ({growth['what']})",
+            growth["growth_mb"] <= r["rss_growth_goal_mb"],
+        ),
+    ]
+    return lines, goals
+
+
 TITLES = {
     "scan": "1. Full reconciliation vs a plain SELECT",
     "poll": "2. Incremental polls",
@@ -530,6 +684,7 @@ TITLES = {
     "dlt": "5. Against dlt",
     "takeover": "6. Scanner takeover",
     "profile": "Where the time goes (profiles)",
+    "answers": "7. Delivery under slow and hostile answers",
 }
 RENDER: dict[
     str, Callable[[dict[str, Any]], tuple[list[str], list[tuple[str, str, bool | None]]]]
@@ -541,6 +696,7 @@ RENDER: dict[
     "dlt": dlt_section,
     "takeover": takeover_section,
     "profile": profile_section,
+    "answers": answers_section,
 }
 
 
