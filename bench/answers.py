@@ -31,8 +31,8 @@ is hostile, then correct (at once) again, until every change arrived as above:
 - gzip bomb: a 500 with Content-Encoding: gzip, about 100 KB that unpack to 100 MB (one
   deflate layer compresses at most about 1032:1);
 - gzip, two layers: Content-Encoding: gzip, gzip, a few KB that unpack to 4 GB;
-- trickle: a correct 200, status line and headers included, one byte a second (about 77 s
-  for the whole answer, each read well within the 10 s timeout).
+- trickle: a correct 200, status line and a proxy's headers included, one byte a second
+  (147 s for the head, 184 s for the whole answer, each read well within the 10 s timeout).
 Peak memory is VmHWM of the daemon's process (/proc/PID/status), read just before it is
 stopped; "before" is the same reading right after the warm-up (start-up, first poll and one
 delivery included), so the growth is what the hostile answers and M deliveries added.

@@ -190,8 +190,13 @@ LAYERED_BOMB_BYTES = 4 * 1024 * 1024 * 1024
 BOMB_BLOCK_BYTES = 1024 * 1024
 TRICKLE_BYTE_EVERY_S = 1.0
 
-_TRICKLE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
-"""The least head a correct answer needs, so that one trickled answer takes about 77 s."""
+_TRICKLE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Tue, 02 Dec 2025 15:00:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
+)
+"""The head of a proxied answer (147 bytes): trickled, it takes longer than the agent's
+default lease (60 s), so a client that bounds each read but not the whole call holds the
+message past its lease."""
 
 
 @dataclass
