@@ -6,6 +6,7 @@ calls, for T seconds or until told, then answer as Seyaha does.
 - good: Seyaha's answers (`{"success":1,"data":{"updated":true}}`, a trigger's `synced`);
 - slow: the same after 1.5-2.5 s;
 - trickle: status and headers at once, then the body one byte a second;
+- trickle_head: the status line and headers one byte a second (about 90 s), then the body;
 - huge: a proxy's 502 page of 50 MB;
 - gzip_bomb: 500 with Content-Encoding: gzip, 150 KB that unpack to 150 MB, whatever the
   request's Accept-Encoding said;
@@ -59,6 +60,7 @@ Behaviour = Literal[
     "good",
     "slow",
     "trickle",
+    "trickle_head",
     "huge",
     "gzip_bomb",
     "echo_secret",
@@ -76,8 +78,9 @@ SLOW_ANSWER_S = (1.5, 2.5)
 """`slow` answers correctly after a delay drawn uniformly from this range (seconds)."""
 
 TRICKLE_BYTE_EVERY_S = 1.0
-"""`trickle` sends its body one byte per this many seconds: a 38-byte envelope takes 38 s,
-and every single read returns well within any per-read timeout."""
+"""`trickle` sends its body, `trickle_head` its status line and headers, one byte per this many
+seconds: a 38-byte envelope takes 38 s, a head about 90 s, and every single read returns well
+within any per-read timeout."""
 
 HUGE_BODY_BYTES = 50 * 1024 * 1024
 """Size of the 502 page `huge` announces and sends (bytes)."""
@@ -98,7 +101,9 @@ _PATH = re.compile(
     r"^/api/v1/partner-integrations/[^/]+/(?P<endpoint>sync/trigger|availability/notify)/?$"
 )
 
-_SEYAHA_ANSWERS: frozenset[Behaviour] = frozenset({"good", "slow", "trickle", "not_updated"})
+_SEYAHA_ANSWERS: frozenset[Behaviour] = frozenset(
+    {"good", "slow", "trickle", "trickle_head", "not_updated"}
+)
 """Behaviours whose answer is Seyaha's own 2xx envelope: the call counts as delivered."""
 
 
@@ -385,6 +390,8 @@ class MisbehavingSeyaha:
             self._send(handler, live, 200, _seyaha_answer(endpoint, updated=updated))
         elif behaviour == "trickle":
             self._trickle(handler, live, _seyaha_answer(endpoint, updated=True))
+        elif behaviour == "trickle_head":
+            self._trickle_head(handler, live, _seyaha_answer(endpoint, updated=True))
         elif behaviour == "huge":
             self._huge(handler, live)
         elif behaviour == "gzip_bomb":
@@ -446,6 +453,17 @@ class MisbehavingSeyaha:
             if index == len(body) - 1:
                 self._end(live)
             handler.wfile.write(body[index : index + 1])
+        self._note(live, answered=True)
+
+    def _trickle_head(self, handler: _Handler, live: _Live, body: bytes) -> None:
+        head = _head(200, {"Content-Type": "application/json"}, len(body))
+        self._note(live, status=200)
+        for index in range(len(head)):
+            if not self._wait(handler, live, TRICKLE_BYTE_EVERY_S):
+                return
+            handler.wfile.write(head[index : index + 1])
+        self._end(live)
+        handler.wfile.write(body)
         self._note(live, answered=True)
 
     def _huge(self, handler: _Handler, live: _Live) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import zlib
@@ -11,6 +12,10 @@ import httpx
 
 from agent import __version__
 from agent.config import Secret
+from agent.delivery.deadline import Deadlines, hold_to_deadlines
+from agent.logs import event
+
+log = logging.getLogger("agent.delivery")
 
 SECRET_HEADER = "x-webhook-secret"
 
@@ -30,6 +35,9 @@ class Response:
     retry_after: str | None = None
     error: str | None = None
     location: str | None = None
+    interrupted: bool = False
+    """The call was cut short because the agent is stopping (see SeyahaClient.interrupt):
+    it says nothing about Seyaha."""
 
 
 def user_agent() -> str:
@@ -53,7 +61,10 @@ class SeyahaClient:
         self.trigger_path = f"{prefix}/sync/trigger"
         self.notify_path = f"{prefix}/availability/notify"
         self._secret = secret
-        self._timeout_s = timeout_s
+        self.request_s = connect_timeout_s + timeout_s
+        """A call's deadline: connecting, sending and the whole answer end within this
+        (seconds), however slowly the server sends."""
+        self._deadlines = Deadlines()
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"User-Agent": user_agent()},
@@ -61,9 +72,28 @@ class SeyahaClient:
             transport=transport,
             follow_redirects=False,
         )
+        self.deadlines_held = hold_to_deadlines(self._http, self._deadlines)
+        """Whether calls are held to their deadline in the network layer; if not (a test's
+        mock transport, or an httpx whose internals moved), a body still arriving at the
+        deadline ends the call, but a server trickling its headers can hold it longer."""
+        if transport is None and not self.deadlines_held:
+            event(
+                log,
+                logging.WARNING,
+                "delivery.deadline_unheld",
+                f"httpx {httpx.__version__} keeps its connection pools where this agent does "
+                "not look: a call is limited per read, not in total, so a server trickling "
+                "its headers can hold one past delivery.timeout; install the httpx version "
+                "this agent was tested with",
+            )
 
     def close(self) -> None:
         self._http.close()
+
+    def interrupt(self) -> None:
+        """End every call in flight now, and refuse new ones: the agent is stopping and the
+        calls have had their grace. Each ends with a Response marked `interrupted`."""
+        self._deadlines.interrupt()
 
     def set_secret(self, secret: Secret) -> None:
         self._secret = secret
@@ -85,15 +115,20 @@ class SeyahaClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
             content = body.encode("utf-8")
-        deadline = time.monotonic() + self._timeout_s
+        started = time.monotonic()
+        deadline = started + self.request_s
         try:
-            with self._http.stream("POST", path, content=content, headers=headers) as answer:
+            with (
+                self._deadlines.call(deadline),
+                self._http.stream("POST", path, content=content, headers=headers) as answer,
+            ):
                 # A little past the cap, so that a copy of the secret across it is read whole
                 # and masked before the body is cut (see _redacted).
                 text = self._read(answer, deadline, MAX_ANSWER_BYTES + len(headers[SECRET_HEADER]))
                 if text is None:
-                    return self._redacted(
-                        Response(None, error="timed out (the answer was still arriving)")
+                    return self._failed(
+                        f"timed out: the answer was still arriving after {self.request_s:g} s "
+                        "(connect_timeout + timeout)"
                     )
                 return self._redacted(
                     Response(
@@ -104,24 +139,44 @@ class SeyahaClient:
                     )
                 )
         except httpx.TimeoutException as exc:
-            return Response(None, error=f"timed out ({type(exc).__name__})")
+            if time.monotonic() >= deadline:
+                return self._failed(
+                    f"timed out: no answer within {self.request_s:g} s (connect_timeout + timeout)"
+                )
+            return self._failed(f"timed out ({type(exc).__name__})")
         except httpx.HTTPError as exc:
             # httpx errors name the URL, never the headers; a URL never holds the secret.
-            return self._redacted(Response(None, error=f"{type(exc).__name__}: {exc}"))
+            return self._failed(f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, error: str) -> Response:
+        """No answer: `error` says why, unless the call was cut short by interrupt()."""
+        if self._deadlines.interrupted:
+            return Response(
+                None,
+                error="cut short: the agent was stopping and delivery.shutdown_grace was over",
+                interrupted=True,
+            )
+        return self._redacted(Response(None, error=error))
 
     @staticmethod
     def _read(answer: httpx.Response, deadline: float, limit: int) -> str | None:
-        """At most `limit` bytes of the answer's body, as text; None past `deadline` (a
-        server trickling its answer byte by byte passes every per-read timeout)."""
+        """At most `limit` bytes of the answer's body, as text; None past `deadline` (the
+        network layer ends the read then, see deadline.py; the check after each chunk is for
+        a transport it could not be put under)."""
         if answer.is_stream_consumed:  # a transport that hands over a body already read
             return answer.content[:limit].decode("utf-8", "replace")
         raw = bytearray()
-        for chunk in answer.iter_raw():
-            raw += chunk
-            if len(raw) >= limit:
-                break
-            if time.monotonic() > deadline:
+        try:
+            for chunk in answer.iter_raw():
+                raw += chunk
+                if len(raw) >= limit:
+                    break
+                if time.monotonic() > deadline:
+                    return None
+        except httpx.TimeoutException:
+            if time.monotonic() >= deadline:
                 return None
+            raise
         encoding = answer.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             data = _inflate(bytes(raw), encoding, limit)

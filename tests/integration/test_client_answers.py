@@ -1,9 +1,12 @@
 """The HTTP client against a real server that answers badly: huge, compressed, trickling,
-echoing the secret. Each answer costs bounded memory and time, and the secret is never kept."""
+echoing the secret. Each answer costs bounded memory and time, and the secret is never kept.
+A call ends at its deadline (connect_timeout + timeout) whatever the server sends, and at once
+when it is interrupted."""
 
 from __future__ import annotations
 
 import gzip
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -17,8 +20,15 @@ from agent.delivery.client import MAX_ANSWER_BYTES, SeyahaClient
 from agent.delivery.policy import Verdict, classify
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.conftest import Answer
+from tests.misbehaving import TRICKLE_BYTE_EVERY_S, MisbehavingSeyaha
 
 TIMEOUT_S = 1.0
+REQUEST_S = 2 * TIMEOUT_S
+"""A call's deadline: connect_timeout + timeout."""
+
+LATE_S = 8.0
+"""How far past its deadline a call may end on a slow, loaded machine (seconds): a ceiling,
+not an expectation; each trickle below would hold a call for 30 s or more."""
 
 
 @pytest.fixture
@@ -134,9 +144,97 @@ def test_an_answer_trickling_byte_by_byte_ends_at_the_timeout(
     elapsed = time.monotonic() - started
 
     assert answer.status is None
-    assert answer.error == "timed out (the answer was still arriving)"
-    # The body alone takes 37 s to arrive; the call ends one chunk after its deadline.
-    assert elapsed < TIMEOUT_S + 1.0
+    assert answer.error == (
+        "timed out: the answer was still arriving after 2 s (connect_timeout + timeout)"
+    )
+    assert elapsed < REQUEST_S + LATE_S  # the body alone takes 37 s to arrive
+
+
+@pytest.fixture
+def receiver() -> Iterator[MisbehavingSeyaha]:
+    with MisbehavingSeyaha("trickle_head") as started:
+        yield started
+
+
+def test_a_status_line_and_headers_trickling_byte_by_byte_end_at_the_deadline(
+    receiver: MisbehavingSeyaha,
+) -> None:
+    """Each byte of the head comes well within the per-read timeout: httpx alone waited for
+    the whole head, about 99 s, whatever delivery.timeout said."""
+    timeout_s = 2 * TRICKLE_BYTE_EVERY_S  # per read: never reached between two bytes
+    client = SeyahaClient(
+        base_url=receiver.url,
+        integration_id=INTEGRATION_ID,
+        secret=Secret(SECRET),
+        connect_timeout_s=TIMEOUT_S,
+        timeout_s=timeout_s,
+    )
+    try:
+        assert client.deadlines_held
+        started = time.monotonic()
+        answer = client.notify('{"productId":"1"}')
+        elapsed = time.monotonic() - started
+    finally:
+        client.close()
+
+    assert (answer.status, answer.interrupted) == (None, False)
+    assert answer.error == (
+        f"timed out: no answer within {TIMEOUT_S + timeout_s:g} s (connect_timeout + timeout)"
+    )
+    assert elapsed < TIMEOUT_S + timeout_s + LATE_S
+    (call,) = receiver.calls()
+    assert not call.answered  # its head alone takes 99 bytes * TRICKLE_BYTE_EVERY_S
+    # the connection was closed, not left to trickle on
+    _wait_for(lambda: bool(receiver.calls()[0].hung_up), "the receiver to see the hang-up")
+
+
+def test_an_interrupted_call_ends_at_once_and_says_so(
+    receiver: MisbehavingSeyaha,
+) -> None:
+    """Shutdown's grace is over: a call far from its own deadline is cut short."""
+    client = SeyahaClient(
+        base_url=receiver.url,
+        integration_id=INTEGRATION_ID,
+        secret=Secret(SECRET),
+        connect_timeout_s=TIMEOUT_S,
+        timeout_s=600.0,
+    )
+    try:
+        _wait_for_calls_then(receiver, client.interrupt)
+        started = time.monotonic()
+        answer = client.notify('{"productId":"1"}')
+        elapsed = time.monotonic() - started
+        after = client.trigger()  # a call started once interrupted does not go out
+    finally:
+        client.close()
+
+    assert answer.interrupted
+    assert answer.status is None
+    assert answer.error is not None
+    assert answer.error.startswith("cut short: the agent was stopping")
+    assert elapsed < LATE_S
+    assert after.interrupted
+    assert len(receiver.calls()) == 1
+    _wait_for(lambda: bool(receiver.calls()[0].hung_up), "the receiver to see the hang-up")
+
+
+def _wait_for_calls_then(receiver: MisbehavingSeyaha, act: Callable[[], None]) -> None:
+    """Call `act` from another thread once the receiver has a call in flight."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + LATE_S
+        while not receiver.calls() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        act()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + LATE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {LATE_S:g} s for {what}"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("echo", [SECRET, SECRET.upper(), f"bad secret '{SECRET}' for {SECRET}"])
