@@ -28,6 +28,7 @@ from agent.clock import Clock
 from agent.delivery.client import Response, SeyahaClient
 from agent.delivery.flow import BreakerState, CircuitBreaker, RateLimit
 from agent.delivery.policy import Outcome, RetryPolicy, Verdict, classify, retry_delay_s
+from agent.errors import first_line
 from agent.logs import event
 from agent.metrics import Metrics
 from agent.model import OutboxMessage
@@ -61,6 +62,10 @@ fails."""
 RETRY_WAKE_MARGIN_S = 0.01
 """A worker waiting for a retry wakes this much after it is due (seconds), so that the claim
 it makes then finds the message due rather than a millisecond early."""
+
+INTERRUPTED_RECORD_S = 1.0
+"""At shutdown, how long workers get to record the calls cut short once shutdown_grace is over
+(seconds): one write each to the outbox."""
 
 COMPLETE_EVERY_S = 0.5
 """Successful calls of a batch are removed from the outbox together, at the end of the batch
@@ -346,6 +351,8 @@ class Deliverer:
         else:
             assert message.body is not None
             response = self.client.notify(message.body)
+        if response.interrupted:
+            return self._interrupted(message, response)
         elapsed = self.clock.monotonic() - started
         self._note_answer_time(elapsed)
         outcome = classify(
@@ -358,6 +365,24 @@ class Deliverer:
         )
         self._record(message, response, outcome, elapsed, done)
         return outcome
+
+    def _interrupted(self, message: OutboxMessage, response: Response) -> Outcome:
+        """The call was cut short at shutdown: Seyaha may or may not have it, and it says
+        nothing about Seyaha (no attempt counted, the breaker untouched). The message is due
+        at once, for the next start, instead of held until its lease runs out."""
+        reason = response.error or "cut short at shutdown"
+        self.store.queue.retry_later(
+            message, at=self.clock.now(), error=reason, status=None, count_attempt=False
+        )
+        event(
+            log,
+            logging.WARNING,
+            "delivery.interrupted",
+            f"{reason}; the message is sent again at the next start",
+            message_id=message.id,
+            **_slot_fields(message),
+        )
+        return Outcome(Verdict.RETRY, reason)
 
     def _record(
         self,
@@ -547,10 +572,14 @@ class Deliverer:
             seen = self._generation
             try:
                 attempted = self.step(stop, done)
-            except Exception:
+            except Exception as exc:
                 log.exception(
                     "delivery step failed; retrying shortly", extra={"event": "delivery.error"}
                 )
+                # For `once`'s summary: a store locked past its wait limit (SQLite's busy
+                # timeout) leaves messages waiting, and "not yet due" would be untrue.
+                what = "the state store" if isinstance(exc, SQLAlchemyError) else "delivery"
+                self.tally.note_problem(f"{what} failed: {first_line(exc)} (retried)")
                 attempted = 0
             if attempted == 0:
                 self._idle(seen, stop)
@@ -559,7 +588,8 @@ class Deliverer:
 
     def run(self, stop: threading.Event, grace_s: float = 30.0) -> None:
         """Run `concurrency` workers until `stop` is set; then let in-flight calls finish
-        (at most `grace_s`), unsent claims having been given back."""
+        (at most `grace_s`), unsent claims having been given back. Calls still in flight
+        then are cut short and their messages given back too (INTERRUPTED_RECORD_S more)."""
         workers = [
             threading.Thread(target=self.work, args=(stop,), name=f"delivery-{n}", daemon=True)
             for n in range(self.concurrency)
@@ -568,9 +598,26 @@ class Deliverer:
             worker.start()
         stop.wait()
         self.poke()
-        deadline = self.clock.monotonic() + grace_s
-        for worker in workers:
-            worker.join(max(0.0, deadline - self.clock.monotonic()))
+        _join(workers, self.clock.monotonic() + grace_s, self.clock)
+        stuck = [worker for worker in workers if worker.is_alive()]
+        if stuck:
+            # Left running, their calls would end with the process, and their messages stay
+            # leased (unsendable by the next start) until the lease runs out.
+            event(
+                log,
+                logging.WARNING,
+                "delivery.grace_over",
+                f"{len(stuck)} worker(s) still busy after shutdown_grace ({grace_s:g} s): "
+                "their calls are cut short",
+            )
+            self.client.interrupt()
+            _join(stuck, self.clock.monotonic() + INTERRUPTED_RECORD_S, self.clock)
+
+
+def _join(threads: list[threading.Thread], deadline: float, clock: Clock) -> None:
+    """Wait for `threads` until `deadline` (clock.monotonic()) at the latest, all together."""
+    for thread in threads:
+        thread.join(max(0.0, deadline - clock.monotonic()))
 
 
 def _slot_fields(message: OutboxMessage) -> dict[str, object]:
