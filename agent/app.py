@@ -28,7 +28,7 @@ from agent.db import create_engine
 from agent.delivery.client import SeyahaClient
 from agent.delivery.flow import CircuitBreaker, RateLimit
 from agent.delivery.policy import RetryPolicy
-from agent.delivery.worker import Deliverer
+from agent.delivery.worker import INTERRUPTED_RECORD_S, Deliverer
 from agent.errors import (
     AgentError,
     QueryError,
@@ -603,8 +603,12 @@ class Agent:
             self.poll_wake.set()
             self.deliverer.poke()
             scheduler.shutdown(wait=True)
+            # The delivery thread ends within shutdown_grace (it cuts calls still running
+            # then, see Deliverer.run): the wait here is that, plus the time to record them.
+            limit = self.config.settings.delivery.shutdown_grace + INTERRUPTED_RECORD_S + 1.0
+            deadline = self.clock.monotonic() + max(SHUTDOWN_GRACE_S, limit)
             for thread in threads:
-                thread.join(SHUTDOWN_GRACE_S)
+                thread.join(max(0.0, deadline - self.clock.monotonic()))
             self._hand_over_scanning()
             event(log, logging.INFO, "agent.stopped", "stopped")
 
@@ -664,8 +668,11 @@ class Agent:
         finally:
             workers_stop.set()
             self.deliverer.poke()
+            # One deadline for them all, not shutdown_grace each in turn (a call in flight
+            # ends by its own deadline anyway, see delivery.deadline).
+            grace_end = self.clock.monotonic() + self.config.settings.delivery.shutdown_grace
             for worker in workers:
-                worker.join(self.config.settings.delivery.shutdown_grace)
+                worker.join(max(0.0, grace_end - self.clock.monotonic()))
         self._check_state_file()
         return DrainResult(self._stats_after_drain(), timed_out, paused)
 

@@ -127,6 +127,11 @@ class Dialect:
         """Whether `exc` says a lock was held by another transaction (see without_waiting)."""
         return False
 
+    def limit_lock_wait(self, conn: sa.Connection, seconds: float) -> None:
+        """In the transaction open on `conn`, a lock held by another transaction is waited for
+        at most `seconds` (then the statement fails). SQLite's busy timeout does it for every
+        transaction; MySQL's row locks are skipped (SKIP LOCKED): nothing by default."""
+
     def try_lock(self, conn: sa.Connection, name: str) -> bool:
         """Take the advisory lock `name` for this connection's session, without waiting."""
         raise NotImplementedError
@@ -267,6 +272,9 @@ class PostgresDialect(Dialect):
 
     def is_busy(self, exc: DBAPIError) -> bool:
         return getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
+
+    def limit_lock_wait(self, conn: sa.Connection, seconds: float) -> None:
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(seconds * 1000))}")
 
 
 class MysqlDialect(Dialect):

@@ -29,6 +29,10 @@ from agent.model import Message, OutboxMessage, request_body
 from agent.store import schema as t
 from agent.store.connector import Connector
 
+CLAIM_LOCK_WAIT_S = 10.0
+"""Longest wait of a claim for a lock on the whole outbox table (seconds): SQLite's busy
+timeout, and PostgreSQL's lock_timeout in the claim's transaction."""
+
 
 class Queue:
     def __init__(self, connector: Connector) -> None:
@@ -193,6 +197,9 @@ class Queue:
     ) -> list[OutboxMessage]:
         o = t.outbox.c
         with self.connector.write() as conn:
+            # Rows other claims hold are skipped; a lock on the whole table (a migration, a
+            # LOCK TABLE) is waited for only this long, then the claim fails and is retried.
+            self.connector.dialect.limit_lock_wait(conn, CLAIM_LOCK_WAIT_S)
             rows = conn.execute(candidates).all()
             if superseded_ids := [r.id for r in rows if r.superseded]:
                 conn.execute(sa.delete(t.outbox).where(o.id.in_(superseded_ids)))
