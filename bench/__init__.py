@@ -16,6 +16,8 @@ Layout:
   latency.py      3. commit-to-delivery latency with wake-ups and with plain polling
   throughput.py   4. draining a 10,000-notify backlog vs bare httpx loops
   versus_dlt.py   5. the same stream of changes through dlt (dlt_loop.py runs its pipeline)
+  takeover.py     6. scanning taken over after SIGKILL or SIGTERM of the scanning agent
+  answers.py      7. delivery under slow and hostile answers (run on its own, not by all)
   profile.py      where the time goes: py-spy samples of a scan, a poll, a drain, the daemon
   snapshot.py     the copy of agent/ a run measures (agent/ may be edited while it runs)
   report.py       the console tables and docs/benchmarks.md

@@ -723,7 +723,14 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
             f"{meta['machine']['cpu']} (Linux {meta['machine']['kernel']})",
         ),
         *((k, v) for k, v in meta["versions"].items()),
-        ("runs per measurement", f"{meta['runs']} (the tables show medians)"),
+        (
+            "runs per measurement",
+            "each case once"
+            if set(results) == {"answers"}
+            else f"{meta['runs']} (the tables show medians)"
+            if meta["runs"] > 1
+            else "1",
+        ),
     ]
     lines = [
         "# Benchmarks",
