@@ -48,6 +48,11 @@ CLAIM_WORK_S = 1.0
 up to batch_size: with slow answers the others take the rest instead of idling while one
 worker sends a long batch in series."""
 
+STUCK_CALL_S = CLAIM_WORK_S
+"""A call running longer than this lets an idle worker take over the rest of its batch
+(seconds): one answer slower than all before it (a trickling proxy, a stalled Seyaha) must
+not hold up the messages claimed behind it until its deadline."""
+
 ANSWER_TIME_WEIGHT = 0.2
 """Weight of the newest answer in the moving average of answer times."""
 
@@ -130,6 +135,27 @@ class Completions:
         return bool(self._messages)
 
 
+@dataclass(eq=False)
+class _Batch:
+    """One worker's claimed messages, shared with the other workers: while one of its calls
+    runs past STUCK_CALL_S, an idle worker takes over the part it has not reached."""
+
+    messages: list[OutboxMessage]
+    leased_until: datetime
+    lost: set[int] = field(default_factory=set)
+    """Messages not to send: taken by another claim, or superseded."""
+    end: int = -1
+    """messages[:end] are the owner's; [end:] were taken over by another worker."""
+    next: int = 0
+    """messages[next:end] have not been reached by the owner yet."""
+    call_since: float | None = None
+    """Monotonic start of the owner's call in flight, if one is."""
+
+    def __post_init__(self) -> None:
+        if self.end < 0:
+            self.end = len(self.messages)
+
+
 class Deliverer:
     def __init__(
         self,
@@ -170,6 +196,9 @@ class Deliverer:
         self.pause: Pause | None = None
         self.tally = Tally()
         self._lock = threading.Lock()
+        self._batches: set[_Batch] = set()
+        """Every worker's batch in progress (see _take_over)."""
+        self._batches_lock = threading.Lock()
         self._work = threading.Condition()
         self._generation = 0
         self._last_delivery_written = 0.0
@@ -241,8 +270,9 @@ class Deliverer:
     # -- one batch ----------------------------------------------------------------------
 
     def step(self, stop: threading.Event | None = None, done: Completions | None = None) -> int:
-        """Claim and process one batch; returns how many messages were attempted. `done`
-        carries a worker's successes from batch to batch while the store cannot take them."""
+        """Claim and process one batch (or take over the rest of a batch stuck behind a long
+        call); returns how many messages were attempted. `done` carries a worker's successes
+        from batch to batch while the store cannot take them."""
         stop = stop or threading.Event()
         done = done or Completions(self.store, self.clock)
         done.flush()  # successes an earlier batch could not record go first
@@ -250,18 +280,25 @@ class Deliverer:
         allowed, limit = self._may_send(now)
         if not allowed or self.breaker.wait_s(self.clock.monotonic()) > 0:
             return 0
+        batch = self._take_over()
+        if batch is None:
+            claimed = self.store.queue.claim(now, limit=limit, lease_s=self.lease_s)
+            batch = _Batch(claimed, now + timedelta(seconds=self.lease_s))
+            checked = self.clock.monotonic()
+        else:
+            checked = 0.0  # messages that waited behind a long call: checked before sending
+        claimed = batch.messages
+        lost = batch.lost
         attempted = 0
-        claimed = self.store.queue.claim(now, limit=limit, lease_s=self.lease_s)
-        leased_until = now + timedelta(seconds=self.lease_s)
-        lost: set[int] = set()
-        """Claimed messages not to send: taken over by another worker, or superseded."""
-        unsent = 0  # claimed[unsent:] have not been sent yet
-        checked = self.clock.monotonic()
+        unsent = 0  # claimed[unsent:batch.end] have not been sent yet
+        with self._batches_lock:
+            self._batches.add(batch)
         try:
             for index, message in enumerate(claimed):
                 unsent = index
                 if (
-                    stop.is_set()
+                    index >= batch.end  # another worker took over the rest
+                    or stop.is_set()
                     or (self.pause is not None and attempted > 0)
                     or not self.breaker.allow(self.clock.monotonic())
                 ):
@@ -271,34 +308,63 @@ class Deliverer:
                     break
                 with suppress(SQLAlchemyError):  # kept, and recorded at a later flush
                     done.flush_if_due()
-                if index and self.clock.monotonic() - checked >= SUPERSEDED_CHECK_S:
+                if self.clock.monotonic() - checked >= SUPERSEDED_CHECK_S:
                     # A scan may have queued a newer state for a slot of this batch while it
                     # waited behind slow answers: that one goes out instead, never after it.
                     checked = self.clock.monotonic()
-                    rest = [m for m in claimed[index:] if m.id not in lost]
+                    rest = [m for m in claimed[index : batch.end] if m.id not in lost]
                     lost |= self.store.queue.drop_superseded(rest)
-                if self.clock.now() + timedelta(seconds=self.request_s) >= leased_until:
+                if self.clock.now() + timedelta(seconds=self.request_s) >= batch.leased_until:
                     # Slow answers ate the lease: renew it before sending, or another worker
                     # could take the message while this one's call is still in flight.
-                    leased_until = self.clock.now() + timedelta(seconds=self.lease_s)
-                    rest = [m for m in claimed[index:] if m.id not in lost]
-                    lost |= {m.id for m in rest} - self.store.queue.extend(rest, until=leased_until)
+                    batch.leased_until = self.clock.now() + timedelta(seconds=self.lease_s)
+                    rest = [m for m in claimed[index : batch.end] if m.id not in lost]
+                    lost |= {m.id for m in rest} - self.store.queue.extend(
+                        rest, until=batch.leased_until
+                    )
                 if message.id not in lost:  # else another worker holds it, or it is stale
                     unsent = index + 1
-                    self.process(message, done)
+                    with self._batches_lock:
+                        if index >= batch.end:
+                            unsent = index
+                            break
+                        batch.next, batch.call_since = index + 1, self.clock.monotonic()
+                    try:
+                        self.process(message, done)
+                    finally:
+                        with self._batches_lock:
+                            batch.call_since = None
                     attempted += 1
-                    self._share(claimed[index + 1 :], lost)
+                    self._share(claimed[index + 1 : batch.end], lost)
             else:
                 unsent = len(claimed)
         finally:
+            with self._batches_lock:
+                self._batches.discard(batch)
+                end = batch.end
             # Whatever stopped the batch (a stop, a pause, an open breaker, a store that
             # failed), what was not sent is given back now rather than when its lease runs out.
-            rest = [m for m in claimed[unsent:] if m.id not in lost]
+            rest = [m for m in claimed[unsent:end] if m.id not in lost]
             if rest:
                 with suppress(SQLAlchemyError):
                     self._release(rest)
             done.flush()
         return attempted
+
+    def _take_over(self) -> _Batch | None:
+        """The unreached rest of another worker's batch whose call has run past STUCK_CALL_S,
+        as a batch of this worker's (under the same lease), or None."""
+        now = self.clock.monotonic()
+        with self._batches_lock:
+            for other in self._batches:
+                if other.call_since is None or now - other.call_since < STUCK_CALL_S:
+                    continue
+                rest = [m for m in other.messages[other.next : other.end] if m.id not in other.lost]
+                if not rest:
+                    continue
+                other.end = other.next
+                return _Batch(rest, other.leased_until)
+        return None
 
     def _share(self, rest: list[OutboxMessage], lost: set[int]) -> None:
         """Give back the part of a batch that the recent answer time says this worker will
