@@ -119,19 +119,10 @@ class FastReceiver:
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                request = await _read_request(reader)
+                if request is None:
                     return
-                lines = head.split(b"\r\n")
-                method, target, _version = lines[0].split(b" ", 2)
-                headers: dict[bytes, bytes] = {}
-                for line in lines[1:]:
-                    name, _, value = line.partition(b":")
-                    if name:
-                        headers[name.strip().lower()] = value.strip()
-                length = int(headers.get(b"content-length", b"0"))
-                body = await reader.readexactly(length) if length else b""
+                method, target, headers, body = request
                 writer.write(self.answer(method, target, headers, body))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -289,19 +280,10 @@ class AnswersReceiver:
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                request = await _read_request(reader)
+                if request is None:
                     return
-                lines = head.split(b"\r\n")
-                method, target, _version = lines[0].split(b" ", 2)
-                headers: dict[bytes, bytes] = {}
-                for line in lines[1:]:
-                    name, _, value = line.partition(b":")
-                    if name:
-                        headers[name.strip().lower()] = value.strip()
-                length = int(headers.get(b"content-length", b"0"))
-                body = await reader.readexactly(length) if length else b""
+                method, target, headers, body = request
                 if not await self._respond(method, target, headers, body, reader, writer):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -488,6 +470,27 @@ async def _serve_answers(port: int) -> None:
     sys.stdout.flush()
     async with server:
         await stopped.wait()
+
+
+async def _read_request(
+    reader: asyncio.StreamReader,
+) -> tuple[bytes, bytes, dict[bytes, bytes], bytes] | None:
+    """One HTTP/1.1 request (method, target, lower-cased headers, body); None once the client
+    has gone."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        return None
+    lines = head.split(b"\r\n")
+    method, target, _version = lines[0].split(b" ", 2)
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name:
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get(b"content-length", b"0"))
+    body = await reader.readexactly(length) if length else b""
+    return method, target, headers, body
 
 
 def main(argv: list[str] | None = None) -> int:
