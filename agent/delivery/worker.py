@@ -39,6 +39,19 @@ log = logging.getLogger("agent.delivery")
 IDLE_WAIT_S = 1.0
 """Longest sleep when nothing is due: a scan that queues work wakes the workers sooner."""
 
+
+def idle_wait_s(retry_at: float, looked_at: float, now: float) -> float:
+    """How long an idle worker sleeps (monotonic seconds): until the earliest retry this
+    process scheduled (`retry_at`, 0 for none), unless the look at the queue that just found
+    nothing (begun at `looked_at`) began after it was due; at most IDLE_WAIT_S.
+
+    A retry that fell due while that look was under way was not seen by it: the worker looks
+    again at once instead of sleeping a whole IDLE_WAIT_S past it."""
+    if retry_at <= looked_at:
+        return IDLE_WAIT_S
+    return max(0.0, min(IDLE_WAIT_S, retry_at - now))
+
+
 LAST_DELIVERY_EVERY_S = 1.0
 """The last-delivery time is written to the store at most this often (seconds)."""
 
@@ -217,12 +230,14 @@ class Deliverer:
             else:
                 self._work.notify(max(1, -(-messages // self.claim_size())))
 
-    def _idle(self, seen: int, stop: threading.Event) -> None:
+    def _idle(self, seen: int, stop: threading.Event, looked_at: float) -> None:
+        """Sleep until new work is poked, a retry falls due, or IDLE_WAIT_S passes; `looked_at`
+        is when the step that found nothing began."""
         with self._work:
             if self._generation == seen and not stop.is_set():
-                # Wake for the earliest retry this process scheduled, not a second later.
-                until_retry = self._retry_at - self.clock.monotonic()
-                self._work.wait(min(IDLE_WAIT_S, until_retry) if until_retry > 0 else IDLE_WAIT_S)
+                wait = idle_wait_s(self._retry_at, looked_at, self.clock.monotonic())
+                if wait > 0:
+                    self._work.wait(wait)
 
     def _retry_due_in(self, seconds: float) -> None:
         with self._work:
@@ -636,6 +651,7 @@ class Deliverer:
         done = Completions(self.store, self.clock)
         while not stop.is_set():
             seen = self._generation
+            looked_at = self.clock.monotonic()
             try:
                 attempted = self.step(stop, done)
             except Exception as exc:
@@ -647,8 +663,9 @@ class Deliverer:
                 what = "the state store" if isinstance(exc, SQLAlchemyError) else "delivery"
                 self.tally.note_problem(f"{what} failed: {first_line(exc)} (retried)")
                 attempted = 0
+                looked_at = self.clock.monotonic()  # no look was made: wait, do not spin
             if attempted == 0:
-                self._idle(seen, stop)
+                self._idle(seen, stop, looked_at)
         with suppress(SQLAlchemyError):
             done.flush()  # a last try for successes the store could not take
 

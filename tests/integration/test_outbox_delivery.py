@@ -30,7 +30,7 @@ from agent.config import load_config
 from agent.delivery.client import Response
 from agent.delivery.worker import IDLE_WAIT_S
 from agent.errors import StateError
-from agent.model import CatalogDiff, Slot, SlotDiff
+from agent.model import CatalogDiff, OutboxMessage, Slot, SlotDiff
 from agent.plan import notify_message
 from agent.sandbox import Call, Sandbox
 from agent.store import StateStore
@@ -1020,7 +1020,9 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
     state_url: Callable[[str], str],
 ) -> None:
     """The log said "retry in 0.1 s" and the retry came about a second later: the worker
-    slept its whole idle wait (IDLE_WAIT_S) past the retry it had just scheduled."""
+    slept its whole idle wait (IDLE_WAIT_S) past the retry it had just scheduled, or past one
+    that fell due while its look at the queue was under way (a slow store makes that look
+    outlast the 0.1 s; every look here takes SLOW_CLAIM_S)."""
     inventory = make_inventory("sqlite")
     seed_tours(inventory, first_day())
     attempts: list[float] = []
@@ -1044,12 +1046,34 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
         state_url=state_url("sqlite"),
         delivery={"backoff_initial": 0.1, "backoff_max": 0.1, "concurrency": 1},
     )
+    slow_claim_s = 0.15  # longer than the retry's whole delay (0.1 s + margin)
+    in_claims: list[tuple[float, float]] = []
+    claim = agent.store.queue.claim
+
+    def slow_claim(*args: Any, **kwargs: Any) -> list[OutboxMessage]:
+        began = time.monotonic()
+        if attempts:  # after the failure: the look that misses the retry falling due
+            time.sleep(slow_claim_s)
+        try:
+            return claim(*args, **kwargs)
+        finally:
+            in_claims.append((began, time.monotonic()))
+
+    agent.store.queue.claim = slow_claim  # type: ignore[method-assign]
     assert agent.scan().baseline
     drained(agent)
 
     assert len(attempts) == 2
-    # Full jitter: the retry was due within 0.1 s of the failure.
-    assert attempts[1] - attempts[0] < IDLE_WAIT_S / 2
+    first, second = attempts
+    # What the store itself took between the two calls is not the worker's idling.
+    claiming = sum(
+        min(end, second) - max(began, first)
+        for began, end in in_claims
+        if end > first and began < second
+    )
+    assert claiming >= 2 * slow_claim_s  # the look that missed the retry, and the one that found it
+    # Full jitter: the retry was due within 0.1 s of the failure; no idle wait of its own.
+    assert second - first - claiming < IDLE_WAIT_S / 2
 
 
 # -- 11. a state store whose connections die ---------------------------------------------
