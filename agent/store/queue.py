@@ -34,9 +34,77 @@ CLAIM_LOCK_WAIT_S = 10.0
 timeout, and PostgreSQL's lock_timeout in the claim's transaction."""
 
 
+def _claim_candidates(connector: Connector) -> sa.Select[Any]:
+    """The claim's look-up of due messages, built once (bound: now_ms, claim_limit): built
+    per claim, this statement cost more CPU than running it."""
+    now_ms = sa.bindparam("now_ms", type_=sa.BigInteger)
+    o = t.outbox.c
+    older_trigger = t.outbox.alias("older_trigger")
+    older_same = t.outbox.alias("older_same")
+    # The oldest waiting trigger, computed once: a correlated NOT EXISTS here made every
+    # claim scan the whole backlog once per waiting row (quadratic in the backlog).
+    first_trigger = (
+        sa.select(sa.func.min(older_trigger.c.id))
+        .where(older_trigger.c.kind == "trigger", older_trigger.c.state == t.PENDING)
+        .scalar_subquery()
+    )
+    newer_same = t.outbox.alias("newer_same")
+    # A newer message for the same slot (or a newer trigger) carries the newest absolute
+    # state: an older one, left behind by an expired lease or a failed attempt that ran
+    # while the newer was queued, is superseded and dropped instead of sent.
+    superseded = (
+        sa.exists()
+        .where(
+            newer_same.c.dedupe_key == o.dedupe_key,
+            newer_same.c.state == t.PENDING,
+            newer_same.c.id > o.id,
+        )
+        .label("superseded")
+    )
+    candidates = (
+        sa.select(t.outbox, superseded)
+        .where(
+            o.state == t.PENDING,
+            o.available_ms <= now_ms,
+            sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
+            sa.or_(o.kind == "trigger", first_trigger.is_(None), o.id < first_trigger),
+            ~sa.exists().where(
+                older_same.c.dedupe_key == o.dedupe_key,
+                older_same.c.state == t.PENDING,
+                older_same.c.id < o.id,
+            ),
+        )
+        .order_by(o.id)
+        .limit(sa.bindparam("claim_limit", type_=sa.Integer))
+    )
+    # Several agents on one store: each skips the rows another is claiming instead of
+    # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
+    return connector.dialect.skip_locked(candidates, of=t.outbox)
+
+
+def _lease_update() -> sa.Update:
+    """Lease the claimed rows (bound: ids, now_ms, token, until_ms), built once."""
+    o = t.outbox.c
+    now_ms = sa.bindparam("now_ms", type_=sa.BigInteger)
+    return (
+        sa.update(t.outbox)
+        .where(
+            o.id.in_(sa.bindparam("ids", expanding=True)),
+            o.state == t.PENDING,
+            sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
+        )
+        .values(
+            lease_token=sa.bindparam("token", type_=sa.String),
+            leased_until_ms=sa.bindparam("until_ms", type_=sa.BigInteger),
+        )
+    )
+
+
 class Queue:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
+        self._candidates = _claim_candidates(connector)
+        self._lease = _lease_update()
 
     # -- enqueue, inside the scan's transaction -----------------------------------------
 
@@ -135,51 +203,9 @@ class Queue:
         """Reserve up to `limit` due messages, oldest first, under a lease of `lease_s`."""
         now_ms = to_epoch_ms(now)
         until_ms = now_ms + int(lease_s * 1000)
-        o = t.outbox.c
-        older_trigger = t.outbox.alias("older_trigger")
-        older_same = t.outbox.alias("older_same")
-        # The oldest waiting trigger, computed once: a correlated NOT EXISTS here made every
-        # claim scan the whole backlog once per waiting row (quadratic in the backlog).
-        first_trigger = (
-            sa.select(sa.func.min(older_trigger.c.id))
-            .where(older_trigger.c.kind == "trigger", older_trigger.c.state == t.PENDING)
-            .scalar_subquery()
-        )
-        newer_same = t.outbox.alias("newer_same")
-        # A newer message for the same slot (or a newer trigger) carries the newest absolute
-        # state: an older one, left behind by an expired lease or a failed attempt that ran
-        # while the newer was queued, is superseded and dropped instead of sent.
-        superseded = (
-            sa.exists()
-            .where(
-                newer_same.c.dedupe_key == o.dedupe_key,
-                newer_same.c.state == t.PENDING,
-                newer_same.c.id > o.id,
-            )
-            .label("superseded")
-        )
-        candidates = (
-            sa.select(t.outbox, superseded)
-            .where(
-                o.state == t.PENDING,
-                o.available_ms <= now_ms,
-                sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
-                sa.or_(o.kind == "trigger", first_trigger.is_(None), o.id < first_trigger),
-                ~sa.exists().where(
-                    older_same.c.dedupe_key == o.dedupe_key,
-                    older_same.c.state == t.PENDING,
-                    older_same.c.id < o.id,
-                ),
-            )
-            .order_by(o.id)
-            .limit(limit)
-        )
-        # Several agents on one store: each skips the rows another is claiming instead of
-        # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
-        candidates = self.connector.dialect.skip_locked(candidates, of=t.outbox)
         claim = _Claim()
         try:
-            return self._claim(candidates, claim, now_ms, until_ms)
+            return self._claim(limit, claim, now_ms, until_ms)
         except SQLAlchemyError:
             # The connection died: the lease UPDATE may have committed without this process
             # hearing of it. Its rows would wait out their lease; give them back now.
@@ -187,20 +213,18 @@ class Queue:
                 with suppress(SQLAlchemyError), self.connector.write() as conn:
                     conn.execute(
                         sa.update(t.outbox)
-                        .where(o.lease_token == claim.token)
+                        .where(t.outbox.c.lease_token == claim.token)
                         .values(lease_token=None, leased_until_ms=None)
                     )
             raise
 
-    def _claim(
-        self, candidates: sa.Select[Any], claim: _Claim, now_ms: int, until_ms: int
-    ) -> list[OutboxMessage]:
+    def _claim(self, limit: int, claim: _Claim, now_ms: int, until_ms: int) -> list[OutboxMessage]:
         o = t.outbox.c
         with self.connector.write() as conn:
             # Rows other claims hold are skipped; a lock on the whole table (a migration, a
             # LOCK TABLE) is waited for only this long, then the claim fails and is retried.
             self.connector.dialect.limit_lock_wait(conn, CLAIM_LOCK_WAIT_S)
-            rows = conn.execute(candidates).all()
+            rows = conn.execute(self._candidates, {"now_ms": now_ms, "claim_limit": limit}).all()
             if superseded_ids := [r.id for r in rows if r.superseded]:
                 conn.execute(sa.delete(t.outbox).where(o.id.in_(superseded_ids)))
             wanted = [r for r in rows if not r.superseded]
@@ -209,13 +233,13 @@ class Queue:
             # One token for the batch: a message is held by its id and the token together.
             token = claim.token = str(uuid.uuid4())
             taken = conn.execute(
-                sa.update(t.outbox)
-                .where(
-                    o.id.in_([r.id for r in wanted]),
-                    o.state == t.PENDING,
-                    sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
-                )
-                .values(lease_token=token, leased_until_ms=until_ms)
+                self._lease,
+                {
+                    "ids": [r.id for r in wanted],
+                    "now_ms": now_ms,
+                    "token": token,
+                    "until_ms": until_ms,
+                },
             ).rowcount
             if taken != len(wanted):
                 # Another consumer got in between the two statements (the candidates are
