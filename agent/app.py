@@ -176,6 +176,10 @@ class Agent:
         """Monotonic time of the last successful poll or scan (or standby turn)."""
         self.heartbeat = self.clock.monotonic()
         """Monotonic time the poll loop last went round: the systemd watchdog feeds on it."""
+        self.reconciled = False
+        """Whether a full scan (a reconciliation, or a poll that fell back to one) has run
+        since the daemon started (run): it runs one right after its first poll."""
+        self._scheduler: BackgroundScheduler | None = None
 
     def open(self, *, exclusive: bool = True) -> None:
         """Open the state store; `exclusive` refuses to share a SQLite state file."""
@@ -342,6 +346,8 @@ class Agent:
         return report
 
     def _after(self, report: ScanReport) -> None:
+        if report.kind != "incremental":
+            self.reconciled = True
         if report.baseline and self._lock is not None:
             self._lock.mark_baselined()
         if report.enqueued:
@@ -430,6 +436,7 @@ class Agent:
                 # Ready once the outbox is open and the first scan has run: a source that is
                 # down at boot is the agent's to wait out, not a reason for systemd to kill it.
                 first = False
+                self._reconcile_after_start()
                 systemd.notify(
                     "READY=1\nSTATUS="
                     + ("first scan done" if ok else "first scan failed; retrying with backoff")
@@ -441,6 +448,18 @@ class Agent:
             else:
                 self.poll_wake.wait(self.next_poll_in_s())
             self.poll_wake.clear()
+
+    def _reconcile_after_start(self) -> None:
+        """Queue a reconciliation right after the first poll, unless that poll was one.
+
+        A row the change query missed (a transaction longer than cursor_overlap, stamped
+        with its start) is found only by a reconciliation: waiting full_scan_interval after
+        every start would let a restart put it off again. Run from the scheduler, after the
+        first poll, so readiness (READY=1) does not wait for a long reconciliation."""
+        scheduler = self._scheduler
+        if scheduler is None or self.reconciled or not self.reader.incremental:
+            return
+        scheduler.add_job(self.full_scan_job, id="start-reconciliation", max_instances=1)
 
     def readiness(self) -> list[str]:
         """Why the agent is not ready (empty: ready): for /readyz."""
@@ -530,7 +549,8 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Poll, reconcile and deliver until `stop` is set."""
         source = self.config.settings.source
-        scheduler = BackgroundScheduler(timezone="UTC")
+        scheduler = self._scheduler = BackgroundScheduler(timezone="UTC")
+        self.reconciled = False
         if self.reader.incremental:
             scheduler.add_job(
                 self.full_scan_job,

@@ -380,6 +380,38 @@ def test_without_an_overlap_a_late_commit_is_missed_by_polls_and_found_by_the_fu
     assert _per_slot(_notified(sandbox)) == {"101": 1, "202": 1}
 
 
+@pytest.mark.parametrize("backend", SERVER_PARAMS)
+def test_a_row_the_polls_missed_before_a_restart_is_found_by_the_reconciliation_at_start(
+    backend: str, baselined: Callable[..., Baselined]
+) -> None:
+    """A late commit the polls missed used to wait for the first reconciliation, which came
+    full_scan_interval after the start (3600 s here): restarting did not help."""
+    setup = baselined(backend, cursor_overlap=0, full_scan_interval=3600)
+    inventory, slots, sandbox, agent = setup.inventory, setup.slots, setup.sandbox, setup.agent
+
+    early = inventory.clock() - timedelta(seconds=2)
+    between, delivered_between, after = _commit_out_of_order(
+        inventory, agent, sandbox, early_stamp=":early", params={"early": early}
+    )
+    assert (between.notifies, after.slot_rows, after.messages) == (1, 0, 0)  # missed by polls
+    missed = _expected(slots[101], "LIMITED", 11)
+    full_scans = _full_scans(agent)
+
+    with running(agent):  # the restart
+        wait_until(lambda: missed in _notified(sandbox), "the reconciliation after the start")
+        wait_until(lambda: agent.store.admin.stats().pending == 0, "delivery")
+
+    assert _notified(sandbox) == [*delivered_between, missed]
+    assert _full_scans(agent) == full_scans + 1  # one, after the first (incremental) poll
+
+
+def _full_scans(agent: Agent) -> float:
+    value = agent.metrics.registry.get_sample_value(
+        "seyaha_agent_scan_duration_seconds_count", {"kind": "full"}
+    )
+    return value or 0.0
+
+
 # -- many rows sharing one timestamp ----------------------------------------------------
 
 MANY = range(1001, 1051)
