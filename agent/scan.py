@@ -322,11 +322,13 @@ class Scanner:
                 scan=report.kind,
             )
         else:
+            # A reconciliation is said at INFO even when it found nothing (every
+            # full_scan_interval, and its length is worth seeing); a quiet poll only at DEBUG.
             event(
                 log,
-                logging.DEBUG,
+                logging.INFO if report.kind == "full" else logging.DEBUG,
                 "scan.unchanged",
-                "no change",
+                "no change" if report.kind != "full" else "reconciled: no change",
                 scan=report.kind,
                 duration_ms=round(report.duration_s * 1000, 1),
             )
