@@ -405,6 +405,44 @@ def test_a_row_the_polls_missed_before_a_restart_is_found_by_the_reconciliation_
     assert _full_scans(agent) == full_scans + 1  # one, after the first (incremental) poll
 
 
+@pytest.mark.parametrize("backend", SERVER_PARAMS)
+def test_bookings_committed_while_the_start_reconciliation_runs_all_arrive_last_state_last(
+    backend: str, baselined: Callable[..., Baselined]
+) -> None:
+    """The reconciliation after the start and the polls take turns on one store: with
+    bookings committed from the moment the daemon starts, through that reconciliation, the
+    last call for each slot carries the database's last state, and no slot gets more calls
+    than it had bookings (a small inventory: the reconciliation overlaps only the first
+    bookings)."""
+    setup = baselined(backend, full_scan_interval=3600)
+    inventory, sandbox, agent = setup.inventory, setup.sandbox, setup.agent
+    assert _poll(agent).kind == "incremental"
+    booked = [101, 202, 101, 202, 101]
+    full_scans = _full_scans(agent)
+
+    with running(agent):
+        for round_, slot_id in enumerate(booked * 4):  # from the first instant of the start
+            inventory.update_slot(slot_id, vacancies=30 - round_)
+            time.sleep(0.05)
+        wait_until(lambda: _full_scans(agent) == full_scans + 1, "the start reconciliation")
+        final = {"101": 30 - 19, "202": 30 - 18}  # each slot's last round
+
+        def last_vacancies() -> dict[str, Any]:
+            return {b["availabilityId"]: b["vacancies"] for b in _notified(sandbox)}
+
+        wait_until(
+            lambda: {k: last_vacancies().get(k) for k in final} == final,
+            "the last state of each slot",
+        )
+        wait_until(lambda: agent.store.admin.stats().pending == 0, "delivery")
+
+    assert {k: last_vacancies().get(k) for k in final} == final
+    sent = _per_slot(_notified(sandbox))
+    assert set(sent) == set(final)
+    assert sent["101"] <= 12  # never more calls than bookings
+    assert sent["202"] <= 8
+
+
 def _full_scans(agent: Agent) -> float:
     value = agent.metrics.registry.get_sample_value(
         "seyaha_agent_scan_duration_seconds_count", {"kind": "full"}
