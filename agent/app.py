@@ -11,8 +11,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import httpx
@@ -39,7 +39,7 @@ from agent.errors import (
 )
 from agent.logs import event
 from agent.metrics import Metrics
-from agent.scan import Scanner, ScanReport
+from agent.scan import Scanner, ScanReport, Superseded
 from agent.source.reader import SourceReader
 from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
 from agent.store import OutboxStats, StateStore
@@ -167,7 +167,10 @@ class Agent:
         self.poll_wake = threading.Event()
         """Set by a wake-up (LISTEN/NOTIFY, file watch): wakes the poll loop."""
         self.scan_lock = threading.Lock()
-        """One scan at a time: full scans and polls both write fingerprints."""
+        """One scan at a time: full scans and polls both write fingerprints. A
+        reconciliation beside the polls takes it only for moments (Scanner.reconcile)."""
+        self._reconciling = threading.Lock()
+        """One reconciliation at a time (the start's and the interval's may meet)."""
         self._source_down: str | None = None
         self._failures = 0
         self._failure: tuple[str, str] | None = None
@@ -270,8 +273,10 @@ class Agent:
         )
         if held == "taken":
             # The lease is new to this agent, or another agent held it since: that one may
-            # have recorded changes meanwhile, so what the last poll saw may be stale.
+            # have recorded changes meanwhile, so what the last poll saw may be stale, and
+            # so may a reconciliation's snapshot.
             self.scanner.recent.clear()
+            self.scanner.supersede("the scanner lease changed hands")
         if held is not None:
             if not self._holds_scanner:
                 event(log, logging.INFO, "scan.leader", "this agent holds the scanner lease")
@@ -280,6 +285,7 @@ class Agent:
             return True
         self._holds_scanner = False
         self.scanner.recent.clear()
+        self.scanner.supersede("another agent holds the scanner lease")
         if not self._not_scanner_logged:
             event(
                 log,
@@ -332,8 +338,41 @@ class Agent:
         return self._as_scanner(self.scanner.poll)
 
     def full_scan(self) -> ScanReport | None:
-        """The scheduled reconciliation, by the scanner-lease holder only."""
-        return self._as_scanner(self.scanner.scan)
+        """The scheduled reconciliation, by the scanner-lease holder only.
+
+        Beside the polls (Scanner.reconcile) once the store is baselined and a change query
+        keeps a cursor: polls and wake-ups go on while it reads. Otherwise (the first scan,
+        a resync, no change query) a full scan that polls wait for. None when another agent
+        scans, another reconciliation runs, or this one was overtaken (Superseded).
+        """
+        if not self._reconciling.acquire(blocking=False):
+            return None
+        try:
+            with self.scan_lock:
+                self._check_state_file()
+                if not self._scanner_turn():
+                    return None
+                beside = self._resync_because is None and self.scanner.can_reconcile_beside()
+            if not beside:
+                return self._as_scanner(self.scanner.scan)
+            try:
+                report = self.scanner.reconcile(self._scan_turn)
+            except Superseded as exc:
+                event(log, logging.INFO, "scan.superseded", str(exc))
+                return None
+        finally:
+            self._reconciling.release()
+        self._after(report)
+        return report
+
+    @contextmanager
+    def _scan_turn(self) -> Iterator[None]:
+        """The scan lock for a moment of a reconciliation beside the polls (Scanner.Turn)."""
+        with self.scan_lock:
+            self._check_state_file()
+            if not self._scanner_turn():
+                raise Superseded("reconciliation stopped: another agent took the scanner lease")
+            yield
 
     def _as_scanner(self, work: Callable[[], ScanReport]) -> ScanReport | None:
         with self.scan_lock:

@@ -202,3 +202,9 @@ def diff_changed_slots(
         elif kind == "changed":
             changed.append(item)
     return SlotDiff(tuple(added), tuple(changed))
+
+
+def without_keys(changes: Iterable[SlotChange], keys: Collection[SlotKey]) -> list[SlotChange]:
+    """`changes` minus those of `keys`, in order: a reconciliation's chunk minus the slots a
+    poll recorded after the reconciliation's snapshot (their stored state is newer)."""
+    return [change for change in changes if change[1].key not in keys]

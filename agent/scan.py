@@ -7,8 +7,8 @@ pure functions and the state store, and reports what it saw.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import closing
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -19,10 +19,12 @@ from agent.diff import (
     diff_catalog,
     diff_changed_slots,
     iter_slot_changes,
+    without_keys,
 )
+from agent.errors import StateError
 from agent.logs import event
 from agent.metrics import Metrics
-from agent.model import CatalogDiff, Message, SkippedRow, Slot, SlotDiff
+from agent.model import CatalogDiff, Message, SkippedRow, Slot, SlotDiff, SlotKey
 from agent.plan import plan
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
@@ -50,6 +52,46 @@ memory with a million reasons."""
 
 CURSOR = "slots"
 """Name of the change cursor in the state store."""
+
+
+Turn = Callable[[], AbstractContextManager[object]]
+"""Takes the agent's scan turn for a moment (its scan lock: no poll runs meanwhile); raises
+when the agent may no longer scan (the state file was lost, another agent took the lease)."""
+
+
+class Superseded(StateError):
+    """A reconciliation running beside the polls was overtaken: a full scan ran meanwhile,
+    or the scanner lease changed hands. What it recorded so far stays; the next goes on."""
+
+
+@dataclass
+class LiveChanges:
+    """What the polls recorded since a reconciliation took its snapshot (its low watermark).
+
+    A reconciliation beside the polls reads every row at one moment of the source (its
+    snapshot, taken while no poll runs); polls go on meanwhile and record newer states. Each
+    chunk of its changes is recorded in a scan turn (no poll runs then either) minus the keys
+    gathered here: a poll that read a key after the snapshot saw it at least as new, so the
+    reconciliation's value for that key is dropped (Netflix DBLog's watermark rule). A poll
+    that begins after the chunk's turn reads the newer rows itself. Memory: one key per slot
+    a poll recorded while the reconciliation ran.
+    """
+
+    touched: set[SlotKey] = field(default_factory=set)
+    polls: int = 0
+    superseded: str | None = None
+
+    def saw(self, keys: Iterable[SlotKey]) -> None:
+        self.polls += 1
+        self.touched.update(keys)
+
+    def check(self) -> None:
+        if self.superseded is not None:
+            raise Superseded(f"reconciliation stopped: {self.superseded}; the next one goes on")
+
+    def keep(self, chunk: list[SlotChange]) -> list[SlotChange]:
+        self.check()
+        return without_keys(chunk, self.touched) if self.touched else chunk
 
 
 @dataclass
@@ -106,7 +148,24 @@ class Scanner:
     fence: str | None = None
     """On a shared store, the identity that must still hold the scanner lease for a scan's
     result to be recorded (StateStore.commit_scan)."""
+    commit_chunk: int = COMMIT_CHUNK
+    """Slot changes a full scan records per state transaction (see COMMIT_CHUNK)."""
     _reported: set[tuple[str, str, str]] = field(default_factory=set)
+    _live: LiveChanges | None = None
+    """Set while a reconciliation runs beside the polls (see reconcile)."""
+
+    def can_reconcile_beside(self) -> bool:
+        """Whether `reconcile` can run beside the polls: a baselined store with a cursor."""
+        return (
+            self.reader.incremental
+            and self.store.fingerprints.cursor(CURSOR) is not None
+            and self.store.fingerprints.is_baselined()
+        )
+
+    def supersede(self, why: str) -> None:
+        """Stop a reconciliation running beside the polls at its next chunk (see LiveChanges)."""
+        if self._live is not None:
+            self._live.superseded = why
 
     def scan(self, *, resync: bool = False) -> ScanReport:
         """A full scan; with `resync`, every in-scope slot is notified (a deliberate backfill).
@@ -117,6 +176,7 @@ class Scanner:
         """
         started = self.clock.monotonic()
         snapshot = Snapshot()
+        self.supersede("a full scan ran meanwhile")
         # A full scan also removes and expires slots: what the last poll saw may be stale.
         self.recent.clear()
         with self.reader.transaction() as src:
@@ -143,7 +203,7 @@ class Scanner:
                         include_unchanged=resync,
                     )
                     held = _Held(self, report, resync)
-                    for chunk in _chunks(changes, COMMIT_CHUNK):
+                    for chunk in _chunks(changes, self.commit_chunk):
                         held.add(chunk)
                     if not held.chunks and not held.committed:
                         held.add([])  # the catalog's changes, or at least the scan's time
@@ -159,6 +219,71 @@ class Scanner:
             cursors=cursors,
             scanner=self.fence,
         )
+        report.take_skipped(snapshot)
+        report.duration_s = self.clock.monotonic() - started
+        self._observe(report)
+        return report
+
+    def reconcile(self, turn: Turn) -> ScanReport:
+        """A full reconciliation that runs beside the polls instead of stopping them.
+
+        Polls take the scan turn (`turn`) only for a moment each; so does this: to read the
+        catalog and take the source snapshot every slot is then read at, to record each
+        chunk of changes (minus those LiveChanges holds), and to finish. Between those,
+        polls and wake-ups go on. The store must be baselined and a change cursor saved
+        (Agent.full_scan falls back to `scan` otherwise).
+        """
+        started = self.clock.monotonic()
+        snapshot = Snapshot()
+        with self.reader.transaction() as src:
+            with turn():
+                # The snapshot: PostgreSQL takes it at the first statement, MySQL/MariaDB
+                # (REPEATABLE READ) and SQLite (a deferred transaction) at the first read of
+                # a table, the catalog's; every slot is then read as it was at this moment.
+                upper = self.reader.clock(src)
+                self.reader.read_catalog(src, snapshot)
+                now = self.clock.now()
+                report = ScanReport(at=now, kind="full")
+                report.catalog = diff_catalog(
+                    self.store.fingerprints.load_catalog(),
+                    snapshot.catalog,
+                    snapshot.catalog_protected,
+                )
+                if report.catalog.added or report.catalog.changed or report.catalog.removed:
+                    # Recorded now, triggers first; polls read the catalog from the store.
+                    # Not waited for: the source's transaction is open (see _Held).
+                    self._commit_chunk(report, [], first=True, resync=False, wait=False)
+                live = self._live = LiveChanges()
+                # What the polls remembered before the snapshot may be older than it.
+                self.recent.clear()
+            try:
+                with self.store.reading() as stored:
+                    remembered = self.store.fingerprints.iter_slots(stored)
+                    current = self.reader.stream_slots(src, snapshot)
+                    with closing(remembered), closing(current):
+                        changes = iter_slot_changes(
+                            remembered,
+                            current,
+                            now,
+                            in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
+                        )
+                        held = _Held(self, report, resync=False, committed=1, turn=turn, live=live)
+                        for chunk in _chunks(changes, self.commit_chunk):
+                            held.add(chunk)
+            except BaseException:
+                self._live = None
+                raise
+        try:
+            held.flush(wait=True)
+            with turn():
+                live.check()
+                # The polls keep the cursor once one ran; before that, this moves it on.
+                cursors = {} if live.polls else {CURSOR: cursor.encode(upper)}
+                self.store.commit_scan(
+                    CatalogDiff(), SlotDiff(), [], now, cursors=cursors, scanner=self.fence
+                )
+        finally:
+            self._live = None
         report.take_skipped(snapshot)
         report.duration_s = self.clock.monotonic() - started
         self._observe(report)
@@ -247,6 +372,8 @@ class Scanner:
             scanner=self.fence,
         )
         self.recent.replace(snapshot.handled)
+        if self._live is not None:
+            self._live.saw(key for key, _ in found)
         report.count(slots, messages, enqueued)
         report.slots_unchanged = snapshot.slot_rows_unchanged
         report.take_skipped(snapshot)
@@ -353,6 +480,10 @@ class _Held:
     resync: bool
     chunks: list[list[SlotChange]] = field(default_factory=list)
     committed: int = 0
+    turn: Turn = nullcontext
+    """Taken around each chunk's recording (a reconciliation beside the polls)."""
+    live: LiveChanges | None = None
+    """Keys the polls recorded meanwhile, dropped from each chunk (see LiveChanges)."""
 
     def add(self, chunk: list[SlotChange]) -> None:
         self.chunks.append(chunk)
@@ -360,23 +491,25 @@ class _Held:
         if len(self.chunks) > HELD_CHUNKS:
             raise StoreBusy(
                 f"the state store stayed locked by another process while this scan read "
-                f"{len(self.chunks) * COMMIT_CHUNK:,} changed slots; the scan stops here "
+                f"{len(self.chunks) * self.scanner.commit_chunk:,} changed slots; the scan stops here "
                 "(what it recorded so far is kept) and the next one goes on. Look for a "
                 "long transaction on the state store (an `outbox purge`, a backup, a shell)."
             )
 
     def flush(self, *, wait: bool) -> None:
         while self.chunks:
-            try:
-                self.scanner._commit_chunk(
-                    self.report,
-                    self.chunks[0],
-                    first=self.committed == 0,
-                    resync=self.resync,
-                    wait=wait,
-                )
-            except StoreBusy:
-                return
+            with self.turn():
+                chunk = self.chunks[0] if self.live is None else self.live.keep(self.chunks[0])
+                try:
+                    self.scanner._commit_chunk(
+                        self.report,
+                        chunk,
+                        first=self.committed == 0,
+                        resync=self.resync,
+                        wait=wait,
+                    )
+                except StoreBusy:
+                    return
             self.chunks.pop(0)
             self.committed += 1
 
