@@ -447,6 +447,7 @@ class Scanner:
                 slots_changed=report.slots_changed,
                 slots_removed=report.slots_removed,
                 scan=report.kind,
+                duration_ms=round(report.duration_s * 1000, 1),
             )
         else:
             # A reconciliation is said at INFO even when it found nothing (every

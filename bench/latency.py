@@ -17,20 +17,27 @@ Modes:
 - polling: no triggers, poll_interval 1 s;
 both with the default cursor_overlap (60 s) and full_scan_interval (300 s; each run is
 shorter, and the measured commits start once the reconciliation the daemon runs after its
-first poll is over, so no full reconciliation falls inside a measured window). Each run starts once no
-row has changed for 65 s, so that it does not inherit the previous run's changes in its
-polls' overlap window; within a run the window fills with the run's own commits, as it
-would in a steady booking system.
+first poll is over, so no full reconciliation falls inside a measured window);
+- wake-ups through reconciliations: as wake-ups, but full_scan_interval 15 s and the
+  measured commits start right after the warm-up, while the reconciliation after the start
+  runs; at 1,000,000 slots one reconciliation takes longer than the interval, so they follow
+  each other through the whole window. The reconciliations' start and end come from the
+  daemon's log, and the commits made while one ran are counted apart.
+Each run starts once no row has changed for 65 s, so that it does not inherit the previous
+run's changes in its polls' overlap window; within a run the window fills with the run's
+own commits, as it would in a steady booking system.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +71,20 @@ class Mode:
     triggers: bool
     poll_interval_s: float
     cursor_overlap_s: float = 60.0
+    full_scan_interval_s: float = 300.0
+    through_reconciliations: bool = False
+    """Measure while reconciliations run, instead of after the one at the start."""
 
 
 WAKEUPS = Mode("wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
 POLLING = Mode("plain polling, poll_interval 1 s", False, 1.0)
+RECONCILING = Mode(
+    "wake-ups through reconciliations, full_scan_interval 15 s",
+    True,
+    60.0,
+    full_scan_interval_s=15.0,
+    through_reconciliations=True,
+)
 
 
 class Daemon:
@@ -99,6 +116,21 @@ class Daemon:
             time.sleep(RECONCILED_CHECK_S)
         return False
 
+    def reconciliations(self) -> list[tuple[float, float]]:
+        """(start, end) in epoch seconds of every full reconciliation the log reports."""
+        spans = []
+        with open(self._log.name, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if '"scan": "full"' not in line or '"duration_ms"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                end = datetime.fromisoformat(record["ts"]).timestamp()
+                spans.append((end - float(record["duration_ms"]) / 1000, end))
+        return spans
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -119,10 +151,29 @@ class StreamResult:
     cpu_s: float
     """CPU of the measured process from the first measured commit to the last delivery."""
     seconds: float
+    committed_at: list[float] = field(default_factory=list)
+    """Epoch seconds of each delivered commit, in the order of latencies_ms."""
+    reconciling: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) of the reconciliations that overlapped the window (epoch seconds)."""
+
+    def during(self) -> list[float]:
+        """Latencies of the commits made while a reconciliation ran."""
+        return [
+            ms
+            for ms, at in zip(self.latencies_ms, self.committed_at, strict=True)
+            if any(start <= at <= end for start, end in self.reconciling)
+        ]
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_ms
+        during = self.during()
         return {
+            "reconciliations": len(self.reconciling),
+            "reconciliation_s": [round(end - start, 1) for start, end in self.reconciling],
+            "commits_during": len(during),
+            "p50_during_ms": percentile(during, 0.50) if during else float("nan"),
+            "p99_during_ms": percentile(during, 0.99) if during else float("nan"),
+            "max_during_ms": max(during) if during else float("nan"),
             "commits": self.commits,
             "delivered": len(lat),
             "missing": self.missing,
@@ -152,19 +203,27 @@ def stream(
         if not receiver.wait_for([(slot, vacancies)], WARMUP_TIMEOUT_S):
             raise RuntimeError(f"a warm-up booking of slot {slot} was never delivered")
     cpu_before = cpu_of()
-    sent: dict[str, tuple[int, float]] = {}
+    sent: dict[str, tuple[int, float, float]] = {}
     started = time.monotonic()
     for k in range(commits):
         pause = started + k * spacing_s - time.monotonic()
         if pause > 0:
             time.sleep(pause)
         ((slot, vacancies),) = inventory.book(ctx.conn, inv, inv.ids.take(1)).items()
-        sent[slot] = (vacancies, time.monotonic())
-    arrived = receiver.wait_for([(s, v) for s, (v, _) in sent.items()], wait_s)
+        sent[slot] = (vacancies, time.monotonic(), time.time())
+    arrived = receiver.wait_for([(s, v) for s, (v, _, _) in sent.items()], wait_s)
     cpu = cpu_of() - cpu_before
     seconds = time.monotonic() - started
-    latencies = [(arrived[s] - at) * 1000 for s, (_, at) in sent.items() if s in arrived]
-    return StreamResult(latencies, commits, commits - len(latencies), cpu, seconds)
+    delivered = [(s, at, wall) for s, (_, at, wall) in sent.items() if s in arrived]
+    latencies = [(arrived[s] - at) * 1000 for s, at, _ in delivered]
+    return StreamResult(
+        latencies,
+        commits,
+        commits - len(latencies),
+        cpu,
+        seconds,
+        committed_at=[wall for _, _, wall in delivered],
+    )
 
 
 def set_triggers(ctx: Context, inv: Inventory, *, installed: bool) -> None:
@@ -199,22 +258,25 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 base_url=receiver.url,
                 poll_interval_s=mode.poll_interval_s,
                 cursor_overlap_s=mode.cursor_overlap_s,
+                full_scan_interval_s=mode.full_scan_interval_s,
             ),
         )
         daemon = Daemon(config, ctx.log(name))
         try:
-            # A quiet window: the reconciliation after the start is over before it begins.
-            began = time.monotonic()
-            reconciled = daemon.wait_reconciled(START_RECONCILIATION_WAIT_S)
-            print(
-                f"  {name}: "
-                + (
-                    f"start reconciliation over after {time.monotonic() - began:.1f} s"
-                    if reconciled
-                    else "no start reconciliation seen"
-                ),
-                flush=True,
-            )
+            if not mode.through_reconciliations:
+                # A quiet window: the reconciliation after the start is over before it begins.
+                began = time.monotonic()
+                reconciled = daemon.wait_reconciled(START_RECONCILIATION_WAIT_S)
+                print(
+                    f"  {name}: "
+                    + (
+                        f"start reconciliation over after {time.monotonic() - began:.1f} s"
+                        if reconciled
+                        else "no start reconciliation seen"
+                    ),
+                    flush=True,
+                )
+            window_start = time.time()
             result = stream(
                 ctx,
                 inv,
@@ -223,6 +285,12 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 commits=commits,
                 spacing_s=ctx.plan.commit_spacing_s,
             )
+            window_end = time.time()
+            result.reconciling = [
+                (start, end)
+                for start, end in daemon.reconciliations()
+                if end >= window_start and start <= window_end
+            ]
         finally:
             code = daemon.stop()
         ctx.changed()
@@ -235,7 +303,7 @@ def measure(ctx: Context) -> dict[str, Any]:
     inv = ctx.inventory(ctx.plan.big)
     ctx.reference_state(ctx.plan.big)
     modes: list[dict[str, Any]] = []
-    for mode in (WAKEUPS, POLLING):
+    for mode in (WAKEUPS, POLLING, RECONCILING):
         set_triggers(ctx, inv, installed=mode.triggers)
         try:
             runs = []
@@ -245,13 +313,24 @@ def measure(ctx: Context) -> dict[str, Any]:
                 print(
                     f"  latency, {mode.name}, run {run + 1}: p50 {summary['p50_ms']:.0f} ms, "
                     f"p95 {summary['p95_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, "
-                    f"{summary['missing']} missing",
+                    f"{summary['missing']} missing; {summary['commits_during']} commits "
+                    f"during {summary['reconciliations']} reconciliation(s) "
+                    f"{summary['reconciliation_s']} s: p50 {summary['p50_during_ms']:.0f} ms, "
+                    f"p99 {summary['p99_during_ms']:.0f} ms",
                     flush=True,
                 )
         finally:
             if mode.triggers:
                 set_triggers(ctx, inv, installed=False)
-        modes.append({"mode": mode.name, "triggers": mode.triggers, **_medians(runs), "runs": runs})
+        modes.append(
+            {
+                "mode": mode.name,
+                "triggers": mode.triggers,
+                "through_reconciliations": mode.through_reconciliations,
+                **_medians(runs),
+                "runs": runs,
+            }
+        )
     return {
         "slots": ctx.plan.big,
         "commits_per_run": ctx.plan.latency_commits,
@@ -263,6 +342,11 @@ def measure(ctx: Context) -> dict[str, Any]:
 def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     keys = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "cpu_s_per_1000")
     merged: dict[str, float] = {k: median([r[k] for r in runs]) for k in keys}
+    for k in ("p50_during_ms", "p99_during_ms", "max_during_ms"):
+        values = [r[k] for r in runs if r["commits_during"]]
+        merged[k] = median(values) if values else float("nan")
+    merged["commits_during"] = sum(r["commits_during"] for r in runs)
+    merged["reconciliations"] = sum(r["reconciliations"] for r in runs)
     merged["commits"] = sum(r["commits"] for r in runs)
     merged["missing"] = sum(r["missing"] for r in runs)
     return merged
