@@ -15,6 +15,7 @@ from datetime import datetime
 from agent.clock import Clock
 from agent.diff import (
     SlotChange,
+    SourceSlot,
     collect_changes,
     diff_catalog,
     diff_changed_slots,
@@ -49,6 +50,10 @@ together, so a crash between chunks loses nothing."""
 SKIPPED_KEPT = 1000
 """Skipped rows kept in one report (the rest are counted): a broken column must not fill
 memory with a million reasons."""
+
+GIVE_WAY_ROWS = 256
+"""Rows a reconciliation beside the polls reads between two looks for a poll waiting to run
+(a few milliseconds of work: a poll waits at most that long for it to step aside)."""
 
 CURSOR = "slots"
 """Name of the change cursor in the state store."""
@@ -224,14 +229,17 @@ class Scanner:
         self._observe(report)
         return report
 
-    def reconcile(self, turn: Turn) -> ScanReport:
+    def reconcile(self, turn: Turn, give_way: Callable[[], None] = lambda: None) -> ScanReport:
         """A full reconciliation that runs beside the polls instead of stopping them.
 
         Polls take the scan turn (`turn`) only for a moment each; so does this: to read the
         catalog and take the source snapshot every slot is then read at, to record each
         chunk of changes (minus those LiveChanges holds), and to finish. Between those,
-        polls and wake-ups go on. The store must be baselined and a change cursor saved
-        (Agent.full_scan falls back to `scan` otherwise).
+        polls and wake-ups go on. Every GIVE_WAY_ROWS rows it calls `give_way`, which
+        returns once no poll runs: a poll runs alone, instead of sharing the interpreter
+        with a reconciliation that would take it back every few milliseconds. The store
+        must be baselined and a change cursor saved (Agent.full_scan falls back to `scan`
+        otherwise).
         """
         started = self.clock.monotonic()
         snapshot = Snapshot()
@@ -263,7 +271,7 @@ class Scanner:
                     with closing(remembered), closing(current):
                         changes = iter_slot_changes(
                             remembered,
-                            current,
+                            _giving_way(current, give_way),
                             now,
                             in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
                         )
@@ -513,6 +521,13 @@ class _Held:
                     return
             self.chunks.pop(0)
             self.committed += 1
+
+
+def _giving_way(items: Iterable[SourceSlot], give_way: Callable[[], None]) -> Iterator[SourceSlot]:
+    for n, item in enumerate(items):
+        if n % GIVE_WAY_ROWS == 0:
+            give_way()
+        yield item
 
 
 def _chunks(items: Iterable[SlotChange], size: int) -> Iterator[list[SlotChange]]:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent import scan
 from agent.app import Agent
 from agent.diff import SourceSlot
 from agent.sandbox import Sandbox
@@ -45,6 +46,9 @@ MakeAgent = Callable[..., Agent]
 WAIT_S = 30.0
 """A ceiling for a thread to reach a point or finish, not an expectation."""
 
+QUIET_S = 1.0
+"""How long a test watches for something that must NOT happen."""
+
 
 class Paused:
     """Wraps the agent's slot stream: the reconciliation stops once it has read `key_id`
@@ -53,6 +57,7 @@ class Paused:
     def __init__(self, agent: Agent, key_id: str) -> None:
         self.reached = threading.Event()
         self.resume = threading.Event()
+        self.yielded = 0
         self._real = agent.reader.stream_slots
         self._key_id = key_id
 
@@ -61,6 +66,7 @@ class Paused:
             if key[2] == self._key_id and not self.reached.is_set():
                 self.reached.set()
                 assert self.resume.wait(WAIT_S), "the test never let the reconciliation go on"
+            self.yielded += 1
             yield key, item
 
 
@@ -279,3 +285,29 @@ def test_a_full_scan_while_a_reconciliation_runs_stops_the_reconciliation(
     _delivered(agent)
     assert _notifies_per_slot(sandbox) == {"202": 1}
     assert _last_notify_per_slot(sandbox)["202"] == _payload(slots[202], 2, "LIMITED")
+
+
+def test_a_reconciliation_steps_aside_while_a_poll_runs(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between rows it waits for the scan turn to be free: a poll holding it runs alone."""
+    _inventory, _slots, _sandbox, agent = _baselined(
+        "sqlite", make_inventory, make_sandbox, make_agent, tmp_path
+    )
+    monkeypatch.setattr(scan, "GIVE_WAY_ROWS", 1)
+    paused = Paused(agent, "101")
+    monkeypatch.setattr(agent.reader, "stream_slots", paused.stream)
+    reconciliation = InThread(agent.full_scan)
+    assert paused.reached.wait(WAIT_S)
+    with agent.scan_lock:  # what a poll holds while it runs
+        paused.resume.set()
+        assert not reconciliation.done_within(QUIET_S)
+        # It handed on the row it had read, then waited before reading the next.
+        assert paused.yielded == 1, "it read on while a poll ran"
+    report: ScanReport = reconciliation.result()
+    assert paused.yielded == 8
+    assert (report.kind, report.slot_rows) == ("full", 8)
