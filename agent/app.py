@@ -184,6 +184,8 @@ class Agent:
         """Whether a full scan (a reconciliation, or a poll that fell back to one) has run
         since the daemon started (run): it runs one right after its first poll."""
         self._scheduler: BackgroundScheduler | None = None
+        self._stopping: threading.Event | None = None
+        """The daemon's stop event (run): a reconciliation beside the polls ends at it."""
 
     def open(self, *, exclusive: bool = True) -> None:
         """Open the state store; `exclusive` refuses to share a SQLite state file."""
@@ -368,9 +370,18 @@ class Agent:
         return report
 
     def _give_way(self) -> None:
-        """Return once no poll runs (Scanner.reconcile calls it between rows)."""
+        """Return once no poll runs (Scanner.reconcile calls it between rows); end the
+        reconciliation when the daemon is stopping, rather than make it wait (a SIGTERM
+        would otherwise wait for a reconciliation that can last a minute)."""
+        if self._stopping is not None and self._stopping.is_set():
+            raise Superseded("reconciliation stopped: the agent is stopping")
         with self.scan_lock:
             pass
+        # Delivery too, for a while: under a backlog the workers never rest, and the
+        # reconciliation must still end.
+        until = self.clock.monotonic() + GIVE_WAY_TO_DELIVERY_S
+        while self.deliverer.busy() and self.clock.monotonic() < until:
+            time.sleep(GIVE_WAY_PAUSE_S)
 
     @contextmanager
     def _scan_turn(self) -> Iterator[None]:
@@ -597,6 +608,7 @@ class Agent:
         source = self.config.settings.source
         scheduler = self._scheduler = BackgroundScheduler(timezone="UTC")
         self.reconciled = False
+        self._stopping = stop
         if self.reader.incremental:
             scheduler.add_job(
                 self.full_scan_job,
@@ -749,6 +761,14 @@ class Agent:
             time.sleep(DRAIN_CHECK_S)
         return self.store.admin.stats()
 
+
+GIVE_WAY_TO_DELIVERY_S = 0.02
+"""Longest a reconciliation waits, between two runs of GIVE_WAY_ROWS rows (about 5 ms of
+work), for the delivery workers to rest: under a backlog that keeps them busy it still goes
+on, at about a fifth of its speed."""
+
+GIVE_WAY_PAUSE_S = 0.001
+"""How often a reconciliation stepping aside looks whether the workers rest."""
 
 RECONCILING_SWITCH_INTERVAL_S = 0.001
 """The interpreter's thread switch interval while a reconciliation runs beside the polls

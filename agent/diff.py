@@ -94,6 +94,7 @@ def iter_slot_changes(
     in_store: Callable[[list[SlotKey]], Collection[SlotKey]] = lambda keys: (),
     *,
     include_unchanged: bool = False,
+    on_duplicate: Callable[[SlotKey], None] = lambda key: None,
 ) -> Iterator[SlotChange]:
     """Merge-join two streams sorted by key (Python string order) into changes, lazily.
 
@@ -103,10 +104,19 @@ def iter_slot_changes(
     the merge had already passed; `in_store` tells which of the remaining late keys the
     store holds (those were matched in order already, so the late row is a duplicate).
     Added and changed slots come as they are found; removals and expiries come last.
+
+    A key that comes more than once is diffed by its first copy in the stream: the merge
+    cannot take back a change it has handed on, and the copies of a key only meet when the
+    source returns them side by side (SourceReader.stream_slots protects such a key). Each
+    later copy is told to `on_duplicate`, so it can be reported as skipped. To know a late
+    copy of a key the store does not hold yet, the merge remembers a hash of every such key
+    it met in order (about 60 bytes each, as many as the slots added: some 60 MB for the
+    first scan of 1,000,000 slots). Without it, a first scan that meets a key twice apart
+    would record it twice and fail.
     """
     passed: dict[SlotKey, StoredSlot] = {}
     late: list[SourceSlot] = []
-    seen_new: set[SlotKey] = set()
+    seen_new: set[int] = set()
     remembered = iter(stored)
     head = next(remembered, None)
     last: SlotKey | None = None
@@ -123,34 +133,37 @@ def iter_slot_changes(
         previous = None
         if head is not None and head.key == key:
             previous, head = head, next(remembered, None)
+        if previous is None:
+            seen_new.add(hash(key))
         kind = _compare(previous, item)
         if kind is None or (kind == "same" and not include_unchanged):
             continue
-        if kind == "added" and late:
-            seen_new.add(key)
         assert item is not None
         yield kind, item
     while head is not None:
         passed[head.key] = head
         head = next(remembered, None)
 
-    unknown: list[tuple[SlotKey, Slot]] = []
+    unknown: list[SourceSlot] = []
     matched_late: set[SlotKey] = set()
     for key, item in late:
         if key in matched_late:
-            continue  # a duplicate of a late row already diffed
+            on_duplicate(key)  # a copy of a late row already diffed
+            continue
         matched_late.add(key)
         if key in passed:
             kind = _compare(passed.pop(key), item)
             if kind is not None and (kind != "same" or include_unchanged):
                 assert item is not None
                 yield kind, item
-        elif item is not None:
+        else:
             unknown.append((key, item))
     if unknown:
         known = set(in_store([key for key, _ in unknown]))
         for key, item in unknown:
-            if key not in known and key not in seen_new:
+            if key in known or hash(key) in seen_new:
+                on_duplicate(key)  # its first copy was met in order, and diffed then
+            elif item is not None:
                 yield "added", item
     for gone in passed.values():
         yield ("expired" if gone.start_utc < now else "removed"), gone
@@ -161,9 +174,19 @@ def merge_slots(
     current: Iterable[SourceSlot],
     now: datetime,
     in_store: Callable[[list[SlotKey]], Collection[SlotKey]] = lambda keys: (),
+    *,
+    on_duplicate: Callable[[SlotKey], None] = lambda key: None,
 ) -> SlotDiff:
     """The same answer as `diff_slots`, from two key-ordered streams (see iter_slot_changes)."""
-    return collect_changes(iter_slot_changes(stored, current, now, in_store))
+    return collect_changes(
+        iter_slot_changes(
+            stored,
+            current,
+            now,
+            in_store,
+            on_duplicate=on_duplicate,
+        )
+    )
 
 
 def collect_changes(changes: Iterable[SlotChange]) -> SlotDiff:

@@ -206,6 +206,7 @@ class Scanner:
                         now,
                         in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
                         include_unchanged=resync,
+                        on_duplicate=snapshot.duplicate_apart,
                     )
                     held = _Held(self, report, resync)
                     for chunk in _chunks(changes, self.commit_chunk):
@@ -274,6 +275,7 @@ class Scanner:
                             _giving_way(current, give_way),
                             now,
                             in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
+                            on_duplicate=snapshot.duplicate_apart,
                         )
                         held = _Held(self, report, resync=False, committed=1, turn=turn, live=live)
                         for chunk in _chunks(changes, self.commit_chunk):

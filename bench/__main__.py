@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="runs per measurement (default 3, quick 1)")
     parser.add_argument("--output", type=Path, help="where to write the Markdown report")
     parser.add_argument(
+        "--modes",
+        help="latency modes to run, comma-separated (default: all of "
+        + ", ".join(latency.MODES)
+        + ")",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (configs, states, logs)"
     )
     args = parser.parse_args(argv)
@@ -66,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.runs:
         plan = replace(plan, runs=args.runs, latency_runs=args.runs)
+    if args.modes:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        unknown = [m for m in modes if m not in latency.MODES]
+        if unknown:
+            parser.error(
+                f"unknown latency mode(s) {', '.join(unknown)}; known: {', '.join(latency.MODES)}"
+            )
+        plan = replace(plan, latency_modes=modes)
     if args.name == "all":
         names = [
             n for n in MEASUREMENTS if n not in ON_ITS_OWN and not (plan.quick and n in FULL_ONLY)

@@ -55,7 +55,11 @@ class Plan:
     """The drain with default settings gets about this many seconds of backlog at its limit."""
     dlt_commits: int
     dlt_deletes: int
-    quiet_s: float
+    bulk_rows: int
+    """Rows the bulk-change latency mode touches at once (updated_at only)."""
+    latency_modes: tuple[str, ...] = ("wakeups", "polling", "reconciling", "bulk")
+    """Which latency modes run (bench/latency.py MODES; `--modes` picks some)."""
+    quiet_s: float = 0.0
     """Before a daemon run, wait until no row was changed for this long (seconds): polls
     re-read the rows of the last cursor_overlap (60 s by default), so changes left by an
     earlier measurement would otherwise weigh on every poll of the next one. 0 in --quick."""
@@ -76,6 +80,7 @@ FULL = Plan(
     rate_limited_s=10.0,
     dlt_commits=300,
     dlt_deletes=20,
+    bulk_rows=200_000,
     quiet_s=65.0,
 )
 
@@ -94,6 +99,7 @@ QUICK = Plan(
     rate_limited_s=2.0,
     dlt_commits=30,
     dlt_deletes=5,
+    bulk_rows=10_000,
     quiet_s=0.0,
 )
 

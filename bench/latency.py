@@ -22,7 +22,11 @@ first poll is over, so no full reconciliation falls inside a measured window);
   measured commits start right after the warm-up, while the reconciliation after the start
   runs; at 1,000,000 slots one reconciliation takes longer than the interval, so they follow
   each other through the whole window. The reconciliations' start and end come from the
-  daemon's log, and the commits made while one ran are counted apart.
+  daemon's log, and the commits made while one ran are counted apart;
+- wake-ups after a bulk change: as wake-ups, but right before the measured commits one
+  statement stamps updated_at on `bulk_rows` slots (200,000; nothing Seyaha sees changes),
+  as a nightly job touching every row would; the measured commits fall in the minute
+  (cursor_overlap) during which every poll reads those rows again.
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
@@ -67,6 +71,8 @@ RECONCILED_CHECK_S = 0.5
 
 @dataclass(frozen=True)
 class Mode:
+    key: str
+    """Names the mode's files (config, state, logs) and picks it (`--modes`)."""
     name: str
     triggers: bool
     poll_interval_s: float
@@ -74,17 +80,22 @@ class Mode:
     full_scan_interval_s: float = 300.0
     through_reconciliations: bool = False
     """Measure while reconciliations run, instead of after the one at the start."""
+    bulk: bool = False
+    """Stamp updated_at on Plan.bulk_rows slots right before the measured commits."""
 
 
-WAKEUPS = Mode("wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
-POLLING = Mode("plain polling, poll_interval 1 s", False, 1.0)
+WAKEUPS = Mode("wakeups", "wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
+POLLING = Mode("polling", "plain polling, poll_interval 1 s", False, 1.0)
 RECONCILING = Mode(
+    "reconciling",
     "wake-ups through reconciliations, full_scan_interval 15 s",
     True,
     60.0,
     full_scan_interval_s=15.0,
     through_reconciliations=True,
 )
+BULK = Mode("bulk", "wake-ups in the minute after a bulk change", True, 60.0, bulk=True)
+MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK)}
 
 
 class Daemon:
@@ -101,18 +112,15 @@ class Daemon:
     def cpu_s(self) -> float:
         return process_cpu_s(self.process.pid)
 
-    def wait_reconciled(self, timeout_s: float) -> bool:
+    def wait_reconciled(self, timeout_s: float, after: float | None = None) -> bool:
         """Wait for the reconciliation the daemon runs after its first poll (a full scan in
-        its JSON log); False if none came within `timeout_s` (an agent that does not run
-        one), or the daemon exited."""
+        its JSON log), or with `after` (epoch seconds) for one that ends after it; False if
+        none came within `timeout_s` (an agent that does not run one), or the daemon
+        exited."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:
-            with open(self._log.name, encoding="utf-8", errors="replace") as lines:
-                for line in lines:
-                    if '"scan": "full"' in line and (
-                        '"scan.unchanged"' in line or '"scan.changes"' in line
-                    ):
-                        return True
+            if any(after is None or end > after for _, end in self.reconciliations()):
+                return True
             time.sleep(RECONCILED_CHECK_S)
         return False
 
@@ -226,6 +234,15 @@ def stream(
     )
 
 
+def touch(ctx: Context, inv: Inventory, rows: int) -> int:
+    """One committed statement stamping updated_at on the first `rows` slots by id."""
+    from psycopg import sql
+
+    statement = sql.SQL("UPDATE {} SET updated_at = now() WHERE id <= %s").format(inv.table)
+    with ctx.conn.transaction():
+        return ctx.conn.execute(statement, (rows,)).rowcount
+
+
 def set_triggers(ctx: Context, inv: Inventory, *, installed: bool) -> None:
     from agent.source import pg_triggers
 
@@ -246,7 +263,7 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
     """One daemon in `mode`, one stream of `commits` bookings; the triggers set by the caller."""
     size = ctx.plan.big
     inv = ctx.inventory(size)
-    name = f"latency-{'wakeups' if mode.triggers else 'polling'}-{run}"
+    name = f"latency-{mode.key}-{run}"
     ctx.wait_quiet()
     state = ctx.caught_up_state(size, name)
     with Receiver(arrivals=True, log=ctx.log(f"{name}-receiver")) as receiver:
@@ -276,6 +293,9 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                     ),
                     flush=True,
                 )
+            if mode.bulk:
+                touched = touch(ctx, inv, ctx.plan.bulk_rows)
+                print(f"  {name}: updated_at stamped on {touched:,} slots", flush=True)
             window_start = time.time()
             result = stream(
                 ctx,
@@ -286,6 +306,9 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 spacing_s=ctx.plan.commit_spacing_s,
             )
             window_end = time.time()
+            if mode.through_reconciliations:
+                # The one running at the window's end is said in the log when it ends.
+                daemon.wait_reconciled(START_RECONCILIATION_WAIT_S, after=window_end)
             result.reconciling = [
                 (start, end)
                 for start, end in daemon.reconciliations()
@@ -303,7 +326,7 @@ def measure(ctx: Context) -> dict[str, Any]:
     inv = ctx.inventory(ctx.plan.big)
     ctx.reference_state(ctx.plan.big)
     modes: list[dict[str, Any]] = []
-    for mode in (WAKEUPS, POLLING, RECONCILING):
+    for mode in (MODES[name] for name in ctx.plan.latency_modes):
         set_triggers(ctx, inv, installed=mode.triggers)
         try:
             runs = []
@@ -327,6 +350,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "mode": mode.name,
                 "triggers": mode.triggers,
                 "through_reconciliations": mode.through_reconciliations,
+                "bulk": mode.bulk,
                 **_medians(runs),
                 "runs": runs,
             }
@@ -334,6 +358,7 @@ def measure(ctx: Context) -> dict[str, Any]:
     return {
         "slots": ctx.plan.big,
         "commits_per_run": ctx.plan.latency_commits,
+        "bulk_rows": ctx.plan.bulk_rows,
         "spacing_ms": ctx.plan.commit_spacing_s * 1000,
         "modes": modes,
     }

@@ -212,6 +212,8 @@ class Deliverer:
         self._batches: set[_Batch] = set()
         """Every worker's batch in progress (see _take_over)."""
         self._batches_lock = threading.Lock()
+        self._stepping = 0
+        """Workers inside step() now (busy)."""
         self._work = threading.Condition()
         self._generation = 0
         self._last_delivery_written = 0.0
@@ -285,6 +287,21 @@ class Deliverer:
     # -- one batch ----------------------------------------------------------------------
 
     def step(self, stop: threading.Event | None = None, done: Completions | None = None) -> int:
+        """Claim and process one batch (see _step), counted while it runs (busy)."""
+        with self._batches_lock:
+            self._stepping += 1
+        try:
+            return self._step(stop, done)
+        finally:
+            with self._batches_lock:
+                self._stepping -= 1
+
+    def busy(self) -> bool:
+        """Whether a worker is claiming or sending now: a reconciliation steps aside for it
+        (Agent._give_way)."""
+        return self._stepping > 0
+
+    def _step(self, stop: threading.Event | None, done: Completions | None) -> int:
         """Claim and process one batch (or take over the rest of a batch stuck behind a long
         call); returns how many messages were attempted. `done` carries a worker's successes
         from batch to batch while the store cannot take them."""

@@ -38,6 +38,11 @@ DUPLICATE_KEY = (
     "duplicate key: the query returned this key more than once, so no copy is sent and "
     "Seyaha keeps the last state it was told (make the query return each key once)"
 )
+DUPLICATE_KEY_APART = (
+    "duplicate key: the query returned this key more than once, and not side by side in key "
+    "order (the database orders these ids differently from their text), so the copy read "
+    "first was used (make the query return each key once)"
+)
 
 _MYSQL_BAD_FIELD_ERROR = 1054
 """Unknown column, for PyMySQL releases that do not report the SQLSTATE."""
@@ -59,6 +64,10 @@ class Snapshot:
     """Rows of a poll skipped because the previous poll handled them as they are (RecentRows)."""
     handled: dict[RawKey, tuple[RawValues, SlotKey]] = field(default_factory=dict)
     """The slot rows of a poll to remember once its changes are recorded."""
+
+    def duplicate_apart(self, key: SlotKey) -> None:
+        """A later copy of a slot key the full scan's merge met apart from its first copy."""
+        self.skipped.append(SkippedRow("slots_query", key, DUPLICATE_KEY_APART))
 
 
 class SourceReader:

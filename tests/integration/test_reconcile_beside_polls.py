@@ -36,6 +36,7 @@ from tests.integration.inventory import (
     calls,
     first_day,
     notify_payload,
+    running,
     seed_tours,
 )
 
@@ -311,3 +312,57 @@ def test_a_reconciliation_steps_aside_while_a_poll_runs(
     report: ScanReport = reconciliation.result()
     assert paused.yielded == 8
     assert (report.kind, report.slot_rows) == ("full", 8)
+
+
+def test_a_stopping_daemon_ends_its_reconciliation_instead_of_waiting_for_it(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM during a reconciliation of a million slots would otherwise wait for it (tens
+    of seconds): it ends at its next step aside, and reads no further."""
+    _inventory, _slots, _sandbox, agent = _baselined(
+        "sqlite", make_inventory, make_sandbox, make_agent, tmp_path
+    )
+    monkeypatch.setattr(scan, "GIVE_WAY_ROWS", 1)
+    paused = Paused(agent, "101")  # the start reconciliation stops at the first slot
+    monkeypatch.setattr(agent.reader, "stream_slots", paused.stream)
+    with caplog.at_level(logging.INFO, logger="agent"), running(agent) as stop:
+        assert paused.reached.wait(WAIT_S), "the daemon ran no reconciliation after its start"
+        stop.set()
+        paused.resume.set()
+    assert paused.yielded == 1, "it read on after the stop"
+    said = [
+        r.getMessage() for r in caplog.records if getattr(r, "event", None) == "scan.superseded"
+    ]
+    assert said == ["reconciliation stopped: the agent is stopping"]
+
+
+def test_a_reconciliation_ends_even_when_delivery_never_rests(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It steps aside for busy delivery workers only for a while each time: a backlog that
+    keeps them busy for hours slows it down, and it still ends."""
+    inventory, _slots, _sandbox, agent = _baselined(
+        "sqlite", make_inventory, make_sandbox, make_agent, tmp_path
+    )
+    inventory.update_slot(202, vacancies=4)
+    monkeypatch.setattr(scan, "GIVE_WAY_ROWS", 1)
+    asked: list[bool] = []
+
+    def always_busy() -> bool:
+        asked.append(True)
+        return True
+
+    monkeypatch.setattr(agent.deliverer, "busy", always_busy)
+    reconciliation = InThread(agent.full_scan)
+    report: ScanReport = reconciliation.result()
+    assert (report.kind, report.slot_rows, report.slots_changed) == ("full", 8, 1)
+    assert len(asked) >= 8  # it did look, at every row
