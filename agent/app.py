@@ -74,6 +74,11 @@ READY_MIN_STALE_S = 60.0
 SCAN_GRACE_S = 300.0
 """A scan may keep the poll loop busy this long before the watchdog stops vouching for it."""
 
+SWEEP_EVERY_S = 5.0
+"""How often the late-row sweep reads the whole cursor_overlap window beside the polls
+(seconds): a row whose transaction committed more than Scanner.live_overlap_s after stamping
+it arrives within this, plus the sweep's own length."""
+
 SCANNER_RENEWALS = 3
 """The scanner lease is renewed this many times per lease ([state] scanner_lease): two
 renewals may fail (a slow store, a blip) before another agent takes over."""
@@ -278,7 +283,7 @@ class Agent:
             # The lease is new to this agent, or another agent held it since: that one may
             # have recorded changes meanwhile, so what the last poll saw may be stale, and
             # so may a reconciliation's snapshot.
-            self.scanner.recent.clear()
+            self.scanner.forget()
             self.scanner.supersede("the scanner lease changed hands")
         if held is not None:
             if not self._holds_scanner:
@@ -287,7 +292,7 @@ class Agent:
             self._not_scanner_logged = False
             return True
         self._holds_scanner = False
-        self.scanner.recent.clear()
+        self.scanner.forget()
         self.scanner.supersede("another agent holds the scanner lease")
         if not self._not_scanner_logged:
             event(
@@ -369,6 +374,32 @@ class Agent:
         self._after(report)
         return report
 
+    def late_sweep(self) -> ScanReport | None:
+        """The late-row sweep (Scanner.sweep) beside the polls, by the scanner-lease holder;
+        skipped while a reconciliation runs (it reads every row anyway). None when it had
+        nothing to do or was overtaken."""
+        if not self.scanner.sweeps() or not self._reconciling.acquire(blocking=False):
+            return None
+        try:
+            with self.scan_lock:
+                self._check_state_file()
+                if not self._scanner_turn() or self._resync_because is not None:
+                    return None
+            try:
+                with _switching_often():
+                    report = self.scanner.sweep(self._scan_turn, self._give_way)
+            except Superseded as exc:
+                event(log, logging.DEBUG, "scan.superseded", str(exc))
+                return None
+        finally:
+            self._reconciling.release()
+        if report is not None:
+            self._after(report)
+        return report
+
+    def late_sweep_job(self) -> None:
+        self.guarded(self.late_sweep)
+
     def _give_way(self) -> None:
         """Return once no poll runs (Scanner.reconcile calls it between rows); end the
         reconciliation when the daemon is stopping, rather than make it wait (a SIGTERM
@@ -403,7 +434,7 @@ class Agent:
         return report
 
     def _after(self, report: ScanReport) -> None:
-        if report.kind != "incremental":
+        if report.kind == "full":
             self.reconciled = True
         if report.baseline and self._lock is not None:
             self._lock.mark_baselined()
@@ -614,6 +645,14 @@ class Agent:
                 self.full_scan_job,
                 IntervalTrigger(seconds=source.full_scan_interval),
                 id="full-scan",
+                max_instances=1,
+                coalesce=True,
+            )
+        if self.scanner.sweeps():
+            scheduler.add_job(
+                self.late_sweep_job,
+                IntervalTrigger(seconds=SWEEP_EVERY_S),
+                id="late-sweep",
                 max_instances=1,
                 coalesce=True,
             )

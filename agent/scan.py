@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
 
 from agent.clock import Clock
 from agent.diff import (
@@ -25,11 +28,12 @@ from agent.diff import (
 from agent.errors import StateError
 from agent.logs import event
 from agent.metrics import Metrics
-from agent.model import CatalogDiff, Message, SkippedRow, Slot, SlotDiff, SlotKey
+from agent.model import CatalogDiff, CatalogKey, Message, SkippedRow, Slot, SlotDiff, SlotKey
 from agent.plan import plan
 from agent.source import cursor
-from agent.source.reader import Snapshot, SourceReader
+from agent.source.reader import GIVE_WAY_ROWS, Snapshot, SourceReader
 from agent.source.recent import RecentRows
+from agent.source.seen import SeenRows
 from agent.store import StateStore, StoreBusy
 
 log = logging.getLogger("agent.scan")
@@ -51,9 +55,14 @@ SKIPPED_KEPT = 1000
 """Skipped rows kept in one report (the rest are counted): a broken column must not fill
 memory with a million reasons."""
 
-GIVE_WAY_ROWS = 256
-"""Rows a reconciliation beside the polls reads between two looks for a poll waiting to run
-(a few milliseconds of work: a poll waits at most that long for it to step aside)."""
+LIVE_OVERLAP_S = 5.0
+"""Seconds behind the change cursor that every poll reads again: enough for the commits of
+ordinary transactions to land behind the cursor, and SQLite's whole-second clock. The rest of
+`cursor_overlap` is read by the late-row sweep beside the polls, so that after a bulk change
+the polls do not read and diff its rows again for a whole overlap window."""
+
+SWEEP_CHUNK = 1000
+"""Changed rows a late-row sweep records per scan turn (each turn holds the polls back)."""
 
 CURSOR = "slots"
 """Name of the change cursor in the state store."""
@@ -83,12 +92,14 @@ class LiveChanges:
     """
 
     touched: set[SlotKey] = field(default_factory=set)
+    catalog: set[CatalogKey] = field(default_factory=set)
     polls: int = 0
     superseded: str | None = None
 
-    def saw(self, keys: Iterable[SlotKey]) -> None:
+    def saw(self, keys: Iterable[SlotKey], catalog: Iterable[CatalogKey] = ()) -> None:
         self.polls += 1
         self.touched.update(keys)
+        self.catalog.update(catalog)
 
     def check(self) -> None:
         if self.superseded is not None:
@@ -155,6 +166,13 @@ class Scanner:
     result to be recorded (StateStore.commit_scan)."""
     commit_chunk: int = COMMIT_CHUNK
     """Slot changes a full scan records per state transaction (see COMMIT_CHUNK)."""
+    live_overlap_s: float = LIVE_OVERLAP_S
+    """The part of `overlap_s` every poll reads again (see LIVE_OVERLAP_S)."""
+    seen: SeenRows = field(default_factory=SeenRows)
+    """Rows recorded as they are, for the late-row sweep (see sweep)."""
+    _swept_to: Any = None
+    """The source clock the last sweep or full scan read at (the next sweep reads from it,
+    minus the overlap); None until the first poll."""
     _reported: set[tuple[str, str, str]] = field(default_factory=set)
     _live: LiveChanges | None = None
     """Set while a reconciliation runs beside the polls (see reconcile)."""
@@ -166,6 +184,24 @@ class Scanner:
             and self.store.fingerprints.cursor(CURSOR) is not None
             and self.store.fingerprints.is_baselined()
         )
+
+    @property
+    def poll_overlap_s(self) -> float:
+        """The window behind the cursor each poll reads again (the late-row sweep reads the
+        rest of `overlap_s`)."""
+        return min(self.overlap_s, self.live_overlap_s)
+
+    def sweeps(self) -> bool:
+        """Whether the late-row sweep has work: a change query, and an overlap wider than
+        the polls read."""
+        return self.reader.incremental and self.overlap_s > self.live_overlap_s
+
+    def forget(self) -> None:
+        """Empty what the polls and sweeps remember of recorded rows: the store may have
+        been changed by something else (another agent took the scanner lease)."""
+        self.recent.clear()
+        self.seen.clear()
+        self._swept_to = None
 
     def supersede(self, why: str) -> None:
         """Stop a reconciliation running beside the polls at its next chunk (see LiveChanges)."""
@@ -183,7 +219,7 @@ class Scanner:
         snapshot = Snapshot()
         self.supersede("a full scan ran meanwhile")
         # A full scan also removes and expires slots: what the last poll saw may be stale.
-        self.recent.clear()
+        self.forget()
         with self.reader.transaction() as src:
             upper = self.reader.clock(src) if self.reader.incremental else None
             self.reader.read_catalog(src, snapshot)
@@ -216,6 +252,7 @@ class Scanner:
         # The supplier's database is no longer read: now the store may be waited for.
         held.flush(wait=True)
         cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}
+        self._swept_to = upper
         self.store.commit_scan(
             CatalogDiff(),
             SlotDiff(),
@@ -264,7 +301,7 @@ class Scanner:
                     self._commit_chunk(report, [], first=True, resync=False, wait=False)
                 live = self._live = LiveChanges()
                 # What the polls remembered before the snapshot may be older than it.
-                self.recent.clear()
+                self.forget()
             try:
                 with self.store.reading() as stored:
                     remembered = self.store.fingerprints.iter_slots(stored)
@@ -292,6 +329,7 @@ class Scanner:
                 self.store.commit_scan(
                     CatalogDiff(), SlotDiff(), [], now, cursors=cursors, scanner=self.fence
                 )
+                self._swept_to = upper
         finally:
             self._live = None
         report.take_skipped(snapshot)
@@ -342,34 +380,16 @@ class Scanner:
         # memory empty, and the next poll diffs every row the full way.
         started = self.clock.monotonic()
         snapshot = Snapshot()
-        since = cursor.since(cursor.decode(saved), self.overlap_s)
+        previous = cursor.decode(saved)
+        if self._swept_to is None:
+            self._swept_to = previous  # the sweep covers the overlap behind the first poll
+        since = cursor.since(previous, self.poll_overlap_s)
         with self.reader.transaction() as src:
             upper = self.reader.clock(src)
-            found = self.reader.changed_slots(src, since, snapshot, recent)
-            if self.reader.catalog_changed_query is not None:
-                self.reader.changed_catalog(src, since, snapshot)
-            # The stored fingerprints of just the catalog rows this poll touches.
-            wanted = {(k[0], k[1]) for k, item in found if item is not None}
-            touched = wanted | {r.key for r in snapshot.catalog}
-            stored_catalog = self.store.fingerprints.lookup_catalog(touched) if touched else {}
-            if not wanted <= stored_catalog.keys() | {r.key for r in snapshot.catalog}:
-                # A slot of a (product, option) the store has not seen: read the catalog now,
-                # so that its trigger is queued before the slot's notify. Sent first, the
-                # notify would be answered updated:false, and the full scan's trigger would
-                # not resend the slot (Seyaha's catalog sync does not carry availability).
-                snapshot.catalog.clear()
-                self.reader.read_catalog(src, snapshot)
-                stored_catalog = self.store.fingerprints.load_catalog()
+            found = self._read_changed(src, since, snapshot, recent=recent)
         now = self.clock.now()
         report = ScanReport(at=now, kind="incremental")
-        report.catalog = CatalogDiff(
-            added=tuple(r for r in snapshot.catalog if r.key not in stored_catalog),
-            changed=tuple(
-                r
-                for r in snapshot.catalog
-                if r.key in stored_catalog and stored_catalog[r.key] != r.fingerprint
-            ),
-        )
+        report.catalog = self._catalog_changes(snapshot)
         stored = self.store.fingerprints.lookup_slots([key for key, _ in found])
         slots = diff_changed_slots(stored, found, now)
         messages = plan(report.catalog, slots)
@@ -382,14 +402,120 @@ class Scanner:
             scanner=self.fence,
         )
         self.recent.replace(snapshot.handled)
+        if self.sweeps():
+            self.seen.remember((raw, values) for raw, (values, _) in snapshot.handled.items())
         if self._live is not None:
-            self._live.saw(key for key, _ in found)
+            self._live.saw((key for key, _ in found), (r.key for r in snapshot.catalog))
         report.count(slots, messages, enqueued)
         report.slots_unchanged = snapshot.slot_rows_unchanged
         report.take_skipped(snapshot)
         report.duration_s = self.clock.monotonic() - started
         self._observe(report)
         return report
+
+    def sweep(self, turn: Turn, give_way: Callable[[], None] = lambda: None) -> ScanReport | None:
+        """The late-row sweep: the change queries over the whole `cursor_overlap` window,
+        beside the polls (which read only the last `poll_overlap_s`).
+
+        It finds the rows of transactions that committed long after they stamped
+        `updated_at`. Each sweep reads from where the previous one (or a full scan) read,
+        minus the overlap; rows recorded as they are (SeenRows) are skipped before
+        conversion, so the rows of a bulk change are diffed once, not on every pass. Like a
+        reconciliation it reads at one snapshot of the source outside the scan turn and
+        records in turns, minus the keys polls recorded meanwhile (LiveChanges). None when
+        there is nothing to sweep (no change query, an overlap the polls already cover, no
+        cursor yet).
+        """
+        if not self.sweeps() or self._swept_to is None:
+            return None
+        started = self.clock.monotonic()
+        snapshot = Snapshot()
+        since = cursor.since(self._swept_to, self.overlap_s)
+        with self.reader.transaction() as src:
+            with turn():
+                upper = self.reader.clock(src)
+                live = self._live = LiveChanges()
+            try:
+                found = self._read_changed(
+                    src, since, snapshot, seen=self.seen.known, give_way=give_way
+                )
+            except BaseException:
+                self._live = None
+                raise
+        try:
+            report = ScanReport(at=self.clock.now(), kind="late")
+            pending = [change for change in found if change[1] is not None]
+            first = bool(snapshot.catalog)  # the catalog's changes go with the first chunk
+            while first or pending:
+                chunk, pending = pending[:SWEEP_CHUNK], pending[SWEEP_CHUNK:]
+                give_way()
+                with turn():
+                    live.check()
+                    if first:
+                        snapshot.catalog = [
+                            r for r in snapshot.catalog if r.key not in live.catalog
+                        ]
+                        report.catalog = self._catalog_changes(snapshot)
+                    chunk = [c for c in chunk if c[0] not in live.touched]
+                    stored = self.store.fingerprints.lookup_slots([key for key, _ in chunk])
+                    slots = diff_changed_slots(stored, chunk, report.at)
+                    messages = plan(report.catalog if first else CatalogDiff(), slots)
+                    if messages or slots.added or slots.changed:
+                        enqueued = self.store.commit_scan(
+                            report.catalog if first else CatalogDiff(),
+                            slots,
+                            messages,
+                            report.at,
+                            scanner=self.fence,
+                        )
+                        report.count(slots, messages, enqueued)
+                first = False
+            with turn():
+                live.check()
+                self.seen.remember(
+                    (raw, values)
+                    for raw, (values, key) in snapshot.handled.items()
+                    if key not in live.touched
+                )
+                self._swept_to = upper
+        finally:
+            self._live = None
+        report.slots_unchanged = snapshot.slot_rows_unchanged
+        report.take_skipped(snapshot)
+        report.duration_s = self.clock.monotonic() - started
+        self._observe(report)
+        return report
+
+    def _read_changed(
+        self, src: Connection, since: object, snapshot: Snapshot, **read: Any
+    ) -> list[SourceSlot]:
+        """The change queries' rows since `since` (slots returned, catalog into `snapshot`).
+
+        A slot of a (product, option) the store has not seen makes the whole catalog be read
+        now, so that its trigger is queued before the slot's notify. Sent first, the notify
+        would be answered updated:false, and the full scan's trigger would not resend the
+        slot (Seyaha's catalog sync does not carry availability).
+        """
+        found = self.reader.changed_slots(src, since, snapshot, **read)
+        if self.reader.catalog_changed_query is not None:
+            self.reader.changed_catalog(src, since, snapshot)
+        wanted = {(k[0], k[1]) for k, item in found if item is not None}
+        wanted -= {r.key for r in snapshot.catalog}
+        if wanted and len(self.store.fingerprints.lookup_catalog(wanted)) < len(wanted):
+            snapshot.catalog.clear()
+            self.reader.read_catalog(src, snapshot)
+        return found
+
+    def _catalog_changes(self, snapshot: Snapshot) -> CatalogDiff:
+        """The catalog rows of `snapshot` that are new or changed against the store."""
+        keys = {r.key for r in snapshot.catalog}
+        stored = self.store.fingerprints.lookup_catalog(keys) if keys else {}
+        return CatalogDiff(
+            added=tuple(r for r in snapshot.catalog if r.key not in stored),
+            changed=tuple(
+                r for r in snapshot.catalog if r.key in stored and stored[r.key] != r.fingerprint
+            ),
+        )
 
     def _observe(self, report: ScanReport) -> None:
         m = self.metrics

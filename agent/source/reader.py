@@ -29,6 +29,11 @@ from agent.source.recent import RawKey, RawValues, RecentRows
 STREAM_BATCH_ROWS = 5000
 """Rows fetched per round trip when streaming a large result."""
 
+GIVE_WAY_ROWS = 256
+"""Rows a read beside the polls (a reconciliation, the late-row sweep) reads between two
+looks for a poll waiting to run (a few milliseconds of work: a poll waits at most that long
+for it to step aside)."""
+
 CHECK_ROW_LIMIT = 100
 """Rows `check` reads from each query: enough to catch bad values without a full scan."""
 
@@ -200,11 +205,17 @@ class SourceReader:
         since: Any,
         snapshot: Snapshot,
         recent: RecentRows | None = None,
+        *,
+        seen: Callable[[RawKey, RawValues], bool] | None = None,
+        give_way: Callable[[], None] | None = None,
     ) -> list[SourceSlot]:
         """Slots the slots_changed_query returns for `since` (an incremental poll).
 
         Rows `recent` holds exactly as they come back are skipped before conversion (counted
         in snapshot.slot_rows_unchanged); every readable row goes into snapshot.handled.
+        Rows `seen` says are recorded as they are (the late-row sweep's SeenRows) are skipped
+        and counted the same way, but not put in snapshot.handled. `give_way` is called
+        every GIVE_WAY_ROWS rows (a read beside the polls).
         """
         assert self.slots_changed_query is not None
         name = "slots_changed_query"
@@ -221,9 +232,14 @@ class SourceReader:
         key_columns = rows.SLOT_KEY_COLUMNS
         handled = snapshot.handled
         for raw in self._rows(result, name, None):
+            if give_way is not None and snapshot.slot_rows_read % GIVE_WAY_ROWS == 0:
+                give_way()
             snapshot.slot_rows_read += 1
             values = tuple(raw.values())
             raw_key = tuple(raw[c] for c in key_columns)
+            if seen is not None and seen(raw_key, values):
+                snapshot.slot_rows_unchanged += 1
+                continue
             known = recent.unchanged(raw_key, values) if recent is not None else None
             if known is not None:
                 if collect.first_time(raw, known):

@@ -1,0 +1,176 @@
+"""The late-row sweep, on every source backend.
+
+Polls read only the last few seconds behind the change cursor (Scanner.live_overlap_s); the
+sweep reads the whole cursor_overlap window beside them. These tests show the division of
+work and try to break it: a row stamped long before it committed is missed by the polls and
+found by the sweep; after a bulk change the polls do not read its rows again, and the sweep
+skips them unconverted; a poll that records a newer state while a sweep reads keeps it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from agent.source import cursor
+from tests.integration.inventory import BACKEND_PARAMS, Inventory, running, wait_until
+from tests.integration.test_reconcile_beside_polls import (
+    WAIT_S,
+    InThread,
+    MakeAgent,
+    MakeInventory,
+    MakeSandbox,
+    _baselined,
+    _delivered,
+    _last_notify_per_slot,
+    _notifies_per_slot,
+    _payload,
+)
+
+
+def _stale(inventory: Inventory, seconds: float) -> Any:
+    """A stamp `seconds` behind the database's clock, as a transaction that began then (or
+    an application server whose clock is behind) writes it."""
+    return cursor.since(inventory.clock(), seconds)
+
+
+def _slot_count(inventory: Inventory) -> int:
+    with inventory.engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT COUNT(*) FROM slots")).scalar_one())
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_row_stamped_long_before_its_commit_is_missed_by_polls_and_found_by_the_sweep(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    inventory, slots, sandbox, agent = _baselined(
+        backend, make_inventory, make_sandbox, make_agent, tmp_path
+    )
+    assert agent.scanner.sweeps()  # cursor_overlap 300 s, polls read the last 5 s
+    inventory.update_slot(101, vacancies=9, updated_at=_stale(inventory, 60))
+
+    polled = agent.poll()
+    assert polled is not None
+    assert (polled.slot_rows, polled.messages) == (0, 0)  # behind the polls' window
+
+    swept = agent.late_sweep()
+    assert swept is not None
+    assert (swept.kind, swept.slots_changed, swept.notifies) == ("late", 1, 1)
+    _delivered(agent)
+    assert _last_notify_per_slot(sandbox)["101"] == _payload(slots[101], 9, "LIMITED")
+
+    # The next sweep reads the row again (it is still in the window) and skips it unconverted.
+    again = agent.late_sweep()
+    assert again is not None
+    assert (again.slot_rows, again.slots_unchanged, again.messages) == (1, 1, 0)
+    assert _notifies_per_slot(sandbox) == {"101": 1}
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_after_a_bulk_change_polls_read_only_new_rows_and_the_sweep_diffs_none_again(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    inventory, slots, sandbox, agent = _baselined(
+        backend, make_inventory, make_sandbox, make_agent, tmp_path
+    )
+    agent.scanner.live_overlap_s = 0.5
+    total = _slot_count(inventory)
+    # A nightly job stamps every row; nothing Seyaha sees changes.
+    with inventory.engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE slots SET updated_at = {inventory.clock_sql}"))
+
+    first = agent.poll()
+    assert first is not None
+    assert (first.slot_rows, first.messages) == (total, 0)  # the bulk change, read once
+    time.sleep(2.1)  # past the polls' window (SQLite's clock has whole seconds)
+    # The poll right after reads from the first poll's clock minus the window: once more.
+    assert agent.poll() is not None
+    inventory.update_slot(202, vacancies=4)
+    booking = agent.poll()
+    assert booking is not None
+    # Within cursor_overlap, yet only the booking is read again: the bulk's rows are not.
+    assert (booking.slot_rows, booking.notifies) == (1, 1)
+
+    swept = agent.late_sweep()
+    assert swept is not None
+    # The sweep reads the whole window, bulk included, and converts none of it: every row
+    # was recorded as it is by the polls.
+    assert (swept.slot_rows, swept.slots_unchanged, swept.messages) == (total, total, 0)
+    _delivered(agent)
+    assert _notifies_per_slot(sandbox) == {"202": 1}
+    assert _last_notify_per_slot(sandbox)["202"] == _payload(slots[202], 4, "LIMITED")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_poll_during_a_sweep_keeps_its_newer_state(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep reads a late row as it was at its snapshot; a booking commits and a poll
+    records it while the sweep reads: the sweep must not record or send its older state."""
+    inventory, slots, sandbox, agent = _baselined(
+        backend, make_inventory, make_sandbox, make_agent, tmp_path
+    )
+    inventory.update_slot(101, vacancies=9, updated_at=_stale(inventory, 60))
+    inventory.update_slot(202, vacancies=8, updated_at=_stale(inventory, 60))
+    booked = threading.Event()
+
+    def give_way() -> None:
+        if not booked.is_set():
+            booked.set()
+            inventory.update_slot(101, vacancies=2)
+            poll = InThread(agent.poll)
+            assert poll.done_within(WAIT_S), "the poll waited for the sweep"
+            assert poll.result().notifies == 1
+
+    monkeypatch.setattr(agent, "_give_way", give_way)
+    swept = agent.late_sweep()
+    assert booked.is_set()
+    assert swept is not None
+    # 101 was recorded by the poll (newer); only 202 is the sweep's.
+    assert (swept.slots_changed, swept.notifies) == (1, 1)
+    _delivered(agent)
+    assert _notifies_per_slot(sandbox) == {"101": 1, "202": 1}
+    last = _last_notify_per_slot(sandbox)
+    assert last["101"] == _payload(slots[101], 2, "LIMITED")
+    assert last["202"] == _payload(slots[202], 8, "AVAILABLE")
+    monkeypatch.undo()
+    again = agent.scan()
+    assert (again.messages, again.slots_changed) == (0, 0)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_daemon_sweeps_on_its_own(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    """Run as a daemon, a late row arrives within the sweep interval, with no reconciliation
+    (full_scan_interval is an hour) and no poll able to see it."""
+    inventory, slots, sandbox, agent = _baselined(
+        backend, make_inventory, make_sandbox, make_agent, tmp_path
+    )
+    with running(agent):
+        wait_until(lambda: agent.reconciled, "the start reconciliation")
+        inventory.update_slot(201, vacancies=2, updated_at=_stale(inventory, 120))
+        wait_until(lambda: "201" in _last_notify_per_slot(sandbox), "the late row's notify")
+    assert _last_notify_per_slot(sandbox)["201"] == _payload(slots[201], 2, "LIMITED")
