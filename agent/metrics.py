@@ -53,7 +53,7 @@ class Metrics:
         )
         self.scan_duration = Histogram(
             "scan_duration_seconds",
-            "Time to read the source, diff and record a scan, by kind (full, incremental).",
+            "Time to read the source, diff and record a scan, by kind (full, incremental, late).",
             ["kind"],
             namespace=NAMESPACE,
             registry=registry,

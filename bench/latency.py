@@ -26,7 +26,9 @@ first poll is over, so no full reconciliation falls inside a measured window);
 - wake-ups after a bulk change: as wake-ups, but right before the measured commits one
   statement stamps updated_at on `bulk_rows` slots (200,000; nothing Seyaha sees changes),
   as a nightly job touching every row would; the measured commits fall in the minute
-  (cursor_overlap) during which every poll reads those rows again.
+  (cursor_overlap) after it. The first poll after the bulk statement reads its rows (the
+  bookings committed meanwhile wait for that poll); later polls read only their last 5 s,
+  and the late-row sweep reads the rows again beside them every 5 s.
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
