@@ -40,7 +40,7 @@ from agent.errors import (
 )
 from agent.logs import event
 from agent.metrics import Metrics
-from agent.scan import Scanner, ScanReport, Superseded
+from agent.scan import Scanner, ScanReport, Superseded, Turn
 from agent.source.reader import SourceReader
 from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
 from agent.store import OutboxStats, StateStore
@@ -363,16 +363,9 @@ class Agent:
                 beside = self._resync_because is None and self.scanner.can_reconcile_beside()
             if not beside:
                 return self._as_scanner(self.scanner.scan)
-            try:
-                with _switching_often():
-                    report = self.scanner.reconcile(self._scan_turn, self._give_way)
-            except Superseded as exc:
-                event(log, logging.INFO, "scan.superseded", str(exc))
-                return None
+            return self._beside(self.scanner.reconcile, superseded_level=logging.INFO)
         finally:
             self._reconciling.release()
-        self._after(report)
-        return report
 
     def late_sweep(self) -> ScanReport | None:
         """The late-row sweep (Scanner.sweep) beside the polls, by the scanner-lease holder;
@@ -385,14 +378,25 @@ class Agent:
                 self._check_state_file()
                 if not self._scanner_turn() or self._resync_because is not None:
                     return None
-            try:
-                with _switching_often():
-                    report = self.scanner.sweep(self._scan_turn, self._give_way)
-            except Superseded as exc:
-                event(log, logging.DEBUG, "scan.superseded", str(exc))
-                return None
+            return self._beside(self.scanner.sweep, superseded_level=logging.DEBUG)
         finally:
             self._reconciling.release()
+
+    def _beside(
+        self,
+        work: Callable[[Turn, Callable[[], None]], ScanReport | None],
+        *,
+        superseded_level: int,
+    ) -> ScanReport | None:
+        """Run a reconciliation or a sweep beside the polls (the caller holds _reconciling):
+        it takes the scan turn only for moments (_scan_turn) and steps aside between rows
+        (_give_way). None when it had nothing to do or was overtaken (Superseded)."""
+        try:
+            with _switching_often():
+                report = work(self._scan_turn, self._give_way)
+        except Superseded as exc:
+            event(log, superseded_level, "scan.superseded", str(exc))
+            return None
         if report is not None:
             self._after(report)
         return report

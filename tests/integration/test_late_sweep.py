@@ -17,8 +17,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent.app import Agent
+from agent.sandbox import Sandbox
 from agent.source import cursor
-from tests.integration.inventory import BACKEND_PARAMS, Inventory, running, wait_until
+from tests.integration.inventory import (
+    BACKEND_PARAMS,
+    Inventory,
+    TourSlot,
+    running,
+    wait_until,
+)
 from tests.integration.test_reconcile_beside_polls import (
     WAIT_S,
     InThread,
@@ -31,6 +39,20 @@ from tests.integration.test_reconcile_beside_polls import (
     _notifies_per_slot,
     _payload,
 )
+
+Setup = tuple[Inventory, dict[int, TourSlot], Sandbox, Agent]
+
+
+@pytest.fixture
+def setup(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> Setup:
+    """A baselined agent (cursor_overlap 300 s) on `backend`'s inventory, and its sandbox."""
+    return _baselined(backend, make_inventory, make_sandbox, make_agent, tmp_path)
 
 
 def _stale(inventory: Inventory, seconds: float) -> Any:
@@ -47,14 +69,9 @@ def _slot_count(inventory: Inventory) -> int:
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_a_row_stamped_long_before_its_commit_is_missed_by_polls_and_found_by_the_sweep(
     backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    setup: Setup,
 ) -> None:
-    inventory, slots, sandbox, agent = _baselined(
-        backend, make_inventory, make_sandbox, make_agent, tmp_path
-    )
+    inventory, slots, sandbox, agent = setup
     assert agent.scanner.sweeps()  # cursor_overlap 300 s, polls read the last 5 s
     inventory.update_slot(101, vacancies=9, updated_at=_stale(inventory, 60))
 
@@ -78,14 +95,9 @@ def test_a_row_stamped_long_before_its_commit_is_missed_by_polls_and_found_by_th
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_after_a_bulk_change_polls_read_only_new_rows_and_the_sweep_diffs_none_again(
     backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    setup: Setup,
 ) -> None:
-    inventory, slots, sandbox, agent = _baselined(
-        backend, make_inventory, make_sandbox, make_agent, tmp_path
-    )
+    inventory, slots, sandbox, agent = setup
     agent.scanner.live_overlap_s = 0.5
     total = _slot_count(inventory)
     # A nightly job stamps every row; nothing Seyaha sees changes.
@@ -117,17 +129,12 @@ def test_after_a_bulk_change_polls_read_only_new_rows_and_the_sweep_diffs_none_a
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_a_poll_during_a_sweep_keeps_its_newer_state(
     backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    setup: Setup,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The sweep reads a late row as it was at its snapshot; a booking commits and a poll
     records it while the sweep reads: the sweep must not record or send its older state."""
-    inventory, slots, sandbox, agent = _baselined(
-        backend, make_inventory, make_sandbox, make_agent, tmp_path
-    )
+    inventory, slots, sandbox, agent = setup
     inventory.update_slot(101, vacancies=9, updated_at=_stale(inventory, 60))
     inventory.update_slot(202, vacancies=8, updated_at=_stale(inventory, 60))
     booked = threading.Event()
@@ -159,16 +166,11 @@ def test_a_poll_during_a_sweep_keeps_its_newer_state(
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_the_daemon_sweeps_on_its_own(
     backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
+    setup: Setup,
 ) -> None:
     """Run as a daemon, a late row arrives within the sweep interval, with no reconciliation
     (full_scan_interval is an hour) and no poll able to see it."""
-    inventory, slots, sandbox, agent = _baselined(
-        backend, make_inventory, make_sandbox, make_agent, tmp_path
-    )
+    inventory, slots, sandbox, agent = setup
     with running(agent):
         wait_until(lambda: agent.reconciled, "the start reconciliation")
         inventory.update_slot(201, vacancies=2, updated_at=_stale(inventory, 120))
