@@ -3,8 +3,9 @@
 The poll runs slots_changed_query (`... AND s.updated_at >= :since`, updated_at indexed) in a
 fresh process on a copy of the baselined state. Each measured poll is preceded by a wait of
 cursor_overlap + 0.2 s and an untimed poll, so that it sees exactly the rows changed for it:
-with the agent's default cursor_overlap of 60 s, a poll re-reads every row changed in the
-last minute, whatever the previous poll already saw (see the latency measurement).
+with the agent's defaults, a poll re-reads every row changed in the last 5 s (the late-row
+sweep reads the rest of cursor_overlap beside the polls), whatever the previous poll already
+saw (see the latency measurement).
 At the end, Fingerprints.lookup_slots() (how a poll finds the stored fingerprints of the rows
 it read) is timed alone for 1 key and for one batch of 500, and the state database's plan
 for that statement is shown.
