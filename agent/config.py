@@ -131,7 +131,11 @@ class SourceSettings(_Section):
     slots_changed_query: str | None = None
     catalog_changed_query: str | None = None
     cursor_overlap: float = Field(
-        60.0, ge=0, le=DAY_S, description="seconds re-read behind the change cursor on every poll"
+        60.0,
+        ge=0,
+        le=DAY_S,
+        description="seconds re-read behind the change cursor (the last 5 s by every poll, "
+        "all of it by the late-row sweep every 5 s)",
     )
     full_scan_interval: float = Field(
         300.0,

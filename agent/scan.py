@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
@@ -37,6 +37,8 @@ from agent.source.seen import SeenRows
 from agent.store import StateStore, StoreBusy
 
 log = logging.getLogger("agent.scan")
+
+T = TypeVar("T")
 
 SKIPPED_MEMORY = 10_000
 """Skipped rows remembered between scans, so a bad row is logged once, not on every poll."""
@@ -445,9 +447,11 @@ class Scanner:
         try:
             report = ScanReport(at=self.clock.now(), kind="late")
             pending = [change for change in found if change[1] is not None]
-            first = bool(snapshot.catalog)  # the catalog's changes go with the first chunk
-            while first or pending:
-                chunk, pending = pending[:SWEEP_CHUNK], pending[SWEEP_CHUNK:]
+            chunks = list(_chunks(pending, SWEEP_CHUNK))
+            if snapshot.catalog and not chunks:
+                chunks = [[]]  # the catalog's changes go with the first chunk
+            for n, chunk in enumerate(chunks):
+                first = n == 0
                 give_way()
                 with turn():
                     live.check()
@@ -469,7 +473,6 @@ class Scanner:
                             scanner=self.fence,
                         )
                         report.count(slots, messages, enqueued)
-                first = False
             with turn():
                 live.check()
                 self.seen.remember(
@@ -658,8 +661,8 @@ def _giving_way(items: Iterable[SourceSlot], give_way: Callable[[], None]) -> It
         yield item
 
 
-def _chunks(items: Iterable[SlotChange], size: int) -> Iterator[list[SlotChange]]:
-    batch: list[SlotChange] = []
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) >= size:

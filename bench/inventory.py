@@ -205,17 +205,26 @@ def slot_key(slot_id: int) -> tuple[str, str, str]:
 
 BOOK_ONE_SQL = (
     "UPDATE {table} SET booked = CASE WHEN booked < capacity THEN booked + 1 "
-    "ELSE booked - 1 END, updated_at = now() WHERE id = ANY(%s) "
+    "ELSE booked - 1 END, updated_at = now() - make_interval(secs => %s) WHERE id = ANY(%s) "
     "RETURNING id, capacity - booked"
 )
 """A booking (or, on a full slot, a cancellation of one seat): vacancies always change."""
 
 
-def book(conn: psycopg.Connection, inventory: Inventory, ids: Sequence[int]) -> dict[str, int]:
-    """Change the vacancies of `ids` in one committed statement: {availability id: vacancies}."""
+def book(
+    conn: psycopg.Connection,
+    inventory: Inventory,
+    ids: Sequence[int],
+    *,
+    stamp_behind_s: float = 0.0,
+) -> dict[str, int]:
+    """Change the vacancies of `ids` in one committed statement: {availability id: vacancies}.
+
+    `stamp_behind_s` stamps updated_at that long before the commit, as a transaction that
+    began then (updated_at = now() is its start) would."""
     statement = sql.SQL(BOOK_ONE_SQL).format(table=inventory.table)
     with conn.transaction():
-        rows = conn.execute(statement, (list(ids),)).fetchall()
+        rows = conn.execute(statement, (stamp_behind_s, list(ids))).fetchall()
     return {str(slot_id): int(vacancies) for slot_id, vacancies in rows}
 
 

@@ -28,7 +28,11 @@ first poll is over, so no full reconciliation falls inside a measured window);
   as a nightly job touching every row would; the measured commits fall in the minute
   (cursor_overlap) after it. The first poll after the bulk statement reads its rows (the
   bookings committed meanwhile wait for that poll); later polls read only their last 5 s,
-  and the late-row sweep reads the rows again beside them every 5 s.
+  and the late-row sweep reads the rows again beside them every 5 s;
+- late rows: as wake-ups, but every measured booking stamps updated_at 30 s before its
+  commit, as a transaction that began then would: no poll reads it (they read the last
+  5 s), the late-row sweep does (every 5 s, beside the polls); not part of `all` (run it
+  with `--modes late`).
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
@@ -84,6 +88,8 @@ class Mode:
     """Measure while reconciliations run, instead of after the one at the start."""
     bulk: bool = False
     """Stamp updated_at on Plan.bulk_rows slots right before the measured commits."""
+    stamp_behind_s: float = 0.0
+    """Stamp the measured bookings this long before their commit (late rows)."""
 
 
 WAKEUPS = Mode("wakeups", "wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
@@ -97,7 +103,14 @@ RECONCILING = Mode(
     through_reconciliations=True,
 )
 BULK = Mode("bulk", "wake-ups in the minute after a bulk change", True, 60.0, bulk=True)
-MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK)}
+LATE = Mode(
+    "late",
+    "wake-ups, each booking stamped 30 s before its commit (late rows)",
+    True,
+    60.0,
+    stamp_behind_s=30.0,
+)
+MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, LATE)}
 
 
 class Daemon:
@@ -206,6 +219,7 @@ def stream(
     commits: int,
     spacing_s: float,
     wait_s: float = DELIVERY_WAIT_S,
+    stamp_behind_s: float = 0.0,
 ) -> StreamResult:
     """Warm up, then commit `commits` single-slot bookings and time each until it arrives."""
     for _ in range(WARMUP_COMMITS):
@@ -219,7 +233,8 @@ def stream(
         pause = started + k * spacing_s - time.monotonic()
         if pause > 0:
             time.sleep(pause)
-        ((slot, vacancies),) = inventory.book(ctx.conn, inv, inv.ids.take(1)).items()
+        booked = inventory.book(ctx.conn, inv, inv.ids.take(1), stamp_behind_s=stamp_behind_s)
+        ((slot, vacancies),) = booked.items()
         sent[slot] = (vacancies, time.monotonic(), time.time())
     arrived = receiver.wait_for([(s, v) for s, (v, _, _) in sent.items()], wait_s)
     cpu = cpu_of() - cpu_before
@@ -306,6 +321,7 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 daemon.cpu_s,
                 commits=commits,
                 spacing_s=ctx.plan.commit_spacing_s,
+                stamp_behind_s=mode.stamp_behind_s,
             )
             window_end = time.time()
             if mode.through_reconciliations:
@@ -353,6 +369,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "triggers": mode.triggers,
                 "through_reconciliations": mode.through_reconciliations,
                 "bulk": mode.bulk,
+                "stamp_behind_s": mode.stamp_behind_s,
                 **_medians(runs),
                 "runs": runs,
             }

@@ -298,7 +298,10 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
         (
             m
             for m in r["modes"]
-            if m["triggers"] and not m.get("through_reconciliations") and not m.get("bulk")
+            if m["triggers"]
+            and not m.get("through_reconciliations")
+            and not m.get("bulk")
+            and not m.get("stamp_behind_s")
         ),
         None,
     )

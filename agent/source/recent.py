@@ -1,7 +1,7 @@
 """Pure: the rows the last incremental poll already handled, as the source returned them.
 
-Every poll re-reads its overlap window (cursor_overlap, 60 s by default), so under a steady
-stream of bookings most rows of a poll are rows the previous poll already diffed and
+Every poll re-reads its window behind the cursor (the last 5 s, Scanner.poll_overlap_s), so
+under a steady stream of bookings most rows of a poll are rows the previous poll already diffed and
 recorded. Converting each of them again, looking its fingerprint up in the state store and
 diffing it would cost each poll in proportion to the window instead of to what changed.
 
