@@ -75,9 +75,10 @@ SCAN_GRACE_S = 300.0
 """A scan may keep the poll loop busy this long before the watchdog stops vouching for it."""
 
 SWEEP_EVERY_S = 5.0
-"""How often the late-row sweep reads the whole cursor_overlap window beside the polls
-(seconds): a row whose transaction committed more than Scanner.live_overlap_s after stamping
-it arrives within this, plus the sweep's own length."""
+"""The late-row sweep reads the whole cursor_overlap window beside the polls right after
+each poll, and at least this often (seconds): a row whose transaction committed more than
+Scanner.live_overlap_s after stamping it arrives after the next poll and the sweep's own
+length (see Agent.sweep_loop)."""
 
 SCANNER_RENEWALS = 3
 """The scanner lease is renewed this many times per lease ([state] scanner_lease): two
@@ -171,12 +172,17 @@ class Agent:
         self._holds_scanner = False
         """Whether this agent held the scanner lease at its last attempt (shared stores)."""
         self.poll_wake = threading.Event()
+        self.sweep_wake = threading.Event()
+        """Set after every poll: the late-row sweep runs next (see sweep_loop)."""
         """Set by a wake-up (LISTEN/NOTIFY, file watch): wakes the poll loop."""
         self.scan_lock = threading.Lock()
         """One scan at a time: full scans and polls both write fingerprints. A
         reconciliation beside the polls takes it only for moments (Scanner.reconcile)."""
         self._reconciling = threading.Lock()
         """One reconciliation at a time (the start's and the interval's may meet)."""
+        self._sweeping = threading.Lock()
+        """One reader beside the polls at a time: the late-row sweep, or a reconciliation
+        (which waits for a sweep under way; a sweep does not start while it runs)."""
         self._source_down: str | None = None
         self._failures = 0
         self._failure: tuple[str, str] | None = None
@@ -269,6 +275,7 @@ class Agent:
         if self._lock is not None:
             self._lock.keep_after_loss()
         self.poll_wake.set()
+        self.sweep_wake.set()
         if self.on_state_lost is not None:
             self.on_state_lost(lost)
 
@@ -356,31 +363,36 @@ class Agent:
         if not self._reconciling.acquire(blocking=False):
             return None
         try:
-            with self.scan_lock:
-                self._check_state_file()
-                if not self._scanner_turn():
-                    return None
-                beside = self._resync_because is None and self.scanner.can_reconcile_beside()
-            if not beside:
-                return self._as_scanner(self.scanner.scan)
-            return self._beside(self.scanner.reconcile, superseded_level=logging.INFO)
+            with self._sweeping:
+                with self.scan_lock:
+                    self._check_state_file()
+                    if not self._scanner_turn():
+                        return None
+                    beside = self._resync_because is None and self.scanner.can_reconcile_beside()
+                if not beside:
+                    return self._as_scanner(self.scanner.scan)
+                return self._beside(self.scanner.reconcile, superseded_level=logging.INFO)
         finally:
             self._reconciling.release()
+            # Rows committed late while it ran (after its snapshot) are the sweep's now.
+            self.sweep_wake.set()
 
     def late_sweep(self) -> ScanReport | None:
         """The late-row sweep (Scanner.sweep) beside the polls, by the scanner-lease holder;
-        skipped while a reconciliation runs (it reads every row anyway). None when it had
-        nothing to do or was overtaken."""
-        if not self.scanner.sweeps() or not self._reconciling.acquire(blocking=False):
+        skipped while a reconciliation runs (rows committed late meanwhile wait for its end).
+        None when it had nothing to do or was overtaken."""
+        if not self.scanner.sweeps() or not self._sweeping.acquire(blocking=False):
             return None
         try:
+            if self._reconciling.locked():
+                return None
             with self.scan_lock:
                 self._check_state_file()
                 if not self._scanner_turn() or self._resync_because is not None:
                     return None
             return self._beside(self.scanner.sweep, superseded_level=logging.DEBUG)
         finally:
-            self._reconciling.release()
+            self._sweeping.release()
 
     def _beside(
         self,
@@ -388,7 +400,7 @@ class Agent:
         *,
         superseded_level: int,
     ) -> ScanReport | None:
-        """Run a reconciliation or a sweep beside the polls (the caller holds _reconciling):
+        """Run a reconciliation or a sweep beside the polls (the caller holds _sweeping):
         it takes the scan turn only for moments (_scan_turn) and steps aside between rows
         (_give_way). None when it had nothing to do or was overtaken (Superseded)."""
         try:
@@ -400,9 +412,6 @@ class Agent:
         if report is not None:
             self._after(report)
         return report
-
-    def late_sweep_job(self) -> None:
-        self.guarded(self.late_sweep)
 
     def _give_way(self) -> None:
         """Return once no poll runs (Scanner.reconcile calls it between rows); end the
@@ -524,6 +533,7 @@ class Agent:
         while not stop.is_set() and self.state_lost is None:
             ok = self.guarded(self.poll)
             self.heartbeat = self.clock.monotonic()
+            self.sweep_wake.set()
             if first:
                 # Ready once the outbox is open and the first scan has run: a source that is
                 # down at boot is the agent's to wait out, not a reason for systemd to kill it.
@@ -540,6 +550,21 @@ class Agent:
             else:
                 self.poll_wake.wait(self.next_poll_in_s())
             self.poll_wake.clear()
+
+    def sweep_loop(self, stop: threading.Event) -> None:
+        """The late-row sweep, beside the polls: right after each poll, at least every
+        SWEEP_EVERY_S, and never busier than half the time (after a sweep it rests as long as
+        the sweep took: after a bulk change a sweep reads all its rows again)."""
+        while not stop.is_set() and self.state_lost is None:
+            self.sweep_wake.wait(SWEEP_EVERY_S)
+            self.sweep_wake.clear()
+            if stop.is_set() or self.state_lost is not None:
+                return
+            started = self.clock.monotonic()
+            self.guarded(self.late_sweep)
+            took = self.clock.monotonic() - started
+            # A failing source is waited out at the polls' backoff, not hammered.
+            stop.wait(self.next_poll_in_s() if self._failures else min(SWEEP_EVERY_S, took))
 
     def _reconcile_after_start(self) -> None:
         """Queue a reconciliation right after the first poll, unless that poll was one.
@@ -652,14 +677,6 @@ class Agent:
                 max_instances=1,
                 coalesce=True,
             )
-        if self.scanner.sweeps():
-            scheduler.add_job(
-                self.late_sweep_job,
-                IntervalTrigger(seconds=SWEEP_EVERY_S),
-                id="late-sweep",
-                max_instances=1,
-                coalesce=True,
-            )
         if self.store.dialect.shared:
             scheduler.add_job(
                 self.renew_scanner_job,
@@ -686,6 +703,10 @@ class Agent:
                 daemon=True,
             ),
         ]
+        if self.scanner.sweeps():
+            threads.append(
+                threading.Thread(target=self.sweep_loop, args=(stop,), name="sweep", daemon=True)
+            )
         wakeup = self.wakeup()
         if wakeup is not None:
             threads.append(
@@ -722,6 +743,7 @@ class Agent:
             systemd.notify("STOPPING=1")
             event(log, logging.INFO, "agent.stopping", "stopping: finishing in-flight work")
             self.poll_wake.set()
+            self.sweep_wake.set()
             self.deliverer.poke()
             scheduler.shutdown(wait=True)
             # The delivery thread ends within shutdown_grace (it cuts calls still running

@@ -135,7 +135,7 @@ class SourceSettings(_Section):
         ge=0,
         le=DAY_S,
         description="seconds re-read behind the change cursor (the last 5 s by every poll, "
-        "all of it by the late-row sweep every 5 s)",
+        "all of it by the late-row sweep after each poll)",
     )
     full_scan_interval: float = Field(
         300.0,

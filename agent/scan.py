@@ -447,6 +447,7 @@ class Scanner:
         try:
             report = ScanReport(at=self.clock.now(), kind="late")
             pending = [change for change in found if change[1] is not None]
+            raw_rows = {key: (raw, values) for raw, (values, key) in snapshot.handled.items()}
             chunks = list(_chunks(pending, SWEEP_CHUNK))
             if snapshot.catalog and not chunks:
                 chunks = [[]]  # the catalog's changes go with the first chunk
@@ -473,13 +474,10 @@ class Scanner:
                             scanner=self.fence,
                         )
                         report.count(slots, messages, enqueued)
+                    # Recorded now (or found recorded): remembered, in this same turn.
+                    self.seen.remember(raw_rows[key] for key, _ in chunk if key in raw_rows)
             with turn():
                 live.check()
-                self.seen.remember(
-                    (raw, values)
-                    for raw, (values, key) in snapshot.handled.items()
-                    if key not in live.touched
-                )
                 self._swept_to = upper
         finally:
             self._live = None

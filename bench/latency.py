@@ -28,10 +28,10 @@ first poll is over, so no full reconciliation falls inside a measured window);
   as a nightly job touching every row would; the measured commits fall in the minute
   (cursor_overlap) after it. The first poll after the bulk statement reads its rows (the
   bookings committed meanwhile wait for that poll); later polls read only their last 5 s,
-  and the late-row sweep reads the rows again beside them every 5 s;
+  and the late-row sweep reads the rows again beside them;
 - late rows: as wake-ups, but every measured booking stamps updated_at 30 s before its
   commit, as a transaction that began then would: no poll reads it (they read the last
-  5 s), the late-row sweep does (every 5 s, beside the polls); not part of `all` (run it
+  5 s), the late-row sweep after the next poll does; not part of `all` (run it
   with `--modes late`).
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's

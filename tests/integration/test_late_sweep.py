@@ -28,6 +28,7 @@ from tests.integration.inventory import (
     wait_until,
 )
 from tests.integration.test_reconcile_beside_polls import (
+    QUIET_S,
     WAIT_S,
     InThread,
     MakeAgent,
@@ -176,3 +177,33 @@ def test_the_daemon_sweeps_on_its_own(
         inventory.update_slot(201, vacancies=2, updated_at=_stale(inventory, 120))
         wait_until(lambda: "201" in _last_notify_per_slot(sandbox), "the late row's notify")
     assert _last_notify_per_slot(sandbox)["201"] == _payload(slots[201], 2, "LIMITED")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_reconciliation_waits_for_a_sweep_under_way_instead_of_being_skipped(
+    backend: str,
+    setup: Setup,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reconciliation after the start often meets the sweep that follows the first
+    poll: it must wait for that sweep, not give up until the next full_scan_interval."""
+    inventory, _slots, _sandbox, agent = setup
+    inventory.update_slot(101, vacancies=9, updated_at=_stale(inventory, 60))
+    inside, go_on = threading.Event(), threading.Event()
+
+    def give_way() -> None:
+        inside.set()
+        assert go_on.wait(WAIT_S), "the test never let the sweep go on"
+
+    monkeypatch.setattr(agent, "_give_way", give_way)
+    sweep = InThread(agent.late_sweep)
+    assert inside.wait(WAIT_S), "the sweep never started reading"
+    reconciliation = InThread(agent.full_scan)
+    assert not reconciliation.done_within(QUIET_S), "the reconciliation did not wait"
+    go_on.set()
+    swept = sweep.result()
+    assert swept is not None
+    assert swept.notifies == 1
+    reconciled = reconciliation.result()
+    assert reconciled is not None
+    assert (reconciled.kind, reconciled.messages) == ("full", 0)
