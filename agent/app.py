@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from agent import systemd
@@ -458,16 +458,18 @@ class Agent:
     def full_scan_job(self) -> None:
         self.guarded(self.full_scan)
 
-    def guarded(self, work: Callable[[], object]) -> bool:
-        """Run a scan, reporting failures and keeping the daemon alive; True on success."""
+    def guarded(self, work: Callable[[], object], counter: Counter | None = None) -> bool:
+        """Run a scan, reporting failures and keeping the daemon alive; True on success.
+        Failures are counted in `counter` (scans_total unless told)."""
+        failed = (counter or self.metrics.scans).labels
         try:
             work()
         except StateFileLost as exc:
             # Said once, as state.lost, when it was found; the agent is stopping.
-            self.metrics.scans.labels("state_unavailable").inc()
+            failed("state_unavailable").inc()
             return self._failed("state", str(exc))
         except SourceUnavailable as exc:
-            self.metrics.scans.labels("source_unavailable").inc()
+            failed("source_unavailable").inc()
             if self._source_down != str(exc):
                 event(
                     log,
@@ -478,20 +480,20 @@ class Agent:
             self._source_down = str(exc)
             return self._failed("source", str(exc))
         except QueryError as exc:
-            self.metrics.scans.labels("query_error").inc()
+            failed("query_error").inc()
             event(log, logging.ERROR, "scan.query_error", str(exc))
             return self._failed("query", str(exc))
         except AgentError as exc:
-            self.metrics.scans.labels("error").inc()
+            failed("error").inc()
             event(log, logging.ERROR, "scan.failed", str(exc))
             return self._failed("scan", str(exc))
         except OperationalError as exc:
-            self.metrics.scans.labels("state_unavailable").inc()
+            failed("state_unavailable").inc()
             reason = f"the state store failed: {first_line(exc)}"
             event(log, logging.ERROR, "state.unavailable", f"{reason}; retrying with backoff")
             return self._failed("state", reason)
         except Exception as exc:
-            self.metrics.scans.labels("error").inc()
+            failed("error").inc()
             log.exception("scan failed unexpectedly", extra={"event": "scan.crashed"})
             return self._failed("scan", f"unexpected {type(exc).__name__}")
         if self._source_down is not None:
@@ -561,7 +563,7 @@ class Agent:
             if stop.is_set() or self.state_lost is not None:
                 return
             started = self.clock.monotonic()
-            self.guarded(self.late_sweep)
+            self.guarded(self.late_sweep, self.metrics.sweeps)
             took = self.clock.monotonic() - started
             # A failing source is waited out at the polls' backoff, not hammered.
             stop.wait(self.next_poll_in_s() if self._failures else min(SWEEP_EVERY_S, took))

@@ -46,7 +46,15 @@ class Metrics:
         self.build_info.info({"version": __version__})
         self.scans = Counter(
             "scans",
-            "Scans of the source, by result.",
+            "Polls and reconciliations of the source, by result.",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.sweeps = Counter(
+            "late_sweeps",
+            "Late-row sweeps of the source (the cursor_overlap window behind the polls), "
+            "by result.",
             ["result"],
             namespace=NAMESPACE,
             registry=registry,

@@ -520,7 +520,7 @@ class Scanner:
 
     def _observe(self, report: ScanReport) -> None:
         m = self.metrics
-        m.scans.labels("ok").inc()
+        (m.sweeps if report.kind == "late" else m.scans).labels("ok").inc()
         m.scan_duration.labels(report.kind).observe(report.duration_s)
         m.last_scan.set(report.at.timestamp())
         m.rows_read.labels("catalog_query").inc(report.catalog_rows)

@@ -177,6 +177,17 @@ def test_the_daemon_sweeps_on_its_own(
         inventory.update_slot(201, vacancies=2, updated_at=_stale(inventory, 120))
         wait_until(lambda: "201" in _last_notify_per_slot(sandbox), "the late row's notify")
     assert _last_notify_per_slot(sandbox)["201"] == _payload(slots[201], 2, "LIMITED")
+    # Sweeps are counted apart: scans_total keeps counting polls and reconciliations only.
+    sweeps = _sample(agent, "late_sweeps_total", result="ok")
+    assert sweeps >= 1
+    assert sweeps == _sample(agent, "scan_duration_seconds_count", kind="late")
+    assert _sample(agent, "scans_total", result="ok") == sum(
+        _sample(agent, "scan_duration_seconds_count", kind=kind) for kind in ("full", "incremental")
+    )
+
+
+def _sample(agent: Agent, name: str, **labels: str) -> float:
+    return agent.metrics.registry.get_sample_value(f"seyaha_agent_{name}", labels) or 0.0
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
