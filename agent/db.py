@@ -47,6 +47,15 @@ def close_dead_cursor(exc: BaseException) -> None:
     """Close the cursor a lost connection left open (see _remember_cursor), once the driver
     has let go of it: on a dead connection the driver closes it without a round trip."""
     cursor = getattr(exc, "dead_cursor", None)
-    if cursor is not None:
-        with contextlib.suppress(Exception):
-            cursor.close()
+    if cursor is None:
+        return
+    with contextlib.suppress(Exception):
+        cursor.close()
+    # PyMySQL's unbuffered cursor reads the rest of its result as it closes; on a dead
+    # connection that fails half-way and leaves the cursor and its result to try again from
+    # the garbage collector ("Exception ignored in SSCursor.close" on stderr): let go of both.
+    result = getattr(cursor, "_result", None)
+    if result is not None and getattr(result, "unbuffered_active", False):
+        result.unbuffered_active = False
+    if result is not None and getattr(cursor, "connection", None) is not None:
+        cursor.connection = None

@@ -39,6 +39,10 @@ Role = str
 """"source" (the supplier's database, read only) or "state" (the agent's own store)."""
 
 
+AFTER_PARAMS = ("seyaha_after_0", "seyaha_after_1", "seyaha_after_2")
+"""Parameters of Dialect.ordered(after=True): the key, as text, a read resumes after."""
+
+
 class Dialect:
     """What every backend answers; the defaults are plain SQL that all three accept."""
 
@@ -74,14 +78,19 @@ class Dialect:
         the upper bound of a change cursor."""
         raise NotImplementedError
 
-    def ordered(self, sql: str, key_columns: Sequence[str]) -> str:
+    def ordered(self, sql: str, key_columns: Sequence[str], *, after: bool = False) -> str:
         """`sql` wrapped to come back in key order, each id compared as text in code-point
         order (byte order of UTF-8): the order the state store keeps its keys in, so that
-        the two streams can be merge-joined."""
+        the two streams can be merge-joined. With `after`, only the rows whose key comes
+        after the one bound as AFTER_PARAMS (the rest of a read that was cut off)."""
         inner = sql.strip().rstrip(";").strip()
-        order = ", ".join(self.key_order_template.format(c) for c in key_columns)
+        keys = [self.key_order_template.format(c) for c in key_columns]
+        where = ""
+        if after:
+            bound = ", ".join(f":{p}" for p in AFTER_PARAMS[: len(keys)])
+            where = f" WHERE ({', '.join(keys)}) > ({bound})"
         # The query on lines of its own: a trailing `-- comment` would swallow the ")".
-        return f"SELECT * FROM (\n{inner}\n) q ORDER BY {order}"  # noqa: S608 - the operator's own query
+        return f"SELECT * FROM (\n{inner}\n) q{where} ORDER BY {', '.join(keys)}"  # noqa: S608 - the operator's own query
 
     def file_database(self, url: URL) -> Path | None:
         """The database file behind `url`, for backends that are a local file."""

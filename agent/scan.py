@@ -7,6 +7,7 @@ pure functions and the state store, and reports what it saw.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
@@ -172,6 +173,8 @@ class Scanner:
     """The part of `overlap_s` every poll reads again (see LIVE_OVERLAP_S)."""
     seen: SeenRows = field(default_factory=SeenRows)
     """Rows recorded as they are, for the late-row sweep (see sweep)."""
+    pause: Callable[[float], None] = time.sleep
+    """Waits before a full read carries on after losing the source (resuming_slots)."""
     _swept_to: Any = None
     """The source clock the last sweep or full scan read at (the next sweep reads from it,
     minus the overlap); None until the first poll."""
@@ -234,7 +237,7 @@ class Scanner:
             )
             with self.store.reading() as stored:
                 remembered = self.store.fingerprints.iter_slots(stored)
-                current = self.reader.stream_slots(src, snapshot)
+                current = self.reader.resuming_slots(src, snapshot, pause=self.pause)
                 # Closed here, on failure too, while their connections are still open: left
                 # to the garbage collector, they would close their cursors on closed ones.
                 with closing(remembered), closing(current):
@@ -307,7 +310,7 @@ class Scanner:
             try:
                 with self.store.reading() as stored:
                     remembered = self.store.fingerprints.iter_slots(stored)
-                    current = self.reader.stream_slots(src, snapshot)
+                    current = self.reader.resuming_slots(src, snapshot, pause=self.pause)
                     with closing(remembered), closing(current):
                         changes = iter_slot_changes(
                             remembered,

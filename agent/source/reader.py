@@ -8,9 +8,11 @@ skipped with its key and the reason, and the rest of the result goes on.
 from __future__ import annotations
 
 import itertools
+import logging
 import sqlite3
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -19,9 +21,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from agent.db import close_dead_cursor, redact_url
-from agent.dialects import Dialect, dialect_of
+from agent.dialects import AFTER_PARAMS, Dialect, dialect_of
 from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable, first_line
+from agent.logs import event
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
 from agent.source import rows
 from agent.source.recent import RawKey, RawValues, RecentRows
@@ -34,10 +37,18 @@ GIVE_WAY_ROWS = 256
 looks for a poll waiting to run (a few milliseconds of work: a poll waits at most that long
 for it to step aside)."""
 
+RESUME_ATTEMPTS = 3
+"""Times a full read of the slots carries on after losing the source (SourceReader.resuming_slots)."""
+
+RESUME_PAUSE_S = 1.0
+"""Pause before the first resumption; it doubles with each."""
+
 CHECK_ROW_LIMIT = 100
 """Rows `check` reads from each query: enough to catch bad values without a full scan."""
 
 T = TypeVar("T")
+
+log = logging.getLogger("agent.scan")
 
 DUPLICATE_KEY = (
     "duplicate key: the query returned this key more than once, so no copy is sent and "
@@ -73,6 +84,14 @@ class Snapshot:
     def duplicate_apart(self, key: SlotKey) -> None:
         """A later copy of a slot key the full scan's merge met apart from its first copy."""
         self.skipped.append(SkippedRow("slots_query", key, DUPLICATE_KEY_APART))
+
+
+@dataclass
+class StreamPosition:
+    """How far a key-ordered read of the slots got: the key of the last slot it handed on,
+    each id as the database orders it (its text), for a read that carries on after it."""
+
+    after: tuple[str, ...] | None = None
 
 
 class SourceReader:
@@ -130,13 +149,12 @@ class SourceReader:
                 with suppress(SQLAlchemyError):
                     transaction.rollback()
                 raise
-            try:
+            if conn.invalidated or not transaction.is_active:
+                return  # lost part-way, and read past (resuming_slots): nothing to end
+            # Ending a read transaction fails only when the connection died after the last
+            # read: what was read stands (nothing was written), and the connection is dropped.
+            with suppress(DBAPIError):
                 transaction.commit()
-            except DBAPIError as exc:
-                # Ending a read transaction fails only when the connection died.
-                raise SourceUnavailable(
-                    f"the source database at {self.where} went away: {first_line(exc)}"
-                ) from None
         finally:
             conn.close()
 
@@ -153,20 +171,31 @@ class SourceReader:
         return conn.exec_driver_sql(self.dialect.clock_sql()).scalar()
 
     def stream_slots(
-        self, conn: sa.Connection, snapshot: Snapshot
+        self,
+        conn: sa.Connection,
+        snapshot: Snapshot,
+        *,
+        after: tuple[str, ...] | None = None,
+        position: StreamPosition | None = None,
     ) -> Generator[SourceSlot, None, None]:
-        """Every slot, streamed through a server-side cursor in key order (see Dialect.ordered).
+        """Every slot, streamed through a server-side cursor in key order (see Dialect.ordered);
+        with `after`, only those whose key (as the database orders it) comes after it.
 
         Unreadable rows whose key is sound come through as (key, None); skipped rows are
-        recorded on `snapshot`. Memory does not grow with the size of the result.
+        recorded on `snapshot`. Memory does not grow with the size of the result. `position`
+        is kept at the key, as the database has it, of the last slot handed on.
         """
         name = "slots_query"
-        sql = self.dialect.ordered(self.slots_query, rows.SLOT_KEY_COLUMNS)
-        result = self._execute(conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=True)
+        sql = self.dialect.ordered(self.slots_query, rows.SLOT_KEY_COLUMNS, after=after is not None)
+        params = dict(zip(AFTER_PARAMS, after or (), strict=False))
+        result = self._execute(
+            conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=True, params=params
+        )
         zone = self.timezone
         # Rows come in key order, so the copies of a duplicated key are adjacent: each row is
         # held back until the next key differs, and a key that came twice goes on protected.
         held: SourceSlot | None = None
+        held_at: tuple[str, ...] = ()
         duplicated = False
         for raw in self._rows(result, name, None):
             snapshot.slot_rows_read += 1
@@ -190,10 +219,67 @@ class SourceReader:
                 duplicated = True
                 continue
             if held is not None:
+                if position is not None:
+                    position.after = held_at
                 yield (held[0], None) if duplicated else held
             held, duplicated = (key, item), False
+            held_at = tuple(_as_text(raw.get(c)) for c in rows.SLOT_KEY_COLUMNS)
         if held is not None:
+            if position is not None:
+                position.after = held_at
             yield (held[0], None) if duplicated else held
+
+    def resuming_slots(
+        self,
+        conn: sa.Connection,
+        snapshot: Snapshot,
+        *,
+        attempts: int = RESUME_ATTEMPTS,
+        pause: Callable[[float], None] = time.sleep,
+    ) -> Generator[SourceSlot, None, None]:
+        """stream_slots on `conn`, carried on when the source is lost part-way through.
+
+        A full read of a large inventory takes long enough to meet a restarted database, a
+        failover or a killed connection. Instead of starting the whole pass again, the rest
+        is read in a new transaction, from the key after the last slot handed on, up to
+        `attempts` times (pausing RESUME_PAUSE_S, doubling); then the failure goes up. What
+        was read already stays read; the rest is seen as it is when it is read (the polls
+        record what changed in between, as they do beside a reconciliation).
+        """
+        position = StreamPosition()
+        failures = 0
+        with ExitStack() as resumed:
+            stream: Generator[SourceSlot, None, None]
+            stream = self.stream_slots(conn, snapshot, position=position)
+            while True:
+                try:
+                    yield from stream
+                    return
+                except SourceUnavailable as exc:
+                    failures += 1
+                    if failures > attempts:
+                        raise
+                    wait_s = RESUME_PAUSE_S * 2 ** (failures - 1)
+                    where = "/".join(position.after) if position.after else "the first slot"
+                    event(
+                        log,
+                        logging.WARNING,
+                        "scan.resuming",
+                        f"{exc}; reading the rest of the slots (after {where}) in a new "
+                        f"transaction in {wait_s:g} s (attempt {failures} of {attempts})",
+                    )
+                    pause(wait_s)
+                    resumed.close()
+                    try:
+                        conn = resumed.enter_context(self.transaction())
+                    except SourceUnavailable:
+                        if failures >= attempts:
+                            raise
+                        stream = _failing(exc)
+                        continue
+                    stream = self.stream_slots(
+                        conn, snapshot, after=position.after, position=position
+                    )
 
     def read_catalog(self, conn: sa.Connection, snapshot: Snapshot) -> None:
         """Every catalog row, into `snapshot` (catalogs are small: thousands of rows)."""
@@ -482,3 +568,17 @@ def _blames_query(exc: DBAPIError) -> bool:
         return sqlstate.startswith("42")
     args: tuple[Any, ...] = getattr(original, "args", ())
     return bool(args) and args[0] == _MYSQL_BAD_FIELD_ERROR
+
+
+def _as_text(value: Any) -> str:
+    """An id as the database's text cast spells it (Dialect.key_order_template): str of the
+    value the driver returned (integers, decimals, UUIDs and strings all agree)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _failing(exc: SourceUnavailable) -> Generator[SourceSlot, None, None]:
+    """A stream that fails at once: the source could not be reached to carry on."""
+    yield from ()
+    raise exc

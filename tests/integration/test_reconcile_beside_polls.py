@@ -62,8 +62,10 @@ class Paused:
         self._real = agent.reader.stream_slots
         self._key_id = key_id
 
-    def stream(self, conn: sa.Connection, snapshot: Snapshot) -> Iterator[SourceSlot]:
-        for key, item in self._real(conn, snapshot):
+    def stream(
+        self, conn: sa.Connection, snapshot: Snapshot, **options: Any
+    ) -> Iterator[SourceSlot]:
+        for key, item in self._real(conn, snapshot, **options):
             if key[2] == self._key_id and not self.reached.is_set():
                 self.reached.set()
                 assert self.resume.wait(WAIT_S), "the test never let the reconciliation go on"

@@ -1,0 +1,260 @@
+"""A full read of the slots that loses the source part-way carries on where it stopped.
+
+A reconciliation of a large inventory reads for long enough to meet a database restart, a
+failover or a killed connection. These tests kill every connection the agent holds to the
+source while a reconciliation streams its slots, and check that the pass carries on in a new
+transaction after the last slot it handed on: it reads each row about once (not the whole
+inventory again), finds the changes on both sides of the cut, and still finds deletions.
+Server databases only: a SQLite inventory is a local file, with no connection to lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from agent.model import SlotKey
+from agent.source import cursor
+from agent.source.reader import Snapshot, SourceReader, StreamPosition
+from tests.conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL
+from tests.integration.inventory import (
+    BACKEND_PARAMS,
+    SLOTS_CHANGED_QUERY,
+    SLOTS_QUERY,
+    Inventory,
+    at,
+    first_day,
+    notify_payload,
+    seed_tours,
+)
+from tests.integration.test_reconcile_beside_polls import (
+    MakeAgent,
+    MakeInventory,
+    MakeSandbox,
+    _delivered,
+    _last_notify_per_slot,
+)
+
+MakeReader = Callable[..., SourceReader]
+
+SERVER_PARAMS = [
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+    pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
+]
+
+BULK = 20_000
+"""Slots of the large option: several of the reader's fetches (STREAM_BATCH_ROWS), so that
+a connection killed after the first fetch is noticed part-way through the read."""
+
+FIRST_ID = 100_000
+"""Ids of the large option's slots: all six digits, so their text order is their order."""
+
+OPTION = "9-bulk"
+
+PADDED_SLOTS_QUERY = SLOTS_QUERY.rstrip().replace(
+    "s.capacity\n", "s.capacity, REPEAT('x', 1000) AS padding\n", 1
+)
+"""The slots query with a wide column: 20 MB of rows, more than the socket buffers between
+the two ends can hold, so that a connection killed part-way is noticed part-way (MariaDB
+writes a small result into them whole before the kill lands)."""
+
+CUT_AT_CALL = 20
+"""The source is cut when the reconciliation has read this many times GIVE_WAY_ROWS rows:
+inside the large option, between its early and its late changed slot."""
+
+
+def _fill(inventory: Inventory) -> None:
+    inventory.add_product(9, "Cappadocia Balloon Flight", 25000, {OPTION: "Sunrise"})
+    start = first_day(10)
+    rows = [
+        {
+            "id": FIRST_ID + n,
+            "option_id": OPTION,
+            "starts_at": inventory.start_value(_start(start, n)),
+            "status": None,
+            "vacancies": 20,
+            "capacity": 20,
+        }
+        for n in range(BULK)
+    ]
+    with inventory.engine.begin() as conn:
+        conn.execute(sa.insert(inventory.slots), rows)
+
+
+def _start(day: date, n: int) -> datetime:
+    return at(day, 6) + timedelta(minutes=n)
+
+
+def _kill_source_connections(inventory: Inventory) -> int:
+    """Every connection the agent holds to the inventory, killed as a restart would."""
+    database = str(sa.engine.make_url(inventory.url).database)
+    inventory.engine.dispose()  # the test's own, so that it can write again afterwards
+    if inventory.backend == "postgresql":
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :db AND application_name = 'seyaha-agent-source'"
+                ),
+                {"db": database},
+            ).all()
+        admin.dispose()
+        return len(killed)
+    admin = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        ids = list(
+            conn.execute(
+                sa.text(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = :db AND id <> CONNECTION_ID()"
+                ),
+                {"db": database},
+            ).scalars()
+        )
+        for connection_id in ids:
+            conn.execute(sa.text(f"KILL CONNECTION {int(connection_id)}"))
+    admin.dispose()
+    return len(ids)
+
+
+@pytest.mark.parametrize("backend", SERVER_PARAMS)
+def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_last_slot(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inventory = make_inventory(backend)
+    seed_tours(inventory, first_day())
+    _fill(inventory)
+    inventory.track_updates()
+    sandbox = make_sandbox()
+    agent = make_agent(
+        "agent",
+        base_url=sandbox.url,
+        source_url=inventory.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        slots_query=PADDED_SLOTS_QUERY,
+        source={"slots_changed_query": SLOTS_CHANGED_QUERY, "cursor_overlap": 300},
+    )
+    monkeypatch.setattr(agent.scanner, "pause", lambda seconds: None)
+    baseline = agent.poll()
+    assert baseline is not None
+    assert baseline.baseline
+    _delivered(agent)
+    total = baseline.slot_rows
+
+    # Changes only a reconciliation finds (stamped long before the cursor's window): one
+    # early in key order, read before the cut; one late, read after it; a late deletion.
+    stale = cursor.since(inventory.clock(), 3600)
+    early, late, gone = FIRST_ID + 10, FIRST_ID + BULK - 10, FIRST_ID + BULK - 5
+    inventory.update_slot(early, vacancies=3, updated_at=stale)
+    inventory.update_slot(late, vacancies=4, updated_at=stale)
+    inventory.delete_slot(gone)
+
+    cuts: list[int] = []
+    calls = 0
+
+    def give_way() -> None:  # called every GIVE_WAY_ROWS rows read
+        nonlocal calls
+        calls += 1
+        if calls == CUT_AT_CALL:  # the rows fetched already are read, the next fetch fails
+            cuts.append(_kill_source_connections(inventory))
+
+    monkeypatch.setattr(agent, "_give_way", give_way)
+    with caplog.at_level(logging.WARNING, logger="agent.scan"):
+        report = agent.full_scan()
+
+    assert cuts == [cuts[0]]
+    assert cuts[0] >= 1, "no source connection was killed"
+    assert report is not None, "the reconciliation gave up"
+    resumed = [r for r in caplog.records if getattr(r, "event", None) == "scan.resuming"]
+    assert len(resumed) == 1
+    cut = re.search(r"after 9/9-bulk/(\d+)\)", resumed[0].getMessage())
+    assert cut is not None, resumed[0].getMessage()
+    assert early < int(cut.group(1)) < late
+    # Each row read about once: the rest was read after the cut, not the whole inventory
+    # again (the one slot held back for its duplicates when the cut came is read twice).
+    assert total - 1 <= report.slot_rows <= total
+    assert (report.slots_changed, report.slots_removed, report.notifies) == (2, 1, 3)
+
+    _delivered(agent)
+    last = _last_notify_per_slot(sandbox)
+    assert last[str(early)]["vacancies"] == 3
+    assert last[str(late)]["vacancies"] == 4
+    assert last[str(gone)] == notify_payload(
+        9,
+        OPTION,
+        gone,
+        _start(first_day(10), BULK - 5),
+        status="CLOSED",
+        vacancies=0,
+        capacity=None,
+    )
+    again = agent.full_scan()
+    assert again is not None
+    assert again.messages == 0  # everything was recorded as the source has it
+
+
+ODD_OPTIONS = ["10", "9", "B", "a", "a b", "Z z", "é-x", "ß", "😀", "-"]
+"""Option ids whose text order differs from any numeric or case-blind order."""
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_read_after_a_key_returns_exactly_the_rest_in_the_same_order(
+    backend: str, make_inventory: MakeInventory, make_reader: MakeReader
+) -> None:
+    """What a resumed read relies on: the database's `after` bound cuts its key order exactly
+    where the reader's position says, whatever the ids (numbers as text, case, accents,
+    characters outside the BMP)."""
+    inventory = make_inventory(backend)
+    for product_id in (1, 2, 10):
+        inventory.add_product(
+            product_id,
+            f"Product {product_id}",
+            1000,
+            {f"{product_id}:{o}": o for o in ODD_OPTIONS},
+        )
+    start = at(first_day(5), 9)
+    ids = iter(range(1, 10_000, 7))  # one to three digits: their text order is not numeric
+    rows = [
+        {
+            "id": slot_id,
+            "option_id": f"{product_id}:{option}",
+            "starts_at": inventory.start_value(start),
+            "status": None,
+            "vacancies": 1,
+            "capacity": 1,
+        }
+        for product_id in (1, 2, 10)
+        for option in ODD_OPTIONS
+        for slot_id in (next(ids), next(ids))
+    ]
+    with inventory.engine.begin() as conn:
+        conn.execute(sa.insert(inventory.slots), rows)
+    reader = make_reader(inventory.url)
+
+    def read(after: tuple[str, ...] | None) -> list[tuple[SlotKey, tuple[str, ...] | None]]:
+        position = StreamPosition()
+        out = []
+        with reader.transaction() as src:
+            for key, _item in reader.stream_slots(src, Snapshot(), after=after, position=position):
+                out.append((key, position.after))
+        return out
+
+    whole = read(None)
+    keys = [key for key, _at in whole]
+    assert len(keys) == len(rows)
+    assert keys == sorted(keys)  # the text order the state store merges in
+    for i, (_key, position) in enumerate(whole):
+        assert [key for key, _at in read(position)] == keys[i + 1 :], f"after {position}"
