@@ -120,6 +120,7 @@ class Agent:
             slots_changed_query=s.source.slots_changed_query,
             catalog_changed_query=s.source.catalog_changed_query,
             query_timeout_s=s.source.query_timeout,
+            transaction_max_s=s.source.read_transaction_max,
         )
         self.client = SeyahaClient(
             base_url=s.seyaha.base_url,

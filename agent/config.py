@@ -146,6 +146,13 @@ class SourceSettings(_Section):
     query_timeout: float = Field(
         60.0, gt=0, le=DAY_S, description="seconds before a query is cancelled"
     )
+    read_transaction_max: float = Field(
+        30.0,
+        gt=0,
+        le=DAY_S,
+        description="seconds a full read keeps one transaction open on the source before it "
+        "reads the rest in a new one",
+    )
     notify_channel: str = Field("seyaha_agent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     notify_tables: tuple[str, ...] = ()
     watch_file: bool = True

@@ -133,6 +133,8 @@ class ScanReport:
     slot_rows: int = 0
     slots_unchanged: int = 0
     """Rows a poll skipped unconverted: the previous poll handled them as they are."""
+    source_transactions: int = 1
+    """Source transactions a full read took (SourceReader.resuming_slots)."""
     duration_s: float = 0.0
 
     @property
@@ -153,6 +155,7 @@ class ScanReport:
         self.skipped_total = len(snapshot.skipped)
         self.catalog_rows = snapshot.catalog_rows_read
         self.slot_rows = snapshot.slot_rows_read
+        self.source_transactions = snapshot.slot_transactions
 
 
 @dataclass
@@ -237,7 +240,9 @@ class Scanner:
             )
             with self.store.reading() as stored:
                 remembered = self.store.fingerprints.iter_slots(stored)
-                current = self.reader.resuming_slots(src, snapshot, pause=self.pause)
+                current = self.reader.resuming_slots(
+                    src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
+                )
                 # Closed here, on failure too, while their connections are still open: left
                 # to the garbage collector, they would close their cursors on closed ones.
                 with closing(remembered), closing(current):
@@ -310,7 +315,9 @@ class Scanner:
             try:
                 with self.store.reading() as stored:
                     remembered = self.store.fingerprints.iter_slots(stored)
-                    current = self.reader.resuming_slots(src, snapshot, pause=self.pause)
+                    current = self.reader.resuming_slots(
+                        src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
+                    )
                     with closing(remembered), closing(current):
                         changes = iter_slot_changes(
                             remembered,
@@ -588,6 +595,7 @@ class Scanner:
                 slots_removed=report.slots_removed,
                 scan=report.kind,
                 duration_ms=round(report.duration_s * 1000, 1),
+                **_read_in(report),
             )
         else:
             # A reconciliation is said at INFO even when it found nothing (every
@@ -599,6 +607,7 @@ class Scanner:
                 "no change" if report.kind != "full" else "reconciled: no change",
                 scan=report.kind,
                 duration_ms=round(report.duration_s * 1000, 1),
+                **_read_in(report),
             )
 
 
@@ -671,6 +680,11 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
             batch = []
     if batch:
         yield batch
+
+
+def _read_in(report: ScanReport) -> dict[str, int]:
+    """A full read's source transactions, for its log line (see SourceReader.resuming_slots)."""
+    return {"source_transactions": report.source_transactions} if report.kind == "full" else {}
 
 
 def _key_text(key: tuple[object, ...] | None) -> str:

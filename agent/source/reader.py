@@ -40,6 +40,10 @@ for it to step aside)."""
 RESUME_ATTEMPTS = 3
 """Times a full read of the slots carries on after losing the source (SourceReader.resuming_slots)."""
 
+READ_TRANSACTION_MAX_S = 30.0
+"""Longest a full read of the slots keeps one source transaction open, by default
+([source] read_transaction_max)."""
+
 RESUME_PAUSE_S = 1.0
 """Pause before the first resumption; it doubles with each."""
 
@@ -76,6 +80,8 @@ class Snapshot:
     slots_protected: set[SlotKey] = field(default_factory=set)
     catalog_rows_read: int = 0
     slot_rows_read: int = 0
+    slot_transactions: int = 1
+    """Source transactions a full read of the slots took (see resuming_slots)."""
     slot_rows_unchanged: int = 0
     """Rows of a poll skipped because the previous poll handled them as they are (RecentRows)."""
     handled: dict[RawKey, tuple[RawValues, SlotKey]] = field(default_factory=dict)
@@ -105,6 +111,7 @@ class SourceReader:
         slots_changed_query: str | None = None,
         catalog_changed_query: str | None = None,
         query_timeout_s: float | None = None,
+        transaction_max_s: float = READ_TRANSACTION_MAX_S,
     ) -> None:
         self.engine = engine
         self.dialect: Dialect = dialect_of(engine)
@@ -114,6 +121,7 @@ class SourceReader:
         self.slots_changed_query = slots_changed_query
         self.catalog_changed_query = catalog_changed_query
         self.query_timeout_s = query_timeout_s
+        self.transaction_max_s = transaction_max_s
 
     @property
     def incremental(self) -> bool:
@@ -236,25 +244,40 @@ class SourceReader:
         *,
         attempts: int = RESUME_ATTEMPTS,
         pause: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> Generator[SourceSlot, None, None]:
-        """stream_slots on `conn`, carried on when the source is lost part-way through.
+        """stream_slots on `conn`, in transactions of at most `transaction_max_s`, carried
+        on when the source is lost part-way through.
 
-        A full read of a large inventory takes long enough to meet a restarted database, a
-        failover or a killed connection. Instead of starting the whole pass again, the rest
-        is read in a new transaction, from the key after the last slot handed on, up to
-        `attempts` times (pausing RESUME_PAUSE_S, doubling); then the failure goes up. What
-        was read already stays read; the rest is seen as it is when it is read (the polls
-        record what changed in between, as they do beside a reconciliation).
+        A full read of a large inventory takes long enough to hold back the supplier's
+        vacuum (one snapshot kept open all along) and to meet a restarted database, a
+        failover or a killed connection. So the read ends its transaction once it has been
+        open `transaction_max_s` and reads the rest in a new one, from the key after the
+        last slot handed on; a read that loses the source does the same, up to `attempts`
+        times (pausing RESUME_PAUSE_S, doubling), and then the failure goes up. What was
+        read stays read; the rest is seen as it is when it is read (the polls record what
+        changed in between, as they do beside a reconciliation). Each new transaction runs
+        the ordered query again, bounded to the keys after that one: the database reads the
+        query's rows once more for every transaction (see README, read_transaction_max).
         """
         position = StreamPosition()
         failures = 0
         with ExitStack() as resumed:
             stream: Generator[SourceSlot, None, None]
             stream = self.stream_slots(conn, snapshot, position=position)
+            began = monotonic()
             while True:
                 try:
-                    yield from stream
-                    return
+                    for item in stream:
+                        yield item
+                        if monotonic() - began >= self.transaction_max_s:
+                            break
+                    else:
+                        return
+                    # Open long enough: end this transaction, carry on in a new one.
+                    stream.close()
+                    with suppress(SQLAlchemyError):
+                        conn.commit()  # a read: nothing to keep, the snapshot is let go
                 except SourceUnavailable as exc:
                     failures += 1
                     if failures > attempts:
@@ -269,17 +292,17 @@ class SourceReader:
                         f"transaction in {wait_s:g} s (attempt {failures} of {attempts})",
                     )
                     pause(wait_s)
-                    resumed.close()
-                    try:
-                        conn = resumed.enter_context(self.transaction())
-                    except SourceUnavailable:
-                        if failures >= attempts:
-                            raise
-                        stream = _failing(exc)
-                        continue
-                    stream = self.stream_slots(
-                        conn, snapshot, after=position.after, position=position
-                    )
+                resumed.close()
+                try:
+                    conn = resumed.enter_context(self.transaction())
+                except SourceUnavailable as exc:
+                    if failures >= attempts:
+                        raise
+                    stream = _failing(exc)
+                    continue
+                snapshot.slot_transactions += 1
+                stream = self.stream_slots(conn, snapshot, after=position.after, position=position)
+                began = monotonic()
 
     def read_catalog(self, conn: sa.Connection, snapshot: Snapshot) -> None:
         """Every catalog row, into `snapshot` (catalogs are small: thousands of rows)."""

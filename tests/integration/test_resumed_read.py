@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from agent.app import Agent
 from agent.model import SlotKey
+from agent.sandbox import Sandbox
+from agent.scan import ScanReport
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader, StreamPosition
 from tests.conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL
@@ -124,16 +130,45 @@ def _kill_source_connections(inventory: Inventory) -> int:
     return len(ids)
 
 
-@pytest.mark.parametrize("backend", SERVER_PARAMS)
-def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_last_slot(
+@dataclass
+class Big:
+    """A baselined agent on an inventory of BULK + 8 slots, and three changes only a
+    reconciliation finds (stamped long before the cursor's window): one early in key order,
+    one late, and a late deletion."""
+
+    inventory: Inventory
+    sandbox: Sandbox
+    agent: Agent
+    total: int
+    early: int = FIRST_ID + 10
+    late: int = FIRST_ID + BULK - 10
+    gone: int = FIRST_ID + BULK - 5
+
+    def check(self, report: ScanReport | None) -> None:
+        """The reconciliation found the three changes, and recorded all it read."""
+        assert report is not None, "the reconciliation gave up"
+        assert (report.slots_changed, report.slots_removed, report.notifies) == (2, 1, 3)
+        _delivered(self.agent)
+        last = _last_notify_per_slot(self.sandbox)
+        assert last[str(self.early)]["vacancies"] == 3
+        assert last[str(self.late)]["vacancies"] == 4
+        gone_start = _start(first_day(10), self.gone - FIRST_ID)
+        assert last[str(self.gone)] == notify_payload(
+            9, OPTION, self.gone, gone_start, status="CLOSED", vacancies=0, capacity=None
+        )
+        again = self.agent.full_scan()
+        assert again is not None
+        assert again.messages == 0  # everything was recorded as the source has it
+
+
+def _big(
     backend: str,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+    **source: Any,
+) -> Big:
     inventory = make_inventory(backend)
     seed_tours(inventory, first_day())
     _fill(inventory)
@@ -144,23 +179,34 @@ def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_la
         base_url=sandbox.url,
         source_url=inventory.url,
         state_url=f"sqlite:///{tmp_path / 'state.db'}",
-        slots_query=PADDED_SLOTS_QUERY,
-        source={"slots_changed_query": SLOTS_CHANGED_QUERY, "cursor_overlap": 300},
+        slots_query=SLOTS_QUERY if backend == "sqlite" else PADDED_SLOTS_QUERY,
+        source={"slots_changed_query": SLOTS_CHANGED_QUERY, "cursor_overlap": 300, **source},
     )
-    monkeypatch.setattr(agent.scanner, "pause", lambda seconds: None)
     baseline = agent.poll()
     assert baseline is not None
     assert baseline.baseline
     _delivered(agent)
-    total = baseline.slot_rows
-
-    # Changes only a reconciliation finds (stamped long before the cursor's window): one
-    # early in key order, read before the cut; one late, read after it; a late deletion.
+    big = Big(inventory, sandbox, agent, baseline.slot_rows)
     stale = cursor.since(inventory.clock(), 3600)
-    early, late, gone = FIRST_ID + 10, FIRST_ID + BULK - 10, FIRST_ID + BULK - 5
-    inventory.update_slot(early, vacancies=3, updated_at=stale)
-    inventory.update_slot(late, vacancies=4, updated_at=stale)
-    inventory.delete_slot(gone)
+    inventory.update_slot(big.early, vacancies=3, updated_at=stale)
+    inventory.update_slot(big.late, vacancies=4, updated_at=stale)
+    inventory.delete_slot(big.gone)
+    return big
+
+
+@pytest.mark.parametrize("backend", SERVER_PARAMS)
+def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_last_slot(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    big = _big(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    inventory, agent = big.inventory, big.agent
+    monkeypatch.setattr(agent.scanner, "pause", lambda seconds: None)
 
     cuts: list[int] = []
     calls = 0
@@ -182,28 +228,72 @@ def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_la
     assert len(resumed) == 1
     cut = re.search(r"after 9/9-bulk/(\d+)\)", resumed[0].getMessage())
     assert cut is not None, resumed[0].getMessage()
-    assert early < int(cut.group(1)) < late
+    assert big.early < int(cut.group(1)) < big.late
+    assert report.source_transactions == 2
     # Each row read about once: the rest was read after the cut, not the whole inventory
     # again (the one slot held back for its duplicates when the cut came is read twice).
-    assert total - 1 <= report.slot_rows <= total
-    assert (report.slots_changed, report.slots_removed, report.notifies) == (2, 1, 3)
+    assert big.total - 1 <= report.slot_rows <= big.total
+    big.check(report)
 
-    _delivered(agent)
-    last = _last_notify_per_slot(sandbox)
-    assert last[str(early)]["vacancies"] == 3
-    assert last[str(late)]["vacancies"] == 4
-    assert last[str(gone)] == notify_payload(
-        9,
-        OPTION,
-        gone,
-        _start(first_day(10), BULK - 5),
-        status="CLOSED",
-        vacancies=0,
-        capacity=None,
+
+TRANSACTION_MAX_S = 0.2
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_long_read_ends_its_source_transaction_every_read_transaction_max_and_goes_on(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reconciliation slowed to take well over a second (polls keep it waiting) keeps no
+    source transaction open longer than read_transaction_max, and still finds every change
+    and deletion on both sides of its transactions' seams."""
+    big = _big(
+        backend,
+        make_inventory,
+        make_sandbox,
+        make_agent,
+        tmp_path,
+        read_transaction_max=TRANSACTION_MAX_S,
     )
-    again = agent.full_scan()
-    assert again is not None
-    assert again.messages == 0  # everything was recorded as the source has it
+    oldest: list[float] = []
+
+    def give_way() -> None:  # called every GIVE_WAY_ROWS rows read: 79 times
+        time.sleep(0.02)
+        if backend == "postgresql":
+            oldest.append(_oldest_source_transaction_s(big.inventory))
+
+    monkeypatch.setattr(big.agent, "_give_way", give_way)
+    started = time.monotonic()
+    report = big.agent.full_scan()
+    took = time.monotonic() - started
+
+    assert report is not None
+    assert took > 1.5  # the sleeps alone
+    assert report.source_transactions >= 3
+    assert report.slot_rows <= big.total + report.source_transactions  # one re-read per seam
+    if backend == "postgresql":
+        assert max(oldest) < TRANSACTION_MAX_S + 0.8, f"a transaction open {max(oldest):.2f} s"
+    big.check(report)
+
+
+def _oldest_source_transaction_s(inventory: Inventory) -> float:
+    database = str(sa.engine.make_url(inventory.url).database)
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with admin.connect() as conn:
+        age = conn.execute(
+            sa.text(
+                "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0) "
+                "FROM pg_stat_activity WHERE datname = :db "
+                "AND application_name = 'seyaha-agent-source' AND xact_start IS NOT NULL"
+            ),
+            {"db": database},
+        ).scalar_one()
+    admin.dispose()
+    return float(age)
 
 
 ODD_OPTIONS = ["10", "9", "B", "a", "a b", "Z z", "é-x", "ß", "😀", "-"]

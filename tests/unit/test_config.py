@@ -178,6 +178,8 @@ def test_missing_required_key_is_named(
         ("source", "poll_interval", 1e300, "[source] poll_interval: Input should be less than"),
         ("delivery", "lease", 1e300, "[delivery] lease: Input should be less than or equal"),
         ("delivery", "backoff_max", 1e300, "[delivery] backoff_max: Input should be less than"),
+        ("source", "read_transaction_max", 0, "[source] read_transaction_max: Input should be"),
+        ("source", "read_transaction_max", 1e300, "[source] read_transaction_max: Input should"),
         ("delivery", "max_attempts", True, "[delivery] max_attempts: must be a number, not true"),
         ("delivery", "rate_limit", False, "[delivery] rate_limit: must be a number, not false"),
         (
@@ -221,7 +223,10 @@ def test_invalid_value_is_named(
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "+inf"])
-@pytest.mark.parametrize(("section", "key"), [("source", "poll_interval"), ("delivery", "lease")])
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("source", "poll_interval"), ("source", "read_transaction_max"), ("delivery", "lease")],
+)
 def test_an_infinite_or_undefined_number_is_named(
     write: Write, section: str, key: str, value: str
 ) -> None:
