@@ -10,6 +10,7 @@ import re
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from agent.dialects import dialect_for_backend
 
@@ -41,6 +42,12 @@ def _remember_cursor(context: sa.engine.ExceptionContext) -> None:
     cursor = getattr(context.execution_context, "cursor", None)
     if context.is_disconnect and cursor is not None and error is not None:
         error.dead_cursor = cursor  # type: ignore[attr-defined]
+
+
+def lost_connection(exc: DBAPIError) -> bool:
+    """Whether `exc` says the connection itself was lost (a restart, a failover, a killed
+    session), not that a statement failed: worth trying again on a new connection."""
+    return bool(exc.connection_invalidated) or isinstance(exc, sa.exc.OperationalError)
 
 
 def close_dead_cursor(exc: BaseException) -> None:

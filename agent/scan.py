@@ -15,8 +15,10 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from agent.clock import Clock
+from agent.db import lost_connection
 from agent.diff import (
     SlotChange,
     SourceSlot,
@@ -26,7 +28,7 @@ from agent.diff import (
     iter_slot_changes,
     without_keys,
 )
-from agent.errors import StateError
+from agent.errors import StateError, first_line
 from agent.logs import event
 from agent.metrics import Metrics
 from agent.model import CatalogDiff, CatalogKey, Message, SkippedRow, Slot, SlotDiff, SlotKey
@@ -48,6 +50,12 @@ SKIPPED_MEMORY = 10_000
 HELD_CHUNKS = 10
 """Chunks a full scan holds in memory while the state store is locked by another process
 (about 5 MB per chunk of changed slots); past it the scan gives up rather than grow."""
+
+CHUNK_ATTEMPTS = 3
+"""Times a full scan records a chunk again after losing a server state store."""
+
+CHUNK_PAUSE_S = 1.0
+"""Pause before recording a chunk again; it doubles with each attempt."""
 
 COMMIT_CHUNK = 5000
 """Slot changes written per state transaction during a full scan: memory stays bounded
@@ -239,7 +247,7 @@ class Scanner:
                 self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
             )
             with self.store.reading() as stored:
-                remembered = self.store.fingerprints.iter_slots(stored)
+                remembered = self.store.fingerprints.resuming_slots(stored, pause=self.pause)
                 current = self.reader.resuming_slots(
                     src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
                 )
@@ -314,7 +322,7 @@ class Scanner:
                 self.forget()
             try:
                 with self.store.reading() as stored:
-                    remembered = self.store.fingerprints.iter_slots(stored)
+                    remembered = self.store.fingerprints.resuming_slots(stored, pause=self.pause)
                     current = self.reader.resuming_slots(
                         src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
                     )
@@ -634,6 +642,8 @@ class _Held:
     """Taken around each chunk's recording (a reconciliation beside the polls)."""
     live: LiveChanges | None = None
     """Keys the polls recorded meanwhile, dropped from each chunk (see LiveChanges)."""
+    failures: int = 0
+    """Chunks recorded again after losing the store (at most CHUNK_ATTEMPTS in a scan)."""
 
     def add(self, chunk: list[SlotChange]) -> None:
         self.chunks.append(chunk)
@@ -648,9 +658,9 @@ class _Held:
 
     def flush(self, *, wait: bool) -> None:
         while self.chunks:
-            with self.turn():
-                chunk = self.chunks[0] if self.live is None else self.live.keep(self.chunks[0])
-                try:
+            try:
+                with self.turn():
+                    chunk = self.chunks[0] if self.live is None else self.live.keep(self.chunks[0])
                     self.scanner._commit_chunk(
                         self.report,
                         chunk,
@@ -658,8 +668,25 @@ class _Held:
                         resync=self.resync,
                         wait=wait,
                     )
-                except StoreBusy:
-                    return
+            except StoreBusy:
+                return
+            except DBAPIError as exc:
+                # A lost connection to a server store (a failover, a restart): the chunk is
+                # recorded again, whole (its writes are idempotent, its messages coalesce by
+                # slot), instead of throwing the pass away. Waited for outside the turn.
+                if not lost_connection(exc) or self.failures >= CHUNK_ATTEMPTS:
+                    raise
+                self.failures += 1
+                wait_s = CHUNK_PAUSE_S * 2 ** (self.failures - 1)
+                event(
+                    log,
+                    logging.WARNING,
+                    "scan.chunk_retry",
+                    f"recording {len(self.chunks[0])} changes failed ({first_line(exc)}); "
+                    f"again in {wait_s:g} s (attempt {self.failures} of {CHUNK_ATTEMPTS})",
+                )
+                self.scanner.pause(wait_s)
+                continue
             self.chunks.pop(0)
             self.committed += 1
 

@@ -283,13 +283,17 @@ class SourceReader:
                     if failures > attempts:
                         raise
                     wait_s = RESUME_PAUSE_S * 2 ** (failures - 1)
-                    where = "/".join(position.after) if position.after else "the first slot"
+                    rest = (
+                        f"the rest of the slots (after {'/'.join(position.after)})"
+                        if position.after
+                        else "the slots from the first one"
+                    )
                     event(
                         log,
                         logging.WARNING,
                         "scan.resuming",
-                        f"{exc}; reading the rest of the slots (after {where}) in a new "
-                        f"transaction in {wait_s:g} s (attempt {failures} of {attempts})",
+                        f"{exc}; reading {rest} in a new transaction in {wait_s:g} s "
+                        f"(attempt {failures} of {attempts})",
                     )
                     pause(wait_s)
                 resumed.close()

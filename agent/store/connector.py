@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from agent.dialects import Dialect, dialect_of
 from agent.errors import StateError
@@ -52,6 +52,22 @@ class Connector:
         """A read transaction: one consistent picture of the store."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
+
+    @contextmanager
+    def long_read(self) -> Iterator[sa.Connection]:
+        """A read transaction whose end cannot fail: nothing was written, so a connection
+        lost after the last read (a failover during a long reconciliation) costs nothing."""
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                yield conn
+            except BaseException:
+                with suppress(SQLAlchemyError):
+                    transaction.rollback()
+                raise
+            if transaction.is_active and not conn.invalidated:
+                with suppress(DBAPIError):
+                    transaction.commit()
 
     def now_ms(self) -> int:
         """The store database's clock, in epoch milliseconds."""

@@ -3,18 +3,33 @@ cursors. Reads stand alone; writes join the scan's transaction (StateStore.commi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Generator, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Collection, Generator, Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 
 from agent.clock import from_epoch_ms, to_epoch_ms
+from agent.db import lost_connection
+from agent.errors import first_line
+from agent.logs import event
 from agent.model import CatalogDiff, CatalogKey, SlotDiff, SlotKey, StoredSlot
 from agent.store import schema as t
 from agent.store.connector import Connector
 
 STREAM_BATCH_ROWS = 5000
 """Stored slots fetched per round trip by iter_slots."""
+
+RESUME_ATTEMPTS = 3
+"""Times a read of the stored slots carries on after losing the store (resuming_slots)."""
+
+RESUME_PAUSE_S = 1.0
+"""Pause before the first resumption; it doubles with each."""
+
+log = logging.getLogger("agent.state")
 
 BASELINE = "baseline_ms"
 CURSOR_PREFIX = "cursor:"
@@ -55,10 +70,14 @@ class Fingerprints:
         with self.connector.read() as conn:
             return {s.key: s for s in map(_stored_slot, conn.execute(sa.select(*_SLOT_COLUMNS)))}
 
-    def iter_slots(self, conn: sa.Connection) -> Generator[StoredSlot, None, None]:
+    def iter_slots(
+        self, conn: sa.Connection, *, after: SlotKey | None = None
+    ) -> Generator[StoredSlot, None, None]:
         """Every stored slot in key order (code-point order), streamed in batches, within the
-        read transaction `conn` (StateStore.reading)."""
+        read transaction `conn` (StateStore.reading); with `after`, those after that key."""
         query = sa.select(*_SLOT_COLUMNS).order_by(*_SLOT_KEY)
+        if after is not None:
+            query = query.where(sa.tuple_(*_SLOT_KEY) > sa.tuple_(*after))
         result = conn.execution_options(stream_results=True, yield_per=STREAM_BATCH_ROWS).execute(
             query
         )
@@ -74,6 +93,49 @@ class Fingerprints:
                 )
         finally:
             result.close()
+
+    def resuming_slots(
+        self,
+        conn: sa.Connection,
+        *,
+        attempts: int = RESUME_ATTEMPTS,
+        pause: Callable[[float], None] = time.sleep,
+    ) -> Generator[StoredSlot, None, None]:
+        """iter_slots on `conn`, carried on in a new read transaction after the last slot
+        handed on when the connection to a server store is lost part-way (a failover, a
+        restart): up to `attempts` times, pausing RESUME_PAUSE_S, doubling. The stored side
+        of a long reconciliation, which then goes on instead of starting again."""
+        last: SlotKey | None = None
+        failures = 0
+        with ExitStack() as resumed:
+            stream: Generator[StoredSlot, None, None] | None = self.iter_slots(conn)
+            while True:
+                try:
+                    if stream is None:
+                        resumed.close()
+                        conn = resumed.enter_context(self.connector.long_read())
+                        stream = self.iter_slots(conn, after=last)
+                    for slot in stream:
+                        last = slot.key
+                        yield slot
+                    return
+                except DBAPIError as exc:
+                    if not lost_connection(exc):
+                        raise
+                    failures += 1
+                    if failures > attempts:
+                        raise
+                    wait_s = RESUME_PAUSE_S * 2 ** (failures - 1)
+                    rest = f"the rest (after {'/'.join(last)})" if last else "them again"
+                    event(
+                        log,
+                        logging.WARNING,
+                        "state.resuming",
+                        f"reading the stored slots failed ({first_line(exc)}); reading {rest} "
+                        f"in a new transaction in {wait_s:g} s (attempt {failures} of {attempts})",
+                    )
+                    pause(wait_s)
+                    stream = None
 
     def lookup_slots(self, keys: Sequence[SlotKey]) -> dict[SlotKey, StoredSlot]:
         """The stored slots among `keys` (for incremental polls and late rows of a merge)."""

@@ -106,7 +106,7 @@ class StateStore:
     @contextmanager
     def reading(self) -> Iterator[sa.Connection]:
         """A read transaction for `fingerprints.iter_slots` (one picture of the store)."""
-        with self.connector.read() as conn:
+        with self.connector.long_read() as conn:
             yield conn
 
     def commit_scan(

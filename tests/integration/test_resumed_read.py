@@ -167,6 +167,8 @@ def _big(
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
+    *,
+    state_url: str | None = None,
     **source: Any,
 ) -> Big:
     inventory = make_inventory(backend)
@@ -178,7 +180,7 @@ def _big(
         "agent",
         base_url=sandbox.url,
         source_url=inventory.url,
-        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        state_url=state_url or f"sqlite:///{tmp_path / 'state.db'}",
         slots_query=SLOTS_QUERY if backend == "sqlite" else PADDED_SLOTS_QUERY,
         source={"slots_changed_query": SLOTS_CHANGED_QUERY, "cursor_overlap": 300, **source},
     )
