@@ -28,7 +28,7 @@ from agent.sandbox import Sandbox
 from agent.scan import ScanReport
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader, StreamPosition
-from tests.conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL
+from tests.conftest import PG_ADMIN_URL
 from tests.integration.inventory import (
     BACKEND_PARAMS,
     SLOTS_CHANGED_QUERY,
@@ -39,6 +39,7 @@ from tests.integration.inventory import (
     notify_payload,
     seed_tours,
 )
+from tests.integration.outage import CutOnce, kill_connections
 from tests.integration.test_reconcile_beside_polls import (
     MakeAgent,
     MakeInventory,
@@ -99,35 +100,8 @@ def _start(day: date, n: int) -> datetime:
 
 def _kill_source_connections(inventory: Inventory) -> int:
     """Every connection the agent holds to the inventory, killed as a restart would."""
-    database = str(sa.engine.make_url(inventory.url).database)
     inventory.engine.dispose()  # the test's own, so that it can write again afterwards
-    if inventory.backend == "postgresql":
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            killed = conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :db AND application_name = 'seyaha-agent-source'"
-                ),
-                {"db": database},
-            ).all()
-        admin.dispose()
-        return len(killed)
-    admin = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        ids = list(
-            conn.execute(
-                sa.text(
-                    "SELECT id FROM information_schema.processlist "
-                    "WHERE db = :db AND id <> CONNECTION_ID()"
-                ),
-                {"db": database},
-            ).scalars()
-        )
-        for connection_id in ids:
-            conn.execute(sa.text(f"KILL CONNECTION {int(connection_id)}"))
-    admin.dispose()
-    return len(ids)
+    return kill_connections(inventory.url, "source")
 
 
 @dataclass
@@ -210,21 +184,14 @@ def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_la
     inventory, agent = big.inventory, big.agent
     monkeypatch.setattr(agent.scanner, "pause", lambda seconds: None)
 
-    cuts: list[int] = []
-    calls = 0
-
-    def give_way() -> None:  # called every GIVE_WAY_ROWS rows read
-        nonlocal calls
-        calls += 1
-        if calls == CUT_AT_CALL:  # the rows fetched already are read, the next fetch fails
-            cuts.append(_kill_source_connections(inventory))
-
+    # The rows fetched already are read when the cut comes; the next fetch fails.
+    give_way = CutOnce(CUT_AT_CALL, lambda: _kill_source_connections(inventory))
     monkeypatch.setattr(agent, "_give_way", give_way)
     with caplog.at_level(logging.WARNING, logger="agent.scan"):
         report = agent.full_scan()
 
-    assert cuts == [cuts[0]]
-    assert cuts[0] >= 1, "no source connection was killed"
+    assert len(give_way.cuts) == 1, "the read ended before the cut"
+    assert give_way.cuts[0] >= 1, "no source connection was killed"
     assert report is not None, "the reconciliation gave up"
     resumed = [r for r in caplog.records if getattr(r, "event", None) == "scan.resuming"]
     assert len(resumed) == 1

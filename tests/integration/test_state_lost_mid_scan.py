@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import MARIADB_ADMIN_URL, PG_ADMIN_URL
 from tests.integration.inventory import calls
+from tests.integration.outage import CutOnce, kill_connections
 from tests.integration.test_reconcile_beside_polls import MakeAgent, MakeInventory, MakeSandbox
 from tests.integration.test_resumed_read import CUT_AT_CALL, Big, _big
 
@@ -27,39 +27,6 @@ STATE_PARAMS = [
     pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
     pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
 ]
-
-
-def _kill_state_connections(state_url: str) -> int:
-    """Every connection the agent holds to its state store, killed as a failover would."""
-    url = sa.engine.make_url(state_url)
-    database = str(url.database)
-    if url.get_backend_name() == "postgresql":
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            killed = conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :db AND application_name = 'seyaha-agent-state'"
-                ),
-                {"db": database},
-            ).all()
-        admin.dispose()
-        return len(killed)
-    admin = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        ids = list(
-            conn.execute(
-                sa.text(
-                    "SELECT id FROM information_schema.processlist "
-                    "WHERE db = :db AND id <> CONNECTION_ID()"
-                ),
-                {"db": database},
-            ).scalars()
-        )
-        for connection_id in ids:
-            conn.execute(sa.text(f"KILL CONNECTION {int(connection_id)}"))
-    admin.dispose()
-    return len(ids)
 
 
 def _notifies_per_slot(big: Big) -> Counter[str]:
@@ -92,21 +59,13 @@ def test_a_reconciliation_that_loses_the_state_store_part_way_goes_on(
     state_url = new_database(state)
     big = _big("sqlite", make_inventory, make_sandbox, make_agent, tmp_path, state_url=state_url)
     monkeypatch.setattr(big.agent.scanner, "pause", lambda seconds: None)
-    cuts: list[int] = []
-    calls_ = 0
-
-    def give_way() -> None:  # called every GIVE_WAY_ROWS rows read
-        nonlocal calls_
-        calls_ += 1
-        if calls_ == CUT_AT_CALL:
-            cuts.append(_kill_state_connections(state_url))
-
+    give_way = CutOnce(CUT_AT_CALL, lambda: kill_connections(state_url, "state"))
     monkeypatch.setattr(big.agent, "_give_way", give_way)
     with caplog.at_level(logging.WARNING, logger="agent"):
         report = big.agent.full_scan()
 
-    assert cuts == [cuts[0]]
-    assert cuts[0] >= 1, "no state connection was killed"
+    assert len(give_way.cuts) == 1, "the read ended before the cut"
+    assert give_way.cuts[0] >= 1, "no state connection was killed"
     if state == "postgresql":
         assert len(_events(caplog, "state.resuming")) == 1
     big.check(report)
@@ -128,7 +87,8 @@ def test_a_chunk_whose_connection_dies_while_recorded_is_recorded_again(
     monkeypatch.setattr(big.agent.scanner, "pause", lambda seconds: None)
     # The first statement that updates a stored slot kills its own connection: the chunk's
     # transaction dies halfway, as in a failover. A sequence counts (it is not rolled back).
-    with sa.create_engine(state_url).begin() as conn:
+    state = sa.create_engine(state_url, poolclass=sa.NullPool)
+    with state.begin() as conn:
         conn.execute(sa.text("CREATE SEQUENCE cut_once"))
         conn.execute(
             sa.text(
@@ -147,8 +107,9 @@ def test_a_chunk_whose_connection_dies_while_recorded_is_recorded_again(
     with caplog.at_level(logging.WARNING, logger="agent"):
         report = big.agent.full_scan()
 
-    with sa.create_engine(state_url).connect() as conn:
+    with state.connect() as conn:
         assert conn.execute(sa.text("SELECT last_value FROM cut_once")).scalar_one() >= 2
+    state.dispose()
     retried = _events(caplog, "scan.chunk_retry")
     assert len(retried) == 1
     assert "attempt 1 of 3" in retried[0].getMessage()
