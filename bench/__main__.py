@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         + ")",
     )
     parser.add_argument(
+        "--scan-sizes",
+        help="inventory sizes the scan measurement runs at, comma-separated (default "
+        + ", ".join(str(n) for n in FULL.scan_sizes)
+        + ")",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (configs, states, logs)"
     )
     args = parser.parse_args(argv)
@@ -80,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"unknown latency mode(s) {', '.join(unknown)}; known: {', '.join(latency.MODES)}"
             )
         plan = replace(plan, latency_modes=modes)
+    if args.scan_sizes:
+        try:
+            sizes = tuple(int(n.replace("_", "")) for n in args.scan_sizes.split(",") if n.strip())
+        except ValueError:
+            parser.error(f"--scan-sizes takes whole numbers (got {args.scan_sizes!r})")
+        if not sizes or min(sizes) < 1:
+            parser.error("--scan-sizes takes at least one size above 0")
+        plan = replace(plan, scan_sizes=sizes)
     if args.name == "all":
         names = [
             n for n in MEASUREMENTS if n not in ON_ITS_OWN and not (plan.quick and n in FULL_ONLY)

@@ -63,7 +63,8 @@ def measure(ctx: Context) -> dict[str, Any]:
                 f"  scan {size:>9,} slots run {run + 1}: agent {agent['seconds']:.2f} s "
                 f"({agent['changed']} changed, {agent['removed']} removed), "
                 f"floor {floor['seconds']:.2f} s, ordered floor {ordered['seconds']:.2f} s, "
-                f"peak RSS {agent['peak_rss_mb']:.0f} MB",
+                f"peak RSS {agent['peak_rss_mb']:.0f} MB, "
+                f"{agent.get('source_transactions', 1)} source transaction(s)",
                 flush=True,
             )
         agent_s = median([r["agent"]["seconds"] for r in runs])
@@ -85,6 +86,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "rss_before_mb": median([r["agent"]["rss_before_mb"] for r in runs]),
                 "peak_rss_mb": median([r["agent"]["peak_rss_mb"] for r in runs]),
                 "floor_peak_rss_mb": median([r["floor"]["peak_rss_mb"] for r in runs]),
+                "source_transactions": max(r["agent"].get("source_transactions", 1) for r in runs),
                 "runs": runs,
             }
         )

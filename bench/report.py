@@ -128,6 +128,7 @@ def scan_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, boo
             _num(s["floor_peak_rss_mb"], 0),
             _num(s["baseline_s"], 1),
             _num(s["baseline_peak_rss_mb"], 0),
+            _num(s.get("source_transactions"), 0),
         ]
         for s in r["sizes"]
     ]
@@ -145,6 +146,7 @@ def scan_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, boo
             "floor peak RSS (MB)",
             "first scan (baseline, s)",
             "baseline peak RSS (MB)",
+            "source transactions (read_transaction_max 30 s)",
         ],
         rows,
     )
