@@ -150,8 +150,8 @@ class SourceSettings(_Section):
         30.0,
         gt=0,
         le=DAY_S,
-        description="seconds a full read keeps one transaction open on the source before it "
-        "reads the rest in a new one",
+        description="seconds a full read reads in one source transaction (from the query's "
+        "first row) before it reads the rest in a new one",
     )
     notify_channel: str = Field("seyaha_agent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     notify_tables: tuple[str, ...] = ()

@@ -251,9 +251,9 @@ class SourceReader:
 
         A full read of a large inventory takes long enough to hold back the supplier's
         vacuum (one snapshot kept open all along) and to meet a restarted database, a
-        failover or a killed connection. So the read ends its transaction once it has been
-        open `transaction_max_s` and reads the rest in a new one, from the key after the
-        last slot handed on; a read that loses the source does the same, up to `attempts`
+        failover or a killed connection. So the read ends its transaction once it has read
+        for `transaction_max_s` (after the query's first row) and reads the rest in a new
+        one, from the key after the last slot handed on; a read that loses the source does the same, up to `attempts`
         times (pausing RESUME_PAUSE_S, doubling), and then the failure goes up. What was
         read stays read; the rest is seen as it is when it is read (the polls record what
         changed in between, as they do beside a reconciliation). Each new transaction runs
@@ -265,12 +265,17 @@ class SourceReader:
         with ExitStack() as resumed:
             stream: Generator[SourceSlot, None, None]
             stream = self.stream_slots(conn, snapshot, position=position)
-            began = monotonic()
+            # Timed from the first row: the time the query takes before it (the database
+            # sorting what is left) is not reading, and counting it could leave a new
+            # transaction no time to read anything before the next one.
+            began: float | None = None
             while True:
                 try:
                     for item in stream:
                         yield item
-                        if monotonic() - began >= self.transaction_max_s:
+                        if began is None:
+                            began = monotonic()
+                        elif monotonic() - began >= self.transaction_max_s:
                             break
                     else:
                         return
@@ -306,7 +311,7 @@ class SourceReader:
                     continue
                 snapshot.slot_transactions += 1
                 stream = self.stream_slots(conn, snapshot, after=position.after, position=position)
-                began = monotonic()
+                began = None
 
     def read_catalog(self, conn: sa.Connection, snapshot: Snapshot) -> None:
         """Every catalog row, into `snapshot` (catalogs are small: thousands of rows)."""

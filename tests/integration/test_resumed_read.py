@@ -143,6 +143,7 @@ def _big(
     tmp_path: Path,
     *,
     state_url: str | None = None,
+    slots_query: str | None = None,
     **source: Any,
 ) -> Big:
     inventory = make_inventory(backend)
@@ -155,7 +156,7 @@ def _big(
         base_url=sandbox.url,
         source_url=inventory.url,
         state_url=state_url or f"sqlite:///{tmp_path / 'state.db'}",
-        slots_query=SLOTS_QUERY if backend == "sqlite" else PADDED_SLOTS_QUERY,
+        slots_query=slots_query or (SLOTS_QUERY if backend == "sqlite" else PADDED_SLOTS_QUERY),
         source={"slots_changed_query": SLOTS_CHANGED_QUERY, "cursor_overlap": 300, **source},
     )
     baseline = agent.poll()
@@ -246,6 +247,35 @@ def test_a_long_read_ends_its_source_transaction_every_read_transaction_max_and_
     assert report.slot_rows <= big.total + report.source_transactions  # one re-read per seam
     if backend == "postgresql":
         assert max(oldest) < TRANSACTION_MAX_S + 0.8, f"a transaction open {max(oldest):.2f} s"
+    big.check(report)
+
+
+@pytest.mark.postgres
+def test_a_query_slower_to_start_than_read_transaction_max_still_reads_on(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each new transaction runs the query again; one that takes longer than the limit to
+    return its first row (a big sort) must still read for the limit, not stop after one row
+    and start the query again, for ever."""
+    big = _big(
+        "postgresql",
+        make_inventory,
+        make_sandbox,
+        make_agent,
+        tmp_path,
+        slots_query=SLOTS_QUERY.rstrip() + "\nCROSS JOIN (SELECT pg_sleep(0.5)) AS slow_start\n",
+        read_transaction_max=TRANSACTION_MAX_S,
+    )
+    # Reading takes over 1.5 s in all (the sleeps): several transactions' worth.
+    monkeypatch.setattr(big.agent, "_give_way", lambda: time.sleep(0.02))
+    report = big.agent.full_scan()
+    assert report is not None
+    # Not one transaction per row (20,000): each read for the limit after its slow start.
+    assert 2 <= report.source_transactions < 100
     big.check(report)
 
 
