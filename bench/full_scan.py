@@ -8,7 +8,8 @@ process:
   fetching 5,000 rows at a time into Python tuples, nothing else;
 - the ordered floor: the same, wrapped in the ORDER BY the agent adds for its merge-join
   (agent.dialects.Dialect.ordered), to show what the sort alone costs in PostgreSQL.
-Peak RSS is ru_maxrss of the process that ran the scan.
+Peak RSS is VmHWM of the process that ran the scan (not ru_maxrss, which Linux carries
+over from the bench process that started it).
 """
 
 from __future__ import annotations

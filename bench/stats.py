@@ -44,7 +44,13 @@ def process_cpu_s(pid: int) -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
+    """This process's peak resident set size so far: VmHWM of /proc/self/status (MB).
+
+    Not ru_maxrss: Linux carries it across fork and exec, so a worker started by a bench
+    process of 400 MB reported 400 MB whatever it used itself."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
