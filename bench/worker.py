@@ -98,7 +98,7 @@ def task_scan(args: dict[str, Any]) -> dict[str, Any]:
         "removed": report.slots_removed,
         "notifies": report.notifies,
         "skipped": report.skipped_total,
-        "source_transactions": report.source_transactions,
+        "source_transactions": getattr(report, "source_transactions", 1),
         "outbox_pending": pending,
         "rss_before_mb": rss_before,
         "peak_rss_mb": peak_rss_mb(),
