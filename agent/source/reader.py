@@ -44,6 +44,9 @@ READ_TRANSACTION_MAX_S = 30.0
 """Longest a full read of the slots keeps one source transaction open, by default
 ([source] read_transaction_max)."""
 
+CLOCK_EVERY_ROWS = 256
+"""A full read looks at the clock (read_transaction_max) once every this many rows."""
+
 RESUME_PAUSE_S = 1.0
 """Pause before the first resumption; it doubles with each."""
 
@@ -94,10 +97,17 @@ class Snapshot:
 
 @dataclass
 class StreamPosition:
-    """How far a key-ordered read of the slots got: the key of the last slot it handed on,
-    each id as the database orders it (its text), for a read that carries on after it."""
+    """How far a key-ordered read of the slots got: the row of the last slot it handed on,
+    as the driver returned it (its key is spelled out only when a read carries on)."""
 
-    after: tuple[str, ...] | None = None
+    row: Mapping[str, Any] | None = None
+
+    @property
+    def after(self) -> tuple[str, ...] | None:
+        """The key of that slot, each id as the database orders it (its text)."""
+        if self.row is None:
+            return None
+        return tuple(_as_text(self.row.get(c)) for c in rows.SLOT_KEY_COLUMNS)
 
 
 class SourceReader:
@@ -203,7 +213,7 @@ class SourceReader:
         # Rows come in key order, so the copies of a duplicated key are adjacent: each row is
         # held back until the next key differs, and a key that came twice goes on protected.
         held: SourceSlot | None = None
-        held_at: tuple[str, ...] = ()
+        held_raw: Mapping[str, Any] | None = None
         duplicated = False
         for raw in self._rows(result, name, None):
             snapshot.slot_rows_read += 1
@@ -228,13 +238,13 @@ class SourceReader:
                 continue
             if held is not None:
                 if position is not None:
-                    position.after = held_at
+                    position.row = held_raw
                 yield (held[0], None) if duplicated else held
             held, duplicated = (key, item), False
-            held_at = tuple(_as_text(raw.get(c)) for c in rows.SLOT_KEY_COLUMNS)
+            held_raw = raw
         if held is not None:
             if position is not None:
-                position.after = held_at
+                position.row = held_raw
             yield (held[0], None) if duplicated else held
 
     def resuming_slots(
@@ -271,8 +281,10 @@ class SourceReader:
             began: float | None = None
             while True:
                 try:
-                    for item in stream:
+                    for n, item in enumerate(stream):
                         yield item
+                        if n % CLOCK_EVERY_ROWS:
+                            continue  # the clock is read once every CLOCK_EVERY_ROWS rows
                         if began is None:
                             began = monotonic()
                         elif monotonic() - began >= self.transaction_max_s:

@@ -105,7 +105,7 @@ class Fingerprints:
         handed on when the connection to a server store is lost part-way (a failover, a
         restart): up to `attempts` times, pausing RESUME_PAUSE_S, doubling. The stored side
         of a long reconciliation, which then goes on instead of starting again."""
-        last: SlotKey | None = None
+        last: StoredSlot | None = None
         failures = 0
         with ExitStack() as resumed:
             stream: Generator[StoredSlot, None, None] | None = self.iter_slots(conn)
@@ -114,10 +114,9 @@ class Fingerprints:
                     if stream is None:
                         resumed.close()
                         conn = resumed.enter_context(self.connector.long_read())
-                        stream = self.iter_slots(conn, after=last)
-                    for slot in stream:
-                        last = slot.key
-                        yield slot
+                        stream = self.iter_slots(conn, after=None if last is None else last.key)
+                    for last in stream:
+                        yield last
                     return
                 except DBAPIError as exc:
                     if not lost_connection(exc):
@@ -126,7 +125,7 @@ class Fingerprints:
                     if failures > attempts:
                         raise
                     wait_s = RESUME_PAUSE_S * 2 ** (failures - 1)
-                    rest = f"the rest (after {'/'.join(last)})" if last else "them again"
+                    rest = f"the rest (after {'/'.join(last.key)})" if last else "them again"
                     event(
                         log,
                         logging.WARNING,
