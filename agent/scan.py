@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +31,16 @@ from agent.diff import (
 from agent.errors import StateError, first_line
 from agent.logs import event
 from agent.metrics import Metrics
-from agent.model import CatalogDiff, CatalogKey, Message, SkippedRow, Slot, SlotDiff, SlotKey
+from agent.model import (
+    CatalogDiff,
+    CatalogKey,
+    Message,
+    SkippedRow,
+    Slot,
+    SlotDiff,
+    SlotKey,
+    StoredSlot,
+)
 from agent.plan import plan
 from agent.source import cursor
 from agent.source.reader import GIVE_WAY_ROWS, Snapshot, SourceReader
@@ -247,10 +256,7 @@ class Scanner:
                 self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
             )
             with self.store.reading() as stored:
-                remembered = self.store.fingerprints.resuming_slots(stored, pause=self.pause)
-                current = self.reader.resuming_slots(
-                    src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
-                )
+                remembered, current = self._both_sides(src, stored, snapshot)
                 # Closed here, on failure too, while their connections are still open: left
                 # to the garbage collector, they would close their cursors on closed ones.
                 with closing(remembered), closing(current):
@@ -322,10 +328,7 @@ class Scanner:
                 self.forget()
             try:
                 with self.store.reading() as stored:
-                    remembered = self.store.fingerprints.resuming_slots(stored, pause=self.pause)
-                    current = self.reader.resuming_slots(
-                        src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
-                    )
+                    remembered, current = self._both_sides(src, stored, snapshot)
                     with closing(remembered), closing(current):
                         changes = iter_slot_changes(
                             remembered,
@@ -356,6 +359,19 @@ class Scanner:
         report.duration_s = self.clock.monotonic() - started
         self._observe(report)
         return report
+
+    def _both_sides(
+        self, src: Connection, stored: Connection, snapshot: Snapshot
+    ) -> tuple[Generator[StoredSlot, None, None], Generator[SourceSlot, None, None]]:
+        """What a full scan merges: the stored slots and the source's, both in key order,
+        each read carried on across lost connections (and, the source's, across
+        read_transaction_max)."""
+        return (
+            self.store.fingerprints.resuming_slots(stored, pause=self.pause),
+            self.reader.resuming_slots(
+                src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
+            ),
+        )
 
     def _commit_chunk(
         self,
