@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -42,6 +43,23 @@ def _remember_cursor(context: sa.engine.ExceptionContext) -> None:
     cursor = getattr(context.execution_context, "cursor", None)
     if context.is_disconnect and cursor is not None and error is not None:
         error.dead_cursor = cursor  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def read_only(conn: sa.Connection, transaction: sa.RootTransaction) -> Iterator[sa.Connection]:
+    """`conn` inside its read `transaction`, then the transaction ended: rolled back if the
+    block failed, else committed, quietly. A read writes nothing, so a connection that died
+    after the last read (or a transaction a resumed read already ended) costs nothing."""
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            transaction.rollback()
+        raise
+    if conn.invalidated or not transaction.is_active:
+        return
+    with contextlib.suppress(DBAPIError):
+        transaction.commit()
 
 
 def lost_connection(exc: DBAPIError) -> bool:

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from agent.db import close_dead_cursor, redact_url
+from agent.db import close_dead_cursor, read_only, redact_url
 from agent.dialects import AFTER_PARAMS, Dialect, dialect_of
 from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable, first_line
@@ -161,18 +161,10 @@ class SourceReader:
                 raise SourceUnavailable(
                     f"cannot use the source database at {self.where}: {first_line(exc)}"
                 ) from None
-            try:
+            # Ended quietly: a connection that died after the last read, or a transaction
+            # resuming_slots already ended, leaves what was read standing.
+            with read_only(conn, transaction):
                 yield conn
-            except BaseException:
-                with suppress(SQLAlchemyError):
-                    transaction.rollback()
-                raise
-            if conn.invalidated or not transaction.is_active:
-                return  # lost part-way, and read past (resuming_slots): nothing to end
-            # Ending a read transaction fails only when the connection died after the last
-            # read: what was read stands (nothing was written), and the connection is dropped.
-            with suppress(DBAPIError):
-                transaction.commit()
         finally:
             conn.close()
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 
+from agent.db import read_only
 from agent.dialects import Dialect, dialect_of
 from agent.errors import StateError
 
@@ -57,17 +58,8 @@ class Connector:
     def long_read(self) -> Iterator[sa.Connection]:
         """A read transaction whose end cannot fail: nothing was written, so a connection
         lost after the last read (a failover during a long reconciliation) costs nothing."""
-        with self.engine.connect() as conn:
-            transaction = conn.begin()
-            try:
-                yield conn
-            except BaseException:
-                with suppress(SQLAlchemyError):
-                    transaction.rollback()
-                raise
-            if transaction.is_active and not conn.invalidated:
-                with suppress(DBAPIError):
-                    transaction.commit()
+        with self.engine.connect() as conn, read_only(conn, conn.begin()):
+            yield conn
 
     def now_ms(self) -> int:
         """The store database's clock, in epoch milliseconds."""
