@@ -121,6 +121,7 @@ class Agent:
             catalog_changed_query=s.source.catalog_changed_query,
             query_timeout_s=s.source.query_timeout,
             transaction_max_s=s.source.read_transaction_max,
+            range_digests=s.source.range_digests,
         )
         self.client = SeyahaClient(
             base_url=s.seyaha.base_url,

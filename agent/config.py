@@ -153,6 +153,11 @@ class SourceSettings(_Section):
         description="seconds a full read reads in one source transaction (from the query's "
         "first row) before it reads the rest in a new one",
     )
+    range_digests: bool = Field(
+        True,
+        description="on PostgreSQL and MySQL, a reconciliation asks the database for a digest "
+        "per range of slots and reads only the ranges that changed",
+    )
     notify_channel: str = Field("seyaha_agent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     notify_tables: tuple[str, ...] = ()
     watch_file: bool = True

@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
+from agent.ranges import SEPARATOR, SUFFIX_CHARS
+
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 """How long a SQLite writer waits for another writer before failing (milliseconds)."""
 
@@ -42,6 +44,13 @@ Role = str
 AFTER_PARAMS = ("seyaha_after_0", "seyaha_after_1", "seyaha_after_2")
 """Parameters of Dialect.ordered(after=True): the key, as text, a read resumes after."""
 
+RANGES_PARAM = "seyaha_ranges"
+"""Parameter of Dialect.ordered(ranges=True): the labels of the ranges to read (expanding)."""
+
+ROW_HASH = "seyaha_row_hash"
+RANGE_LABEL = "seyaha_range"
+"""Columns Dialect.with_digests adds to each row of the slots query (see agent/ranges.py)."""
+
 
 class Dialect:
     """What every backend answers; the defaults are plain SQL that all three accept."""
@@ -55,6 +64,10 @@ class Dialect:
     """Orders an id column as text in code-point order (the order Python sorts strings in)."""
     source_isolation: ClassVar[str | None] = "REPEATABLE READ"
     """Isolation of the source's read transaction: both queries see one moment."""
+    digests: ClassVar[bool] = False
+    """The source can hash rows and sum them per range (with_digests, range_digest_sql)."""
+    hashes_by_column: ClassVar[bool] = False
+    """with_digests needs the query's column names (no whole-row text to hash)."""
 
     # -- engines ------------------------------------------------------------------------
 
@@ -78,19 +91,40 @@ class Dialect:
         the upper bound of a change cursor."""
         raise NotImplementedError
 
-    def ordered(self, sql: str, key_columns: Sequence[str], *, after: bool = False) -> str:
+    def ordered(
+        self, sql: str, key_columns: Sequence[str], *, after: bool = False, ranges: bool = False
+    ) -> str:
         """`sql` wrapped to come back in key order, each id compared as text in code-point
         order (byte order of UTF-8): the order the state store keeps its keys in, so that
         the two streams can be merge-joined. With `after`, only the rows whose key comes
-        after the one bound as AFTER_PARAMS (the rest of a read that was cut off)."""
-        inner = sql.strip().rstrip(";").strip()
+        after the one bound as AFTER_PARAMS (the rest of a read that was cut off); with
+        `ranges` (on a query wrapped by with_digests), only the rows of the ranges bound as
+        RANGES_PARAM."""
+        inner = _bare(sql)
         keys = [self.key_order_template.format(c) for c in key_columns]
-        where = ""
+        conditions = []
         if after:
             bound = ", ".join(f":{p}" for p in AFTER_PARAMS[: len(keys)])
-            where = f" WHERE ({', '.join(keys)}) > ({bound})"
+            conditions.append(f"({', '.join(keys)}) > ({bound})")
+        if ranges:
+            conditions.append(f"q.{RANGE_LABEL} IN :{RANGES_PARAM}")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         # The query on lines of its own: a trailing `-- comment` would swallow the ")".
         return f"SELECT * FROM (\n{inner}\n) q{where} ORDER BY {', '.join(keys)}"  # noqa: S608 - the operator's own query
+
+    def with_digests(self, sql: str, columns: Sequence[str]) -> str:
+        """`sql` with two more columns per row: ROW_HASH, a 64-bit hash of the row as the
+        query returns it (`columns`, its column names), and RANGE_LABEL, the label of its
+        key's range (agent.ranges.label, spelled by the database)."""
+        raise NotImplementedError
+
+    def range_digest_sql(self, sql: str, columns: Sequence[str]) -> str:
+        """One row per range of `sql`'s rows: its label, its number of rows and the sum of
+        their hashes (see with_digests)."""
+        return (
+            f"SELECT d.{RANGE_LABEL}, COUNT(*) AS seyaha_rows, SUM(d.{ROW_HASH}) AS seyaha_digest"  # noqa: S608 - the operator's own query
+            f" FROM (\n{self.with_digests(sql, columns)}\n) d GROUP BY d.{RANGE_LABEL}"
+        )
 
     def file_database(self, url: URL) -> Path | None:
         """The database file behind `url`, for backends that are a local file."""
@@ -242,7 +276,21 @@ class SqliteDialect(Dialect):
 class PostgresDialect(Dialect):
     name = "postgresql"
     listens = True
+    digests = True
     key_order_template = 'CAST(q.{0} AS TEXT) COLLATE "C"'
+
+    def with_digests(self, sql: str, columns: Sequence[str]) -> str:
+        # The whole row's text (every column, NULLs told apart) through PostgreSQL's own
+        # 64-bit string hash: no column list needed, and cheaper than md5.
+        product, option, slot = (f"CAST(q.{c} AS TEXT)" for c in _KEY_COLUMNS)
+        label = (
+            f"{product} || chr({_SEPARATOR_CODE}) || {option} || chr({_SEPARATOR_CODE})"
+            f" || right({slot}, {_SUFFIX_CHARS})"
+        )
+        return (
+            f"SELECT q.*, hashtextextended(q::text, 0) AS {ROW_HASH}, {label} AS {RANGE_LABEL}"  # noqa: S608 - the operator's own query
+            f" FROM (\n{_bare(sql)}\n) q"
+        )
 
     def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
         kwargs, connect = super().engine_options(role)
@@ -288,7 +336,27 @@ class PostgresDialect(Dialect):
 
 class MysqlDialect(Dialect):
     name = "mysql"
+    digests = True
+    hashes_by_column = True
     key_order_template = "CAST(q.{0} AS BINARY)"
+
+    def with_digests(self, sql: str, columns: Sequence[str]) -> str:
+        # MySQL has no whole-row text: each column's, marked so that NULL and '' differ,
+        # joined, through MD5 (its first 64 bits, as an unsigned integer SUM adds exactly).
+        separator = f"CHAR({_SEPARATOR_CODE} USING utf8mb4)"
+        parts = ", ".join(f"IFNULL(CONCAT('v', q.{_backquoted(c)}), 'n')" for c in columns)
+        row_hash = f"CAST(CONV(LEFT(MD5(CONCAT_WS({separator}, {parts})), 16), 16, 10) AS UNSIGNED)"
+        product, option, slot = (f"q.{c}" for c in _KEY_COLUMNS)
+        # Binary: compared byte for byte with the labels the agent sends, whatever the
+        # connection's collation says about case and accents.
+        label = (
+            f"CAST(CONCAT({product}, {separator}, {option}, {separator},"
+            f" RIGHT({slot}, {_SUFFIX_CHARS})) AS BINARY)"
+        )
+        return (
+            f"SELECT q.*, {row_hash} AS {ROW_HASH}, {label} AS {RANGE_LABEL}"  # noqa: S608 - the operator's own query
+            f" FROM (\n{_bare(sql)}\n) q"
+        )
 
     def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
         kwargs, connect = super().engine_options(role)
@@ -393,6 +461,21 @@ class FileLock:
 
 def _integer(value: Any) -> int:
     return int(value)
+
+
+_KEY_COLUMNS = ("product_id", "option_id", "availability_id")
+"""The slot key's columns (agent.source.rows.SLOT_KEY_COLUMNS), in range order."""
+_SEPARATOR_CODE = ord(SEPARATOR)
+_SUFFIX_CHARS = SUFFIX_CHARS
+
+
+def _bare(sql: str) -> str:
+    """An operator's query, ready to be wrapped: no trailing semicolon."""
+    return sql.strip().rstrip(";").strip()
+
+
+def _backquoted(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
 
 
 def _pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from agent.clock import Clock
+from agent.clock import Clock, to_epoch_ms
 from agent.db import lost_connection
 from agent.diff import (
     SlotChange,
@@ -42,6 +42,7 @@ from agent.model import (
     StoredSlot,
 )
 from agent.plan import plan
+from agent.ranges import RangeKey, RangeTally, basis, label, range_of, to_read
 from agent.source import cursor
 from agent.source.reader import GIVE_WAY_ROWS, Snapshot, SourceReader
 from agent.source.recent import RecentRows
@@ -87,6 +88,9 @@ SWEEP_CHUNK = 1000
 CURSOR = "slots"
 """Name of the change cursor in the state store."""
 
+RANGES_CHUNK = 2000
+"""Range digests recorded per state transaction (and scan turn) at the end of a full pass."""
+
 
 Turn = Callable[[], AbstractContextManager[object]]
 """Takes the agent's scan turn for a moment (its scan lock: no poll runs meanwhile); raises
@@ -131,6 +135,25 @@ class LiveChanges:
 
 
 @dataclass
+class FullPass:
+    """How a full pass reads the slots (see agent/ranges.py)."""
+
+    tally: RangeTally | None = None
+    """Digests of the ranges read, from their rows' hashes; None: the source has none."""
+    ranges: list[RangeKey] | None = None
+    """The ranges to read; None: every range."""
+    basis: str | None = None
+    reset: bool = False
+    """The stored digests were computed on another basis: forget them first."""
+    ranges_total: int = 0
+    """Ranges the source has (0 when every range is read without asking)."""
+
+    @property
+    def labels(self) -> list[str] | None:
+        return None if self.ranges is None else [label(r) for r in self.ranges]
+
+
+@dataclass
 class ScanReport:
     at: datetime
     kind: str
@@ -152,6 +175,9 @@ class ScanReport:
     """Rows a poll skipped unconverted: the previous poll handled them as they are."""
     source_transactions: int = 1
     """Source transactions a full read took (SourceReader.resuming_slots)."""
+    ranges_read: int | None = None
+    """Ranges a full pass read, when it read only those that differ (agent/ranges.py)."""
+    ranges_total: int | None = None
     duration_s: float = 0.0
 
     @property
@@ -201,6 +227,8 @@ class Scanner:
     _reported: set[tuple[str, str, str]] = field(default_factory=set)
     _live: LiveChanges | None = None
     """Set while a reconciliation runs beside the polls (see reconcile)."""
+    ranges_off: str | None = None
+    """Why range digests are not used (ids the database spells otherwise than the agent)."""
 
     def can_reconcile_beside(self) -> bool:
         """Whether `reconcile` can run beside the polls: a baselined store with a cursor."""
@@ -255,8 +283,11 @@ class Scanner:
             report.catalog = diff_catalog(
                 self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
             )
+            full = self._plan(src, everything=resync or report.baseline)
+            if full.reset:
+                self.store.reset_ranges(scanner=self.fence)
             with self.store.reading() as stored:
-                remembered, current = self._both_sides(src, stored, snapshot)
+                remembered, current = self._both_sides(src, stored, snapshot, full)
                 # Closed here, on failure too, while their connections are still open: left
                 # to the garbage collector, they would close their cursors on closed ones.
                 with closing(remembered), closing(current):
@@ -275,6 +306,7 @@ class Scanner:
                         held.add([])  # the catalog's changes, or at least the scan's time
         # The supplier's database is no longer read: now the store may be waited for.
         held.flush(wait=True)
+        self._finish_ranges(full, report)
         cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}
         self._swept_to = upper
         self.store.commit_scan(
@@ -327,8 +359,13 @@ class Scanner:
                 # What the polls remembered before the snapshot may be older than it.
                 self.forget()
             try:
+                full = self._plan(src, everything=False)
+                if full.reset:
+                    with turn():
+                        live.check()
+                        self.store.reset_ranges(scanner=self.fence)
                 with self.store.reading() as stored:
-                    remembered, current = self._both_sides(src, stored, snapshot)
+                    remembered, current = self._both_sides(src, stored, snapshot, full)
                     with closing(remembered), closing(current):
                         changes = iter_slot_changes(
                             remembered,
@@ -345,6 +382,7 @@ class Scanner:
                 raise
         try:
             held.flush(wait=True)
+            self._finish_ranges(full, report, turn, live)
             with turn():
                 live.check()
                 # The polls keep the cursor once one ran; before that, this moves it on.
@@ -361,17 +399,101 @@ class Scanner:
         return report
 
     def _both_sides(
-        self, src: Connection, stored: Connection, snapshot: Snapshot
+        self, src: Connection, stored: Connection, snapshot: Snapshot, full: FullPass
     ) -> tuple[Generator[StoredSlot, None, None], Generator[SourceSlot, None, None]]:
         """What a full scan merges: the stored slots and the source's, both in key order,
         each read carried on across lost connections (and, the source's, across
-        read_transaction_max)."""
+        read_transaction_max); only those of `full.ranges` when it names them."""
+        if full.ranges == []:
+            return _nothing(), _nothing()
         return (
-            self.store.fingerprints.resuming_slots(stored, pause=self.pause),
+            self.store.fingerprints.resuming_slots(stored, pause=self.pause)
+            if full.ranges is None
+            else self.store.fingerprints.ranges.iter_slots(stored, full.ranges),
             self.reader.resuming_slots(
-                src, snapshot, pause=self.pause, monotonic=self.clock.monotonic
+                src,
+                snapshot,
+                pause=self.pause,
+                monotonic=self.clock.monotonic,
+                tally=full.tally,
+                ranges=full.labels,
             ),
         )
+
+    def _plan(self, src: Connection, *, everything: bool) -> FullPass:
+        """How a full pass reads (see agent/ranges.py): the ranges whose digest in the source
+        differs from the stored one, or every range (a first pass, a resync, digests on
+        another basis, most ranges changed), their digests tallied where the source has
+        them. `everything`: read every range whatever the digests say."""
+        if not self.reader.uses_digests or self.ranges_off is not None:
+            return FullPass()
+        on = basis(self.reader.slots_query, self.reader.timezone.key, self.reader.dialect.name)
+        if self.store.fingerprints.ranges.basis() != on:
+            return FullPass(RangeTally(), basis=on, reset=True)
+        if everything:
+            return FullPass(RangeTally(), basis=on)
+        source = self.reader.range_digests(src)
+        stored = self.store.fingerprints.ranges.load()
+        return FullPass(
+            RangeTally(), ranges=to_read(source, stored), basis=on, ranges_total=len(source)
+        )
+
+    def _finish_ranges(
+        self,
+        full: FullPass,
+        report: ScanReport,
+        turn: Turn = nullcontext,
+        live: LiveChanges | None = None,
+    ) -> None:
+        """After a full pass recorded its changes: store the digests it tallied, and forget
+        the slots past their start that a pass of some ranges did not meet."""
+        tally = full.tally
+        if tally is None:
+            return
+        if full.ranges is not None:
+            report.ranges_read, report.ranges_total = len(full.ranges), full.ranges_total
+            with turn():
+                if live is not None:
+                    live.check()
+                report.slots_expired += self.store.fingerprints.expire(to_epoch_ms(report.at))
+        if tally.mismatched:
+            self.ranges_off = (
+                f"{tally.mismatched} slot(s) have ids the source database spells otherwise "
+                "than the agent reads them (spaces around them, or numbers with decimals)"
+            )
+            event(
+                log,
+                logging.WARNING,
+                "scan.ranges_off",
+                f"range digests are not used: {self.ranges_off}; every reconciliation reads "
+                "every slot (trim or cast the ids in slots_query to use them)",
+            )
+            with turn():
+                self.store.reset_ranges(scanner=self.fence)
+            return
+        chosen = set(full.ranges) if full.ranges is not None else None
+        gone = set(tally.gone(chosen)) if chosen is not None else set()
+        digests = tally.clean()
+        ranges = sorted({*digests, *tally.spoiled, *gone})
+        handled = set(ranges)
+        for start in range(0, max(len(ranges), 1), RANGES_CHUNK):
+            part = ranges[start : start + RANGES_CHUNK]
+            last = start + RANGES_CHUNK >= len(ranges)
+            with turn():
+                if live is not None:
+                    live.check()
+                # A range a poll wrote after the snapshot keeps no digest: read it again.
+                touched = {range_of(k) for k in live.touched} if live is not None else set()
+                dirty = {r for r in part if r in tally.spoiled or r in touched}
+                if last:
+                    dirty |= touched - handled
+                self.store.record_ranges(
+                    {r: digests[r] for r in part if r in digests and r not in touched},
+                    dirty=dirty,
+                    gone=[r for r in part if r in gone and r not in touched],
+                    basis=full.basis if last else None,
+                    scanner=self.fence,
+                )
 
     def _commit_chunk(
         self,
@@ -707,6 +829,10 @@ class _Held:
             self.committed += 1
 
 
+def _nothing() -> Generator[Any, None, None]:
+    yield from ()
+
+
 def _giving_way(items: Iterable[SourceSlot], give_way: Callable[[], None]) -> Iterator[SourceSlot]:
     for n, item in enumerate(items):
         if n % GIVE_WAY_ROWS == 0:
@@ -726,8 +852,15 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def _read_in(report: ScanReport) -> dict[str, int]:
-    """A full read's source transactions, for its log line (see SourceReader.resuming_slots)."""
-    return {"source_transactions": report.source_transactions} if report.kind == "full" else {}
+    """A full read's source transactions (see SourceReader.resuming_slots) and, when it read
+    only the ranges that changed, how many of how many, for its log line."""
+    if report.kind != "full":
+        return {}
+    fields = {"source_transactions": report.source_transactions}
+    if report.ranges_read is not None and report.ranges_total is not None:
+        fields["ranges_read"] = report.ranges_read
+        fields["ranges_total"] = report.ranges_total
+    return fields
 
 
 def _key_text(key: tuple[object, ...] | None) -> str:

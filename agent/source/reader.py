@@ -21,11 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from agent.db import close_dead_cursor, read_only, redact_url
-from agent.dialects import AFTER_PARAMS, Dialect, dialect_of
+from agent.dialects import AFTER_PARAMS, RANGE_LABEL, RANGES_PARAM, ROW_HASH, Dialect, dialect_of
 from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable, first_line
 from agent.logs import event
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
+from agent.ranges import RangeDigest, RangeKey, RangeTally, parse_label
 from agent.source import rows
 from agent.source.recent import RawKey, RawValues, RecentRows
 
@@ -122,6 +123,7 @@ class SourceReader:
         catalog_changed_query: str | None = None,
         query_timeout_s: float | None = None,
         transaction_max_s: float = READ_TRANSACTION_MAX_S,
+        range_digests: bool = True,
     ) -> None:
         self.engine = engine
         self.dialect: Dialect = dialect_of(engine)
@@ -132,6 +134,8 @@ class SourceReader:
         self.catalog_changed_query = catalog_changed_query
         self.query_timeout_s = query_timeout_s
         self.transaction_max_s = transaction_max_s
+        self.uses_digests = range_digests and self.dialect.digests
+        """Full reads use range digests (agent/ranges.py): configured, and the source can."""
 
     @property
     def incremental(self) -> bool:
@@ -187,25 +191,42 @@ class SourceReader:
         *,
         after: tuple[str, ...] | None = None,
         position: StreamPosition | None = None,
+        tally: RangeTally | None = None,
+        ranges: Sequence[str] | None = None,
     ) -> Generator[SourceSlot, None, None]:
         """Every slot, streamed through a server-side cursor in key order (see Dialect.ordered);
         with `after`, only those whose key (as the database orders it) comes after it.
 
         Unreadable rows whose key is sound come through as (key, None); skipped rows are
         recorded on `snapshot`. Memory does not grow with the size of the result. `position`
-        is kept at the key, as the database has it, of the last slot handed on.
+        is kept at the key, as the database has it, of the last slot handed on. With
+        `tally`, each row's hash is added to its range's digest (agent/ranges.py), and with
+        `ranges` (their labels) only the rows of those ranges are read.
         """
         name = "slots_query"
-        sql = self.dialect.ordered(self.slots_query, rows.SLOT_KEY_COLUMNS, after=after is not None)
-        params = dict(zip(AFTER_PARAMS, after or (), strict=False))
+        sql = self.slots_query
+        if tally is not None:
+            sql = self.dialect.with_digests(sql, self._hashed_columns(conn))
+        sql = self.dialect.ordered(
+            sql, rows.SLOT_KEY_COLUMNS, after=after is not None, ranges=ranges is not None
+        )
+        params: dict[str, Any] = dict(zip(AFTER_PARAMS, after or (), strict=False))
+        if ranges is not None:
+            params[RANGES_PARAM] = list(ranges)
         result = self._execute(
-            conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=True, params=params
+            conn,
+            name,
+            sql,
+            rows.SLOT_REQUIRED_COLUMNS,
+            stream=True,
+            params=params,
+            expanding=(RANGES_PARAM,) if ranges is not None else (),
         )
         zone = self.timezone
         # Rows come in key order, so the copies of a duplicated key are adjacent: each row is
         # held back until the next key differs, and a key that came twice goes on protected.
         held: SourceSlot | None = None
-        held_raw: Mapping[str, Any] | None = None
+        held_raw: Mapping[str, Any] = {}
         duplicated = False
         for raw in self._rows(result, name, None):
             snapshot.slot_rows_read += 1
@@ -229,15 +250,51 @@ class SourceReader:
                 duplicated = True
                 continue
             if held is not None:
-                if position is not None:
-                    position.row = held_raw
-                yield (held[0], None) if duplicated else held
+                yield self._hand_on(held, held_raw, duplicated, position, tally)
             held, duplicated = (key, item), False
             held_raw = raw
         if held is not None:
-            if position is not None:
-                position.row = held_raw
-            yield (held[0], None) if duplicated else held
+            yield self._hand_on(held, held_raw, duplicated, position, tally)
+
+    @staticmethod
+    def _hand_on(
+        held: SourceSlot,
+        raw: Mapping[str, Any],
+        duplicated: bool,
+        position: StreamPosition | None,
+        tally: RangeTally | None,
+    ) -> SourceSlot:
+        if position is not None:
+            position.row = raw
+        if tally is not None:
+            if duplicated or held[1] is None:
+                tally.spoil(held[0])
+            else:
+                tally.add(held[0], raw.get(ROW_HASH), raw.get(RANGE_LABEL))
+        return (held[0], None) if duplicated else held
+
+    def range_digests(self, conn: sa.Connection) -> dict[RangeKey, RangeDigest]:
+        """Per range of the slots query's rows, their number and the sum of their hashes,
+        computed by the database (one row per range on the wire; see agent/ranges.py)."""
+        sql = self.dialect.range_digest_sql(self.slots_query, self._hashed_columns(conn))
+        result = self._execute(conn, "slots_query", sql, (), stream=True)
+        digests: dict[RangeKey, RangeDigest] = {}
+        for raw in self._rows(result, "slots_query", None):
+            rng = parse_label(_text_or_none(raw[RANGE_LABEL]))
+            if rng is not None:
+                digests[rng] = RangeDigest(int(raw["seyaha_rows"]), int(raw["seyaha_digest"]))
+        return digests
+
+    def _hashed_columns(self, conn: sa.Connection) -> list[str]:
+        """The slots query's column names, for a dialect that hashes a row column by column."""
+        if not self.dialect.hashes_by_column:
+            return []
+        sql = f"SELECT * FROM (\n{self.slots_query.strip().rstrip(';')}\n) q LIMIT 0"  # noqa: S608 - the operator's own query
+        result = self._execute(conn, "slots_query", sql, rows.SLOT_REQUIRED_COLUMNS)
+        try:
+            return [str(k) for k in result.keys()]  # noqa: SIM118 - a Result, not a dict
+        finally:
+            result.close()
 
     def resuming_slots(
         self,
@@ -247,6 +304,8 @@ class SourceReader:
         attempts: int = RESUME_ATTEMPTS,
         pause: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        tally: RangeTally | None = None,
+        ranges: Sequence[str] | None = None,
     ) -> Generator[SourceSlot, None, None]:
         """stream_slots on `conn`, in transactions of at most `transaction_max_s`, carried
         on when the source is lost part-way through.
@@ -266,7 +325,9 @@ class SourceReader:
         failures = 0
         with ExitStack() as resumed:
             stream: Generator[SourceSlot, None, None]
-            stream = self.stream_slots(conn, snapshot, position=position)
+            stream = self.stream_slots(
+                conn, snapshot, position=position, tally=tally, ranges=ranges
+            )
             # Timed from the first row: the time the query takes before it (the database
             # sorting what is left) is not reading, and counting it could leave a new
             # transaction no time to read anything before the next one.
@@ -314,7 +375,14 @@ class SourceReader:
                     stream = _failing(exc)
                     continue
                 snapshot.slot_transactions += 1
-                stream = self.stream_slots(conn, snapshot, after=position.after, position=position)
+                stream = self.stream_slots(
+                    conn,
+                    snapshot,
+                    after=position.after,
+                    position=position,
+                    tally=tally,
+                    ranges=ranges,
+                )
                 began = None
 
     def read_catalog(self, conn: sa.Connection, snapshot: Snapshot) -> None:
@@ -425,6 +493,7 @@ class SourceReader:
         *,
         stream: bool = False,
         params: Mapping[str, Any] | None = None,
+        expanding: Sequence[str] = (),
     ) -> sa.CursorResult[Any]:
         try:
             # A server-side cursor reads a large result in batches instead of the driver
@@ -432,7 +501,12 @@ class SourceReader:
             options: dict[str, Any] = (
                 {"stream_results": True, "yield_per": STREAM_BATCH_ROWS} if stream else {}
             )
-            result = conn.execution_options(**options).execute(sa.text(sql), dict(params or {}))
+            statement = sa.text(sql)
+            if expanding:
+                statement = statement.bindparams(
+                    *(sa.bindparam(n, expanding=True) for n in expanding)
+                )
+            result = conn.execution_options(**options).execute(statement, dict(params or {}))
         except DBAPIError as exc:
             close_dead_cursor(exc)
             if _timed_out(exc):
@@ -612,6 +686,10 @@ def _as_text(value: Any) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "replace")
     return str(value)
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else _as_text(value)
 
 
 def _failing(exc: SourceUnavailable) -> Generator[SourceSlot, None, None]:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from agent.clock import from_epoch_ms, to_epoch_ms
 from agent.store import schema as t
 from agent.store.connector import Connector
-from agent.store.fingerprints import set_meta
+from agent.store.meta import set_meta
 
 Held = Literal["renewed", "taken"]
 

@@ -19,6 +19,8 @@ from agent.logs import event
 from agent.model import CatalogDiff, CatalogKey, SlotDiff, SlotKey, StoredSlot
 from agent.store import schema as t
 from agent.store.connector import Connector
+from agent.store.meta import get_meta, set_meta
+from agent.store.ranges import StoredRanges
 
 STREAM_BATCH_ROWS = 5000
 """Stored slots fetched per round trip by iter_slots."""
@@ -53,6 +55,7 @@ _CATALOG_KEY = (t.catalog_fingerprints.c.product_id, t.catalog_fingerprints.c.op
 class Fingerprints:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
+        self.ranges = StoredRanges(connector)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -152,6 +155,13 @@ class Fingerprints:
             )
             return {(r.product_id, r.option_id): r.fingerprint for r in rows}
 
+    def expire(self, now_ms: int) -> int:
+        """Forget the stored slots whose start has passed (a reconciliation that reads only
+        the ranges that changed does not meet the others); returns how many."""
+        tbl = t.slot_fingerprints
+        with self.connector.write() as conn:
+            return conn.execute(sa.delete(tbl).where(tbl.c.start_ms < now_ms)).rowcount or 0
+
     def cursor(self, name: str) -> str | None:
         """The change cursor saved under `name` by the last scan, or None."""
         with self.connector.read() as conn:
@@ -159,8 +169,8 @@ class Fingerprints:
 
     # -- writes, inside the scan's transaction ------------------------------------------
 
-    @staticmethod
     def record(
+        self,
         conn: sa.Connection,
         catalog: CatalogDiff,
         slots: SlotDiff,
@@ -170,22 +180,20 @@ class Fingerprints:
     ) -> None:
         _apply_catalog(conn, catalog)
         _apply_slots(conn, slots)
+        # Expired slots are forgotten without their ranges changing: the source rows a
+        # digest was computed over may still hold them, out of scope (see diff_slots).
+        StoredRanges.touch(
+            conn,
+            [
+                *(s.key for s in slots.added),
+                *(s.key for s in slots.changed),
+                *(s.key for s in slots.removed),
+            ],
+        )
         if baseline_ms is not None:
             set_meta(conn, BASELINE, str(baseline_ms))
         for name, value in cursors.items():
             set_meta(conn, CURSOR_PREFIX + name, value)
-
-
-def get_meta(conn: sa.Connection, key: str) -> str | None:
-    value = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == key)).scalar()
-    return None if value is None else str(value)
-
-
-def set_meta(conn: sa.Connection, key: str, value: str | None) -> None:
-    """Replace (or, with None, remove) one record of seyaha_meta."""
-    conn.execute(sa.delete(t.meta).where(t.meta.c.key == key))
-    if value is not None:
-        conn.execute(sa.insert(t.meta).values(key=key, value=value))
 
 
 def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:

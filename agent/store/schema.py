@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema the newest migration writes (also kept in seyaha_meta, where 0.1.0 reads it)."""
 
 ID_LENGTH = 255
+SUFFIX_LENGTH = 4
 
 
-def _id_column_type() -> sa.types.TypeEngine[str]:
+def _id_column_type(length: int = ID_LENGTH) -> sa.types.TypeEngine[str]:
     """Ids compare in code-point order on every backend, the order Python sorts strings in,
     so that a full scan can merge-join the stored keys with the source's (see
     Dialect.ordered)."""
     return (
-        sa.String(ID_LENGTH)
-        .with_variant(sa.String(ID_LENGTH, collation="C"), "postgresql")
-        .with_variant(sa.String(ID_LENGTH, collation="utf8mb4_bin"), "mysql", "mariadb")
+        sa.String(length)
+        .with_variant(sa.String(length, collation="C"), "postgresql")
+        .with_variant(sa.String(length, collation="utf8mb4_bin"), "mysql", "mariadb")
     )
 
 
@@ -54,6 +55,7 @@ slot_fingerprints = sa.Table(
     sa.Column("fingerprint", sa.String(32), nullable=False),
     sa.Column("local_start", sa.String(40), nullable=False),
     sa.Column("start_ms", sa.BigInteger, nullable=False),
+    sa.Index("seyaha_slots_start", "start_ms"),
 )
 
 outbox = sa.Table(
@@ -86,6 +88,18 @@ outbox = sa.Table(
     # The oldest waiting trigger, which the claim looks up once per batch.
     sa.Index("seyaha_outbox_trigger", "kind", "state", "id"),
     sa.Index("seyaha_outbox_dedupe", "dedupe_key", "state"),
+)
+
+ranges = sa.Table(
+    "seyaha_ranges",
+    metadata,
+    sa.Column("product_id", _id_column_type(), primary_key=True),
+    sa.Column("option_id", _id_column_type(), primary_key=True),
+    # The last character of the availability ids of the range (agent/ranges.py).
+    sa.Column("suffix", _id_column_type(SUFFIX_LENGTH), primary_key=True),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    # The sum of the range's row hashes, as decimal text; NULL: written since, read it again.
+    sa.Column("digest", sa.String(40), nullable=True),
 )
 
 leases = sa.Table(

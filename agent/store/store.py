@@ -13,7 +13,7 @@ one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -25,13 +25,17 @@ from agent.db import create_engine
 from agent.dialects import Dialect
 from agent.errors import StateError, first_line
 from agent.model import CatalogDiff, Message, SlotDiff
+from agent.ranges import RangeDigest, RangeKey
 from agent.store.admin import Admin
 from agent.store.clock import StoreClock
 from agent.store.connector import Connector, StoreBusy
 from agent.store.coordination import SCANNER, Coordination
 from agent.store.fingerprints import Fingerprints
+from agent.store.meta import set_meta
 from agent.store.migrate import Migrator, Plan
 from agent.store.queue import Queue
+from agent.store.ranges import BASIS as RANGES_BASIS
+from agent.store.ranges import StoredRanges
 
 __all__ = ["LeaseLost", "StateStore", "StoreBusy"]
 
@@ -103,6 +107,36 @@ class StateStore:
         the host's on a SQLite file (see store.clock)."""
         return StoreClock(host, self.connector.now_ms) if self.dialect.shared else host
 
+    def record_ranges(
+        self,
+        clean: Mapping[RangeKey, RangeDigest],
+        dirty: Iterable[RangeKey] = (),
+        gone: Iterable[RangeKey] = (),
+        *,
+        basis: str | None = None,
+        scanner: str | None = None,
+    ) -> None:
+        """Store range digests a full pass computed (see StoredRanges.record) and, with
+        `basis`, mark the digests as computed on it; `scanner` as in commit_scan."""
+        with self.connector.write() as conn:
+            self._hold_lease(conn, scanner)
+            StoredRanges.record(conn, clean, dirty, gone)
+            if basis is not None:
+                set_meta(conn, RANGES_BASIS, basis)
+
+    def reset_ranges(self, *, scanner: str | None = None) -> None:
+        """Forget every stored range digest (their basis changed, or cannot be trusted)."""
+        with self.connector.write() as conn:
+            self._hold_lease(conn, scanner)
+            StoredRanges.reset(conn, None)
+
+    def _hold_lease(self, conn: sa.Connection, scanner: str | None) -> None:
+        if scanner is not None and not self.coordination.holds(conn, SCANNER, scanner):
+            raise LeaseLost(
+                "another agent took the scanner lease while this one was scanning; its "
+                "result is dropped and the other agent scans instead"
+            )
+
     @contextmanager
     def reading(self) -> Iterator[sa.Connection]:
         """A read transaction for `fingerprints.iter_slots` (one picture of the store)."""
@@ -131,11 +165,7 @@ class StateStore:
         """
         now_ms = to_epoch_ms(now)
         with self.connector.write() if wait else self.connector.write_now() as conn:
-            if scanner is not None and not self.coordination.holds(conn, SCANNER, scanner):
-                raise LeaseLost(
-                    "another agent took the scanner lease while this one was scanning; its "
-                    "result is dropped and the other agent scans instead"
-                )
+            self._hold_lease(conn, scanner)
             self.fingerprints.record(
                 conn,
                 catalog,

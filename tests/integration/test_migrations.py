@@ -64,6 +64,9 @@ STEP_1 = Step(1, "Schema 1: the tables as seyaha-agent 0.1.0 created them.")
 STEP_2 = Step(
     2, "Schema 2: leases in a table of their own, exact request bodies, the claim's indexes."
 )
+STEP_3 = Step(
+    3, "Schema 3: range digests, so that a reconciliation reads only the slots that changed."
+)
 """The steps as `seyaha-agent migrate --dry-run` names them."""
 
 INDEXES_2 = {
@@ -299,14 +302,14 @@ def stored_after_upgrade(written: Store010) -> dict[str, Any]:
     contents = written.contents
     return {
         "meta": {
-            "schema_version": "2",
+            "schema_version": "3",
             "baseline_ms": str(contents.baseline_ms),
             "cursor:slots": contents.cursors["slots"],
             # 0.1.0's scanner lease ("status:scanner") is gone; the other records stay
             "status:breaker": contents.status["breaker"],
             "status:last_delivery": contents.status["last_delivery"],
         },
-        "versions": ["0002"],
+        "versions": ["0003"],
         "indexes": INDEXES_2,
         # every body exactly as the agent sends it (0.1.0 kept sorted, spaced JSON)
         "bodies": [
@@ -331,7 +334,7 @@ def test_a_store_written_by_010_is_upgraded_in_place_on_open_and_keeps_everythin
         plan = store.open()
 
         assert plan == Plan(
-            current=1, head=2, steps=(STEP_2,), stamp_legacy=True, backup=written.backup
+            current=1, head=3, steps=(STEP_2, STEP_3), stamp_legacy=True, backup=written.backup
         )
         assert store.fingerprints.is_baselined()
         assert store.fingerprints.load_catalog() == {
@@ -403,12 +406,17 @@ def test_an_upgrade_that_stopped_half_way_finishes_at_the_next_start(
 
     with opened(written.url) as store:
         plan = store.open()
-        assert plan == Plan(current=1, head=2, steps=(STEP_2,), backup=written.backup)
+        assert plan == Plan(current=1, head=3, steps=(STEP_2, STEP_3), backup=written.backup)
         assert store.admin.entries() == [as_entry(i, m) for i, m in written.messages()]
 
     with connected(written.url) as conn:
         assert stored(conn) == stored_after_upgrade(written)
-        assert tables_of(conn) == {*TABLES, "seyaha_leases", "seyaha_schema_version"}
+        assert tables_of(conn) == {
+            *TABLES,
+            "seyaha_leases",
+            "seyaha_ranges",
+            "seyaha_schema_version",
+        }
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -541,7 +549,7 @@ def test_opening_an_upgraded_store_again_changes_nothing(
         again = store.open()
         planned = Migrator(store.engine).plan()
 
-    assert again == Plan(current=2, head=2, steps=())
+    assert again == Plan(current=3, head=3, steps=())
     assert planned == again
     with connected(written.url) as conn:
         assert (dump(conn), versions_of(conn), tables_of(conn)) == before
@@ -584,7 +592,7 @@ def test_a_dry_run_on_a_010_store_names_the_upgrade_and_changes_nothing(
         plan = Migrator(store.engine).migrate(dry_run=True)
 
     assert plan == Plan(
-        current=1, head=2, steps=(STEP_2,), stamp_legacy=True, backup=written.backup
+        current=1, head=3, steps=(STEP_2, STEP_3), stamp_legacy=True, backup=written.backup
     )
     with connected(written.url) as conn:
         assert tables_of(conn) == set(TABLES)  # no version table, no leases
@@ -602,7 +610,7 @@ def test_a_dry_run_on_a_new_database_names_every_step_and_creates_nothing(
     with opened(url) as store:
         plan = Migrator(store.engine).migrate(dry_run=True)
 
-    assert plan == Plan(current=None, head=2, steps=(STEP_1, STEP_2))
+    assert plan == Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))
     with connected(url) as conn:
         assert tables_of(conn) == set()
 
@@ -667,7 +675,7 @@ def test_a_new_sqlite_store_is_created_without_a_backup(
     with opened(url) as store:
         plan = store.open()
 
-    assert plan == Plan(current=None, head=2, steps=(STEP_1, STEP_2))
+    assert plan == Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))
     database = Path(str(sa.engine.make_url(url).database))
     assert list(database.parent.glob("*.bak")) == []
 
@@ -739,8 +747,8 @@ def start_together(url: str, agents: int) -> list[tuple[list[int], bool]]:
 @pytest.mark.parametrize(
     ("written_by", "migrating_start"),
     [
-        pytest.param("nothing", ([1, 2], False), id="new"),
-        pytest.param("0.1.0", ([2], True), id="written-by-0.1.0"),
+        pytest.param("nothing", ([1, 2, 3], False), id="new"),
+        pytest.param("0.1.0", ([2, 3], True), id="written-by-0.1.0"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -759,8 +767,8 @@ def test_agents_starting_together_on_one_store_migrate_it_once_and_all_start(
         # one migrates (or stamps and upgrades 0.1.0's store); the others find it done
         assert sorted(did) == [([], False)] * (AGENTS - 1) + [migrating_start]
         with connected(url) as conn:
-            assert versions_of(conn) == ["0002"]
-            assert meta_of(conn)["schema_version"] == "2"
+            assert versions_of(conn) == ["0003"]
+            assert meta_of(conn)["schema_version"] == "3"
 
 
 @contextmanager
@@ -840,13 +848,13 @@ def test_an_agent_starting_while_another_migrates_waits_for_it_then_starts(
         with connected(url) as conn:
             assert tables_of(conn) == set()
 
-    assert starting.result() == [Plan(current=None, head=2, steps=(STEP_1, STEP_2))]
+    assert starting.result() == [Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))]
     where = sa.engine.make_url(url).render_as_string(hide_password=True)
     assert waits_said(caplog) == [
         f"another seyaha-agent is migrating the state store at {where}; waiting for it"
     ]
     with connected(url) as conn:
-        assert versions_of(conn) == ["0002"]
+        assert versions_of(conn) == ["0003"]
 
 
 @pytest.mark.parametrize(
@@ -875,4 +883,4 @@ def test_a_migration_of_one_store_does_not_hold_up_an_agent_on_another_store_of_
     outcome = starting.result()  # once the other store's lock is free, in any case
 
     assert waited == []
-    assert outcome == [Plan(current=None, head=2, steps=(STEP_1, STEP_2))]
+    assert outcome == [Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))]

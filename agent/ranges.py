@@ -1,0 +1,160 @@
+"""Pure: ranges of slot keys and their digests, so that a reconciliation reads only what changed.
+
+A range is every slot of one (product, option) whose availability id ends with the same
+character: about a tenth of an option's slots when ids are numbers, a sixteenth when they
+are UUIDs. The source database computes, per range, the number of rows and the sum of a
+64-bit hash of each row as the slots query returns it (Dialect.range_digest_sql); one row
+per range comes over the wire instead of every slot.
+
+The state store keeps each range's digest from the last time its stored fingerprints were
+known to match the rows it was computed over (the rows a full pass read and recorded, none
+of them touched by a poll meanwhile, none of them unreadable or duplicated). Every other
+write to a range's slots clears that digest. A range whose digest in the source equals the
+stored one holds the same rows as then, so its slots are what the store remembers: a
+reconciliation skips it and reads the others. A range stored but gone from the source is
+read too (its slots were deleted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent.model import SlotKey
+
+SEPARATOR = "\x1f"
+"""Between the parts of a range's label (ASCII unit separator: below every printable
+character, so labels sort as their (product, option, suffix) parts do)."""
+
+SUFFIX_CHARS = 1
+"""Characters of the availability id that pick its range."""
+
+DIGEST_VERSION = "1"
+"""Changes when the row hash or the ranges change: every stored digest is then dropped."""
+
+RangeKey = tuple[str, str, str]
+"""(product_id, option_id, suffix)"""
+
+
+def range_of(key: SlotKey) -> RangeKey:
+    """The range of a slot key, as the agent spells its ids."""
+    return (key[0], key[1], key[2][-SUFFIX_CHARS:])
+
+
+def label(rng: RangeKey) -> str:
+    """A range as one text, the way the source database spells it (Dialect.range_label_sql)."""
+    return SEPARATOR.join(rng)
+
+
+def parse_label(text: str | None) -> RangeKey | None:
+    """The range a label names; None for a label that cannot be split back (an id holding
+    the separator, or a NULL id)."""
+    if text is None:
+        return None
+    parts = text.split(SEPARATOR)
+    if len(parts) != 3:
+        return None
+    return (parts[0], parts[1], parts[2])
+
+
+def basis(slots_query: str, timezone: str, backend: str) -> str:
+    """What stored digests are worth only as long as it stays the same: the query (its rows
+    are what is hashed), the time zone (it changes the slots made of the same rows), the
+    source's kind (its hash) and DIGEST_VERSION."""
+    text = SEPARATOR.join((DIGEST_VERSION, backend, timezone, slots_query.strip()))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class RangeDigest:
+    rows: int
+    digest: int
+    """The sum of the rows' 64-bit hashes (signed on PostgreSQL, unsigned on MySQL)."""
+
+
+def differing(
+    source: Mapping[RangeKey, RangeDigest], stored: Mapping[RangeKey, RangeDigest | None]
+) -> set[RangeKey]:
+    """The ranges a reconciliation must read: new, changed, written since (a NULL digest),
+    or gone from the source."""
+    out = {rng for rng, digest in source.items() if stored.get(rng) != digest}
+    out.update(rng for rng in stored if rng not in source)
+    return out
+
+
+READ_MAX_FRACTION = 0.25
+"""Past this share of the ranges differing, a full pass reads every range: each query that
+reads chosen ranges makes the database go through every row of the slots query once more."""
+
+READ_MAX = 20_000
+"""Most ranges one pass reads by label (bound parameters of one IN list)."""
+
+
+def to_read(
+    source: Mapping[RangeKey, RangeDigest],
+    stored: Mapping[RangeKey, RangeDigest | None],
+) -> list[RangeKey] | None:
+    """The ranges a full pass reads, in order; None for all of them (most differ, or too
+    many to name in one query)."""
+    chosen = differing(source, stored)
+    if len(chosen) > min(READ_MAX, READ_MAX_FRACTION * max(len(source), len(stored))):
+        return None
+    return sorted(chosen)
+
+
+@dataclass
+class RangeTally:
+    """The digests of the ranges a full pass reads, from the row hashes of the rows it read.
+
+    Memory: one entry per range read (about 200 bytes), held until the pass ends, since a
+    range's digest may be stored only once every change the pass found in it is recorded.
+    """
+
+    sums: dict[RangeKey, list[int]] = field(default_factory=dict)
+    spoiled: set[RangeKey] = field(default_factory=set)
+    """Ranges with an unreadable or duplicated row: their digest is not stored."""
+    mismatched: int = 0
+    """Rows the database put in another range than the agent does (ids whose text differs
+    from the agent's spelling, e.g. with spaces around): digests cannot be used at all."""
+
+    def add(self, key: SlotKey, row_hash: object, db_label: object) -> None:
+        rng = range_of(key)
+        if _text(db_label) != label(rng):
+            self.mismatched += 1
+            self.spoiled.add(rng)
+            return
+        try:
+            value = int(row_hash)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            self.spoiled.add(rng)
+            return
+        entry = self.sums.get(rng)
+        if entry is None:
+            self.sums[rng] = [1, value]
+        else:
+            entry[0] += 1
+            entry[1] += value
+
+    def spoil(self, key: SlotKey) -> None:
+        self.spoiled.add(range_of(key))
+
+    def clean(self, touched: Iterable[SlotKey] = ()) -> dict[RangeKey, RangeDigest]:
+        """The digests to store: every range read except spoiled ones and those holding a
+        key a poll recorded while the pass ran (its stored state is newer than the pass)."""
+        dirty = self.spoiled | {range_of(key) for key in touched}
+        return {
+            rng: RangeDigest(rows, digest)
+            for rng, (rows, digest) in self.sums.items()
+            if rng not in dirty
+        }
+
+    def gone(self, read: Collection[RangeKey]) -> list[RangeKey]:
+        """Of the ranges a pass was to read, those the source returned no row of."""
+        return sorted(rng for rng in read if rng not in self.sums and rng not in self.spoiled)
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return None if value is None else str(value)

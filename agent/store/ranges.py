@@ -1,0 +1,133 @@
+"""The stored range digests (agent/ranges.py): what a reconciliation compares the source's with.
+
+Invariant: a range with a digest here has stored fingerprints that match the source rows the
+digest was computed over, and nothing wrote its slots since. Every write of slots clears the
+digests of their ranges in the same transaction (`touch`), and leaves a row for each such
+range, so that a range whose slots are stored always has a row here: a reconciliation then
+sees a range whose source rows all went away (the row is here, the source has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Generator, Iterable, Mapping
+from itertools import groupby
+
+import sqlalchemy as sa
+
+from agent.clock import from_epoch_ms
+from agent.model import SlotKey, StoredSlot
+from agent.ranges import RangeDigest, RangeKey, range_of
+from agent.store import schema as t
+from agent.store.connector import Connector
+from agent.store.meta import get_meta, set_meta
+
+BASIS = "ranges_basis"
+"""seyaha_meta key: agent.ranges.basis() of the digests stored (absent: none can be used)."""
+
+_R = t.ranges.c
+_S = t.slot_fingerprints.c
+_RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
+
+
+class StoredRanges:
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+
+    def basis(self) -> str | None:
+        with self.connector.read() as conn:
+            return get_meta(conn, BASIS)
+
+    def load(self) -> dict[RangeKey, RangeDigest | None]:
+        """Every stored range: its digest, or None when written since."""
+        with self.connector.read() as conn:
+            return {
+                (r.product_id, r.option_id, r.suffix): (
+                    None if r.digest is None else RangeDigest(int(r.row_count), int(r.digest))
+                )
+                for r in conn.execute(sa.select(*_RANGE_KEY, _R.row_count, _R.digest))
+            }
+
+    @staticmethod
+    def iter_slots(
+        conn: sa.Connection, ranges: Collection[RangeKey]
+    ) -> Generator[StoredSlot, None, None]:
+        """The stored slots of `ranges`, in key order (one indexed query per option)."""
+        for (product, option), group in groupby(sorted(ranges), key=lambda r: (r[0], r[1])):
+            suffixes = {r[2] for r in group}
+            query = (
+                sa.select(_S.availability_id, _S.fingerprint, _S.local_start, _S.start_ms)
+                .where(_S.product_id == product, _S.option_id == option)
+                .order_by(_S.availability_id)
+            )
+            for slot, fingerprint, local, start_ms in conn.execute(query):
+                if range_of((product, option, slot))[2] in suffixes:
+                    yield StoredSlot(
+                        (product, option, slot), fingerprint, local, from_epoch_ms(start_ms)
+                    )
+
+    @staticmethod
+    def touch(conn: sa.Connection, keys: Iterable[SlotKey]) -> None:
+        """Clear the digests of the ranges of `keys`, whose slots this transaction writes."""
+        touched = sorted({range_of(key) for key in keys})
+        if not touched:
+            return
+        StoredRanges._delete(conn, touched)
+        StoredRanges._insert_dirty(conn, touched)
+
+    @staticmethod
+    def _insert_dirty(conn: sa.Connection, ranges: Iterable[RangeKey]) -> None:
+        conn.execute(
+            sa.insert(t.ranges),
+            [
+                {"product_id": p, "option_id": o, "suffix": s, "row_count": 0, "digest": None}
+                for p, o, s in sorted(ranges)
+            ],
+        )
+
+    @staticmethod
+    def record(
+        conn: sa.Connection,
+        clean: Mapping[RangeKey, RangeDigest],
+        dirty: Iterable[RangeKey] = (),
+        gone: Iterable[RangeKey] = (),
+    ) -> None:
+        """Store the digests of `clean` ranges, mark `dirty` ones to be read again (their
+        slots may be stored, their digest is unknown) and forget `gone` ones (no slot, no
+        row)."""
+        dirty = set(dirty)
+        StoredRanges._delete(conn, sorted({*clean, *gone, *dirty}))
+        if dirty:
+            StoredRanges._insert_dirty(conn, dirty)
+        if clean:
+            conn.execute(
+                sa.insert(t.ranges),
+                [
+                    {
+                        "product_id": p,
+                        "option_id": o,
+                        "suffix": s,
+                        "row_count": d.rows,
+                        "digest": str(d.digest),
+                    }
+                    for (p, o, s), d in clean.items()
+                ],
+            )
+
+    @staticmethod
+    def reset(conn: sa.Connection, basis: str | None) -> None:
+        """Forget every stored digest; from now on they are computed on `basis` (None: none)."""
+        conn.execute(sa.delete(t.ranges))
+        set_meta(conn, BASIS, basis)
+
+    @staticmethod
+    def _delete(conn: sa.Connection, ranges: list[RangeKey]) -> None:
+        if ranges:
+            matches = sa.and_(
+                _R.product_id == sa.bindparam("range_product"),
+                _R.option_id == sa.bindparam("range_option"),
+                _R.suffix == sa.bindparam("range_suffix"),
+            )
+            conn.execute(
+                sa.delete(t.ranges).where(matches),
+                [{"range_product": p, "range_option": o, "range_suffix": s} for p, o, s in ranges],
+            )
