@@ -205,7 +205,7 @@ class SourceReader:
         """
         name = "slots_query"
         sql = self.slots_query
-        if tally is not None:
+        if tally is not None or ranges is not None:
             sql = self.dialect.with_digests(sql, self._hashed_columns(conn))
         sql = self.dialect.ordered(
             sql, rows.SLOT_KEY_COLUMNS, after=after is not None, ranges=ranges is not None

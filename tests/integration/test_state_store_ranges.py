@@ -1,0 +1,75 @@
+"""The stored range digests, as a contract every state store backend keeps (SQLite,
+PostgreSQL, MariaDB): every write of slots clears its ranges' digests in the same
+transaction, and a range whose slots are stored always has a row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from agent.model import CatalogDiff, SlotDiff
+from agent.ranges import RangeDigest
+from agent.store import StateStore
+from tests.integration.inventory import BACKEND_PARAMS
+from tests.integration.test_state_store import T0, later, slot
+
+ONE = ("1", "a", "1")
+TWO = ("1", "a", "2")
+D = RangeDigest(3, -(2**63) * 3)
+"""Three of the most negative 64-bit hashes: the sum no 64-bit column could hold."""
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def store(request: pytest.FixtureRequest, make_store: Callable[[str], StateStore]) -> StateStore:
+    return make_store(request.param)
+
+
+def test_digests_round_trip_exactly_and_are_forgotten_with_their_basis(store: StateStore) -> None:
+    ranges = store.fingerprints.ranges
+    assert (ranges.load(), ranges.basis()) == ({}, None)
+
+    store.record_ranges({ONE: D, TWO: RangeDigest(1, 2**64 - 1)}, basis="b1")
+    assert ranges.load() == {ONE: D, TWO: RangeDigest(1, 2**64 - 1)}
+    assert ranges.basis() == "b1"
+
+    store.record_ranges({}, dirty=[TWO], gone=[ONE])
+    assert ranges.load() == {TWO: None}
+
+    store.reset_ranges()
+    assert (ranges.load(), ranges.basis()) == ({}, None)
+
+
+def test_every_write_of_slots_clears_its_ranges_digests_but_an_expiry(store: StateStore) -> None:
+    store.record_ranges({ONE: D, TWO: D, ("1", "a", "3"): D}, basis="b1")
+    store.commit_scan(CatalogDiff(), SlotDiff(added=(slot(11), slot(12))), [], T0)
+    assert store.fingerprints.ranges.load() == {ONE: None, TWO: None, ("1", "a", "3"): D}
+
+    store.record_ranges({ONE: D, TWO: D})
+    store.commit_scan(CatalogDiff(), SlotDiff(changed=(slot(11, vacancies=1),)), [], later(1))
+    store.commit_scan(CatalogDiff(), SlotDiff(expired=(slot(12).key,)), [], later(2))
+    assert store.fingerprints.ranges.load() == {ONE: None, TWO: D, ("1", "a", "3"): D}
+
+    stored_11 = store.fingerprints.lookup_slots([slot(11).key])[slot(11).key]
+    store.record_ranges({ONE: D})
+    store.commit_scan(CatalogDiff(), SlotDiff(removed=(stored_11,)), [], later(3))
+    assert store.fingerprints.ranges.load()[ONE] is None  # a row stays: no slot, read it once
+
+
+def test_the_slots_of_chosen_ranges_come_in_key_order(store: StateStore) -> None:
+    numbers = [1, 2, 11, 12, 21, 101, 1001]
+    store.commit_scan(CatalogDiff(), SlotDiff(added=tuple(slot(n) for n in numbers)), [], T0)
+    with store.reading() as conn:
+        chosen = [s.key[2] for s in store.fingerprints.ranges.iter_slots(conn, [TWO, ONE])]
+    # code-point order of the ids, as the source returns them
+    assert chosen == ["1", "1001", "101", "11", "12", "2", "21"]
+
+
+def test_slots_past_their_start_are_forgotten_and_counted(store: StateStore) -> None:
+    past = datetime(2026, 7, 1, 8, 0, tzinfo=UTC)
+    store.commit_scan(
+        CatalogDiff(), SlotDiff(added=(slot(1, start=past), slot(2), slot(3, start=past))), [], T0
+    )
+    assert store.fingerprints.expire(int(T0.timestamp() * 1000)) == 2
+    assert list(store.fingerprints.load_slots()) == [slot(2).key]

@@ -1,0 +1,155 @@
+"""The pure side of range digests: which ranges a full pass reads, and what it may store."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.ranges import (
+    READ_MAX,
+    RangeDigest,
+    RangeKey,
+    RangeTally,
+    basis,
+    differing,
+    label,
+    parse_label,
+    range_of,
+    to_read,
+)
+
+A: RangeKey = ("1", "sunset", "1")
+B: RangeKey = ("1", "sunset", "2")
+C: RangeKey = ("2", "guided", "1")
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (("1", "sunset", "101"), ("1", "sunset", "1")),
+        (("1", "sunset", "7"), ("1", "sunset", "7")),
+        (("p", "o", "slot-é"), ("p", "o", "é")),
+        (("p", "o", "🎉"), ("p", "o", "🎉")),
+    ],
+)
+def test_a_slot_belongs_to_the_range_of_its_ids_last_character(
+    key: tuple[str, str, str], expected: RangeKey
+) -> None:
+    assert range_of(key) == expected
+
+
+@given(st.tuples(*(st.text(alphabet=st.characters(min_codepoint=32), min_size=1),) * 3))
+def test_a_label_reads_back_as_its_range(rng: tuple[str, str, str]) -> None:
+    assert parse_label(label(rng)) == rng
+
+
+@pytest.mark.parametrize("text", [None, "1\x1fsunset", "1\x1fsun\x1fset\x1f1"])
+def test_a_label_that_cannot_be_split_back_names_no_range(text: str | None) -> None:
+    assert parse_label(text) is None
+
+
+@given(
+    st.lists(st.tuples(st.text(max_size=3), st.text(max_size=3), st.text(max_size=1)), max_size=8)
+)
+def test_labels_sort_as_their_ranges_do(ranges: list[tuple[str, str, str]]) -> None:
+    # the database orders labels, the agent ranges: the same order, or a merge would break
+    printable = [r for r in ranges if all(c > "\x1f" for part in r for c in part)]
+    assert sorted(printable) == sorted(printable, key=label)
+
+
+def test_every_part_of_the_basis_matters_but_surrounding_whitespace() -> None:
+    first = basis("SELECT 1", "Europe/Istanbul", "postgresql")
+    assert basis("  SELECT 1\n", "Europe/Istanbul", "postgresql") == first
+    assert basis("SELECT 2", "Europe/Istanbul", "postgresql") != first
+    assert basis("SELECT 1", "UTC", "postgresql") != first
+    assert basis("SELECT 1", "Europe/Istanbul", "mysql") != first
+
+
+D1, D2 = RangeDigest(3, 100), RangeDigest(3, 101)
+
+
+@pytest.mark.parametrize(
+    ("source", "stored", "expected"),
+    [
+        ({A: D1}, {A: D1}, set()),
+        ({A: D1}, {A: D2}, {A}),  # a row changed
+        ({A: D1}, {A: RangeDigest(4, 100)}, {A}),  # same sum, another count
+        ({A: D1}, {A: None}, {A}),  # written since its digest was stored
+        ({A: D1}, {}, {A}),  # new in the source
+        ({}, {A: D1}, {A}),  # gone from the source: its slots were deleted
+        ({}, {A: None}, {A}),
+        ({A: D1, B: D1}, {A: D1, B: D1, C: None}, {C}),
+    ],
+)
+def test_the_ranges_that_differ(
+    source: dict[RangeKey, RangeDigest],
+    stored: dict[RangeKey, RangeDigest | None],
+    expected: set[RangeKey],
+) -> None:
+    assert differing(source, stored) == expected
+
+
+def _many(n: int) -> dict[RangeKey, RangeDigest]:
+    return {("p", f"o{i:05d}", "1"): D1 for i in range(n)}
+
+
+@pytest.mark.parametrize(
+    ("changed", "of", "expected"),
+    [
+        (0, 100, 0),
+        (25, 100, 25),  # a quarter: still read one by one
+        (26, 100, None),  # more: every range, in one pass
+        (1, 1, None),  # a one-range inventory is read whole
+    ],
+)
+def test_past_a_quarter_of_the_ranges_changed_every_range_is_read(
+    changed: int, of: int, expected: int | None
+) -> None:
+    source = _many(of)
+    stored = {rng: (D2 if i < changed else D1) for i, rng in enumerate(sorted(source))}
+    chosen = to_read(source, stored)
+    assert (None if chosen is None else len(chosen)) == expected
+    if chosen is not None:
+        assert chosen == sorted(chosen)
+
+
+def test_more_ranges_than_one_query_can_name_are_read_whole() -> None:
+    source = _many(READ_MAX * 5)
+    stored = {rng: (D2 if i <= READ_MAX else D1) for i, rng in enumerate(sorted(source))}
+    assert to_read(source, stored) is None
+
+
+def test_a_tally_adds_the_rows_of_each_range_as_the_database_does() -> None:
+    tally = RangeTally()
+    tally.add(("1", "sunset", "101"), 5, "1\x1fsunset\x1f1")
+    tally.add(("1", "sunset", "111"), -7, b"1\x1fsunset\x1f1")  # MySQL: a binary label
+    tally.add(("1", "sunset", "102"), 2**64 - 1, "1\x1fsunset\x1f2")  # unsigned, MySQL
+    assert tally.clean() == {A: RangeDigest(2, -2), B: RangeDigest(1, 2**64 - 1)}
+    assert tally.mismatched == 0
+
+
+def test_a_row_the_database_ranges_otherwise_spoils_its_range_and_is_counted() -> None:
+    tally = RangeTally()
+    tally.add(("1", "sunset", "101"), 5, "1\x1fsunset\x1f1 ")  # the database kept a space
+    tally.add(("1", "sunset", "111"), 5, "1\x1fsunset\x1f1")
+    assert tally.mismatched == 1
+    assert tally.clean() == {}
+
+
+def test_unreadable_duplicated_or_touched_rows_keep_their_range_from_being_stored() -> None:
+    tally = RangeTally()
+    tally.add(("1", "sunset", "101"), 5, label(A))
+    tally.add(("1", "sunset", "102"), 5, label(B))
+    tally.add(("2", "guided", "201"), 5, label(C))
+    tally.add(("2", "guided", "211"), None, label(C))  # no hash: cannot be summed
+    tally.spoil(("1", "sunset", "112"))  # an unreadable row of B
+    assert tally.clean() == {A: RangeDigest(1, 5)}
+    assert tally.clean(touched=[("1", "sunset", "131")]) == {}
+
+
+def test_of_the_ranges_a_pass_was_to_read_those_without_any_row_are_gone() -> None:
+    tally = RangeTally()
+    tally.add(("1", "sunset", "101"), 5, label(A))
+    tally.spoil(("2", "guided", "201"))
+    assert tally.gone([A, B, C]) == [B]  # C has a row the pass could not read: not gone
