@@ -37,6 +37,7 @@ class AgentSetup:
     cursor_overlap_s: float = 60.0
     full_scan_interval_s: float = 300.0
     incremental: bool = True
+    range_digests: bool = True
     log_level: str = "INFO"
     delivery: tuple[tuple[str, Any], ...] = ()
     """[delivery] keys to set, e.g. (("concurrency", 1), ("rate_limit", 0.0))."""
@@ -88,6 +89,7 @@ cursor_overlap = {setup.cursor_overlap_s}
 full_scan_interval = {setup.full_scan_interval_s}
 notify_channel = {s(NOTIFY_CHANNEL)}
 notify_tables = [{s(setup.schema + ".slots")}]
+range_digests = {"true" if setup.range_digests else "false"}
 catalog_query = '''{q.catalog}'''
 slots_query = '''{q.slots}'''
 {changed}

@@ -10,6 +10,7 @@ import math
 import os
 import resource
 import statistics
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,3 +69,29 @@ def ratio(value: float, reference: float) -> float:
     if reference == 0 or math.isnan(reference) or math.isnan(value):
         return math.nan
     return value / reference
+
+
+def bytes_received_from(port: int, pid: int | None = None) -> int | None:
+    """Bytes the TCP connections of process `pid` (this one by default) to 127.0.0.1:`port`
+    have received so far, as the kernel counts them (`ss -ti`); None without `ss`."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        out = subprocess.run(
+            ["ss", "-tinpH", "dst", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total, ours = 0, False
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            ours = f"pid={pid}," in line
+            continue
+        if ours:
+            for field in line.split():
+                if field.startswith("bytes_received:"):
+                    total += int(field.split(":", 1)[1])
+    return total

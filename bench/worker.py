@@ -33,7 +33,9 @@ import httpx
 import psycopg
 
 from bench.agentconf import SECRET
-from bench.stats import current_rss_mb, own_cpu_s, peak_rss_mb
+from bench.stats import bytes_received_from, current_rss_mb, own_cpu_s, peak_rss_mb
+
+POSTGRES_PORT = 5432
 
 FLOOR_BATCH_ROWS = 5000
 """Rows per fetch of the floor's server-side cursor: the agent's own STREAM_BATCH_ROWS."""
@@ -86,6 +88,7 @@ def task_scan(args: dict[str, Any]) -> dict[str, Any]:
     report = agent.scan()
     seconds = time.perf_counter() - started
     cpu = own_cpu_s() - cpu_before
+    source_bytes = bytes_received_from(POSTGRES_PORT)  # before the pool closes them
     pending = agent.store.admin.stats().pending
     agent.close()
     return {
@@ -99,6 +102,9 @@ def task_scan(args: dict[str, Any]) -> dict[str, Any]:
         "notifies": report.notifies,
         "skipped": report.skipped_total,
         "source_transactions": getattr(report, "source_transactions", 1),
+        "ranges_read": getattr(report, "ranges_read", None),
+        "ranges_total": getattr(report, "ranges_total", None),
+        "source_bytes": source_bytes,
         "outbox_pending": pending,
         "rss_before_mb": rss_before,
         "peak_rss_mb": peak_rss_mb(),
@@ -115,9 +121,12 @@ def task_floor(args: dict[str, Any]) -> dict[str, Any]:
             cursor.execute(args["sql"])
             while batch := cursor.fetchmany(FLOOR_BATCH_ROWS):
                 rows += len(batch)
+        seconds = time.perf_counter() - started
+        source_bytes = bytes_received_from(POSTGRES_PORT)
     return {
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "rows": rows,
+        "source_bytes": source_bytes,
         "rss_before_mb": rss_before,
         "peak_rss_mb": peak_rss_mb(),
     }
