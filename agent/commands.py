@@ -222,8 +222,16 @@ def check(path: Path, out: TextIO | None = None) -> int:
             report(False, f"{row.query}: row {key or '(no key)'} would be skipped: {row.reason}")
         rows_read, seconds = _time_full_read(reader)
         report(True, f"slots_query: a full read takes {seconds:.1f} s ({rows_read:,} rows)")
+        digest_s: float | None = None
+        if reader.uses_digests:
+            ranges, digest_s = _time_digests(reader)
+            report(
+                True,
+                f"slots_query: range digests take {digest_s:.1f} s ({ranges:,} ranges), what a "
+                "reconciliation that finds nothing costs",
+            )
         if not reader.incremental:
-            for line in full_read_advice(rows_read, seconds, source.poll_interval):
+            for line in full_read_advice(rows_read, seconds, source.poll_interval, digest_s):
                 print(f"warning {line}", file=out)
     except AgentError as exc:
         report(False, str(exc))
@@ -254,6 +262,15 @@ def _time_full_read(reader: SourceReader) -> tuple[int, float]:
     return snapshot.slot_rows_read, time.perf_counter() - started
 
 
+def _time_digests(reader: SourceReader) -> tuple[int, float]:
+    """Ranges of the slots query and the seconds the database takes to digest them (see
+    agent/ranges.py): what each poll without a change query costs when nothing changed."""
+    started = time.perf_counter()
+    with reader.transaction() as conn:
+        ranges = len(reader.range_digests(conn))
+    return ranges, time.perf_counter() - started
+
+
 LARGE_READ_ROWS = 50_000
 """Above this many slots, `check` recommends a change query whatever the read takes."""
 
@@ -261,16 +278,32 @@ LARGE_READ_SHARE = 0.1
 """A full read taking more than this share of poll_interval earns the same advice."""
 
 
-def full_read_advice(rows_read: int, seconds: float, poll_interval_s: float) -> list[str]:
-    """What `check` says of a configuration without slots_changed_query (pure)."""
-    if rows_read <= LARGE_READ_ROWS and seconds <= LARGE_READ_SHARE * poll_interval_s:
-        return []
-    share = min(1.0, seconds / poll_interval_s)
+def full_read_advice(
+    rows_read: int, seconds: float, poll_interval_s: float, digest_s: float | None = None
+) -> list[str]:
+    """What `check` says of a configuration without slots_changed_query (pure). With range
+    digests (`digest_s`, the database's time to compute them) a poll reads only the ranges
+    that changed, but the database still goes through every row of the query each time."""
+    if digest_s is not None:
+        share = min(1.0, digest_s / poll_interval_s)
+        if share <= LARGE_READ_SHARE:
+            return []
+        cost = (
+            f"every poll has your database digest all {rows_read:,} rows of slots_query "
+            f"({digest_s:.1f} s, about {share:.0%} of every {poll_interval_s:g} s "
+            "poll_interval; the agent then reads only the ranges that changed)"
+        )
+    else:
+        if rows_read <= LARGE_READ_ROWS and seconds <= LARGE_READ_SHARE * poll_interval_s:
+            return []
+        share = min(1.0, seconds / poll_interval_s)
+        cost = (
+            f"every poll is a full read of {rows_read:,} rows ({seconds:.1f} s, about "
+            f"{share:.0%} of every {poll_interval_s:g} s poll_interval, in the agent and in "
+            "your database)"
+        )
     return [
-        f"[source] slots_changed_query is not set: every poll is a full read of "
-        f"{rows_read:,} rows ({seconds:.1f} s, about {share:.0%} of every "
-        f"{poll_interval_s:g} s poll_interval, in the agent and in your database), and a "
-        "booking waits for the next one",
+        f"[source] slots_changed_query is not set: {cost}, and a booking waits for the next poll",
         "add a change query: your slots_query with one more condition on the column your "
         "booking system stamps on every change, for example",
         "    slots_changed_query = '''<your slots_query> AND s.updated_at >= :since'''",

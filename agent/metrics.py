@@ -74,6 +74,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.ranges = Counter(
+            "reconciliation_ranges",
+            "Ranges of slots full passes compared by digest: read (their digest differed) or "
+            "skipped (unchanged).",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.rows_skipped = Counter(
             "source_rows_skipped",
             "Source rows skipped because they could not be used.",

@@ -681,6 +681,9 @@ class Scanner:
         m.last_scan.set(report.at.timestamp())
         m.rows_read.labels("catalog_query").inc(report.catalog_rows)
         m.rows_read.labels("slots_query").inc(report.slot_rows)
+        if report.ranges_read is not None and report.ranges_total is not None:
+            m.ranges.labels("read").inc(report.ranges_read)
+            m.ranges.labels("skipped").inc(max(0, report.ranges_total - report.ranges_read))
         for kind, count in (
             ("catalog_added", len(report.catalog.added)),
             ("catalog_changed", len(report.catalog.changed)),

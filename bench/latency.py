@@ -29,6 +29,12 @@ first poll is over, so no full reconciliation falls inside a measured window);
   (cursor_overlap) after it. The first poll after the bulk statement reads its rows (the
   bookings committed meanwhile wait for that poll); later polls read only their last 5 s,
   and the late-row sweep reads the rows again beside them;
+- two queries only: the default a supplier gets by writing only catalog_query and
+  slots_query (no change query, no triggers): every poll (poll_interval 5 s) is a full
+  reconciliation, with range digests on PostgreSQL. Before the commits the daemon rests for
+  `rest_s` with nothing changing: its CPU and the PostgreSQL server's (every `postgres`
+  process of the machine, so the bench's own idle connection too) are measured over that
+  window, as shares of one core;
 - late rows: as wake-ups, but every measured booking stamps updated_at 30 s before its
   commit, as a transaction that began then would: no poll reads it (they read the last
   5 s), the late-row sweep after the next poll does; not part of `all` (run it
@@ -57,7 +63,7 @@ from bench import agentconf, inventory
 from bench.context import Context
 from bench.inventory import Inventory
 from bench.receiver import Receiver
-from bench.stats import median, percentile, process_cpu_s
+from bench.stats import median, percentile, postgres_cpu_s, process_cpu_s
 
 WARMUP_COMMITS = 3
 WARMUP_TIMEOUT_S = 120.0
@@ -73,6 +79,9 @@ START_RECONCILIATION_WAIT_S = 300.0
 1,000,000 slots); the measured window starts after it."""
 
 RECONCILED_CHECK_S = 0.5
+
+QUICK_REST_S = 5.0
+"""The at-rest window of a --quick run (the two-queries mode)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,10 @@ class Mode:
     """Stamp updated_at on Plan.bulk_rows slots right before the measured commits."""
     stamp_behind_s: float = 0.0
     """Stamp the measured bookings this long before their commit (late rows)."""
+    incremental: bool = True
+    """With the change query; without it, every poll is a full reconciliation."""
+    rest_s: float = 0.0
+    """Measure the daemon's and the database's CPU this long with nothing changing first."""
 
 
 WAKEUPS = Mode("wakeups", "wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
@@ -110,7 +123,15 @@ LATE = Mode(
     60.0,
     stamp_behind_s=30.0,
 )
-MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, LATE)}
+DEFAULT = Mode(
+    "default",
+    "two queries only (no change query, no triggers), poll_interval 5 s",
+    False,
+    5.0,
+    incremental=False,
+    rest_s=60.0,
+)
+MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, DEFAULT, LATE)}
 
 
 class Daemon:
@@ -178,6 +199,8 @@ class StreamResult:
     """Epoch seconds of each delivered commit, in the order of latencies_ms."""
     reconciling: list[tuple[float, float]] = field(default_factory=list)
     """(start, end) of the reconciliations that overlapped the window (epoch seconds)."""
+    rest: dict[str, float] = field(default_factory=dict)
+    """Shares of a core the daemon and PostgreSQL used at rest (Mode.rest_s)."""
 
     def during(self) -> list[float]:
         """Latencies of the commits made while a reconciliation ran."""
@@ -207,6 +230,7 @@ class StreamResult:
             "cpu_s": self.cpu_s,
             "cpu_s_per_1000": self.cpu_s / self.commits * 1000 if self.commits else float("nan"),
             "seconds": self.seconds,
+            **self.rest,
         }
 
 
@@ -251,6 +275,18 @@ def stream(
     )
 
 
+def at_rest(daemon: Daemon, seconds: float) -> dict[str, float]:
+    """The daemon's and PostgreSQL's CPU over `seconds` with nothing changing, as shares of
+    one core."""
+    daemon_before, postgres_before = daemon.cpu_s(), postgres_cpu_s()
+    time.sleep(seconds)
+    return {
+        "rest_daemon_core": (daemon.cpu_s() - daemon_before) / seconds,
+        "rest_postgres_core": (postgres_cpu_s() - postgres_before) / seconds,
+        "rest_s": seconds,
+    }
+
+
 def touch(ctx: Context, inv: Inventory, rows: int) -> int:
     """One committed statement stamping updated_at on the first `rows` slots by id."""
     from psycopg import sql
@@ -293,6 +329,7 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 poll_interval_s=mode.poll_interval_s,
                 cursor_overlap_s=mode.cursor_overlap_s,
                 full_scan_interval_s=mode.full_scan_interval_s,
+                incremental=mode.incremental,
             ),
         )
         daemon = Daemon(config, ctx.log(name))
@@ -310,6 +347,16 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                     ),
                     flush=True,
                 )
+            rest: dict[str, float] = {}
+            if mode.rest_s:
+                rest_s = min(mode.rest_s, QUICK_REST_S) if ctx.plan.quick else mode.rest_s
+                rest = at_rest(daemon, rest_s)
+                print(
+                    f"  {name}: at rest for {rest_s:g} s: daemon "
+                    f"{rest['rest_daemon_core']:.1%} of a core, PostgreSQL "
+                    f"{rest['rest_postgres_core']:.1%}",
+                    flush=True,
+                )
             if mode.bulk:
                 touched = touch(ctx, inv, ctx.plan.bulk_rows)
                 print(f"  {name}: updated_at stamped on {touched:,} slots", flush=True)
@@ -324,6 +371,7 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 stamp_behind_s=mode.stamp_behind_s,
             )
             window_end = time.time()
+            result.rest = rest
             if mode.through_reconciliations:
                 # The one running at the window's end is said in the log when it ends.
                 daemon.wait_reconciled(START_RECONCILIATION_WAIT_S, after=window_end)
@@ -370,6 +418,8 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "through_reconciliations": mode.through_reconciliations,
                 "bulk": mode.bulk,
                 "stamp_behind_s": mode.stamp_behind_s,
+                "incremental": mode.incremental,
+                "poll_interval_s": mode.poll_interval_s,
                 **_medians(runs),
                 "runs": runs,
             }
@@ -393,4 +443,7 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     merged["reconciliations"] = sum(r["reconciliations"] for r in runs)
     merged["commits"] = sum(r["commits"] for r in runs)
     merged["missing"] = sum(r["missing"] for r in runs)
+    for k in ("rest_daemon_core", "rest_postgres_core"):
+        if all(k in r for r in runs):
+            merged[k] = median([r[k] for r in runs])
     return merged

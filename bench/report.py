@@ -333,6 +333,30 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
         ),
         None,
     )
+    default = next((m for m in r["modes"] if m.get("incremental") is False), None)
+    if default is not None and "rest_daemon_core" in default:
+        lines += [
+            "",
+            f"{default['mode']}: at rest the daemon used "
+            f"{_num(default['rest_daemon_core'] * 100, 1)}% of a core and PostgreSQL "
+            f"{_num(default['rest_postgres_core'] * 100, 1)}% (every postgres process of the "
+            "machine, the bench's idle connection included).",
+        ]
+        bound_ms = (default["poll_interval_s"] + 1) * 1000
+        goals += [
+            (
+                f"two queries only: the daemon under 5% of a core at rest ({_num(r['slots'], 0)} "
+                "slots)",
+                f"{_num(default['rest_daemon_core'] * 100, 1)}% (PostgreSQL "
+                f"{_num(default['rest_postgres_core'] * 100, 1)}%)",
+                default["rest_daemon_core"] < 0.05,
+            ),
+            (
+                "two queries only: every booking within poll_interval + 1 s",
+                f"max {_num(default['max_ms'], 0)} ms (p99 {_num(default['p99_ms'], 0)} ms)",
+                default["max_ms"] <= bound_ms and not default["missing"],
+            ),
+        ]
     bulk = next((m for m in r["modes"] if m.get("bulk")), None)
     if bulk is not None:
         goals.append(

@@ -95,3 +95,19 @@ def bytes_received_from(port: int, pid: int | None = None) -> int | None:
                 if field.startswith("bytes_received:"):
                     total += int(field.split(":", 1)[1])
     return total
+
+
+def postgres_cpu_s() -> float:
+    """User + system CPU seconds so far of every process of this machine named postgres
+    (the server's backends and its background workers)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "postgres":
+                continue
+            total += process_cpu_s(int(proc.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return total

@@ -196,6 +196,13 @@ def test_a_reconciliation_reads_only_the_ranges_whose_rows_changed(
     again = agent.scan()
     assert (again.ranges_read, again.slot_rows, again.messages) == (0, 0, 0)
     assert _stored(agent) == _truth(agent)
+    counted = {
+        result: agent.metrics.registry.get_sample_value(
+            "seyaha_agent_reconciliation_ranges_total", {"result": result}
+        )
+        for result in ("read", "skipped")
+    }
+    assert counted == {"read": 1, "skipped": 3 * RANGES - 1}
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)

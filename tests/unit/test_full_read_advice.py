@@ -34,6 +34,28 @@ def test_a_large_or_slow_read_names_the_key_its_cost_and_the_query_to_add(
 ) -> None:
     advice = full_read_advice(rows, seconds, poll_interval_s)
     assert advice[0].startswith("[source] slots_changed_query is not set")
-    assert f"{rows:,} rows ({seconds:.1f} s, about {share} of every" in advice[0]
+    assert f"full read of {rows:,} rows ({seconds:.1f} s, about {share} of every" in advice[0]
     assert any(":since" in line and "slots_changed_query = " in line for line in advice)
     assert all("\n" not in line for line in advice)
+
+
+@pytest.mark.parametrize(
+    ("rows", "digest_s", "advised", "share"),
+    [
+        (1_000_000, 0.4, False, ""),  # digests cheap for the interval: nothing to say
+        (1_000_000, 1.1, True, "22%"),  # the database digests every row on every poll
+        (20_000, 6.0, True, "100%"),  # a slow query, whatever its size
+    ],
+)
+def test_with_range_digests_the_advice_follows_the_databases_time_to_digest(
+    rows: int, digest_s: float, advised: bool, share: str
+) -> None:
+    # the full read itself (13 s) no longer decides: polls read only the ranges that changed
+    advice = full_read_advice(rows, 13.0, 5.0, digest_s)
+    assert bool(advice) == advised
+    if advised:
+        assert advice[0].startswith("[source] slots_changed_query is not set")
+        assert (
+            f"digest all {rows:,} rows of slots_query ({digest_s:.1f} s, about {share}"
+            in (advice[0])
+        )
