@@ -136,6 +136,8 @@ class SourceReader:
         self.transaction_max_s = transaction_max_s
         self.uses_digests = range_digests and self.dialect.digests
         """Full reads use range digests (agent/ranges.py): configured, and the source can."""
+        self._hash_by_text: bool | None = None
+        """Whether rows are hashed by their text (Dialect.row_hash_probe); None: not known."""
 
     @property
     def incremental(self) -> bool:
@@ -206,7 +208,9 @@ class SourceReader:
         name = "slots_query"
         sql = self.slots_query
         if tally is not None or ranges is not None:
-            sql = self.dialect.with_digests(sql, self._hashed_columns(conn))
+            sql = self.dialect.with_digests(
+                sql, self._hashed_columns(conn), by_text=self._by_text(conn)
+            )
         sql = self.dialect.ordered(
             sql, rows.SLOT_KEY_COLUMNS, after=after is not None, ranges=ranges is not None
         )
@@ -276,14 +280,44 @@ class SourceReader:
     def range_digests(self, conn: sa.Connection) -> dict[RangeKey, RangeDigest]:
         """Per range of the slots query's rows, their number and the sum of their hashes,
         computed by the database (one row per range on the wire; see agent/ranges.py)."""
-        sql = self.dialect.range_digest_sql(self.slots_query, self._hashed_columns(conn))
-        result = self._execute(conn, "slots_query", sql, (), stream=True)
+        sql = self.dialect.range_digest_sql(
+            self.slots_query, self._hashed_columns(conn), by_text=self._by_text(conn)
+        )
+        # Fetched whole: one short row per range, and a server-side cursor would have the
+        # database plan for the first rows of a GROUP BY that must read them all anyway.
+        result = self._execute(conn, "slots_query", sql, ())
         digests: dict[RangeKey, RangeDigest] = {}
         for raw in self._rows(result, "slots_query", None):
             rng = parse_label(_text_or_none(raw[RANGE_LABEL]))
             if rng is not None:
                 digests[rng] = RangeDigest(int(raw["seyaha_rows"]), int(raw["seyaha_digest"]))
         return digests
+
+    def _by_text(self, conn: sa.Connection) -> bool:
+        """Whether this source hashes rows by their text: found once, by running the
+        dialect's probe in a savepoint (a failed statement would end the read transaction)."""
+        if self._hash_by_text is None:
+            probe = self.dialect.row_hash_probe(self.slots_query)
+            self._hash_by_text = False
+            if probe is not None:
+                try:
+                    with conn.begin_nested():
+                        conn.exec_driver_sql(probe).all()
+                except DBAPIError as exc:
+                    close_dead_cursor(exc)
+                    if exc.connection_invalidated or not _blames_query(exc):
+                        raise SourceUnavailable(
+                            f"slots_query could not run on {self.where}: {first_line(exc)}"
+                        ) from None
+                    self._hash_by_text = True
+                    event(
+                        log,
+                        logging.INFO,
+                        "scan.row_hash_text",
+                        "range digests hash each row of slots_query by its text (a column's "
+                        f"type has no hash function: {first_line(exc)})",
+                    )
+        return self._hash_by_text
 
     def _hashed_columns(self, conn: sa.Connection) -> list[str]:
         """The slots query's column names, for a dialect that hashes a row column by column."""

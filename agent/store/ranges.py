@@ -56,7 +56,13 @@ class StoredRanges:
             suffixes = {r[2] for r in group}
             query = (
                 sa.select(_S.availability_id, _S.fingerprint, _S.local_start, _S.start_ms)
-                .where(_S.product_id == product, _S.option_id == option)
+                .where(
+                    _S.product_id == product,
+                    _S.option_id == option,
+                    # The database skips the option's other ranges (SQLite's LIKE ignores
+                    # ASCII case: what else it returns is dropped below).
+                    sa.or_(*(_S.availability_id.endswith(x, autoescape=True) for x in suffixes)),
+                )
                 .order_by(_S.availability_id)
             )
             for slot, fingerprint, local, start_ms in conn.execute(query):

@@ -583,3 +583,31 @@ def test_a_read_of_chosen_ranges_carried_on_after_a_key_returns_exactly_the_rest
         ("2", "2-a", "3019"),
         ("2", "2-a", "3029"),
     ]
+
+
+@pytest.mark.postgres
+def test_a_column_postgresql_cannot_hash_by_value_is_hashed_by_the_rows_text(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """json has no hash function: hash_record_extended fails on it, so the agent hashes
+    the row's text instead (and says so once); digests work the same."""
+    caplog.set_level(logging.INFO, logger="agent.scan")
+    with_json = SLOTS_QUERY.replace(
+        "s.capacity\n", "s.capacity, json_build_object('seats', s.capacity) AS extra\n"
+    )
+    assert with_json != SLOTS_QUERY
+    setup = _setup(
+        "postgresql", make_inventory, make_sandbox, make_agent, tmp_path, slots_query=with_json
+    )
+    agent = setup.agent
+    said = [r for r in caplog.records if getattr(r, "event", "") == "scan.row_hash_text"]
+    assert len(said) == 1
+    assert agent.scan().ranges_read == 0
+    setup.inventory.update_slot(2014, capacity=50)  # the json column changes with it
+    report = agent.scan()
+    assert (report.ranges_read, report.slots_changed) == (1, 1)
+    assert _stored(agent) == _truth(agent)

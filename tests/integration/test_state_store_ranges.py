@@ -5,6 +5,7 @@ transaction, and a range whose slots are stored always has a row."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -73,3 +74,18 @@ def test_slots_past_their_start_are_forgotten_and_counted(store: StateStore) -> 
     )
     assert store.fingerprints.expire(int(T0.timestamp() * 1000)) == 2
     assert list(store.fingerprints.load_slots()) == [slot(2).key]
+
+
+def test_the_slots_of_a_range_are_told_apart_by_the_exact_last_character(
+    store: StateStore,
+) -> None:
+    # SQLite's LIKE ignores ASCII case, and "%" and "_" are LIKE's own: none may leak in.
+    ids = ["1a", "2A", "3_", "4%", "5b", "6a"]
+    added = SlotDiff(added=tuple(replace(slot(1), availability_id=i) for i in ids))
+    store.commit_scan(CatalogDiff(), added, [], T0)
+    with store.reading() as conn:
+        for suffix, expected in (("a", ["1a", "6a"]), ("_", ["3_"]), ("%", ["4%"])):
+            found = [
+                s.key[2] for s in store.fingerprints.ranges.iter_slots(conn, [("1", "a", suffix)])
+            ]
+            assert found == expected
