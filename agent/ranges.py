@@ -30,7 +30,7 @@ character, so labels sort as their (product, option, suffix) parts do)."""
 SUFFIX_CHARS = 1
 """Characters of the availability id that pick its range."""
 
-DIGEST_VERSION = "1"
+DIGEST_VERSION = "2"
 """Changes when the row hash or the ranges change: every stored digest is then dropped."""
 
 RangeKey = tuple[str, str, str]
@@ -61,7 +61,7 @@ def parse_label(text: str | None) -> RangeKey | None:
 def basis(slots_query: str, timezone: str, backend: str) -> str:
     """What stored digests are worth only as long as it stays the same: the query (its rows
     are what is hashed), the time zone (it changes the slots made of the same rows), the
-    source's kind (its hash) and DIGEST_VERSION."""
+    source's kind and its way of hashing a row (`backend`), and DIGEST_VERSION."""
     text = SEPARATOR.join((DIGEST_VERSION, backend, timezone, slots_query.strip()))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -427,7 +427,11 @@ class Scanner:
         them. `everything`: read every range whatever the digests say."""
         if not self.reader.uses_digests or self.ranges_off is not None:
             return FullPass()
-        on = basis(self.reader.slots_query, self.reader.timezone.key, self.reader.dialect.name)
+        on = basis(
+            self.reader.slots_query,
+            self.reader.timezone.key,
+            f"{self.reader.dialect.name}/{self.reader.row_hash_kind(src)}",
+        )
         if self.store.fingerprints.ranges.basis() != on:
             return FullPass(RangeTally(), basis=on, reset=True)
         if everything:

@@ -293,6 +293,11 @@ class SourceReader:
                 digests[rng] = RangeDigest(int(raw["seyaha_rows"]), int(raw["seyaha_digest"]))
         return digests
 
+    def row_hash_kind(self, conn: sa.Connection) -> str:
+        """How this source hashes a row for range digests ("text" or "value"): part of the
+        digests' basis, since digests of one kind say nothing of the other."""
+        return "text" if self._by_text(conn) else "value"
+
     def _by_text(self, conn: sa.Connection) -> bool:
         """Whether this source hashes rows by their text: found once, by running the
         dialect's probe in a savepoint (a failed statement would end the read transaction)."""
