@@ -120,11 +120,11 @@ class Dialect:
         raise NotImplementedError
 
     def range_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
-        """One row per range of `sql`'s rows: its label, its number of rows and the sum of
-        their hashes (see with_digests)."""
+        """One row per range of `sql`'s rows: its label, and its number of rows and the sum
+        of their hashes as one text, "rows:sum" (see with_digests, agent.ranges.Digests)."""
         digested = self.with_digests(sql, columns, by_text=by_text)
         return (
-            f"SELECT d.{RANGE_LABEL}, COUNT(*) AS seyaha_rows, SUM(d.{ROW_HASH}) AS seyaha_digest"  # noqa: S608 - the operator's own query
+            f"SELECT d.{RANGE_LABEL}, CONCAT(COUNT(*), ':', SUM(d.{ROW_HASH})) AS seyaha_digest"  # noqa: S608 - the operator's own query
             f" FROM (\n{digested}\n) d GROUP BY d.{RANGE_LABEL}"
         )
 
@@ -303,7 +303,7 @@ class PostgresDialect(Dialect):
         product, option, slot = _KEY_COLUMNS
         return (
             f"SELECT {self._label('g', suffix='g.seyaha_suffix')} AS {RANGE_LABEL},"  # noqa: S608 - the operator's own query
-            " g.seyaha_rows, g.seyaha_digest FROM ("
+            " g.seyaha_rows || ':' || g.seyaha_digest AS seyaha_digest FROM ("
             f"SELECT q.{product}, q.{option}, right(CAST(q.{slot} AS TEXT), {_SUFFIX_CHARS})"
             f" AS seyaha_suffix, COUNT(*) AS seyaha_rows, SUM({row_hash}) AS seyaha_digest"
             f" FROM (\n{_bare(sql)}\n) q GROUP BY 1, 2, 3) g"

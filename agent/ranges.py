@@ -72,14 +72,26 @@ class RangeDigest:
     digest: int
     """The sum of the rows' 64-bit hashes (signed on PostgreSQL, unsigned on MySQL)."""
 
+    @property
+    def text(self) -> str:
+        """The digest as both sides compare it ("rows:sum"), so that comparing 50,000
+        ranges costs two dictionaries of strings, not 100,000 objects."""
+        return f"{self.rows}:{self.digest}"
 
-def differing(
-    source: Mapping[RangeKey, RangeDigest], stored: Mapping[RangeKey, RangeDigest | None]
-) -> set[RangeKey]:
-    """The ranges a reconciliation must read: new, changed, written since (a NULL digest),
-    or gone from the source."""
-    out = {rng for rng, digest in source.items() if stored.get(rng) != digest}
-    out.update(rng for rng in stored if rng not in source)
+
+UNKNOWN = ""
+"""The digest text of a stored range something wrote since (a NULL digest): it never
+equals a source's."""
+
+Digests = Mapping[str, str]
+"""Range label -> digest text (RangeDigest.text), as the source or the store gives them."""
+
+
+def differing(source: Digests, stored: Digests) -> set[str]:
+    """The labels of the ranges a reconciliation must read: new, changed, written since
+    (UNKNOWN), or gone from the source."""
+    out = {name for name, text in source.items() if stored.get(name) != text}
+    out.update(name for name in stored if name not in source)
     return out
 
 
@@ -91,16 +103,14 @@ READ_MAX = 20_000
 """Most ranges one pass reads by label (bound parameters of one IN list)."""
 
 
-def to_read(
-    source: Mapping[RangeKey, RangeDigest],
-    stored: Mapping[RangeKey, RangeDigest | None],
-) -> list[RangeKey] | None:
+def to_read(source: Digests, stored: Digests) -> list[RangeKey] | None:
     """The ranges a full pass reads, in order; None for all of them (most differ, or too
-    many to name in one query)."""
+    many to name in one query). A label that names no range (a NULL id) is left out: its
+    rows are unreadable, and reported by the passes that read every range."""
     chosen = differing(source, stored)
     if len(chosen) > min(READ_MAX, READ_MAX_FRACTION * max(len(source), len(stored))):
         return None
-    return sorted(chosen)
+    return sorted(rng for rng in map(parse_label, chosen) if rng is not None)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable, first_line
 from agent.logs import event
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
-from agent.ranges import RangeDigest, RangeKey, RangeTally, parse_label
+from agent.ranges import RangeTally
 from agent.source import rows
 from agent.source.recent import RawKey, RawValues, RecentRows
 
@@ -277,21 +277,26 @@ class SourceReader:
                 tally.add(held[0], raw.get(ROW_HASH), raw.get(RANGE_LABEL))
         return (held[0], None) if duplicated else held
 
-    def range_digests(self, conn: sa.Connection) -> dict[RangeKey, RangeDigest]:
-        """Per range of the slots query's rows, their number and the sum of their hashes,
-        computed by the database (one row per range on the wire; see agent/ranges.py)."""
+    def range_digests(self, conn: sa.Connection) -> dict[str, str]:
+        """Per range of the slots query's rows, their number and the sum of their hashes
+        (agent.ranges.Digests: label -> "rows:sum"), computed by the database: one row per
+        range on the wire (see agent/ranges.py)."""
+        name = "slots_query"
         sql = self.dialect.range_digest_sql(
             self.slots_query, self._hashed_columns(conn), by_text=self._by_text(conn)
         )
         # Fetched whole: one short row per range, and a server-side cursor would have the
         # database plan for the first rows of a GROUP BY that must read them all anyway.
-        result = self._execute(conn, "slots_query", sql, ())
-        digests: dict[RangeKey, RangeDigest] = {}
-        for raw in self._rows(result, "slots_query", None):
-            rng = parse_label(_text_or_none(raw[RANGE_LABEL]))
-            if rng is not None:
-                digests[rng] = RangeDigest(int(raw["seyaha_rows"]), int(raw["seyaha_digest"]))
-        return digests
+        result = self._execute(conn, name, sql, ())
+        try:
+            pairs: list[Any] = list(result.all())
+        except DBAPIError as exc:
+            close_dead_cursor(exc)
+            raise SourceUnavailable(f"{name} stopped part-way: {first_line(exc)}") from None
+        if pairs and type(pairs[0][0]) is str and type(pairs[0][1]) is str:
+            return {row[0]: row[1] for row in pairs if row[0] is not None}  # PostgreSQL
+        # MySQL's labels are binary (compared byte for byte): bytes here.
+        return {_as_text(row[0]): _as_text(row[1]) for row in pairs if row[0] is not None}
 
     def row_hash_kind(self, conn: sa.Connection) -> str:
         """How this source hashes a row for range digests ("text" or "value"): part of the
@@ -725,10 +730,6 @@ def _as_text(value: Any) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "replace")
     return str(value)
-
-
-def _text_or_none(value: Any) -> str | None:
-    return None if value is None else _as_text(value)
 
 
 def _failing(exc: SourceUnavailable) -> Generator[SourceSlot, None, None]:

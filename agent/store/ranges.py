@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from agent.clock import from_epoch_ms
 from agent.model import SlotKey, StoredSlot
-from agent.ranges import RangeDigest, RangeKey, range_of
+from agent.ranges import SEPARATOR, UNKNOWN, RangeDigest, RangeKey, range_of
 from agent.store import schema as t
 from agent.store.connector import Connector
 from agent.store.meta import get_meta, set_meta
@@ -37,15 +37,17 @@ class StoredRanges:
         with self.connector.read() as conn:
             return get_meta(conn, BASIS)
 
-    def load(self) -> dict[RangeKey, RangeDigest | None]:
-        """Every stored range: its digest, or None when written since."""
+    def load(self) -> dict[str, str]:
+        """Every stored range: label -> digest text (agent.ranges.Digests), UNKNOWN when
+        written since. Spelled by the database: 50,000 ranges come as 50,000 pairs of
+        strings (about 30 ms), not as objects built row by row."""
+        label = _R.product_id + SEPARATOR + _R.option_id + SEPARATOR + _R.suffix
+        text = sa.case(
+            (_R.digest.is_(None), UNKNOWN),
+            else_=sa.cast(_R.row_count, sa.String) + ":" + _R.digest,
+        )
         with self.connector.read() as conn:
-            return {
-                (r.product_id, r.option_id, r.suffix): (
-                    None if r.digest is None else RangeDigest(int(r.row_count), int(r.digest))
-                )
-                for r in conn.execute(sa.select(*_RANGE_KEY, _R.row_count, _R.digest))
-            }
+            return dict(conn.execute(sa.select(label, text)).tuples().all())
 
     @staticmethod
     def iter_slots(

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from agent.ranges import (
     READ_MAX,
+    UNKNOWN,
     RangeDigest,
     RangeKey,
     RangeTally,
@@ -66,32 +67,36 @@ def test_every_part_of_the_basis_matters_but_surrounding_whitespace() -> None:
     assert basis("SELECT 1", "Europe/Istanbul", "mysql") != first
 
 
-D1, D2 = RangeDigest(3, 100), RangeDigest(3, 101)
+D1, D2 = RangeDigest(3, 100).text, RangeDigest(3, 101).text
+LA, LB, LC = label(A), label(B), label(C)
 
 
 @pytest.mark.parametrize(
     ("source", "stored", "expected"),
     [
-        ({A: D1}, {A: D1}, set()),
-        ({A: D1}, {A: D2}, {A}),  # a row changed
-        ({A: D1}, {A: RangeDigest(4, 100)}, {A}),  # same sum, another count
-        ({A: D1}, {A: None}, {A}),  # written since its digest was stored
-        ({A: D1}, {}, {A}),  # new in the source
-        ({}, {A: D1}, {A}),  # gone from the source: its slots were deleted
-        ({}, {A: None}, {A}),
-        ({A: D1, B: D1}, {A: D1, B: D1, C: None}, {C}),
+        ({LA: D1}, {LA: D1}, set()),
+        ({LA: D1}, {LA: D2}, {LA}),  # a row changed
+        ({LA: D1}, {LA: RangeDigest(4, 100).text}, {LA}),  # same sum, another count
+        ({LA: D1}, {LA: UNKNOWN}, {LA}),  # written since its digest was stored
+        ({LA: D1}, {}, {LA}),  # new in the source
+        ({}, {LA: D1}, {LA}),  # gone from the source: its slots were deleted
+        ({}, {LA: UNKNOWN}, {LA}),
+        ({LA: D1, LB: D1}, {LA: D1, LB: D1, LC: UNKNOWN}, {LC}),
     ],
 )
 def test_the_ranges_that_differ(
-    source: dict[RangeKey, RangeDigest],
-    stored: dict[RangeKey, RangeDigest | None],
-    expected: set[RangeKey],
+    source: dict[str, str], stored: dict[str, str], expected: set[str]
 ) -> None:
     assert differing(source, stored) == expected
 
 
-def _many(n: int) -> dict[RangeKey, RangeDigest]:
-    return {("p", f"o{i:05d}", "1"): D1 for i in range(n)}
+def test_a_digest_text_tells_rows_and_sum_apart() -> None:
+    assert RangeDigest(12, 3).text != RangeDigest(1, 23).text
+    assert RangeDigest(3, -(2**63) * 3).text == f"3:{-(2**63) * 3}"
+
+
+def _many(n: int) -> dict[str, str]:
+    return {label(("p", f"o{i:05d}", "1")): D1 for i in range(n)}
 
 
 @pytest.mark.parametrize(
@@ -107,17 +112,23 @@ def test_past_a_quarter_of_the_ranges_changed_every_range_is_read(
     changed: int, of: int, expected: int | None
 ) -> None:
     source = _many(of)
-    stored = {rng: (D2 if i < changed else D1) for i, rng in enumerate(sorted(source))}
+    stored = {name: (D2 if i < changed else D1) for i, name in enumerate(sorted(source))}
     chosen = to_read(source, stored)
     assert (None if chosen is None else len(chosen)) == expected
     if chosen is not None:
         assert chosen == sorted(chosen)
+        assert all(parse_label(label(rng)) == rng for rng in chosen)
 
 
 def test_more_ranges_than_one_query_can_name_are_read_whole() -> None:
     source = _many(READ_MAX * 5)
-    stored = {rng: (D2 if i <= READ_MAX else D1) for i, rng in enumerate(sorted(source))}
+    stored = {name: (D2 if i <= READ_MAX else D1) for i, name in enumerate(sorted(source))}
     assert to_read(source, stored) is None
+
+
+def test_a_label_that_names_no_range_is_never_read_alone() -> None:
+    source = {LA: D2, "no separator": D1}  # a NULL id on the database's side
+    assert to_read(source | _many(20), _many(20) | {LA: D1}) == [A]
 
 
 def test_a_tally_adds_the_rows_of_each_range_as_the_database_does() -> None:
