@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Generator, Iterable, Mapping
 from itertools import groupby
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -47,7 +48,8 @@ class StoredRanges:
             else_=sa.cast(_R.row_count, sa.String) + ":" + _R.digest,
         )
         with self.connector.read() as conn:
-            return dict(conn.execute(sa.select(label, text)).tuples().all())
+            pairs: list[Any] = list(conn.execute(sa.select(label, text)).all())
+            return dict(pairs)
 
     @staticmethod
     def iter_slots(
