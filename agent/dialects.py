@@ -112,12 +112,31 @@ class Dialect:
         # The query on lines of its own: a trailing `-- comment` would swallow the ")".
         return f"SELECT * FROM (\n{inner}\n) q{where} ORDER BY {', '.join(keys)}"  # noqa: S608 - the operator's own query
 
-    def with_digests(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
-        """`sql` with two more columns per row: ROW_HASH, a 64-bit hash of the row as the
-        query returns it (`columns`, its column names), and RANGE_LABEL, the label of its
-        key's range (agent.ranges.label, spelled by the database). `by_text`: hash the
-        row's text, for columns of types the database cannot hash (see row_hash_probe)."""
+    def row_hash(self, columns: Sequence[str], *, by_text: bool = False) -> str:
+        """A 64-bit hash of the row `q` (of a query whose column names are `columns`) as an
+        integer expression. `by_text`: hash the row's text, for columns of types the
+        database cannot hash by value (see row_hash_probe)."""
         raise NotImplementedError
+
+    def label(self, alias: str) -> str:
+        """The label of the range of the slot row `alias` (agent.ranges.label), spelled by
+        the database."""
+        raise NotImplementedError
+
+    def with_digests(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+        """`sql` with two more columns per row: ROW_HASH (see row_hash) and RANGE_LABEL."""
+        return (
+            f"SELECT q.*, {self.row_hash(columns, by_text=by_text)} AS {ROW_HASH},"  # noqa: S608 - the operator's own query
+            f" {self.label('q')} AS {RANGE_LABEL} FROM (\n{_bare(sql)}\n) q"
+        )
+
+    def total_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+        """The number of `sql`'s rows and the sum of their hashes (one row, two columns):
+        the digest of a whole query (the catalog's)."""
+        return (
+            f"SELECT COUNT(*), SUM({self.row_hash(columns, by_text=by_text)})"  # noqa: S608 - the operator's own query
+            f" FROM (\n{_bare(sql)}\n) q"
+        )
 
     def range_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
         """One row per range of `sql`'s rows: its label, and its number of rows and the sum
@@ -286,20 +305,19 @@ class PostgresDialect(Dialect):
     digests = True
     key_order_template = 'CAST(q.{0} AS TEXT) COLLATE "C"'
 
-    def with_digests(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+    def row_hash(self, columns: Sequence[str], *, by_text: bool = False) -> str:
         # Each column hashed by its type's own 64-bit hash (hash_record_extended, PostgreSQL
         # 14+): equal values hash alike whatever their text, and no text is made. Columns of
         # a type without a hash function (json, point) fall back on the row's text.
-        row_hash = "hashtextextended(q::text, 0)" if by_text else "hash_record_extended(q, 0)"
-        return (
-            f"SELECT q.*, {row_hash} AS {ROW_HASH}, {self._label('q')} AS {RANGE_LABEL}"  # noqa: S608 - the operator's own query
-            f" FROM (\n{_bare(sql)}\n) q"
-        )
+        return "hashtextextended(q::text, 0)" if by_text else "hash_record_extended(q, 0)"
+
+    def label(self, alias: str) -> str:
+        return self._label(alias)
 
     def range_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
         # Grouped by the key columns as they are, the label made once per range: grouping
         # by a label made for every row costs the database about a third more.
-        row_hash = "hashtextextended(q::text, 0)" if by_text else "hash_record_extended(q, 0)"
+        row_hash = self.row_hash(columns, by_text=by_text)
         product, option, slot = _KEY_COLUMNS
         return (
             f"SELECT {self._label('g', suffix='g.seyaha_suffix')} AS {RANGE_LABEL},"  # noqa: S608 - the operator's own query
@@ -367,22 +385,21 @@ class MysqlDialect(Dialect):
     hashes_by_column = True
     key_order_template = "CAST(q.{0} AS BINARY)"
 
-    def with_digests(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+    def row_hash(self, columns: Sequence[str], *, by_text: bool = False) -> str:
         # MySQL has no whole-row text: each column's, marked so that NULL and '' differ,
         # joined, through MD5 (its first 64 bits, as an unsigned integer SUM adds exactly).
-        separator = f"CHAR({_SEPARATOR_CODE} USING utf8mb4)"
         parts = ", ".join(f"IFNULL(CONCAT('v', q.{_backquoted(c)}), 'n')" for c in columns)
-        row_hash = f"CAST(CONV(LEFT(MD5(CONCAT_WS({separator}, {parts})), 16), 16, 10) AS UNSIGNED)"
-        product, option, slot = (f"q.{c}" for c in _KEY_COLUMNS)
+        return (
+            f"CAST(CONV(LEFT(MD5(CONCAT_WS({_MYSQL_SEPARATOR}, {parts})), 16), 16, 10) AS UNSIGNED)"
+        )
+
+    def label(self, alias: str) -> str:
+        product, option, slot = (f"{alias}.{c}" for c in _KEY_COLUMNS)
         # Binary: compared byte for byte with the labels the agent sends, whatever the
         # connection's collation says about case and accents.
-        label = (
-            f"CAST(CONCAT({product}, {separator}, {option}, {separator},"
-            f" RIGHT({slot}, {_SUFFIX_CHARS})) AS BINARY)"
-        )
         return (
-            f"SELECT q.*, {row_hash} AS {ROW_HASH}, {label} AS {RANGE_LABEL}"  # noqa: S608 - the operator's own query
-            f" FROM (\n{_bare(sql)}\n) q"
+            f"CAST(CONCAT({product}, {_MYSQL_SEPARATOR}, {option}, {_MYSQL_SEPARATOR},"
+            f" RIGHT({slot}, {_SUFFIX_CHARS})) AS BINARY)"
         )
 
     def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -494,6 +511,7 @@ _KEY_COLUMNS = ("product_id", "option_id", "availability_id")
 """The slot key's columns (agent.source.rows.SLOT_KEY_COLUMNS), in range order."""
 _SEPARATOR_CODE = ord(SEPARATOR)
 _SUFFIX_CHARS = SUFFIX_CHARS
+_MYSQL_SEPARATOR = f"CHAR({_SEPARATOR_CODE} USING utf8mb4)"
 
 
 def _bare(sql: str) -> str:

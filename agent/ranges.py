@@ -66,6 +66,14 @@ def basis(slots_query: str, timezone: str, backend: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def catalog_token(catalog_query: str, backend: str, digest: str) -> str:
+    """The catalog's digest (Dialect.total_digest_sql) bound to what it is worth only with:
+    the query, the source's kind and way of hashing (`backend`), and DIGEST_VERSION. Equal
+    tokens: the catalog query returns the rows it returned when the token was stored."""
+    text = SEPARATOR.join((DIGEST_VERSION, backend, catalog_query.strip(), digest))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True, slots=True)
 class RangeDigest:
     rows: int

@@ -42,7 +42,7 @@ from agent.model import (
     StoredSlot,
 )
 from agent.plan import plan
-from agent.ranges import RangeKey, RangeTally, basis, label, range_of, to_read
+from agent.ranges import RangeKey, RangeTally, basis, catalog_token, label, range_of, to_read
 from agent.source import cursor
 from agent.source.reader import GIVE_WAY_ROWS, Snapshot, SourceReader
 from agent.source.recent import RecentRows
@@ -275,14 +275,11 @@ class Scanner:
         self.forget()
         with self.reader.transaction() as src:
             upper = self.reader.clock(src) if self.reader.incremental else None
-            self.reader.read_catalog(src, snapshot)
             now = self.clock.now()
             report = ScanReport(
                 at=now, kind="full", baseline=not self.store.fingerprints.is_baselined()
             )
-            report.catalog = diff_catalog(
-                self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
-            )
+            catalog_token = self._read_catalog(src, snapshot, report, everything=resync)
             full = self._plan(src, everything=resync or report.baseline)
             if full.reset:
                 self.store.reset_ranges(scanner=self.fence)
@@ -307,6 +304,8 @@ class Scanner:
         # The supplier's database is no longer read: now the store may be waited for.
         held.flush(wait=True)
         self._finish_ranges(full, report)
+        if catalog_token is not None:
+            self.store.record_catalog_digest(catalog_token, scanner=self.fence)
         cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}
         self._swept_to = upper
         self.store.commit_scan(
@@ -343,14 +342,9 @@ class Scanner:
                 # (REPEATABLE READ) and SQLite (a deferred transaction) at the first read of
                 # a table, the catalog's; every slot is then read as it was at this moment.
                 upper = self.reader.clock(src)
-                self.reader.read_catalog(src, snapshot)
                 now = self.clock.now()
                 report = ScanReport(at=now, kind="full")
-                report.catalog = diff_catalog(
-                    self.store.fingerprints.load_catalog(),
-                    snapshot.catalog,
-                    snapshot.catalog_protected,
-                )
+                catalog_token = self._read_catalog(src, snapshot, report)
                 if report.catalog.added or report.catalog.changed or report.catalog.removed:
                     # Recorded now, triggers first; polls read the catalog from the store.
                     # Not waited for: the source's transaction is open (see _Held).
@@ -385,6 +379,10 @@ class Scanner:
             self._finish_ranges(full, report, turn, live)
             with turn():
                 live.check()
+                if catalog_token is not None and not live.catalog:
+                    # Not when a poll recorded catalog rows after the snapshot: the store
+                    # then holds a catalog newer than the digest.
+                    self.store.record_catalog_digest(catalog_token, scanner=self.fence)
                 # The polls keep the cursor once one ran; before that, this moves it on.
                 cursors = {} if live.polls else {CURSOR: cursor.encode(upper)}
                 self.store.commit_scan(
@@ -419,6 +417,28 @@ class Scanner:
                 ranges=full.labels,
             ),
         )
+
+    def _read_catalog(
+        self, src: Connection, snapshot: Snapshot, report: ScanReport, *, everything: bool = False
+    ) -> str | None:
+        """The catalog's changes into `report`: read whole and diffed, or, where the source
+        computes digests, skipped when its digest is the one stored after the last full
+        pass that read it (catalog_token). Returns the token to store once the pass is
+        recorded (None: nothing to store, the catalog was skipped or had unreadable rows)."""
+        token: str | None = None
+        if self.reader.uses_digests and self.ranges_off is None:
+            token = catalog_token(
+                self.reader.catalog_query,
+                f"{self.reader.dialect.name}/{self.reader.row_hash_kind(src, 'catalog_query')}",
+                self.reader.catalog_digest(src),
+            )
+            if not everything and token == self.store.fingerprints.catalog_token():
+                return None
+        self.reader.read_catalog(src, snapshot)
+        report.catalog = diff_catalog(
+            self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
+        )
+        return None if snapshot.catalog_protected else token
 
     def _plan(self, src: Connection, *, everything: bool) -> FullPass:
         """How a full pass reads (see agent/ranges.py): the ranges whose digest in the source

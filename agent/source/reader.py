@@ -136,8 +136,8 @@ class SourceReader:
         self.transaction_max_s = transaction_max_s
         self.uses_digests = range_digests and self.dialect.digests
         """Full reads use range digests (agent/ranges.py): configured, and the source can."""
-        self._hash_by_text: bool | None = None
-        """Whether rows are hashed by their text (Dialect.row_hash_probe); None: not known."""
+        self._hash_by_text: dict[str, bool] = {}
+        """Per query name, whether its rows are hashed by their text (Dialect.row_hash_probe)."""
 
     @property
     def incremental(self) -> bool:
@@ -298,43 +298,70 @@ class SourceReader:
         # MySQL's labels are binary (compared byte for byte): bytes here.
         return {_as_text(row[0]): _as_text(row[1]) for row in pairs if row[0] is not None}
 
-    def row_hash_kind(self, conn: sa.Connection) -> str:
-        """How this source hashes a row for range digests ("text" or "value"): part of the
-        digests' basis, since digests of one kind say nothing of the other."""
-        return "text" if self._by_text(conn) else "value"
+    def catalog_digest(self, conn: sa.Connection) -> str:
+        """The number of the catalog query's rows and the sum of their hashes, "rows:sum",
+        computed by the database: one row on the wire. A full pass whose catalog digest is
+        the one stored after the last pass that read the catalog skips reading it."""
+        name = "catalog_query"
+        sql = self.dialect.total_digest_sql(
+            self.catalog_query,
+            self._hashed_columns(conn, name),
+            by_text=self._by_text(conn, name),
+        )
+        result = self._execute(conn, name, sql, ())
+        try:
+            row: Any = result.one()
+            count, total = row[0], row[1]
+        except DBAPIError as exc:
+            close_dead_cursor(exc)
+            raise SourceUnavailable(f"{name} stopped part-way: {first_line(exc)}") from None
+        return f"{count}:{total or 0}"
 
-    def _by_text(self, conn: sa.Connection) -> bool:
-        """Whether this source hashes rows by their text: found once, by running the
-        dialect's probe in a savepoint (a failed statement would end the read transaction)."""
-        if self._hash_by_text is None:
-            probe = self.dialect.row_hash_probe(self.slots_query)
-            self._hash_by_text = False
-            if probe is not None:
-                try:
-                    with conn.begin_nested():
-                        conn.exec_driver_sql(probe).all()
-                except DBAPIError as exc:
-                    close_dead_cursor(exc)
-                    if exc.connection_invalidated or not _blames_query(exc):
-                        raise SourceUnavailable(
-                            f"slots_query could not run on {self.where}: {first_line(exc)}"
-                        ) from None
-                    self._hash_by_text = True
-                    event(
-                        log,
-                        logging.INFO,
-                        "scan.row_hash_text",
-                        "range digests hash each row of slots_query by its text (a column's "
-                        f"type has no hash function: {first_line(exc)})",
-                    )
-        return self._hash_by_text
+    def row_hash_kind(self, conn: sa.Connection, name: str = "slots_query") -> str:
+        """How this source hashes the rows of query `name` for digests ("text" or "value"):
+        part of the digests' basis, since digests of one kind say nothing of the other."""
+        return "text" if self._by_text(conn, name) else "value"
 
-    def _hashed_columns(self, conn: sa.Connection) -> list[str]:
-        """The slots query's column names, for a dialect that hashes a row column by column."""
+    def _query(self, name: str) -> str:
+        return self.catalog_query if name == "catalog_query" else self.slots_query
+
+    def _by_text(self, conn: sa.Connection, name: str = "slots_query") -> bool:
+        """Whether this source hashes the rows of query `name` by their text: found once per
+        query, by running the dialect's probe in a savepoint (a failed statement would end
+        the read transaction)."""
+        known = self._hash_by_text.get(name)
+        if known is not None:
+            return known
+        probe = self.dialect.row_hash_probe(self._query(name))
+        by_text = False
+        if probe is not None:
+            try:
+                with conn.begin_nested():
+                    conn.exec_driver_sql(probe).all()
+            except DBAPIError as exc:
+                close_dead_cursor(exc)
+                if exc.connection_invalidated or not _blames_query(exc):
+                    raise SourceUnavailable(
+                        f"{name} could not run on {self.where}: {first_line(exc)}"
+                    ) from None
+                by_text = True
+                event(
+                    log,
+                    logging.INFO,
+                    "scan.row_hash_text",
+                    f"digests hash each row of {name} by its text (a column's type has no "
+                    f"hash function: {first_line(exc)})",
+                )
+        self._hash_by_text[name] = by_text
+        return by_text
+
+    def _hashed_columns(self, conn: sa.Connection, name: str = "slots_query") -> list[str]:
+        """Query `name`'s column names, for a dialect that hashes a row column by column."""
         if not self.dialect.hashes_by_column:
             return []
-        sql = f"SELECT * FROM (\n{self.slots_query.strip().rstrip(';')}\n) q LIMIT 0"  # noqa: S608 - the operator's own query
-        result = self._execute(conn, "slots_query", sql, rows.SLOT_REQUIRED_COLUMNS)
+        sql = f"SELECT * FROM (\n{self._query(name).strip().rstrip(';')}\n) q LIMIT 0"  # noqa: S608 - the operator's own query
+        required = rows.SLOT_REQUIRED_COLUMNS if name == "slots_query" else rows.CATALOG_KEY_COLUMNS
+        result = self._execute(conn, name, sql, required)
         try:
             return [str(k) for k in result.keys()]  # noqa: SIM118 - a Result, not a dict
         finally:

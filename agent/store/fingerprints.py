@@ -34,6 +34,8 @@ RESUME_PAUSE_S = 1.0
 log = logging.getLogger("agent.state")
 
 BASELINE = "baseline_ms"
+CATALOG_DIGEST = "catalog_digest"
+"""agent.ranges.catalog_token of the catalog the store holds (absent: unknown)."""
 CURSOR_PREFIX = "cursor:"
 
 _SLOT_COLUMNS = (
@@ -162,6 +164,12 @@ class Fingerprints:
         with self.connector.write() as conn:
             return conn.execute(sa.delete(tbl).where(tbl.c.start_ms < now_ms)).rowcount or 0
 
+    def catalog_token(self) -> str | None:
+        """The token of the catalog's digest when the store last read it whole and nothing
+        changed its catalog since (see Scanner._read_catalog)."""
+        with self.connector.read() as conn:
+            return get_meta(conn, CATALOG_DIGEST)
+
     def cursor(self, name: str) -> str | None:
         """The change cursor saved under `name` by the last scan, or None."""
         with self.connector.read() as conn:
@@ -179,6 +187,8 @@ class Fingerprints:
         cursors: Mapping[str, str],
     ) -> None:
         _apply_catalog(conn, catalog)
+        if catalog.added or catalog.changed or catalog.removed:
+            set_meta(conn, CATALOG_DIGEST, None)  # the catalog's digest is stored anew, or not
         _apply_slots(conn, slots)
         # Expired slots are forgotten without their ranges changing: the source rows a
         # digest was computed over may still hold them, out of scope (see diff_slots).

@@ -30,7 +30,7 @@ from agent.store.admin import Admin
 from agent.store.clock import StoreClock
 from agent.store.connector import Connector, StoreBusy
 from agent.store.coordination import SCANNER, Coordination
-from agent.store.fingerprints import Fingerprints
+from agent.store.fingerprints import CATALOG_DIGEST, Fingerprints
 from agent.store.meta import set_meta
 from agent.store.migrate import Migrator, Plan
 from agent.store.queue import Queue
@@ -123,6 +123,13 @@ class StateStore:
             StoredRanges.record(conn, clean, dirty, gone)
             if basis is not None:
                 set_meta(conn, RANGES_BASIS, basis)
+
+    def record_catalog_digest(self, token: str, *, scanner: str | None = None) -> None:
+        """Store the token of the catalog a full pass read and recorded (see
+        Fingerprints.catalog_token); `scanner` as in commit_scan."""
+        with self.connector.write() as conn:
+            self._hold_lease(conn, scanner)
+            set_meta(conn, CATALOG_DIGEST, token)
 
     def reset_ranges(self, *, scanner: str | None = None) -> None:
         """Forget every stored range digest (their basis changed, or cannot be trusted)."""

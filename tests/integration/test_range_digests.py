@@ -612,3 +612,42 @@ def test_a_column_postgresql_cannot_hash_by_value_is_hashed_by_the_rows_text(
     report = agent.scan()
     assert (report.ranges_read, report.slots_changed) == (1, 1)
     assert _stored(agent) == _truth(agent)
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_an_unchanged_catalog_is_not_read_and_a_changed_one_is(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    setup = _setup(
+        backend,
+        make_inventory,
+        make_sandbox,
+        make_agent,
+        tmp_path,
+        slots_changed_query=SLOTS_CHANGED_QUERY,
+        cursor_overlap=5,
+    )
+    agent, inventory = setup.agent, setup.inventory
+    quiet = agent.scan()
+    assert (quiet.catalog_rows, quiet.messages) == (0, 0)
+
+    inventory.set_price(2, 3500)
+    priced = agent.scan()
+    assert (priced.catalog_rows, len(priced.catalog.changed), priced.triggers) == (3, 1, 1)
+    assert agent.scan().catalog_rows == 0
+
+    # A poll that meets a slot of an option the store does not know reads the catalog and
+    # records it: the stored catalog is no longer the one the digest was taken of.
+    inventory.add_product(3, "Pass", 9900, {"3-a": "Pass"})
+    inventory.add_slot(4001, "3-a", at(first_day(), 10), capacity=None, vacancies=None)
+    polled = agent.poll()
+    assert polled is not None
+    assert (len(polled.catalog.added), polled.triggers) == (1, 1)
+    assert agent.store.fingerprints.catalog_token() is None
+    after = agent.scan()
+    assert (after.catalog_rows, after.triggers) == (4, 0)  # read, and nothing new in it
+    assert agent.scan().catalog_rows == 0
