@@ -499,6 +499,8 @@ class Scanner:
         gone = set(tally.gone(chosen)) if chosen is not None else set()
         digests = tally.clean()
         ranges = sorted({*digests, *tally.spoiled, *gone})
+        if not ranges and full.ranges is not None and (live is None or not live.touched):
+            return  # nothing read, nothing to store: the stored digests stand as they are
         handled = set(ranges)
         for start in range(0, max(len(ranges), 1), RANGES_CHUNK):
             part = ranges[start : start + RANGES_CHUNK]

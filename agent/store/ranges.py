@@ -9,6 +9,7 @@ sees a range whose source rows all went away (the row is here, the source has no
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Generator, Iterable, Mapping
 from itertools import groupby
 from typing import Any
@@ -25,6 +26,10 @@ from agent.store.meta import get_meta, set_meta
 BASIS = "ranges_basis"
 """seyaha_meta key: agent.ranges.basis() of the digests stored (absent: none can be used)."""
 
+WRITTEN = "ranges_written"
+"""seyaha_meta key: a new random token at every write of seyaha_ranges, in its transaction,
+so that a reader holding the table's content seen with a token knows it is still current."""
+
 _R = t.ranges.c
 _S = t.slot_fingerprints.c
 _RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
@@ -33,6 +38,9 @@ _RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
 class StoredRanges:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
+        self._loaded: tuple[str | None, dict[str, str]] | None = None
+        """(WRITTEN token, content) of the last load: a quiet inventory's every pass
+        compares with the same 50,000 digests, read once."""
 
     def basis(self) -> str | None:
         with self.connector.read() as conn:
@@ -48,8 +56,16 @@ class StoredRanges:
             else_=sa.cast(_R.row_count, sa.String) + ":" + _R.digest,
         )
         with self.connector.read() as conn:
+            # The token first: a write committed between the two reads leaves an old token
+            # beside newer content, which the next load reads again (the other order could
+            # keep older content under the newest token).
+            token = get_meta(conn, WRITTEN)
+            if token is not None and self._loaded is not None and self._loaded[0] == token:
+                return self._loaded[1]
             pairs: list[Any] = list(conn.execute(sa.select(label, text)).all())
-            return dict(pairs)
+        content = dict(pairs)
+        self._loaded = (token, content)
+        return content
 
     @staticmethod
     def iter_slots(
@@ -83,6 +99,11 @@ class StoredRanges:
             return
         StoredRanges._delete(conn, touched)
         StoredRanges._insert_dirty(conn, touched)
+        StoredRanges._written(conn)
+
+    @staticmethod
+    def _written(conn: sa.Connection) -> None:
+        set_meta(conn, WRITTEN, uuid.uuid4().hex)
 
     @staticmethod
     def _insert_dirty(conn: sa.Connection, ranges: Iterable[RangeKey]) -> None:
@@ -105,7 +126,11 @@ class StoredRanges:
         slots may be stored, their digest is unknown) and forget `gone` ones (no slot, no
         row)."""
         dirty = set(dirty)
-        StoredRanges._delete(conn, sorted({*clean, *gone, *dirty}))
+        changed = sorted({*clean, *gone, *dirty})
+        if not changed:
+            return
+        StoredRanges._written(conn)
+        StoredRanges._delete(conn, changed)
         if dirty:
             StoredRanges._insert_dirty(conn, dirty)
         if clean:
@@ -128,6 +153,7 @@ class StoredRanges:
         """Forget every stored digest; from now on they are computed on `basis` (None: none)."""
         conn.execute(sa.delete(t.ranges))
         set_meta(conn, BASIS, basis)
+        StoredRanges._written(conn)
 
     @staticmethod
     def _delete(conn: sa.Connection, ranges: list[RangeKey]) -> None:

@@ -96,3 +96,24 @@ def test_the_slots_of_a_range_are_told_apart_by_the_exact_last_character(
                 s.key[2] for s in store.fingerprints.ranges.iter_slots(conn, [("1", "a", suffix)])
             ]
             assert found == expected
+
+
+def test_what_a_load_remembers_is_never_older_than_the_table(store: StateStore) -> None:
+    """load() keeps the content it read while no write happened since: a write from this
+    store, or from another agent's connection to it, is seen at the next load."""
+    store.record_ranges({ONE: D, TWO: D}, basis="b1")
+    first = store.fingerprints.ranges.load()
+    assert store.fingerprints.ranges.load() == first == {label(ONE): D.text, label(TWO): D.text}
+
+    store.commit_scan(CatalogDiff(), SlotDiff(added=(slot(11),)), [], T0)
+    assert store.fingerprints.ranges.load() == {label(ONE): UNKNOWN, label(TWO): D.text}
+
+    other = StateStore.from_url(store.engine.url.render_as_string(hide_password=False))
+    try:
+        other.record_ranges({ONE: D}, gone=[TWO])
+    finally:
+        other.close()
+    assert store.fingerprints.ranges.load() == {label(ONE): D.text}
+
+    store.reset_ranges()
+    assert store.fingerprints.ranges.load() == {}
