@@ -340,6 +340,8 @@ class SourceReader:
                     conn.exec_driver_sql(probe).all()
             except DBAPIError as exc:
                 close_dead_cursor(exc)
+                if _timed_out(exc):
+                    raise QueryError(self._timed_out_message(name)) from None
                 if exc.connection_invalidated or not _blames_query(exc):
                     raise SourceUnavailable(
                         f"{name} could not run on {self.where}: {first_line(exc)}"
@@ -581,10 +583,7 @@ class SourceReader:
         except DBAPIError as exc:
             close_dead_cursor(exc)
             if _timed_out(exc):
-                raise QueryError(
-                    f"{name} was cancelled after {self.query_timeout_s:g} s "
-                    "(raise [source] query_timeout, or make the query cheaper)"
-                ) from None
+                raise QueryError(self._timed_out_message(name)) from None
             if exc.connection_invalidated or (
                 isinstance(exc, sa.exc.OperationalError) and not _blames_query(exc)
             ):
@@ -605,6 +604,12 @@ class SourceReader:
             )
         return result
 
+    def _timed_out_message(self, name: str) -> str:
+        return (
+            f"{name} was cancelled after {self.query_timeout_s:g} s "
+            "(raise [source] query_timeout, or make the query cheaper)"
+        )
+
     def _rows(
         self, result: sa.CursorResult[Any], name: str, limit: int | None
     ) -> Iterator[dict[str, Any]]:
@@ -617,10 +622,7 @@ class SourceReader:
         except DBAPIError as exc:
             close_dead_cursor(exc)
             if _timed_out(exc):
-                raise QueryError(
-                    f"{name} was cancelled after {self.query_timeout_s:g} s "
-                    "(raise [source] query_timeout, or make the query cheaper)"
-                ) from None
+                raise QueryError(self._timed_out_message(name)) from None
             raise SourceUnavailable(f"{name} stopped part-way: {first_line(exc)}") from None
         finally:
             result.close()

@@ -127,6 +127,9 @@ def test_a_scan_killed_by_the_server_leaves_only_json_lines_of_the_agents_events
             source_url=inventory.url,
             state_url=f"sqlite:///{tmp_path / 'state.db'}",
             slots_query=partner.SLOTS_QUERY + "WHERE seyaha_test_hold()\n",
+            # Every slot read by each poll (no range digests), so that the held query is
+            # the read the kill cuts and the scan carries on (scan.resuming).
+            source={"range_digests": False},
         )
         with config.open("a", encoding="utf-8") as extra:
             extra.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')

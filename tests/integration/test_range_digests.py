@@ -27,7 +27,7 @@ from agent.diff import SourceSlot
 from agent.ranges import UNKNOWN, RangeKey, RangeTally, label, parse_label, range_of
 from agent.sandbox import Sandbox
 from agent.source import cursor
-from agent.source.reader import Snapshot
+from agent.source.reader import Snapshot, SourceReader
 from tests.integration.inventory import (
     SLOTS_CHANGED_QUERY,
     SLOTS_QUERY,
@@ -651,3 +651,28 @@ def test_an_unchanged_catalog_is_not_read_and_a_changed_one_is(
     after = agent.scan()
     assert (after.catalog_rows, after.triggers) == (4, 0)  # read, and nothing new in it
     assert agent.scan().catalog_rows == 0
+
+
+EXTRA_COLUMN = {"postgresql": '"odd `name"', "mariadb": "`odd ``name`"}
+"""A column name with a space and a backtick, quoted each database's way."""
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_a_null_and_an_empty_text_hash_apart_whatever_the_columns_name(
+    backend: str, make_inventory: MakeInventory, make_reader: Callable[..., SourceReader]
+) -> None:
+    inventory = make_inventory(backend)
+    _fill(inventory)
+    digests = []
+    for value in ("NULL", "''", "'x'"):
+        reader = make_reader(
+            inventory.url,
+            slots_query=SLOTS_QUERY.replace(
+                "s.capacity\n", f"s.capacity, {value} AS {EXTRA_COLUMN[backend]}\n"
+            ),
+        )
+        with reader.transaction() as conn:
+            digests.append(reader.range_digests(conn))
+    assert len(digests[0]) == RANGES
+    for one, other in ((0, 1), (1, 2), (0, 2)):
+        assert all(digests[one][name] != digests[other][name] for name in digests[one])
