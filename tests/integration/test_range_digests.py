@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.app import Agent
-from agent.diff import SourceSlot
 from agent.ranges import UNKNOWN, RangeKey, RangeTally, label, parse_label, range_of
 from agent.sandbox import Sandbox
 from agent.source import cursor
@@ -36,6 +35,7 @@ from tests.integration.inventory import (
     calls,
     first_day,
 )
+from tests.integration.test_reconcile_beside_polls import Paused, _delivered
 
 MakeInventory = Callable[[str], Inventory]
 MakeSandbox = Callable[..., Sandbox]
@@ -156,11 +156,6 @@ def _last_notify(sandbox: Sandbox, slot_id: int) -> dict[str, Any] | None:
         if c.body["availabilityId"] == str(slot_id)
     ]
     return bodies[-1] if bodies else None
-
-
-def _delivered(agent: Agent) -> None:
-    result = agent.drain(60.0)
-    assert (result.timed_out, result.paused_reason, result.stats.pending) == (False, None, 0)
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
@@ -393,25 +388,6 @@ def test_a_slot_whose_start_passed_in_a_range_nobody_reads_is_forgotten(
     report = agent.scan()
     assert (report.ranges_read, report.slots_expired, report.messages) == (0, 1, 0)
     assert ("1", "1-a", "1004") not in _stored(agent)
-
-
-class Paused:
-    """The agent's slot stream stops once it has handed on `slot_id`, until `resume`."""
-
-    def __init__(self, agent: Agent, slot_id: str) -> None:
-        self.reached = threading.Event()
-        self.resume = threading.Event()
-        self._real = agent.reader.stream_slots
-        self._slot_id = slot_id
-
-    def stream(
-        self, conn: sa.Connection, snapshot: Snapshot, **options: Any
-    ) -> Iterator[SourceSlot]:
-        for key, item in self._real(conn, snapshot, **options):
-            if key[2] == self._slot_id and not self.reached.is_set():
-                self.reached.set()
-                assert self.resume.wait(WAIT_S), "the test never let the read go on"
-            yield key, item
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
