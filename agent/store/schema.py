@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema the newest migration writes (also kept in seyaha_meta, where 0.1.0 reads it)."""
 
 ID_LENGTH = 255
 SUFFIX_LENGTH = 4
+INTEGRATION_LENGTH = 24
+"""A Seyaha integration id: 24 hexadecimal characters; empty for the configured one."""
 
 
 def _id_column_type(length: int = ID_LENGTH) -> sa.types.TypeEngine[str]:
@@ -44,6 +46,7 @@ catalog_fingerprints = sa.Table(
     sa.Column("product_id", _id_column_type(), primary_key=True),
     sa.Column("option_id", _id_column_type(), primary_key=True),
     sa.Column("fingerprint", sa.String(32), nullable=False),
+    sa.Column("integration_id", sa.String(INTEGRATION_LENGTH), nullable=False, server_default=""),
 )
 
 slot_fingerprints = sa.Table(
@@ -55,6 +58,7 @@ slot_fingerprints = sa.Table(
     sa.Column("fingerprint", sa.String(32), nullable=False),
     sa.Column("local_start", sa.String(40), nullable=False),
     sa.Column("start_ms", sa.BigInteger, nullable=False),
+    sa.Column("integration_id", sa.String(INTEGRATION_LENGTH), nullable=False, server_default=""),
     sa.Index("seyaha_slots_start", "start_ms"),
 )
 
@@ -82,12 +86,16 @@ outbox = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("lease_token", sa.String(36), nullable=True),
     sa.Column("leased_until_ms", sa.BigInteger, nullable=True),
+    # Where the message goes: "" is [seyaha] integration_id, else the id its row named.
+    sa.Column("integration_id", sa.String(INTEGRATION_LENGTH), nullable=False, server_default=""),
     # A claim walks the waiting messages in id order and stops at its batch size: an index
     # on (state, available_ms) made every claim sort the whole backlog first.
     sa.Index("seyaha_outbox_claim", "state", "id"),
     # The oldest waiting trigger, which the claim looks up once per batch.
     sa.Index("seyaha_outbox_trigger", "kind", "state", "id"),
     sa.Index("seyaha_outbox_dedupe", "dedupe_key", "state"),
+    # The oldest waiting trigger of one integration (a notify waits only for its own).
+    sa.Index("seyaha_outbox_integration", "integration_id", "kind", "state", "id"),
 )
 
 ranges = sa.Table(

@@ -67,6 +67,9 @@ STEP_2 = Step(
 STEP_3 = Step(
     3, "Schema 3: range digests, so that a reconciliation reads only the slots that changed."
 )
+STEP_4 = Step(
+    4, "Schema 4: each message, slot and catalog row names the Seyaha integration it belongs to."
+)
 """The steps as `seyaha-agent migrate --dry-run` names them."""
 
 INDEXES_2 = {
@@ -75,6 +78,12 @@ INDEXES_2 = {
     "seyaha_outbox_dedupe": ["dedupe_key", "state"],
 }
 """The outbox's indexes in schema 2, whichever 0.1.0-era set the store had."""
+
+INDEXES_4 = {
+    **INDEXES_2,
+    "seyaha_outbox_integration": ["integration_id", "kind", "state", "id"],
+}
+"""The outbox's indexes from schema 4 on."""
 
 WAIT_S = 60.0
 """A ceiling for anything another thread or process does; never an expectation."""
@@ -302,15 +311,15 @@ def stored_after_upgrade(written: Store010) -> dict[str, Any]:
     contents = written.contents
     return {
         "meta": {
-            "schema_version": "3",
+            "schema_version": "4",
             "baseline_ms": str(contents.baseline_ms),
             "cursor:slots": contents.cursors["slots"],
             # 0.1.0's scanner lease ("status:scanner") is gone; the other records stay
             "status:breaker": contents.status["breaker"],
             "status:last_delivery": contents.status["last_delivery"],
         },
-        "versions": ["0003"],
-        "indexes": INDEXES_2,
+        "versions": ["0004"],
+        "indexes": INDEXES_4,
         # every body exactly as the agent sends it (0.1.0 kept sorted, spaced JSON)
         "bodies": [
             (i, None if m.payload is None else request_body(m.payload))
@@ -334,7 +343,11 @@ def test_a_store_written_by_010_is_upgraded_in_place_on_open_and_keeps_everythin
         plan = store.open()
 
         assert plan == Plan(
-            current=1, head=3, steps=(STEP_2, STEP_3), stamp_legacy=True, backup=written.backup
+            current=1,
+            head=4,
+            steps=(STEP_2, STEP_3, STEP_4),
+            stamp_legacy=True,
+            backup=written.backup,
         )
         assert store.fingerprints.is_baselined()
         assert store.fingerprints.load_catalog() == {
@@ -406,7 +419,9 @@ def test_an_upgrade_that_stopped_half_way_finishes_at_the_next_start(
 
     with opened(written.url) as store:
         plan = store.open()
-        assert plan == Plan(current=1, head=3, steps=(STEP_2, STEP_3), backup=written.backup)
+        assert plan == Plan(
+            current=1, head=4, steps=(STEP_2, STEP_3, STEP_4), backup=written.backup
+        )
         assert store.admin.entries() == [as_entry(i, m) for i, m in written.messages()]
 
     with connected(written.url) as conn:
@@ -549,7 +564,7 @@ def test_opening_an_upgraded_store_again_changes_nothing(
         again = store.open()
         planned = Migrator(store.engine).plan()
 
-    assert again == Plan(current=3, head=3, steps=())
+    assert again == Plan(current=4, head=4, steps=())
     assert planned == again
     with connected(written.url) as conn:
         assert (dump(conn), versions_of(conn), tables_of(conn)) == before
@@ -592,7 +607,7 @@ def test_a_dry_run_on_a_010_store_names_the_upgrade_and_changes_nothing(
         plan = Migrator(store.engine).migrate(dry_run=True)
 
     assert plan == Plan(
-        current=1, head=3, steps=(STEP_2, STEP_3), stamp_legacy=True, backup=written.backup
+        current=1, head=4, steps=(STEP_2, STEP_3, STEP_4), stamp_legacy=True, backup=written.backup
     )
     with connected(written.url) as conn:
         assert tables_of(conn) == set(TABLES)  # no version table, no leases
@@ -610,7 +625,7 @@ def test_a_dry_run_on_a_new_database_names_every_step_and_creates_nothing(
     with opened(url) as store:
         plan = Migrator(store.engine).migrate(dry_run=True)
 
-    assert plan == Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))
+    assert plan == Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))
     with connected(url) as conn:
         assert tables_of(conn) == set()
 
@@ -675,7 +690,7 @@ def test_a_new_sqlite_store_is_created_without_a_backup(
     with opened(url) as store:
         plan = store.open()
 
-    assert plan == Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))
+    assert plan == Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))
     database = Path(str(sa.engine.make_url(url).database))
     assert list(database.parent.glob("*.bak")) == []
 
@@ -747,8 +762,8 @@ def start_together(url: str, agents: int) -> list[tuple[list[int], bool]]:
 @pytest.mark.parametrize(
     ("written_by", "migrating_start"),
     [
-        pytest.param("nothing", ([1, 2, 3], False), id="new"),
-        pytest.param("0.1.0", ([2, 3], True), id="written-by-0.1.0"),
+        pytest.param("nothing", ([1, 2, 3, 4], False), id="new"),
+        pytest.param("0.1.0", ([2, 3, 4], True), id="written-by-0.1.0"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -767,8 +782,8 @@ def test_agents_starting_together_on_one_store_migrate_it_once_and_all_start(
         # one migrates (or stamps and upgrades 0.1.0's store); the others find it done
         assert sorted(did) == [([], False)] * (AGENTS - 1) + [migrating_start]
         with connected(url) as conn:
-            assert versions_of(conn) == ["0003"]
-            assert meta_of(conn)["schema_version"] == "3"
+            assert versions_of(conn) == ["0004"]
+            assert meta_of(conn)["schema_version"] == "4"
 
 
 @contextmanager
@@ -848,13 +863,13 @@ def test_an_agent_starting_while_another_migrates_waits_for_it_then_starts(
         with connected(url) as conn:
             assert tables_of(conn) == set()
 
-    assert starting.result() == [Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))]
+    assert starting.result() == [Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))]
     where = sa.engine.make_url(url).render_as_string(hide_password=True)
     assert waits_said(caplog) == [
         f"another seyaha-agent is migrating the state store at {where}; waiting for it"
     ]
     with connected(url) as conn:
-        assert versions_of(conn) == ["0003"]
+        assert versions_of(conn) == ["0004"]
 
 
 @pytest.mark.parametrize(
@@ -883,4 +898,4 @@ def test_a_migration_of_one_store_does_not_hold_up_an_agent_on_another_store_of_
     outcome = starting.result()  # once the other store's lock is free, in any case
 
     assert waited == []
-    assert outcome == [Plan(current=None, head=3, steps=(STEP_1, STEP_2, STEP_3))]
+    assert outcome == [Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))]
