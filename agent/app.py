@@ -38,7 +38,8 @@ from agent.errors import (
     first_line,
     shown_path,
 )
-from agent.logs import event
+from agent.integrations import Router, SecretsFolder
+from agent.logs import event, redact_everywhere
 from agent.metrics import Metrics
 from agent.scan import Scanner, ScanReport, Superseded, Turn
 from agent.source.reader import SourceReader
@@ -49,6 +50,9 @@ from agent.store.identity import AlreadyReported, StateFileGuard, StateFileLost
 from agent.store.lock import LockRecord, StateFileLock, evidence_of_a_lost_store
 
 log = logging.getLogger("agent")
+
+MISSING_SHOWN = 10
+"""Integrations a log line names one by one (the rest are counted)."""
 
 SHUTDOWN_GRACE_S = 30.0
 """Longest wait for an in-flight request at shutdown before the process exits anyway."""
@@ -112,6 +116,14 @@ class Agent:
         self.clock: Clock = self.store.clock(clock or SystemClock())
         """The database's clock on a shared state store, the host's on a SQLite file: leases,
         retry times and scan times are all stamped with it (see store.clock)."""
+        self.secrets: SecretsFolder | None = None
+        """A platform's secrets, one file per integration ([seyaha] webhook_secrets_dir)."""
+        self.router: Router | None = None
+        self._without_secret: set[str] = set()
+        """Integrations whose rows were skipped for want of a secret (see _rows_without_secret)."""
+        if s.seyaha.webhook_secrets_dir is not None:
+            self.secrets = SecretsFolder(s.seyaha.webhook_secrets_dir, on_secret=redact_everywhere)
+            self.router = Router(self.secrets)
         self.reader = SourceReader(
             create_engine(s.source.url, role="source"),
             catalog_query=s.source.catalog_query,
@@ -122,6 +134,7 @@ class Agent:
             query_timeout_s=s.source.query_timeout,
             transaction_max_s=s.source.read_transaction_max,
             range_digests=s.source.range_digests,
+            route=self.router,
         )
         self.client = SeyahaClient(
             base_url=s.seyaha.base_url,
@@ -130,6 +143,7 @@ class Agent:
             connect_timeout_s=s.delivery.connect_timeout,
             timeout_s=s.delivery.timeout,
             transport=transport,
+            secrets=self.secrets,
         )
         self.scanner = Scanner(
             self.reader, self.store, self.clock, self.metrics, overlap_s=s.source.cursor_overlap
@@ -155,6 +169,7 @@ class Agent:
             breaker=CircuitBreaker(
                 threshold=s.delivery.breaker_failures, cooldown_s=s.delivery.breaker_cooldown
             ),
+            turns=s.seyaha.routed,
         )
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Names this process in the scanner lease of a shared state store."""
@@ -455,7 +470,45 @@ class Agent:
             self._lock.mark_baselined()
         if report.enqueued:
             self.deliverer.poke(report.enqueued)
+        if self.router is not None:
+            self._rows_without_secret(self.router.take_missing())
         self.refresh_outbox_metrics()
+
+    def _rows_without_secret(self, missing: dict[str, int]) -> None:
+        """Say which integrations had rows skipped for want of a secret (once per scan, not
+        per row), and reconcile as soon as one of them gets its secret file: its rows were
+        skipped, and a poll reads only what changes."""
+        assert self.secrets is not None
+        if missing:
+            shown = sorted(missing.items(), key=lambda pair: (-pair[1], pair[0]))
+            listed = ", ".join(f"{i} ({n} rows)" for i, n in shown[:MISSING_SHOWN])
+            more = f" and {len(shown) - MISSING_SHOWN} more" if len(shown) > MISSING_SHOWN else ""
+            event(
+                log,
+                logging.WARNING,
+                "scan.no_secret",
+                f"rows of {len(shown)} integration(s) skipped for want of a usable secret in "
+                f"{shown_path(self.secrets.folder)}: {listed}{more}; add the file named by the "
+                "integration id (its rows are read again once it is there)",
+                integrations=len(shown),
+                rows=sum(missing.values()),
+            )
+            self._without_secret.update(missing)
+        found = [i for i in self._without_secret if self.secrets.usable(i)]
+        if not found:
+            return
+        self._without_secret.difference_update(found)
+        event(
+            log,
+            logging.INFO,
+            "scan.secret_found",
+            f"secret file(s) found for {len(found)} integration(s) whose rows were skipped "
+            f"({', '.join(sorted(found)[:MISSING_SHOWN])}); reconciling now to read them",
+        )
+        if self._scheduler is not None:
+            self._scheduler.add_job(
+                self.full_scan_job, id="secret-reconciliation", replace_existing=True
+            )
 
     def full_scan_job(self) -> None:
         self.guarded(self.full_scan)
@@ -659,6 +712,7 @@ class Agent:
         stats = self.store.admin.stats()
         self.metrics.outbox.labels("pending").set(stats.pending)
         self.metrics.outbox.labels("dead").set(stats.dead)
+        self.metrics.integrations_waiting.set(stats.integrations_waiting)
         age = 0.0
         if stats.oldest_pending is not None:
             age = max(0.0, (self.clock.now() - stats.oldest_pending).total_seconds())
@@ -807,6 +861,18 @@ class Agent:
                     break
                 if self.deliverer.pause is not None:
                     timed_out, paused = False, self.deliverer.pause.reason
+                    break
+                held = dict(self.deliverer.paused)
+                if (
+                    held
+                    and pending is not None
+                    and self.store.admin.pending(besides=list(held)) == 0
+                ):
+                    # What waits belongs to integrations paused on their own.
+                    timed_out = False
+                    paused = f"{len(held)} integration(s) paused: " + "; ".join(
+                        f"{i}: {held[i].reason}" for i in sorted(held)[:MISSING_SHOWN]
+                    )
                     break
                 remaining = deadline - self.clock.monotonic()
                 if remaining <= 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from enum import IntEnum
 from pathlib import Path
@@ -125,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="dead letters are shown but leave the exit code alone (for a health check: they "
         "are an operator's to-do, not a broken daemon)",
     )
+    _integration_option(status)
     listing = actions.add_parser("list", help="messages with their state, age and last error")
+    _integration_option(listing)
     listing.add_argument(
         "--state", choices=("pending", "dead", "all"), default="all", help="which messages"
     )
@@ -135,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--id", type=int, nargs="+", dest="ids", help="these message ids")
     which.add_argument("--all-dead", action="store_true", help="every dead letter")
     which.add_argument("--kind", choices=("trigger", "notify"), help="dead letters of one kind")
+    _integration_option(retry)
     purge = actions.add_parser("purge", help="delete dead letters")
+    _integration_option(purge)
     purge.add_argument("--dead", action="store_true", required=True, help="dead letters")
     purge.add_argument(
         "--older-than", metavar="AGE", help="only those dead for longer, e.g. 7d, 12h, 30m"
@@ -161,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="file holding the secret to expect (else SEYAHA_WEBHOOK_SECRET or --config)",
     )
+    sandbox.add_argument(
+        "--secrets-dir",
+        type=Path,
+        metavar="DIR",
+        help="several integrations: one file per integration id holding its secret, read at "
+        "each call (else [seyaha] webhook_secrets_dir of --config)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -174,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how long to run (default {DEFAULT_DEMO_SECONDS:g})",
     )
     return parser
+
+
+def _integration(value: str) -> str:
+    text = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{24}", text):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an integration id (24 hexadecimal characters)"
+        )
+    return text
+
+
+def _integration_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--integration",
+        type=_integration,
+        metavar="ID",
+        help="only the messages of this integration (a platform's rows name theirs)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +254,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             host=args.host,
             config_path=args.config,
             secret_file=args.secret_file,
+            secrets_dir=args.secrets_dir,
         )
     if args.command == "demo":
         from agent.demo import run_demo

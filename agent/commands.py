@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,6 +24,7 @@ from agent.cli import StatusExit
 from agent.clock import SystemClock
 from agent.config import (
     SECRET_ENV,
+    AgentSettings,
     Config,
     listen_address,
     load_config,
@@ -35,7 +36,8 @@ from agent.db import create_engine, redact_url
 from agent.delivery.flow import BreakerState
 from agent.delivery.worker import Tally
 from agent.dialects import dialect_of
-from agent.errors import AgentError, ConfigError, SourceUnavailable, first_line
+from agent.errors import AgentError, ConfigError, SourceUnavailable, first_line, shown_path
+from agent.integrations import Router, SecretsFolder, integration_problem
 from agent.logs import Redaction, setup_logging
 from agent.scan import ScanReport
 from agent.source import cursor
@@ -177,7 +179,8 @@ def check(path: Path, out: TextIO | None = None) -> int:
     report(True, f"configuration {path}")
     try:
         secret = read_secret(settings)
-        report(True, "webhook secret readable")
+        if not settings.seyaha.routed:
+            report(True, "webhook secret readable")
         # The same doubts `run` logs at start: a check must not look cleaner than a start.
         for doubt in secret_warnings(secret, settings.seyaha.webhook_secret_file):
             print(f"warning {doubt}", file=out)
@@ -185,6 +188,7 @@ def check(path: Path, out: TextIO | None = None) -> int:
         for problem in exc.problems:
             report(False, problem)
 
+    secrets = _check_routing(settings, report, out)
     engine = create_engine(settings.source.url, role="source")
     source = settings.source
     reader = SourceReader(
@@ -195,10 +199,12 @@ def check(path: Path, out: TextIO | None = None) -> int:
         slots_changed_query=source.slots_changed_query,
         catalog_changed_query=source.catalog_changed_query,
         query_timeout_s=source.query_timeout,
+        route=None if secrets is None else Router(secrets),
     )
     try:
         sample = reader.sample()
         report(True, f"source {redact_url(source.url)} reachable")
+        _check_integrations(reader, sample, out)
         report(True, f"catalog_query: {sample.catalog_rows_read} row(s) read (first 100 at most)")
         report(True, f"slots_query: {sample.slot_rows_read} row(s) read (first 100 at most)")
         if reader.incremental or source.catalog_changed_query is not None:
@@ -249,6 +255,77 @@ def check(path: Path, out: TextIO | None = None) -> int:
         store.close()
     print("all checks passed" if problems == 0 else f"{problems} problem(s) found", file=out)
     return 0 if problems == 0 else 1
+
+
+def _check_routing(
+    settings: AgentSettings, report: Callable[[bool, str], None], out: TextIO
+) -> SecretsFolder | None:
+    """Say which of the two forms the configuration takes; a platform's secrets folder."""
+    seyaha = settings.seyaha
+    if seyaha.webhook_secrets_dir is None:
+        if seyaha.integration_id is not None:
+            print(
+                f"info    one integration: every row goes to {seyaha.integration_id} "
+                "([seyaha] integration_id); a platform whose queries return an integration_id "
+                "column sets [seyaha] webhook_secrets_dir instead, with one secret file per "
+                "integration",
+                file=out,
+            )
+        return None
+    folder = seyaha.webhook_secrets_dir
+    print(
+        "info    a platform: each row goes to the integration its integration_id column "
+        f"names, with the secret in the file of that name in {shown_path(folder)}",
+        file=out,
+    )
+    if not folder.is_dir():
+        return None  # said by read_secret above
+    secrets = SecretsFolder(folder)
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    usable = [n for n in names if integration_problem(n) is None and secrets.secret(n)]
+    report(True, f"webhook_secrets_dir: {len(usable)} integration secret file(s) usable")
+    for name in names:
+        if integration_problem(name) is not None:
+            print(
+                f"warning webhook_secrets_dir: {name!r} is not named by an integration id (24 "
+                "hexadecimal characters) and is not used",
+                file=out,
+            )
+        elif name not in usable:
+            report(False, f"webhook_secrets_dir: integration {name}: {secrets.problem(name)}")
+        else:
+            secret = secrets.secret(name)
+            assert secret is not None
+            for doubt in secret_warnings(secret, folder / name, where=f"integration {name}"):
+                print(f"warning {doubt}", file=out)
+    return secrets
+
+
+def _check_integrations(reader: SourceReader, sample: Snapshot, out: TextIO) -> None:
+    """A platform: how many integrations the sampled rows name. One integration: a warning
+    when the queries return an integration_id column that it does not use."""
+    if reader.route is not None:
+        named = {r.integration_id for r in sample.catalog} | {
+            s.integration_id for s in sample.slots
+        }
+        print(
+            f"info    the rows read name {len(named)} integration(s) with a usable secret",
+            file=out,
+        )
+        return
+    with reader.transaction() as conn:
+        routed = [
+            name
+            for name in ("catalog_query", "slots_query")
+            if "integration_id" in reader.query_columns(conn, name)
+        ]
+    if routed:
+        print(
+            f"warning {' and '.join(routed)} return(s) an integration_id column, but every row "
+            "goes to [seyaha] integration_id; to send each row to the integration it names, "
+            "set [seyaha] webhook_secrets_dir instead",
+            file=out,
+        )
 
 
 def _time_full_read(reader: SourceReader) -> tuple[int, float]:
@@ -384,15 +461,19 @@ def status_conditions(
     daemon_problems: list[str] | None,
     *,
     ignore_dead: bool,
+    paused: int = 0,
 ) -> list[Condition]:
     """What is wrong, most severe first; empty when delivery is healthy.
 
     `status` is the state store's delivery record, `dead` the dead letters in the outbox,
-    `daemon_problems` what the daemon's /readyz reported (None: it was not asked).
+    `daemon_problems` what the daemon's /readyz reported (None: it was not asked), `paused`
+    how many of a platform's integrations are paused on their own.
     """
     found = []
     if status.get("pause"):
         found.append(Condition(StatusExit.PAUSED, "delivery paused"))
+    elif paused:
+        found.append(Condition(StatusExit.PAUSED, f"{paused} integration(s) paused"))
     # Any state but closed counts, half-open included: a half-open breaker still holds back
     # every call but its one probe (the circuit_breaker_open gauge says 1 for it too), and the
     # record, written when the breaker opens and when it closes, reads open through the probe.
@@ -452,36 +533,69 @@ def outbox(path: Path, args: argparse.Namespace, out: TextIO | None = None) -> i
         store.open()
         watch_state_file(store.engine)  # a state file lost meanwhile is refused, not written
         now = clock.now()
+        only = getattr(args, "integration", None)
         if args.action == "status":
             return _outbox_status(
-                store, now, out, daemon_url=daemon_url, ignore_dead=args.ignore_dead
+                store,
+                now,
+                out,
+                daemon_url=daemon_url,
+                ignore_dead=args.ignore_dead,
+                integration=only,
             )
         elif args.action == "list":
             _outbox_list(
-                store, now, out, state=None if args.state == "all" else args.state, limit=args.limit
+                store,
+                now,
+                out,
+                state=None if args.state == "all" else args.state,
+                limit=args.limit,
+                integration=only,
             )
         elif args.action == "retry":
-            count = store.admin.retry_dead(now, ids=args.ids or (), kind=args.kind)
+            count = store.admin.retry_dead(
+                now, ids=args.ids or (), kind=args.kind, integration=only
+            )
             print(f"{count} dead letter(s) queued again", file=out)
         elif args.action == "purge":
             cutoff = None if args.older_than is None else now - parse_age(args.older_than)
-            count = store.admin.purge_dead(older_than=cutoff)
+            count = store.admin.purge_dead(older_than=cutoff, integration=only)
             print(f"{count} dead letter(s) deleted", file=out)
     finally:
         store.close()
     return 0
 
 
+PAUSES_SHOWN = 10
+"""Paused integrations `outbox status` names one by one (the rest are counted)."""
+
+
 def _outbox_status(
-    store: StateStore, now: datetime, out: TextIO, *, daemon_url: str | None, ignore_dead: bool
+    store: StateStore,
+    now: datetime,
+    out: TextIO,
+    *,
+    daemon_url: str | None,
+    ignore_dead: bool,
+    integration: str | None = None,
 ) -> int:
-    """Print the state of delivery; return the exit code of its most severe problem."""
-    stats = store.admin.stats()
+    """Print the state of delivery (of one integration's messages, with `integration`);
+    return the exit code of its most severe problem."""
+    stats = store.admin.stats(integration=integration)
     status = store.coordination.status()
+    paused = {
+        name.removeprefix("pause:"): value
+        for name, value in status.items()
+        if name.startswith("pause:") and (integration is None or name == f"pause:{integration}")
+    }
+    if integration is not None:
+        print(f"integration      {integration}", file=out)
     print(
         f"backlog          {stats.pending} waiting ({stats.in_flight} in flight), {stats.dead} dead",
         file=out,
     )
+    if stats.integrations_waiting and integration is None:
+        print(f"integrations     {stats.integrations_waiting} with messages waiting", file=out)
     if stats.oldest_pending is not None:
         print(f"oldest waiting   {_age(now - stats.oldest_pending)}", file=out)
     last = status.get("last_delivery")
@@ -496,12 +610,20 @@ def _outbox_status(
         print(f"delivery         PAUSED since {since}: {reason}", file=out)
     else:
         print("delivery         running", file=out)
+    for shown, (paused_id, record) in enumerate(sorted(paused.items())):
+        if shown == PAUSES_SHOWN:
+            print(f"                 ... and {len(paused) - shown} more paused", file=out)
+            break
+        since, _, reason = record.partition(" ")
+        print(f"integration      {paused_id} PAUSED since {since}: {reason}", file=out)
     daemon_problems = None
     if daemon_url is not None:
         daemon_problems = ask_daemon(daemon_url)
         verdict = "NOT READY: " + "; ".join(daemon_problems) if daemon_problems else "ready"
         print(f"daemon           {verdict} ({daemon_url})", file=out)
-    conditions = status_conditions(status, stats.dead, daemon_problems, ignore_dead=ignore_dead)
+    conditions = status_conditions(
+        status, stats.dead, daemon_problems, ignore_dead=ignore_dead, paused=len(paused)
+    )
     for condition in conditions:
         print(f"health           {condition.text} (exit {condition.code:d})", file=out)
     if not conditions:
@@ -510,9 +632,15 @@ def _outbox_status(
 
 
 def _outbox_list(
-    store: StateStore, now: datetime, out: TextIO, *, state: str | None, limit: int
+    store: StateStore,
+    now: datetime,
+    out: TextIO,
+    *,
+    state: str | None,
+    limit: int,
+    integration: str | None = None,
 ) -> None:
-    entries = store.admin.entries(state=state, limit=limit)
+    entries = store.admin.entries(state=state, limit=limit, integration=integration)
     if not entries:
         print("the outbox is empty" if state is None else f"no {state} messages", file=out)
         return
@@ -529,6 +657,8 @@ def _outbox_list(
                 f"{e.payload.get('productId')}/{e.payload.get('optionId')}/"
                 f"{e.payload.get('availabilityId')} {e.payload.get('status')}"
             )
+        if e.integration_id:
+            what += f" (integration {e.integration_id})"
         print(
             f"{e.id:>8}  {shown:<8} {e.kind:<7} {_age(now - e.created_at):>8} {e.attempts:>5}  {what}",
             file=out,
@@ -593,7 +723,14 @@ def triggers(path: Path, action: str, out: TextIO | None = None) -> int:
         engine.dispose()
 
 
-def sandbox(*, port: int, host: str, config_path: Path | None, secret_file: Path | None) -> int:
+def sandbox(
+    *,
+    port: int,
+    host: str,
+    config_path: Path | None,
+    secret_file: Path | None,
+    secrets_dir: Path | None = None,
+) -> int:
     from agent.sandbox import Sandbox
 
     integration_id: str | None = None
@@ -610,6 +747,7 @@ def sandbox(*, port: int, host: str, config_path: Path | None, secret_file: Path
         config = load_config(config_path)
         secret = secret or config.secret.reveal()
         integration_id = config.settings.seyaha.integration_id
+        secrets_dir = secrets_dir or config.settings.seyaha.webhook_secrets_dir
         source = config.settings.source
         reader = SourceReader(
             create_engine(source.url, role="source"),
@@ -618,16 +756,30 @@ def sandbox(*, port: int, host: str, config_path: Path | None, secret_file: Path
             timezone=source.zone,
         )
         catalog = reader.catalog_keys
-    if not secret:
+    secrets = None
+    if secrets_dir is not None:
+        if not secrets_dir.is_dir():
+            raise ConfigError([f"--secrets-dir: no folder at {secrets_dir}"], source="sandbox")
+        folder = SecretsFolder(secrets_dir)
+
+        def secrets(integration: str) -> str | None:
+            if integration_problem(integration) is not None:
+                return None
+            found = folder.secret(integration)
+            return None if found is None else found.reveal()
+
+        integration_id = None
+    elif not secret:
         raise ConfigError(
             [
-                f"the sandbox needs the secret to expect: set {SECRET_ENV}, or pass --secret-file "
-                "or --config"
+                f"the sandbox needs the secret to expect: set {SECRET_ENV}, or pass --secret-file, "
+                "--secrets-dir or --config"
             ],
             source="sandbox",
         )
     server = Sandbox(
         secret=secret,
+        secrets=secrets,
         integration_id=integration_id,
         catalog=catalog,
         host=host,

@@ -82,8 +82,17 @@ class _Section(BaseModel):
 
 class SeyahaSettings(_Section):
     base_url: str = "https://api.seyaha.net"
-    integration_id: str
+    integration_id: str | None = None
+    """The one integration every row goes to; left out when webhook_secrets_dir is set."""
     webhook_secret_file: Path | None = None
+    webhook_secrets_dir: Path | None = None
+    """A platform's many integrations: each row names its own in an integration_id column,
+    and this folder holds one file per integration, named by its id, holding its secret."""
+
+    @property
+    def routed(self) -> bool:
+        """Whether each row names its integration (webhook_secrets_dir is set)."""
+        return self.webhook_secrets_dir is not None
 
     @field_validator("base_url")
     @classmethod
@@ -113,7 +122,9 @@ class SeyahaSettings(_Section):
 
     @field_validator("integration_id")
     @classmethod
-    def _object_id(cls, value: str) -> str:
+    def _object_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         value = value.strip()
         if not _HEX24.match(value):
             raise ValueError(
@@ -495,7 +506,51 @@ def _settings_from_file(path: Path) -> AgentSettings:
     return AgentSettings.model_validate(_FromFile().model_dump())
 
 
+def routing_problems(
+    settings: AgentSettings, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """What is wrong with the choice between one integration and many (each key named)."""
+    seyaha = settings.seyaha
+    env = os.environ if environ is None else environ
+    if seyaha.webhook_secrets_dir is None:
+        if seyaha.integration_id is None:
+            return [
+                "[seyaha] integration_id: is required (or, for a platform whose queries return "
+                "an integration_id column, set webhook_secrets_dir instead)"
+            ]
+        return []
+    problems = []
+    if seyaha.integration_id is not None:
+        problems.append(
+            "[seyaha] integration_id: leave it out when webhook_secrets_dir is set (each row "
+            "names its integration in its integration_id column)"
+        )
+    if seyaha.webhook_secret_file is not None:
+        problems.append(
+            "[seyaha] webhook_secret_file: leave it out when webhook_secrets_dir is set (each "
+            "integration's secret is the file named by its id in that folder)"
+        )
+    if env.get(SECRET_ENV, "").strip():
+        problems.append(
+            f"{SECRET_ENV}: does not apply when [seyaha] webhook_secrets_dir is set (each "
+            "integration's secret is the file named by its id in that folder); unset it"
+        )
+    folder = seyaha.webhook_secrets_dir
+    if not folder.is_dir():
+        problems.append(
+            f"[seyaha] webhook_secrets_dir: no folder at {shown_path(folder)} (create it, then "
+            "put one file per integration in it, named by the integration id)"
+        )
+    return problems
+
+
 def read_secret(settings: AgentSettings, environ: Mapping[str, str] | None = None) -> Secret:
+    """The one integration's secret; empty for a platform (see agent.integrations)."""
+    problems = routing_problems(settings, environ)
+    if problems:
+        raise ConfigError(problems)
+    if settings.seyaha.routed:
+        return Secret("")
     env = os.environ if environ is None else environ
     from_env = env.get(SECRET_ENV, "").strip()
     if from_env:
@@ -515,29 +570,40 @@ def read_secret(settings: AgentSettings, environ: Mapping[str, str] | None = Non
     return _usable_secret(value, "[seyaha] webhook_secret_file")
 
 
-def _usable_secret(value: str, where: str) -> Secret:
-    # The value goes into an HTTP header: anything else would fail at the first request with
-    # an error that could echo it. The message never repeats the value.
+def secret_problem(value: str) -> str | None:
+    """Why `value` cannot be sent as a secret, or None. It goes into an HTTP header: anything
+    else would fail at the first request with an error that could echo it. The message never
+    repeats the value."""
     if not (value.isascii() and value.isprintable()) or any(c.isspace() for c in value):
-        raise ConfigError(
-            [
-                f"{where}: the secret contains spaces, line breaks or non-ASCII characters; "
-                "it should be the 64 hexadecimal characters Seyaha showed once"
-            ]
+        return (
+            "the secret contains spaces, line breaks or non-ASCII characters; it should be "
+            "the 64 hexadecimal characters Seyaha showed once"
         )
+    return None
+
+
+def _usable_secret(value: str, where: str) -> Secret:
+    problem = secret_problem(value)
+    if problem is not None:
+        raise ConfigError([f"{where}: {problem}"])
     return Secret(value)
 
 
-def secret_warnings(secret: Secret, secret_file: Path | None = None) -> list[str]:
+def secret_warnings(
+    secret: Secret, secret_file: Path | None = None, *, where: str = "[seyaha] webhook_secret_file"
+) -> list[str]:
     """Doubts about a usable secret, for warnings at start-up.
 
     Warnings, not refusals: a secret of another shape may be a deliberate test value, and a
     file readable by others may sit in a container whose only user is the agent.
     """
+    if not secret.reveal():
+        return []  # a platform's: each file of webhook_secrets_dir is doubted as it is read
     doubts = []
     if not _HEX64.match(secret.reveal()):
         doubts.append(
-            f"the webhook secret is {len(secret.reveal())} characters long and not all "
+            f"{'the' if secret_file is None or where.startswith('[') else where + ': its'} "
+            f"webhook secret is {len(secret.reveal())} characters long and not all "
             "hexadecimal; Seyaha's secrets are 64 hexadecimal characters, so Seyaha will "
             "probably answer 401"
         )
@@ -546,7 +612,7 @@ def secret_warnings(secret: Secret, secret_file: Path | None = None) -> list[str
             mode = secret_file.stat().st_mode
             if mode & 0o077:
                 doubts.append(
-                    f"[seyaha] webhook_secret_file: {shown_path(secret_file)} can be read by other users "
+                    f"{where}: {shown_path(secret_file)} can be read by other users "
                     f"(mode {stat.S_IMODE(mode):o}); run chmod 600 on it"
                 )
     return doubts
@@ -569,10 +635,10 @@ def load_settings(path: Path) -> AgentSettings:
         raise ConfigError([f"not valid TOML: {first_line(exc)}"], source=str(path)) from None
     base = path.resolve().parent
     seyaha = settings.seyaha
-    if seyaha.webhook_secret_file is not None and not seyaha.webhook_secret_file.is_absolute():
-        seyaha = seyaha.model_copy(
-            update={"webhook_secret_file": (base / seyaha.webhook_secret_file).resolve()}
-        )
+    for key in ("webhook_secret_file", "webhook_secrets_dir"):
+        given = getattr(seyaha, key)
+        if given is not None and not given.is_absolute():
+            seyaha = seyaha.model_copy(update={key: (base / given).resolve()})
     return settings.model_copy(
         update={
             "seyaha": seyaha,

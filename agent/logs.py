@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -60,16 +61,32 @@ class Redaction:
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._values: set[str] = {v for v in values if v}
+        self._ordered = self._order()
+        self._lock = threading.Lock()
+
+    def _order(self) -> tuple[str, ...]:
+        return tuple(sorted(self._values, key=len, reverse=True))
 
     def add(self, value: str) -> None:
-        if value:
-            self._values.add(value)
+        """Learn a value (from any thread: a platform's secrets are read as they are used)."""
+        if value and value not in self._values:
+            with self._lock:
+                self._values.add(value)
+                self._ordered = self._order()
 
     def apply(self, text: str) -> str:
-        for value in sorted(self._values, key=len, reverse=True):
+        for value in self._ordered:
             if value in text:
                 text = text.replace(value, REDACTED)
         return text
+
+
+def redact_everywhere(value: str) -> None:
+    """Have every log handler of the root logger mask `value` from now on."""
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, RedactingFormatter):
+            formatter.redaction.add(value)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

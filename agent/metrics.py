@@ -150,6 +150,19 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.integrations_paused = Gauge(
+            "integrations_paused",
+            "A platform's integrations whose delivery this agent holds back on their own "
+            "(refused secret or id, no secret file); one series whatever their number.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.integrations_waiting = Gauge(
+            "integrations_waiting",
+            "A platform's integrations with messages waiting in the outbox.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.breaker_open = Gauge(
             "circuit_breaker_open",
             "1 while the circuit breaker holds calls back after repeated failures.",

@@ -23,7 +23,13 @@ STATUSES: tuple[Status, ...] = ("AVAILABLE", "FREESALE", "LIMITED", "SOLD_OUT", 
 MessageKind = Literal["trigger", "notify"]
 
 TRIGGER_DEDUPE_KEY = "catalog"
-"""Every catalog change coalesces into the one pending trigger with this key."""
+"""Every catalog change coalesces into the one pending trigger with this key (per
+integration: see trigger_dedupe_key)."""
+
+
+def trigger_dedupe_key(integration_id: str) -> str:
+    """The dedupe key of an integration's trigger: one waits per integration."""
+    return f"{TRIGGER_DEDUPE_KEY}:{integration_id}" if integration_id else TRIGGER_DEDUPE_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +39,8 @@ class CatalogRow:
     product_id: str
     option_id: str
     fingerprint: str
+    integration_id: str = ""
+    """The Seyaha integration the row belongs to ("": the configured one)."""
 
     @property
     def key(self) -> CatalogKey:
@@ -51,6 +59,8 @@ class Slot:
     status: Status
     vacancies: int | None
     capacity: int | None
+    integration_id: str = ""
+    """The Seyaha integration the slot belongs to ("": the configured one)."""
     fingerprint: str = field(init=False, compare=False, repr=False)
     """The digest of what a notify would carry (slot_fingerprint), computed once, here:
     the diff compares it and the store records it."""
@@ -78,7 +88,7 @@ class Slot:
 def slot_fingerprint(value: Slot) -> str:
     """The digest of what a notify would carry. The repr of a tuple of str, int and None is
     stable across processes and releases, and far cheaper than canonical JSON."""
-    carried = (
+    carried: tuple[str | int | None, ...] = (
         value.product_id,
         value.option_id,
         value.availability_id,
@@ -87,6 +97,10 @@ def slot_fingerprint(value: Slot) -> str:
         value.vacancies,
         value.capacity,
     )
+    if value.integration_id:
+        # A slot that moves to another integration is a change; one integration's
+        # fingerprints stay what they were before integrations were routed.
+        carried += (value.integration_id,)
     return hashlib.blake2b(repr(carried).encode("utf-8"), digest_size=16).hexdigest()
 
 
@@ -103,6 +117,7 @@ class StoredSlot:
     fingerprint: str
     local_date_time_start: str
     start_utc: datetime
+    integration_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +134,9 @@ class CatalogDiff:
     added: tuple[CatalogRow, ...] = ()
     changed: tuple[CatalogRow, ...] = ()
     removed: tuple[CatalogKey, ...] = ()
+    left: frozenset[str] = frozenset()
+    """Integrations that lost a removed or changed row (a platform's catalog: the row's
+    integration as stored), so that their catalogs are triggered too."""
 
     @property
     def any(self) -> bool:
@@ -145,6 +163,8 @@ class Message:
     slot_start: datetime | None = None
     reason: str = ""
     """Why the message exists (added, changed, closed, removed, resync, baseline): for logs."""
+    integration_id: str = ""
+    """Where it goes ("": the configured integration)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +180,8 @@ class OutboxMessage:
     created_at: datetime
     slot_start: datetime | None
     lease_token: str = field(default="", compare=False)
+    integration_id: str = ""
+    """Where it goes ("": the configured integration)."""
 
     @property
     def payload(self) -> dict[str, Any] | None:

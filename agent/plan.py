@@ -7,6 +7,9 @@ Rules:
 - a slot that vanished while its start is still ahead is one CLOSED notify, unless its
   (product, option) left the catalog in the same scan: the trigger already tells Seyaha;
 - the first scan against an empty state is a baseline: one trigger, no notifies;
+- on a platform (rows routed by integration) each of these is per integration: a trigger for
+  every integration whose catalog changed (gained, lost or changed a row), and each notify
+  to its slot's integration;
 - a resync notifies every in-scope slot.
 Notifies go soonest-start first: during a backlog the slots about to be sold matter most.
 """
@@ -17,13 +20,13 @@ import hashlib
 from collections.abc import Iterable
 
 from agent.model import (
-    TRIGGER_DEDUPE_KEY,
     CatalogDiff,
     Message,
     Slot,
     SlotDiff,
     SlotKey,
     StoredSlot,
+    trigger_dedupe_key,
 )
 
 
@@ -33,8 +36,13 @@ def slot_dedupe_key(key: SlotKey) -> str:
     return "slot:" + hashlib.blake2b(joined.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def trigger_message(reason: str) -> Message:
-    return Message(kind="trigger", dedupe_key=TRIGGER_DEDUPE_KEY, reason=reason)
+def trigger_message(reason: str, integration_id: str = "") -> Message:
+    return Message(
+        kind="trigger",
+        dedupe_key=trigger_dedupe_key(integration_id),
+        reason=reason,
+        integration_id=integration_id,
+    )
 
 
 def notify_message(item: Slot, reason: str) -> Message:
@@ -44,6 +52,7 @@ def notify_message(item: Slot, reason: str) -> Message:
         payload=item.payload(),
         slot_start=item.start_utc,
         reason=reason,
+        integration_id=item.integration_id,
     )
 
 
@@ -63,6 +72,7 @@ def closed_message(gone: StoredSlot) -> Message:
         },
         slot_start=gone.start_utc,
         reason="removed",
+        integration_id=gone.integration_id,
     )
 
 
@@ -72,13 +82,20 @@ def plan(
     *,
     baseline: bool = False,
     resync: Iterable[Slot] = (),
+    routed: bool = False,
 ) -> list[Message]:
-    """The messages for one scan, in delivery order."""
+    """The messages for one scan, in delivery order (`routed`: rows name their integration)."""
+    changed = {r.integration_id for r in (*catalog.added, *catalog.changed)} | catalog.left
+    if catalog.removed and not routed:
+        changed.add("")  # one integration: a removed row's is the configured one
     if baseline:
-        return [trigger_message("baseline")]
+        reached = changed | {s.integration_id for s in slots.added}
+        if not routed:
+            reached = {""}
+        return [trigger_message("baseline", i) for i in sorted(reached)]
     messages: list[Message] = []
-    if catalog.any:
-        messages.append(trigger_message("catalog"))
+    if catalog.any or catalog.left:
+        messages.extend(trigger_message("catalog", i) for i in sorted(changed))
 
     notifies: list[tuple[Message, SlotKey]] = []
     resync_keys: set[SlotKey] = set()

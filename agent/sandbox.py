@@ -44,6 +44,7 @@ class Call:
     body: dict[str, Any] | None
     answer: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    integration: str = ""
 
 
 @dataclass
@@ -61,14 +62,18 @@ class Sandbox:
     def __init__(
         self,
         *,
-        secret: str,
+        secret: str = "",
         integration_id: str | None = None,
+        secrets: Callable[[str], str | None] | None = None,
         catalog: Callable[[], set[CatalogKey]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         out: TextIO | None = None,
     ) -> None:
         self._secret = secret.encode("utf-8")
+        self.secrets = secrets
+        """Several integrations (a platform): the secret of an integration id, None for an
+        integration this Seyaha does not know (404); else one integration and `secret`."""
         self.host = host
         self.integration_id = integration_id
         self._catalog_source = catalog
@@ -167,6 +172,7 @@ class Sandbox:
                     headers={
                         k: v for k, v in headers.items() if k in ("content-type", "user-agent")
                     },
+                    integration=match["id"],
                 )
             )
         self._show(endpoint, status, body, answer)
@@ -176,7 +182,13 @@ class Sandbox:
         self, integration: str, endpoint: str, headers: dict[str, str], raw: bytes
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         given = headers.get("x-webhook-secret", "").encode("utf-8")
-        if not hmac.compare_digest(given, self._secret):
+        expected = self._secret
+        if self.secrets is not None:
+            known = self.secrets(integration)
+            if known is None:
+                return 404, _error("Not Found", "Integration not found"), {}
+            expected = known.encode("utf-8")
+        if not hmac.compare_digest(given, expected):
             return 401, _error("Unauthorized", "Invalid or missing webhook secret"), {}
         if self.integration_id is not None and integration != self.integration_id:
             return 404, _error("Not Found", "Integration not found"), {}

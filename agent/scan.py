@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, closing, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -230,6 +230,11 @@ class Scanner:
     ranges_off: str | None = None
     """Why range digests are not used (ids the database spells otherwise than the agent)."""
 
+    @property
+    def routed(self) -> bool:
+        """Whether rows name their integration (a platform: see agent.integrations)."""
+        return self.reader.route is not None
+
     def can_reconcile_beside(self) -> bool:
         """Whether `reconcile` can run beside the polls: a baselined store with a cursor."""
         return (
@@ -435,8 +440,12 @@ class Scanner:
             if not everything and token == self.store.fingerprints.catalog_token():
                 return None
         self.reader.read_catalog(src, snapshot)
-        report.catalog = diff_catalog(
-            self.store.fingerprints.load_catalog(), snapshot.catalog, snapshot.catalog_protected
+        report.catalog = self._leaving(
+            diff_catalog(
+                self.store.fingerprints.load_catalog(),
+                snapshot.catalog,
+                snapshot.catalog_protected,
+            )
         )
         return None if snapshot.catalog_protected else token
 
@@ -536,9 +545,9 @@ class Scanner:
         ]
         catalog = report.catalog if first else CatalogDiff(removed=report.catalog.removed)
         if report.baseline and not resync:
-            messages = plan(catalog, slots, baseline=True) if first else []
+            messages = plan(catalog, slots, baseline=True, routed=self.routed) if first else []
         else:
-            messages = plan(catalog, slots, resync=backfill if resync else ())
+            messages = plan(catalog, slots, resync=backfill if resync else (), routed=self.routed)
             if not first:
                 messages = [m for m in messages if m.kind != "trigger"]
         enqueued = self.store.commit_scan(
@@ -576,7 +585,7 @@ class Scanner:
         report.catalog = self._catalog_changes(snapshot)
         stored = self.store.fingerprints.lookup_slots([key for key, _ in found])
         slots = diff_changed_slots(stored, found, now)
-        messages = plan(report.catalog, slots)
+        messages = plan(report.catalog, slots, routed=self.routed)
         enqueued = self.store.commit_scan(
             report.catalog,
             slots,
@@ -646,7 +655,9 @@ class Scanner:
                     chunk = [c for c in chunk if c[0] not in live.touched]
                     stored = self.store.fingerprints.lookup_slots([key for key, _ in chunk])
                     slots = diff_changed_slots(stored, chunk, report.at)
-                    messages = plan(report.catalog if first else CatalogDiff(), slots)
+                    messages = plan(
+                        report.catalog if first else CatalogDiff(), slots, routed=self.routed
+                    )
                     if messages or slots.added or slots.changed:
                         enqueued = self.store.commit_scan(
                             report.catalog if first else CatalogDiff(),
@@ -693,12 +704,30 @@ class Scanner:
         """The catalog rows of `snapshot` that are new or changed against the store."""
         keys = {r.key for r in snapshot.catalog}
         stored = self.store.fingerprints.lookup_catalog(keys) if keys else {}
-        return CatalogDiff(
-            added=tuple(r for r in snapshot.catalog if r.key not in stored),
-            changed=tuple(
-                r for r in snapshot.catalog if r.key in stored and stored[r.key] != r.fingerprint
-            ),
+        return self._leaving(
+            CatalogDiff(
+                added=tuple(r for r in snapshot.catalog if r.key not in stored),
+                changed=tuple(
+                    r
+                    for r in snapshot.catalog
+                    if r.key in stored and stored[r.key] != r.fingerprint
+                ),
+            )
         )
+
+    def _leaving(self, diff: CatalogDiff) -> CatalogDiff:
+        """On a platform, `diff` with the integrations that lose a row: each removed row's, and
+        each changed row's that moved to another integration (their catalogs changed too)."""
+        if self.reader.route is None or not (diff.removed or diff.changed):
+            return diff
+        was = self.store.fingerprints.catalog_integrations(
+            [*diff.removed, *(r.key for r in diff.changed)]
+        )
+        left = {was[k] for k in diff.removed if k in was}
+        left |= {
+            was[r.key] for r in diff.changed if was.get(r.key, r.integration_id) != r.integration_id
+        }
+        return replace(diff, left=frozenset(left))
 
     def _observe(self, report: ScanReport) -> None:
         m = self.metrics

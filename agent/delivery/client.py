@@ -7,6 +7,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 
@@ -14,6 +15,9 @@ from agent import __version__
 from agent.config import Secret
 from agent.delivery.deadline import Deadlines, hold_to_deadlines
 from agent.logs import event
+
+if TYPE_CHECKING:
+    from agent.integrations import SecretsFolder
 
 log = logging.getLogger("agent.delivery")
 
@@ -38,6 +42,9 @@ class Response:
     interrupted: bool = False
     """The call was cut short because the agent is stopping (see SeyahaClient.interrupt):
     it says nothing about Seyaha."""
+    unsent: Literal["no_secret", "unroutable"] | None = None
+    """The call was not made: the integration has no usable secret file now, or the message
+    names no integration this configuration can send to (`error` says which)."""
 
 
 def user_agent() -> str:
@@ -49,17 +56,18 @@ class SeyahaClient:
         self,
         *,
         base_url: str,
-        integration_id: str,
+        integration_id: str | None,
         secret: Secret,
         connect_timeout_s: float,
         timeout_s: float,
         transport: httpx.BaseTransport | None = None,
+        secrets: SecretsFolder | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.integration_id = integration_id
-        prefix = f"/api/v1/partner-integrations/{integration_id}"
-        self.trigger_path = f"{prefix}/sync/trigger"
-        self.notify_path = f"{prefix}/availability/notify"
+        """The one integration of [seyaha] integration_id (messages naming none go there)."""
+        self.secrets = secrets
+        """A platform's secrets, one file per integration ([seyaha] webhook_secrets_dir)."""
         self._secret = secret
         self.request_s = connect_timeout_s + timeout_s
         """A call's deadline: connecting, sending and the whole answer end within this
@@ -98,16 +106,50 @@ class SeyahaClient:
     def set_secret(self, secret: Secret) -> None:
         self._secret = secret
 
-    def trigger(self) -> Response:
-        return self._post(self.trigger_path, None)
+    def trigger(self, integration_id: str = "") -> Response:
+        """Ask Seyaha to sync the catalog of `integration_id` ("": the configured one)."""
+        return self._post(integration_id, "sync/trigger", None)
 
-    def notify(self, body: str) -> Response:
+    def notify(self, body: str, integration_id: str = "") -> Response:
         """Send a notify with `body`, the exact JSON the outbox kept (model.request_body)."""
-        return self._post(self.notify_path, body)
+        return self._post(integration_id, "availability/notify", body)
 
-    def _post(self, path: str, body: str | None) -> Response:
+    def _route(self, integration_id: str) -> tuple[str, Secret] | Response:
+        """The integration's path prefix and secret, or why no call can be made."""
+        if not integration_id:
+            if self.integration_id is None:
+                return Response(
+                    None,
+                    error="queued for [seyaha] integration_id before webhook_secrets_dir was "
+                    "set: it names no integration to send to",
+                    unsent="unroutable",
+                )
+            return f"/api/v1/partner-integrations/{self.integration_id}", self._secret
+        if self.secrets is None:
+            return Response(
+                None,
+                error=f"queued for integration {integration_id} while webhook_secrets_dir was "
+                "set; this configuration sends to [seyaha] integration_id only",
+                unsent="unroutable",
+            )
+        secret = self.secrets.secret(integration_id)
+        if secret is None:
+            return Response(
+                None,
+                error=f"integration {integration_id} has no usable secret: "
+                f"{self.secrets.problem(integration_id)}",
+                unsent="no_secret",
+            )
+        return f"/api/v1/partner-integrations/{integration_id}", secret
+
+    def _post(self, integration_id: str, endpoint: str, body: str | None) -> Response:
+        route = self._route(integration_id)
+        if isinstance(route, Response):
+            return route
+        prefix, secret = route
+        path = f"{prefix}/{endpoint}"
         headers = {
-            SECRET_HEADER: self._secret.reveal(),
+            SECRET_HEADER: secret.reveal(),
             # Compressed answers are not invited: a small gzip body can unpack to gigabytes.
             "Accept-Encoding": "identity",
         }
@@ -128,27 +170,30 @@ class SeyahaClient:
                 if text is None:
                     return self._failed(
                         f"timed out: the answer was still arriving after {self.request_s:g} s "
-                        "(connect_timeout + timeout)"
+                        "(connect_timeout + timeout)",
+                        secret,
                     )
                 return self._redacted(
+                    secret,
                     Response(
                         status=answer.status_code,
                         body=text,
                         retry_after=answer.headers.get("retry-after"),
                         location=answer.headers.get("location"),
-                    )
+                    ),
                 )
         except httpx.TimeoutException as exc:
             if time.monotonic() >= deadline:
                 return self._failed(
-                    f"timed out: no answer within {self.request_s:g} s (connect_timeout + timeout)"
+                    f"timed out: no answer within {self.request_s:g} s (connect_timeout + timeout)",
+                    secret,
                 )
-            return self._failed(f"timed out ({type(exc).__name__})")
+            return self._failed(f"timed out ({type(exc).__name__})", secret)
         except httpx.HTTPError as exc:
             # httpx errors name the URL, never the headers; a URL never holds the secret.
-            return self._failed(f"{type(exc).__name__}: {exc}")
+            return self._failed(f"{type(exc).__name__}: {exc}", secret)
 
-    def _failed(self, error: str) -> Response:
+    def _failed(self, error: str, secret: Secret) -> Response:
         """No answer: `error` says why, unless the call was cut short by interrupt()."""
         if self._deadlines.interrupted:
             return Response(
@@ -156,7 +201,7 @@ class SeyahaClient:
                 error="cut short: the agent was stopping and delivery.shutdown_grace was over",
                 interrupted=True,
             )
-        return self._redacted(Response(None, error=error))
+        return self._redacted(secret, Response(None, error=error))
 
     @staticmethod
     def _read(answer: httpx.Response, deadline: float, limit: int) -> str | None:
@@ -185,10 +230,11 @@ class SeyahaClient:
             raw = bytearray(data)
         return bytes(raw[:limit]).decode("utf-8", "replace")
 
-    def _redacted(self, response: Response) -> Response:
-        """The answer with every echo of the secret masked: it is kept in the outbox as the
-        last error, printed by the CLI and served by /readyz."""
-        secret = self._secret.reveal()
+    @staticmethod
+    def _redacted(sent: Secret, response: Response) -> Response:
+        """The answer with every echo of the secret sent masked: it is kept in the outbox as
+        the last error, printed by the CLI and served by /readyz."""
+        secret = sent.reveal()
         if not secret:
             return response
         pattern = re.compile(re.escape(secret), re.IGNORECASE)

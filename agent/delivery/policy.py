@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 BODY_EXCERPT_CHARS = 300
 """How much of an unexpected response body is kept as the reason (characters)."""
@@ -33,6 +33,9 @@ class Outcome:
     reason: str
     status: int | None = None
     retry_after_s: float | None = None
+    scope: Literal["delivery", "integration"] = "delivery"
+    """What a PAUSE holds: all delivery (Seyaha's address is wrong), or the message's
+    integration only (its secret or id is refused, or it has no secret file)."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,16 @@ def classify(
     error: str | None = None,
     location: str | None = None,
     now: datetime,
+    unsent: Literal["no_secret", "unroutable"] | None = None,
+    routed: bool = False,
 ) -> Outcome:
-    """What Seyaha's answer (or the lack of one) means for the message."""
+    """What Seyaha's answer (or the lack of one) means for the message. `unsent`: the call
+    was not made (see client.Response); `routed`: the message's integration was named by its
+    row, and its secret is a file of [seyaha] webhook_secrets_dir."""
+    if unsent == "no_secret":
+        return Outcome(Verdict.PAUSE, error or "no usable secret", scope="integration")
+    if unsent == "unroutable":
+        return Outcome(Verdict.REJECTED, error or "no integration to send to")
     if status is None:
         return Outcome(Verdict.RETRY, f"cannot reach Seyaha: {error or 'no response'}")
     wait = parse_retry_after(retry_after, now)
@@ -128,11 +139,16 @@ def classify(
             )
         return Outcome(Verdict.DELIVERED, "delivered", status)
     if status in (401, 403):
+        where = (
+            "its file in seyaha.webhook_secrets_dir"
+            if routed
+            else "seyaha.webhook_secret_file or SEYAHA_WEBHOOK_SECRET"
+        )
         return Outcome(
             Verdict.PAUSE,
-            f"{status} from Seyaha: the webhook secret is wrong "
-            "(check seyaha.webhook_secret_file or SEYAHA_WEBHOOK_SECRET)",
+            f"{status} from Seyaha: the webhook secret is wrong (check {where})",
             status,
+            scope="integration",
         )
     if 300 <= status < 400:
         return Outcome(
@@ -142,11 +158,17 @@ def classify(
             status,
         )
     if status == 404:
+        where = (
+            "the integration_id of its rows and seyaha.base_url"
+            if routed
+            else "seyaha.integration_id and seyaha.base_url"
+        )
         return Outcome(
             Verdict.PAUSE,
-            "404 from Seyaha: integration not found (check seyaha.integration_id and "
-            f"seyaha.base_url): {_envelope_error(_envelope(body), body)}",
+            f"404 from Seyaha: integration not found (check {where}): "
+            f"{_envelope_error(_envelope(body), body)}",
             status,
+            scope="integration",
         )
     if status in RETRY_STATUSES or status >= 500:
         return Outcome(

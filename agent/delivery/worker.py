@@ -186,6 +186,7 @@ class Deliverer:
         rate_limit: RateLimit | None = None,
         breaker: CircuitBreaker | None = None,
         rand: Callable[[], float] = random.random,
+        turns: bool = False,
     ) -> None:
         self.store = store
         self.client = client
@@ -207,6 +208,14 @@ class Deliverer:
         self.breaker = breaker or CircuitBreaker()
         self.rand = rand
         self.pause: Pause | None = None
+        self.turns = turns
+        """A platform: integrations take turns at the claim (see _claim)."""
+        self._turn = ""
+        """The integration the last claim ended with: the next takes those after it."""
+        self.paused: dict[str, Pause] = {}
+        """A platform's integrations paused on their own (refused secret or id, no secret
+        file): their messages wait, one probe per integration every probe_interval_s, while
+        the others flow."""
         self.tally = Tally()
         self._lock = threading.Lock()
         self._batches: set[_Batch] = set()
@@ -218,6 +227,8 @@ class Deliverer:
         self._generation = 0
         self._last_delivery_written = 0.0
         self._stale_status_cleared = False
+        self._stale_pauses: set[str] = set()
+        """Integrations whose pause an earlier process recorded (cleared at their success)."""
 
     # -- wake-ups -----------------------------------------------------------------------
 
@@ -258,6 +269,57 @@ class Deliverer:
         if was is not None:
             self.store.coordination.set_status("pause", None)
             event(log, logging.INFO, "delivery.resumed", "delivery resumed")
+
+    def _held_back(self, now: datetime) -> list[str]:
+        """The paused integrations whose next probe is not due: the claim skips them."""
+        with self._lock:
+            return [i for i, p in self.paused.items() if now < p.probe_at]
+
+    def _probe_or_hold(self, integration_id: str, now: datetime) -> bool:
+        """Whether a claimed message of `integration_id` may go out now: it is not paused, or
+        it is the one probe of its pause (which moves the next probe on)."""
+        with self._lock:
+            pause = self.paused.get(integration_id)
+            if pause is None:
+                return True
+            if now < pause.probe_at:
+                return False
+            pause.probe_at = now + timedelta(seconds=self.probe_interval_s)
+            return True
+
+    def _resume_integration(self, integration_id: str) -> None:
+        with self._lock:
+            was = self.paused.pop(integration_id, None)
+            count = len(self.paused)
+        if was is None:
+            return
+        self.metrics.integrations_paused.set(count)
+        self.store.coordination.set_status(f"pause:{integration_id}", None)
+        event(
+            log,
+            logging.INFO,
+            "delivery.resumed",
+            f"integration {integration_id}: delivery resumed",
+            integration=integration_id,
+        )
+
+    def _claim(self, now: datetime, limit: int) -> list[OutboxMessage]:
+        """Claim a batch. On a platform, from the integrations after the one the last claim
+        ended with (then from the oldest message again): an integration with a backlog of
+        any size sends one batch per round, and the others' changes go out between."""
+        queue, skip = self.store.queue, self._held_back(now)
+        if not self.turns:
+            return queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip)
+        with self._lock:
+            after = self._turn
+        claimed = []
+        if after:
+            claimed = queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip, after=after)
+        if not claimed:
+            claimed = queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip)
+        with self._lock:
+            self._turn = max((m.integration_id for m in claimed), default="")
+        return claimed
 
     def claim_size(self) -> int:
         """How many messages one claim takes: about CLAIM_WORK_S of sending at the recent
@@ -314,7 +376,7 @@ class Deliverer:
             return 0
         batch = self._take_over()
         if batch is None:
-            claimed = self.store.queue.claim(now, limit=limit, lease_s=self.lease_s)
+            claimed = self._claim(now, limit)
             batch = _Batch(claimed, now + timedelta(seconds=self.lease_s))
             checked = self.clock.monotonic()
         else:
@@ -323,6 +385,7 @@ class Deliverer:
         lost = batch.lost
         attempted = 0
         unsent = 0  # claimed[unsent:batch.end] have not been sent yet
+        held: list[OutboxMessage] = []  # of integrations paused meanwhile: given back
         with self._batches_lock:
             self._batches.add(batch)
         try:
@@ -354,6 +417,13 @@ class Deliverer:
                     lost |= {m.id for m in rest} - self.store.queue.extend(
                         rest, until=batch.leased_until
                     )
+                if self.paused and not self._probe_or_hold(
+                    message.integration_id, self.clock.now()
+                ):
+                    if message.id not in lost:
+                        held.append(message)
+                        lost.add(message.id)
+                    continue
                 if message.id not in lost:  # else another worker holds it, or it is stale
                     unsent = index + 1
                     with self._batches_lock:
@@ -376,7 +446,7 @@ class Deliverer:
                 end = batch.end
             # Whatever stopped the batch (a stop, a pause, an open breaker, a store that
             # failed), what was not sent is given back now rather than when its lease runs out.
-            rest = [m for m in claimed[unsent:end] if m.id not in lost]
+            rest = held + [m for m in claimed[unsent:end] if m.id not in lost]
             if rest:
                 with suppress(SQLAlchemyError):
                     self._release(rest)
@@ -445,10 +515,10 @@ class Deliverer:
             return Outcome(Verdict.DELIVERED, "expired")
         started = self.clock.monotonic()
         if message.kind == "trigger":
-            response = self.client.trigger()
+            response = self.client.trigger(message.integration_id)
         else:
             assert message.body is not None
-            response = self.client.notify(message.body)
+            response = self.client.notify(message.body, message.integration_id)
         if response.interrupted:
             return self._interrupted(message, response)
         elapsed = self.clock.monotonic() - started
@@ -460,6 +530,8 @@ class Deliverer:
             error=response.error,
             location=response.location,
             now=self.clock.now(),
+            unsent=response.unsent,
+            routed=bool(message.integration_id),
         )
         self._record(message, response, outcome, elapsed, done)
         return outcome
@@ -499,6 +571,8 @@ class Deliverer:
         verdict = outcome.verdict
         if verdict in (Verdict.DELIVERED, Verdict.NOT_UPDATED):
             self._delivered(message, verdict, outcome, fields, now, done)
+        elif verdict is Verdict.PAUSE and outcome.scope == "integration" and message.integration_id:
+            self._paused_integration(message, response, outcome, fields, now)
         elif verdict is Verdict.PAUSE:
             self._paused(message, response, outcome, fields, now)
         elif verdict is Verdict.REJECTED:
@@ -528,6 +602,12 @@ class Deliverer:
             self.resume()
         if not self._stale_status_cleared:
             self._clear_stale_status()
+        if message.integration_id in self.paused:
+            self._resume_integration(message.integration_id)
+        elif message.integration_id in self._stale_pauses:
+            # Recorded by an earlier process: this success ends it.
+            self._stale_pauses.discard(message.integration_id)
+            self.store.coordination.set_status(f"pause:{message.integration_id}", None)
         mono = self.clock.monotonic()
         if mono - self._last_delivery_written >= LAST_DELIVERY_EVERY_S:
             self._last_delivery_written = mono
@@ -546,6 +626,9 @@ class Deliverer:
         cleared it, and `outbox status` would show it for good."""
         self._stale_status_cleared = True
         recorded = self.store.coordination.status()
+        self._stale_pauses = {
+            name.removeprefix("pause:") for name in recorded if name.startswith("pause:")
+        }
         if "pause" in recorded and self.pause is None:
             self.store.coordination.set_status("pause", None)
         if recorded.get("breaker", "closed") != "closed" and (
@@ -589,6 +672,54 @@ class Deliverer:
         else:
             event(
                 log, logging.ERROR, "delivery.paused", f"still refused: {outcome.reason}", **fields
+            )
+
+    def _paused_integration(
+        self,
+        message: OutboxMessage,
+        response: Response,
+        outcome: Outcome,
+        fields: dict[str, object],
+        now: datetime,
+    ) -> None:
+        """Pause the message's integration alone: its messages wait (this one is due again
+        at once, for the next probe), the other integrations' flow."""
+        integration = message.integration_id
+        self.tally.note_problem(f"integration {integration}: {outcome.reason}")
+        self.breaker.neutral()
+        with self._lock:
+            was = self.paused.get(integration)
+            self.paused[integration] = Pause(
+                outcome.reason,
+                since=was.since if was else now,
+                probe_at=now + timedelta(seconds=self.probe_interval_s),
+            )
+            count = len(self.paused)
+        self.store.queue.retry_later(
+            message, at=now, error=outcome.reason, status=response.status, count_attempt=False
+        )
+        self.metrics.integrations_paused.set(count)
+        if was is None or was.reason != outcome.reason:
+            self.store.coordination.set_status(
+                f"pause:{integration}", f"{now.isoformat()} {outcome.reason}"
+            )
+            event(
+                log,
+                logging.ERROR,
+                "delivery.paused",
+                f"integration {integration}: {outcome.reason}; its delivery is paused, nothing "
+                f"is lost, probing every {self.probe_interval_s:g} s; other integrations go on",
+                integration=integration,
+                **fields,
+            )
+        else:
+            event(
+                log,
+                logging.WARNING,
+                "delivery.paused",
+                f"integration {integration}: still refused: {outcome.reason}",
+                integration=integration,
+                **fields,
             )
 
     def _dead(

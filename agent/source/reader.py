@@ -124,8 +124,16 @@ class SourceReader:
         query_timeout_s: float | None = None,
         transaction_max_s: float = READ_TRANSACTION_MAX_S,
         range_digests: bool = True,
+        route: rows.Route | None = None,
     ) -> None:
         self.engine = engine
+        self.route = route
+        """A platform's rows name their integration (agent.integrations.Router); None: one."""
+        routed = () if route is None else ("integration_id",)
+        self.slot_columns: tuple[str, ...] = (*rows.SLOT_REQUIRED_COLUMNS, *routed)
+        """The columns the slots queries must return."""
+        self.catalog_columns: tuple[str, ...] = (*rows.CATALOG_KEY_COLUMNS, *routed)
+        """The columns the catalog queries must return."""
         self.dialect: Dialect = dialect_of(engine)
         self.catalog_query = catalog_query
         self.slots_query = slots_query
@@ -221,12 +229,12 @@ class SourceReader:
             conn,
             name,
             sql,
-            rows.SLOT_REQUIRED_COLUMNS,
+            self.slot_columns,
             stream=True,
             params=params,
             expanding=(RANGES_PARAM,) if ranges is not None else (),
         )
-        zone = self.timezone
+        zone, route = self.timezone, self.route
         # Rows come in key order, so the copies of a duplicated key are adjacent: each row is
         # held back until the next key differs, and a key that came twice goes on protected.
         held: SourceSlot | None = None
@@ -236,7 +244,7 @@ class SourceReader:
             snapshot.slot_rows_read += 1
             item: Slot | None
             try:
-                item = rows.slot(raw, zone)
+                item = rows.slot(raw, zone, route)
                 key = item.key
             except rows.BadRow as exc:
                 snapshot.skipped.append(
@@ -361,8 +369,12 @@ class SourceReader:
         """Query `name`'s column names, for a dialect that hashes a row column by column."""
         if not self.dialect.hashes_by_column:
             return []
+        return self.query_columns(conn, name)
+
+    def query_columns(self, conn: sa.Connection, name: str) -> list[str]:
+        """The column names query `name` returns (it runs with LIMIT 0)."""
         sql = f"SELECT * FROM (\n{self._query(name).strip().rstrip(';')}\n) q LIMIT 0"  # noqa: S608 - the operator's own query
-        required = rows.SLOT_REQUIRED_COLUMNS if name == "slots_query" else rows.CATALOG_KEY_COLUMNS
+        required = self.slot_columns if name == "slots_query" else self.catalog_columns
         result = self._execute(conn, name, sql, required)
         try:
             return [str(k) for k in result.keys()]  # noqa: SIM118 - a Result, not a dict
@@ -486,12 +498,12 @@ class SourceReader:
             conn,
             name,
             self.slots_changed_query,
-            rows.SLOT_REQUIRED_COLUMNS,
+            self.slot_columns,
             params={"since": since},
         )
         collect = _Collector(name, rows.SLOT_KEY_COLUMNS, snapshot.skipped)
         found: list[SourceSlot] = []
-        zone = self.timezone
+        zone, route = self.timezone, self.route
         key_columns = rows.SLOT_KEY_COLUMNS
         handled = snapshot.handled
         for raw in self._rows(result, name, None):
@@ -509,7 +521,7 @@ class SourceReader:
                     snapshot.slot_rows_unchanged += 1
                     handled[raw_key] = (values, known)
                 continue
-            item = collect.convert(raw, lambda r: rows.slot(r, zone))
+            item = collect.convert(raw, lambda r: rows.slot(r, zone, route))
             if item is not None and collect.first_time(raw, item.key):
                 found.append((item.key, item))
                 with suppress(TypeError):  # a key value that cannot be hashed: not remembered
@@ -641,14 +653,14 @@ class SourceReader:
             conn,
             name,
             sql or self.catalog_query,
-            rows.CATALOG_KEY_COLUMNS,
+            self.catalog_columns,
             stream=limit is not None,
             params=params,
         )
         collect = _Collector(name, rows.CATALOG_KEY_COLUMNS, snapshot.skipped)
         for raw in self._rows(result, name, limit):
             snapshot.catalog_rows_read += 1
-            item = collect.convert(raw, rows.catalog_row)
+            item = collect.convert(raw, lambda r: rows.catalog_row(r, self.route))
             if item is not None and collect.first_time(raw, item.key):
                 snapshot.catalog.append(item)
         if collect.duplicates:
@@ -659,14 +671,12 @@ class SourceReader:
         name = "slots_query"
         # The SQL a full scan runs, so that `check` passes only what the scan will run too.
         sql = self.dialect.ordered(self.slots_query, rows.SLOT_KEY_COLUMNS)
-        result = self._execute(
-            conn, name, sql, rows.SLOT_REQUIRED_COLUMNS, stream=limit is not None
-        )
+        result = self._execute(conn, name, sql, self.slot_columns, stream=limit is not None)
         collect = _Collector(name, rows.SLOT_KEY_COLUMNS, snapshot.skipped)
-        zone = self.timezone
+        zone, route = self.timezone, self.route
         for raw in self._rows(result, name, limit):
             snapshot.slot_rows_read += 1
-            item = collect.convert(raw, lambda r: rows.slot(r, zone))
+            item = collect.convert(raw, lambda r: rows.slot(r, zone, route))
             if item is not None and collect.first_time(raw, item.key):
                 snapshot.slots.append(item)
         if collect.duplicates:

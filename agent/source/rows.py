@@ -10,7 +10,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -268,12 +268,18 @@ def fingerprint(values: Mapping[str, Any]) -> str:
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def catalog_row(row: Mapping[str, Any]) -> CatalogRow:
-    """A catalog query row: keyed by (product_id, option_id); every other column is metadata."""
+Route = Callable[[Any], str]
+"""A row's integration_id value -> the integration id, or BadRow (agent.integrations.Router)."""
+
+
+def catalog_row(row: Mapping[str, Any], route: Route | None = None) -> CatalogRow:
+    """A catalog query row: keyed by (product_id, option_id); every other column is metadata
+    (the integration_id of a routed row among them: a product that moves is a change)."""
     product_id = to_id(row.get("product_id"), "product_id")
     option_id = to_id(row.get("option_id"), "option_id")
+    integration = "" if route is None else route(row.get("integration_id"))
     metadata = {k: v for k, v in row.items() if k not in CATALOG_KEY_COLUMNS}
-    return CatalogRow(product_id, option_id, fingerprint(metadata))
+    return CatalogRow(product_id, option_id, fingerprint(metadata), integration)
 
 
 START_CACHE = 65_536
@@ -313,11 +319,13 @@ def _start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
     return _cached_start(value, tz, value.fold if type(value) is datetime else 0)
 
 
-def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:
-    """A slots query row as the notify Seyaha should receive."""
+def slot(row: Mapping[str, Any], tz: ZoneInfo, route: Route | None = None) -> Slot:
+    """A slots query row as the notify Seyaha should receive (with `route`, to the
+    integration its integration_id column names)."""
     product_id = to_id(row.get("product_id"), "product_id")
     option_id = to_id(row.get("option_id"), "option_id")
     availability_id = to_id(row.get("availability_id"), "availability_id")
+    integration = "" if route is None else route(row.get("integration_id"))
     local_start, start_utc = _start(row.get("local_date_time_start"), tz)
     vacancies = to_count(row.get("vacancies"), "vacancies")
     capacity = to_count(row.get("capacity"), "capacity")
@@ -331,6 +339,7 @@ def slot(row: Mapping[str, Any], tz: ZoneInfo) -> Slot:
         status=status,
         vacancies=sent_vacancies,
         capacity=capacity,
+        integration_id=integration,
     )
 
 

@@ -20,6 +20,8 @@ class OutboxStats:
     dead: int
     in_flight: int
     oldest_pending: datetime | None
+    integrations_waiting: int = 0
+    """A platform's integrations with at least one message waiting (routed rows only)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class OutboxEntry:
     kind: str
     state: str
     reason: str
+    integration_id: str
     attempts: int
     last_status: int | None
     last_error: str | None
@@ -42,17 +45,26 @@ class Admin:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
 
-    def stats(self) -> OutboxStats:
+    def stats(self, *, integration: str | None = None) -> OutboxStats:
+        """Counts of the whole outbox, or of one integration's messages."""
         o = t.outbox.c
         with self.connector.read() as conn:
-            rows = conn.execute(
-                sa.select(
-                    o.state,
-                    sa.func.count(),
-                    sa.func.min(o.created_ms),
-                    sa.func.count(o.lease_token),
-                ).group_by(o.state)
-            ).all()
+            query = sa.select(
+                o.state,
+                sa.func.count(),
+                sa.func.min(o.created_ms),
+                sa.func.count(o.lease_token),
+            ).group_by(o.state)
+            if integration is not None:
+                query = query.where(o.integration_id == integration)
+            rows = conn.execute(query).all()
+            waiting = conn.execute(
+                sa.select(sa.func.count(sa.distinct(o.integration_id))).where(
+                    o.state == t.PENDING,
+                    o.integration_id != "",
+                    *(() if integration is None else (o.integration_id == integration,)),
+                )
+            ).scalar_one()
         pending = dead = in_flight = 0
         oldest: int | None = None
         for state, count, first_ms, leased in rows:
@@ -65,13 +77,27 @@ class Admin:
             dead=dead,
             in_flight=in_flight,
             oldest_pending=None if oldest is None else from_epoch_ms(oldest),
+            integrations_waiting=int(waiting),
         )
 
-    def entries(self, *, state: str | None = None, limit: int = 100) -> list[OutboxEntry]:
+    def pending(self, *, besides: Sequence[str] = ()) -> int:
+        """Messages waiting, but those of the integrations `besides`."""
+        o = t.outbox.c
+        query = sa.select(sa.func.count()).where(o.state == t.PENDING)
+        if besides:
+            query = query.where(o.integration_id.not_in(list(besides)))
+        with self.connector.read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def entries(
+        self, *, state: str | None = None, limit: int = 100, integration: str | None = None
+    ) -> list[OutboxEntry]:
         o = t.outbox.c
         query = sa.select(t.outbox).order_by(o.id).limit(limit)
         if state is not None:
             query = query.where(o.state == state)
+        if integration is not None:
+            query = query.where(o.integration_id == integration)
         with self.connector.read() as conn:
             return [
                 OutboxEntry(
@@ -79,6 +105,7 @@ class Admin:
                     kind=r.kind,
                     state=r.state,
                     reason=r.reason,
+                    integration_id=r.integration_id,
                     attempts=r.attempts,
                     last_status=r.last_status,
                     last_error=r.last_error,
@@ -89,10 +116,20 @@ class Admin:
                 for r in conn.execute(query)
             ]
 
-    def retry_dead(self, now: datetime, *, ids: Sequence[int] = (), kind: str | None = None) -> int:
-        """Put dead letters back in the queue (all, or those with `ids`, or of one `kind`)."""
+    def retry_dead(
+        self,
+        now: datetime,
+        *,
+        ids: Sequence[int] = (),
+        kind: str | None = None,
+        integration: str | None = None,
+    ) -> int:
+        """Put dead letters back in the queue (all, or those with `ids`, or of one `kind`, or
+        of one integration)."""
         o = t.outbox.c
         query = sa.update(t.outbox).where(o.state == t.DEAD)
+        if integration is not None:
+            query = query.where(o.integration_id == integration)
         if ids:
             query = query.where(o.id.in_(list(ids)))
         if kind is not None:
@@ -111,10 +148,15 @@ class Admin:
                 ).rowcount
             )
 
-    def purge_dead(self, *, older_than: datetime | None = None) -> int:
-        """Delete dead letters (only those last touched before `older_than`, if given)."""
+    def purge_dead(
+        self, *, older_than: datetime | None = None, integration: str | None = None
+    ) -> int:
+        """Delete dead letters (only those last touched before `older_than`, if given, or of
+        one integration)."""
         o = t.outbox.c
         query = sa.delete(t.outbox).where(o.state == t.DEAD)
+        if integration is not None:
+            query = query.where(o.integration_id == integration)
         if older_than is not None:
             query = query.where(o.updated_ms < to_epoch_ms(older_than))
         with self.connector.write() as conn:

@@ -45,6 +45,7 @@ _SLOT_COLUMNS = (
     t.slot_fingerprints.c.fingerprint,
     t.slot_fingerprints.c.local_start,
     t.slot_fingerprints.c.start_ms,
+    t.slot_fingerprints.c.integration_id,
 )
 _SLOT_KEY = (
     t.slot_fingerprints.c.product_id,
@@ -89,12 +90,13 @@ class Fingerprints:
         try:
             # Unpacked by position: a million rows per scan, and attribute look-ups on a Row
             # cost more than the rest of the loop.
-            for product_id, option_id, availability_id, fingerprint, local, start_ms in result:
+            for product_id, option_id, availability_id, fingerprint, local, start_ms, to in result:
                 yield StoredSlot(
                     (product_id, option_id, availability_id),
                     fingerprint,
                     local,
                     from_epoch_ms(start_ms),
+                    to,
                 )
         finally:
             result.close()
@@ -157,6 +159,15 @@ class Fingerprints:
             )
             return {(r.product_id, r.option_id): r.fingerprint for r in rows}
 
+    def catalog_integrations(self, keys: Collection[CatalogKey]) -> dict[CatalogKey, str]:
+        """The integration each of these stored catalog rows belongs to."""
+        c = t.catalog_fingerprints.c
+        with self.connector.read() as conn:
+            rows = self.connector.dialect.lookup(
+                conn, (c.product_id, c.option_id, c.integration_id), _CATALOG_KEY, keys
+            )
+            return {(r.product_id, r.option_id): r.integration_id for r in rows}
+
     def expire(self, now_ms: int) -> int:
         """Forget the stored slots whose start has passed (a reconciliation that reads only
         the ranges that changed does not meet the others); returns how many."""
@@ -215,15 +226,27 @@ def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:
         conn.execute(
             sa.insert(tbl),
             [
-                {"product_id": r.product_id, "option_id": r.option_id, "fingerprint": r.fingerprint}
+                {
+                    "product_id": r.product_id,
+                    "option_id": r.option_id,
+                    "fingerprint": r.fingerprint,
+                    "integration_id": r.integration_id,
+                }
                 for r in diff.added
             ],
         )
     if diff.changed:
         conn.execute(
-            sa.update(tbl).where(matches).values(fingerprint=sa.bindparam("new_fingerprint")),
+            sa.update(tbl)
+            .where(matches)
+            .values(fingerprint=sa.bindparam("new_fingerprint"), integration_id=sa.bindparam("to")),
             [
-                {"product": r.product_id, "option": r.option_id, "new_fingerprint": r.fingerprint}
+                {
+                    "product": r.product_id,
+                    "option": r.option_id,
+                    "new_fingerprint": r.fingerprint,
+                    "to": r.integration_id,
+                }
                 for r in diff.changed
             ],
         )
@@ -260,6 +283,7 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
                     "fingerprint": s.fingerprint,
                     "local_start": s.local_date_time_start,
                     "start_ms": to_epoch_ms(s.start_utc),
+                    "integration_id": s.integration_id,
                 }
                 for s in diff.added
             ],
@@ -272,6 +296,7 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
                 fingerprint=sa.bindparam("new_fingerprint"),
                 local_start=sa.bindparam("local_start_text"),
                 start_ms=sa.bindparam("start_epoch_ms"),
+                integration_id=sa.bindparam("to"),
             ),
             [
                 {
@@ -281,6 +306,7 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
                     "new_fingerprint": s.fingerprint,
                     "local_start_text": s.local_date_time_start,
                     "start_epoch_ms": to_epoch_ms(s.start_utc),
+                    "to": s.integration_id,
                 }
                 for s in diff.changed
             ],
@@ -299,4 +325,5 @@ def _stored_slot(r: Any) -> StoredSlot:
         fingerprint=r.fingerprint,
         local_date_time_start=r.local_start,
         start_utc=from_epoch_ms(r.start_ms),
+        integration_id=r.integration_id,
     )

@@ -34,19 +34,27 @@ CLAIM_LOCK_WAIT_S = 10.0
 timeout, and PostgreSQL's lock_timeout in the claim's transaction."""
 
 
-def _claim_candidates(connector: Connector) -> sa.Select[Any]:
-    """The claim's look-up of due messages, built once (bound: now_ms, claim_limit): built
-    per claim, this statement cost more CPU than running it."""
+def _claim_candidates(connector: Connector, *, turns: bool = False) -> sa.Select[Any]:
+    """The claim's look-up of due messages, built once (bound: now_ms, claim_limit, skip):
+    built per claim, this statement cost more CPU than running it. With `turns`, those of
+    the integrations after `after` in id order, each integration's oldest first (a
+    platform's integrations take turns: see Queue.claim)."""
     now_ms = sa.bindparam("now_ms", type_=sa.BigInteger)
     o = t.outbox.c
     older_trigger = t.outbox.alias("older_trigger")
     older_same = t.outbox.alias("older_same")
-    # The oldest waiting trigger, computed once: a correlated NOT EXISTS here made every
-    # claim scan the whole backlog once per waiting row (quadratic in the backlog).
+    # The oldest waiting trigger of each integration, computed once per claim (a handful of
+    # rows, found through seyaha_outbox_trigger): a notify waits for its own catalog's
+    # trigger, never another integration's. Checked row by row (a correlated NOT EXISTS),
+    # the claim read the whole backlog once per waiting row (quadratic in the backlog).
     first_trigger = (
-        sa.select(sa.func.min(older_trigger.c.id))
+        sa.select(
+            older_trigger.c.integration_id.label("integration_id"),
+            sa.func.min(older_trigger.c.id).label("first_id"),
+        )
         .where(older_trigger.c.kind == "trigger", older_trigger.c.state == t.PENDING)
-        .scalar_subquery()
+        .group_by(older_trigger.c.integration_id)
+        .subquery("first_trigger")
     )
     newer_same = t.outbox.alias("newer_same")
     # A newer message for the same slot (or a newer trigger) carries the newest absolute
@@ -63,11 +71,20 @@ def _claim_candidates(connector: Connector) -> sa.Select[Any]:
     )
     candidates = (
         sa.select(t.outbox, superseded)
+        .select_from(
+            t.outbox.outerjoin(first_trigger, first_trigger.c.integration_id == o.integration_id)
+        )
         .where(
             o.state == t.PENDING,
             o.available_ms <= now_ms,
             sa.or_(o.leased_until_ms.is_(None), o.leased_until_ms < now_ms),
-            sa.or_(o.kind == "trigger", first_trigger.is_(None), o.id < first_trigger),
+            sa.or_(
+                o.kind == "trigger",
+                first_trigger.c.first_id.is_(None),
+                o.id < first_trigger.c.first_id,
+            ),
+            # Integrations paused on their own, whose next probe is not due.
+            o.integration_id.not_in(sa.bindparam("skip", expanding=True)),
             ~sa.exists().where(
                 older_same.c.dedupe_key == o.dedupe_key,
                 older_same.c.state == t.PENDING,
@@ -77,6 +94,12 @@ def _claim_candidates(connector: Connector) -> sa.Select[Any]:
         .order_by(o.id)
         .limit(sa.bindparam("claim_limit", type_=sa.Integer))
     )
+    if turns:
+        candidates = (
+            candidates.where(o.integration_id > sa.bindparam("after", type_=sa.String))
+            .order_by(None)
+            .order_by(o.integration_id, o.id)
+        )
     # Several agents on one store: each skips the rows another is claiming instead of
     # queueing behind its lock (the conditional UPDATE below stays as the guarantee).
     return connector.dialect.skip_locked(candidates, of=t.outbox)
@@ -104,6 +127,7 @@ class Queue:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
         self._candidates = _claim_candidates(connector)
+        self._turns = _claim_candidates(connector, turns=True)
         self._lease = _lease_update()
 
     # -- enqueue, inside the scan's transaction -----------------------------------------
@@ -199,13 +223,24 @@ class Queue:
 
     # -- delivery -----------------------------------------------------------------------
 
-    def claim(self, now: datetime, *, limit: int, lease_s: float) -> list[OutboxMessage]:
-        """Reserve up to `limit` due messages, oldest first, under a lease of `lease_s`."""
+    def claim(
+        self,
+        now: datetime,
+        *,
+        limit: int,
+        lease_s: float,
+        skip: Sequence[str] = (),
+        after: str | None = None,
+    ) -> list[OutboxMessage]:
+        """Reserve up to `limit` due messages under a lease of `lease_s`, none of the
+        integrations in `skip` (paused on their own). Oldest first; with `after` (a
+        platform), those of the next integrations after it in id order, so that one
+        integration's backlog of any size waits its turn behind the others' changes."""
         now_ms = to_epoch_ms(now)
         until_ms = now_ms + int(lease_s * 1000)
         claim = _Claim()
         try:
-            return self._claim(limit, claim, now_ms, until_ms)
+            return self._claim(limit, claim, now_ms, until_ms, list(skip), after)
         except SQLAlchemyError:
             # The connection died: the lease UPDATE may have committed without this process
             # hearing of it. Its rows would wait out their lease; give them back now.
@@ -218,13 +253,25 @@ class Queue:
                     )
             raise
 
-    def _claim(self, limit: int, claim: _Claim, now_ms: int, until_ms: int) -> list[OutboxMessage]:
+    def _claim(
+        self,
+        limit: int,
+        claim: _Claim,
+        now_ms: int,
+        until_ms: int,
+        skip: list[str],
+        after: str | None,
+    ) -> list[OutboxMessage]:
         o = t.outbox.c
         with self.connector.write() as conn:
             # Rows other claims hold are skipped; a lock on the whole table (a migration, a
             # LOCK TABLE) is waited for only this long, then the claim fails and is retried.
             self.connector.dialect.limit_lock_wait(conn, CLAIM_LOCK_WAIT_S)
-            rows = conn.execute(self._candidates, {"now_ms": now_ms, "claim_limit": limit}).all()
+            bound = {"now_ms": now_ms, "claim_limit": limit, "skip": skip}
+            if after is None:
+                rows = conn.execute(self._candidates, bound).all()
+            else:
+                rows = conn.execute(self._turns, {**bound, "after": after}).all()
             if superseded_ids := [r.id for r in rows if r.superseded]:
                 conn.execute(sa.delete(t.outbox).where(o.id.in_(superseded_ids)))
             wanted = [r for r in rows if not r.superseded]
@@ -265,6 +312,7 @@ class Queue:
                     if row.slot_start_ms is None
                     else from_epoch_ms(row.slot_start_ms),
                     lease_token=token,
+                    integration_id=row.integration_id,
                 )
                 for row in wanted
             ]
@@ -461,4 +509,5 @@ def _new_row(message: Message, now_ms: int) -> dict[str, object]:
         "available_ms": now_ms,
         "slot_start_ms": _start_ms(message),
         "attempts": 0,
+        "integration_id": message.integration_id,
     }

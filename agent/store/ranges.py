@@ -75,7 +75,13 @@ class StoredRanges:
         for (product, option), group in groupby(sorted(ranges), key=lambda r: (r[0], r[1])):
             suffixes = {r[2] for r in group}
             query = (
-                sa.select(_S.availability_id, _S.fingerprint, _S.local_start, _S.start_ms)
+                sa.select(
+                    _S.availability_id,
+                    _S.fingerprint,
+                    _S.local_start,
+                    _S.start_ms,
+                    _S.integration_id,
+                )
                 .where(
                     _S.product_id == product,
                     _S.option_id == option,
@@ -85,10 +91,10 @@ class StoredRanges:
                 )
                 .order_by(_S.availability_id)
             )
-            for slot, fingerprint, local, start_ms in conn.execute(query):
+            for slot, fingerprint, local, start_ms, to in conn.execute(query):
                 if range_of((product, option, slot))[2] in suffixes:
                     yield StoredSlot(
-                        (product, option, slot), fingerprint, local, from_epoch_ms(start_ms)
+                        (product, option, slot), fingerprint, local, from_epoch_ms(start_ms), to
                     )
 
     @staticmethod

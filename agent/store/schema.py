@@ -96,6 +96,8 @@ outbox = sa.Table(
     sa.Index("seyaha_outbox_dedupe", "dedupe_key", "state"),
     # The oldest waiting trigger of one integration (a notify waits only for its own).
     sa.Index("seyaha_outbox_integration", "integration_id", "kind", "state", "id"),
+    # A platform's integrations take turns (Queue.claim with `after`).
+    sa.Index("seyaha_outbox_turns", "state", "integration_id", "id"),
 )
 
 ranges = sa.Table(

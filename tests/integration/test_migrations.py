@@ -82,6 +82,7 @@ INDEXES_2 = {
 INDEXES_4 = {
     **INDEXES_2,
     "seyaha_outbox_integration": ["integration_id", "kind", "state", "id"],
+    "seyaha_outbox_turns": ["state", "integration_id", "id"],
 }
 """The outbox's indexes from schema 4 on."""
 
@@ -268,6 +269,7 @@ def as_entry(outbox_id: int, m: MessageV1) -> OutboxEntry:
         kind=m.kind,
         state=m.state,
         reason=m.reason,
+        integration_id="",  # 0.1.0 knew one integration: the configured one
         attempts=m.attempts,
         last_status=m.last_status,
         last_error=m.last_error,

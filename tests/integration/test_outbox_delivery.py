@@ -171,8 +171,8 @@ class Wire:
         self._lock = threading.Lock()
         send = agent.client.notify
 
-        def notify(body: str) -> Response:
-            response = send(body)
+        def notify(body: str, integration_id: str = "") -> Response:
+            response = send(body, integration_id)
             with self._lock:
                 self.sent.append((json.loads(body), response.status))
             return response

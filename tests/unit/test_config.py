@@ -138,7 +138,11 @@ def test_unknown_key_is_named(
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        (lambda s: s["seyaha"].pop("integration_id"), "[seyaha] integration_id: is required"),
+        (
+            lambda s: s["seyaha"].pop("integration_id"),
+            "[seyaha] integration_id: is required (or, for a platform whose queries return an "
+            "integration_id column, set webhook_secrets_dir instead)",
+        ),
         (lambda s: s["source"].pop("url"), "[source] url: is required"),
         (lambda s: s["source"].pop("slots_query"), "[source] slots_query: is required"),
         (lambda s: s.pop("source"), "[source]: is required"),

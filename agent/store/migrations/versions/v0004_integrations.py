@@ -51,6 +51,10 @@ def upgrade() -> None:
             "seyaha_outbox",
             ["integration_id", "kind", "state", "id"],
         )
+    if "seyaha_outbox_turns" not in indexes:
+        # A platform's integrations take turns: the claim walks the waiting messages by
+        # integration, then id, from the integration after the last one served.
+        op.create_index("seyaha_outbox_turns", "seyaha_outbox", ["state", "integration_id", "id"])
     meta = sa.table("seyaha_meta", sa.column("key", sa.String), sa.column("value", sa.Text))
     bind.execute(sa.update(meta).where(meta.c.key == "schema_version").values(value="4"))
 
