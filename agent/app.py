@@ -170,6 +170,7 @@ class Agent:
                 threshold=s.delivery.breaker_failures, cooldown_s=s.delivery.breaker_cooldown
             ),
             turns=s.seyaha.routed,
+            integration_rate=s.delivery.integration_rate_limit,
         )
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Names this process in the scanner lease of a shared state store."""

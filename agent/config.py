@@ -267,6 +267,13 @@ class DeliverySettings(_Section):
     rate_limit: float = Field(
         50.0, ge=0, le=1_000_000, description="requests per second at most (0: no limit)"
     )
+    integration_rate_limit: float = Field(
+        0.0,
+        ge=0,
+        le=1_000_000,
+        description="a platform: requests per second at most per integration, within "
+        "rate_limit for all (0: rate_limit alone)",
+    )
     breaker_failures: int = Field(
         5, ge=1, le=1_000_000, description="failures in a row that open the circuit breaker"
     )

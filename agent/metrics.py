@@ -157,6 +157,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.integrations_breaker_open = Gauge(
+            "integrations_circuit_breaker_open",
+            "A platform's integrations whose own circuit breaker holds their calls back after "
+            "failures in a row (the shared circuit_breaker_open is for all of them).",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.integrations_waiting = Gauge(
             "integrations_waiting",
             "A platform's integrations with messages waiting in the outbox.",

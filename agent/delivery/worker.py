@@ -187,6 +187,7 @@ class Deliverer:
         breaker: CircuitBreaker | None = None,
         rand: Callable[[], float] = random.random,
         turns: bool = False,
+        integration_rate: float = 0.0,
     ) -> None:
         self.store = store
         self.client = client
@@ -212,6 +213,12 @@ class Deliverer:
         """A platform: integrations take turns at the claim (see _claim)."""
         self._turn = ""
         """The integration the last claim ended with: the next takes those after it."""
+        self.integration_rate = integration_rate
+        """A platform: calls per second at most per integration (0: only rate_limit)."""
+        self._limits: dict[str, RateLimit] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        """A platform: each integration's own breaker, kept only while it has failures (the
+        shared one still opens when every integration fails: Seyaha itself is down)."""
         self.paused: dict[str, Pause] = {}
         """A platform's integrations paused on their own (refused secret or id, no secret
         file): their messages wait, one probe per integration every probe_interval_s, while
@@ -271,9 +278,48 @@ class Deliverer:
             event(log, logging.INFO, "delivery.resumed", "delivery resumed")
 
     def _held_back(self, now: datetime) -> list[str]:
-        """The paused integrations whose next probe is not due: the claim skips them."""
+        """The paused integrations whose next probe is not due, and those whose own breaker
+        is open: the claim skips them."""
+        mono = self.clock.monotonic()
         with self._lock:
-            return [i for i, p in self.paused.items() if now < p.probe_at]
+            held = [i for i, p in self.paused.items() if now < p.probe_at]
+            held += [i for i, b in self._breakers.items() if b.wait_s(mono) > 0]
+        return held
+
+    def _own_breaker(self, integration_id: str, *, create: bool = False) -> CircuitBreaker | None:
+        """A platform's integration's own breaker (made at its first failure)."""
+        if not self.turns or not integration_id:
+            return None
+        with self._lock:
+            found = self._breakers.get(integration_id)
+            if found is None and create:
+                found = self._breakers[integration_id] = CircuitBreaker(
+                    threshold=self.breaker.threshold,
+                    cooldown_s=self.breaker.cooldown_s,
+                    max_cooldown_s=self.breaker.max_cooldown_s,
+                )
+            return found
+
+    def _may_go(self, message: OutboxMessage, now: datetime) -> bool:
+        """Whether a claimed message may be sent now, as far as its own integration goes:
+        not paused (or this is its probe), and its own breaker lets a call through."""
+        if self.paused and not self._probe_or_hold(message.integration_id, now):
+            return False
+        own = self._own_breaker(message.integration_id)
+        return own is None or own.allow(self.clock.monotonic())
+
+    def _wait_for_rate(self, integration_id: str) -> float:
+        """Seconds to wait before the next call: the shared rate limit, and the
+        integration's own (integration_rate_limit)."""
+        mono = self.clock.monotonic()
+        wait = self.rate_limit.reserve(mono)
+        if self.integration_rate > 0 and integration_id:
+            with self._lock:
+                limit = self._limits.get(integration_id)
+                if limit is None:
+                    limit = self._limits[integration_id] = RateLimit(self.integration_rate)
+            wait = max(wait, limit.reserve(mono))
+        return wait
 
     def _probe_or_hold(self, integration_id: str, now: datetime) -> bool:
         """Whether a claimed message of `integration_id` may go out now: it is not paused, or
@@ -398,7 +444,12 @@ class Deliverer:
                     or not self.breaker.allow(self.clock.monotonic())
                 ):
                     break
-                wait = self.rate_limit.reserve(self.clock.monotonic())
+                if (self.paused or self._breakers) and not self._may_go(message, self.clock.now()):
+                    if message.id not in lost:
+                        held.append(message)
+                        lost.add(message.id)
+                    continue
+                wait = self._wait_for_rate(message.integration_id)
                 if wait > 0 and stop.wait(wait):
                     break
                 with suppress(SQLAlchemyError):  # kept, and recorded at a later flush
@@ -417,13 +468,6 @@ class Deliverer:
                     lost |= {m.id for m in rest} - self.store.queue.extend(
                         rest, until=batch.leased_until
                     )
-                if self.paused and not self._probe_or_hold(
-                    message.integration_id, self.clock.now()
-                ):
-                    if message.id not in lost:
-                        held.append(message)
-                        lost.add(message.id)
-                    continue
                 if message.id not in lost:  # else another worker holds it, or it is stale
                     unsent = index + 1
                     with self._batches_lock:
@@ -598,6 +642,12 @@ class Deliverer:
         self.tally.add(f"{message.kind}_sent")
         if self.breaker.success():
             self._breaker_changed()
+        own = self._own_breaker(message.integration_id)
+        if own is not None:
+            with self._lock:
+                self._breakers.pop(message.integration_id, None)
+            if own.success():
+                self._own_breaker_changed(message.integration_id, own)
         if self.pause is not None:
             self.resume()
         if not self._stale_status_cleared:
@@ -746,6 +796,9 @@ class Deliverer:
     ) -> None:
         if self.breaker.failure(self.clock.monotonic()):
             self._breaker_changed()
+        own = self._own_breaker(message.integration_id, create=True)
+        if own is not None and own.failure(self.clock.monotonic()):
+            self._own_breaker_changed(message.integration_id, own)
         failures = message.attempts + 1
         age = (now - message.created_at).total_seconds()
         delay = retry_delay_s(failures, outcome, self.policy, self.rand(), age)
@@ -775,6 +828,29 @@ class Deliverer:
             f"{outcome.reason}; retry {failures} in {delay:.1f} s",
             **fields,
         )
+
+    def _own_breaker_changed(self, integration_id: str, breaker: CircuitBreaker) -> None:
+        with self._lock:
+            opened = sum(b.state is not BreakerState.CLOSED for b in self._breakers.values())
+        self.metrics.integrations_breaker_open.set(opened)
+        if breaker.state is BreakerState.CLOSED:
+            event(
+                log,
+                logging.INFO,
+                "breaker.closed",
+                f"integration {integration_id}: Seyaha accepts its calls again; circuit closed",
+                integration=integration_id,
+            )
+        else:
+            event(
+                log,
+                logging.ERROR,
+                "breaker.open",
+                f"integration {integration_id}: {breaker.threshold} failures in a row: its "
+                f"circuit is open, one probe every {breaker.current_cooldown_s:g} s; other "
+                "integrations go on",
+                integration=integration_id,
+            )
 
     def _breaker_changed(self) -> None:
         state = self.breaker.state

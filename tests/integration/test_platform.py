@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from agent.app import Agent
 from agent.clock import to_epoch_ms
 from agent.config import load_config
+from agent.delivery.flow import BreakerState
 from agent.model import Message, Slot
 from agent.plan import notify_message
 from agent.sandbox import Call, Sandbox
@@ -305,10 +307,7 @@ def test_an_echoed_secret_of_any_integration_is_masked(
     """A server that echoes the header it got: the error kept in the outbox never holds the
     secret of the integration the call was for."""
 
-    def echo(handler: object) -> None:
-        from http.server import BaseHTTPRequestHandler
-
-        assert isinstance(handler, BaseHTTPRequestHandler)
+    def echo(handler: BaseHTTPRequestHandler) -> None:
         got = handler.headers.get("x-webhook-secret", "")
         body = f'{{"error": "bad gateway, you sent {got}"}}'.encode()
         handler.send_response(502)
@@ -391,3 +390,61 @@ def test_a_backlog_of_one_integration_does_not_hold_back_another(
     assert before <= batch
     deliver_until(agent, lambda: agent.store.admin.stats().pending == 0)
     assert len(_calls_of(sandbox, ALPHA)) == 400
+
+
+def test_an_integration_that_keeps_failing_opens_its_own_breaker_only(
+    make_platform: Callable[[str], Platform],
+    make_platform_agent: Callable[..., Agent],
+    serve: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    """Seyaha answers 500 to everything for ALPHA and accepts the others: ALPHA's own
+    breaker opens and holds its calls back, the shared one stays closed, the rest flow."""
+    answered: list[tuple[str, int]] = []
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        integration = handler.path.split("/")[4]
+        status = 500 if integration == ALPHA else 200
+        answered.append((integration, status))
+        body = b'{"success": 1, "data": {"updated": true}}' if status == 200 else b"{}"
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    platform = make_platform("sqlite")
+    seed(platform)
+    agent = make_platform_agent(
+        base_url=serve(answer),
+        source_url=platform.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        secrets=SECRETS,
+        breaker_failures=2,
+        breaker_cooldown=600.0,
+        backoff_max=0.05,
+        integration_rate_limit=1.0,
+    )
+    agent.scan()
+    for n in (1, 2, 3):
+        platform.book(f"s{n}1", 0)
+        platform.book(f"s{n}2", 1)
+    agent.scan()  # each integration: its trigger (baseline) and two notifies
+    deliver_until(agent, lambda: agent.store.admin.pending(besides=[ALPHA]) == 0)
+    own = agent.deliverer._breakers[ALPHA]
+    assert own.state is BreakerState.OPEN
+    assert agent.deliverer.breaker.state is BreakerState.CLOSED
+    assert agent.metrics.integrations_breaker_open._value.get() == 1
+    tried = [s for i, s in answered if i == ALPHA]
+    assert tried == [500, 500]  # two failures opened it; nothing more was sent
+    for _ in range(20):
+        agent.deliverer.step()
+    assert [s for i, s in answered if i == ALPHA] == [500, 500]
+    assert len(agent.store.admin.entries(state="pending", integration=ALPHA)) == 3
+
+    # Each integration has its own rate (1 call per second here): one integration's bucket
+    # says nothing about another's.
+    one, other = "d4" * 12, "e5" * 12
+    assert agent.deliverer._wait_for_rate(one) == 0
+    assert agent.deliverer._wait_for_rate(one) > 0.5
+    assert agent.deliverer._wait_for_rate(other) == 0
