@@ -291,6 +291,12 @@ def _check_routing(
                 "hexadecimal characters) and is not used",
                 file=out,
             )
+        elif name != name.lower():
+            report(
+                False,
+                f"webhook_secrets_dir: {name!r}: name the file in lowercase ({name.lower()}), "
+                "as the agent looks it up",
+            )
         elif name not in usable:
             report(False, f"webhook_secrets_dir: integration {name}: {secrets.problem(name)}")
         else:

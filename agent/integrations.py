@@ -76,6 +76,16 @@ class SecretsFolder:
     def secret(self, integration_id: str) -> Secret | None:
         """The integration's secret as its file holds it now; None when it has no usable one
         (see `problem`). One stat per call; the file is read again only when it changed."""
+        if (
+            integration_problem(integration_id) is not None
+            or integration_id != integration_id.lower()
+        ):
+            # Never a path out of the folder; ids are lowercase, as Seyaha writes them.
+            self._remember(
+                integration_id,
+                _Read((0, 0, 0), None, f"{integration_id!r} is not a lowercase integration id"),
+            )
+            return None
         path = self.folder / integration_id
         try:
             found = os.stat(path)

@@ -213,3 +213,16 @@ def test_a_vanished_slot_is_closed_with_the_integration_that_knew_it() -> None:
     )
     (closed,) = plan(CatalogDiff(), SlotDiff(removed=(gone,)), routed=True)
     assert (closed.integration_id, (closed.payload or {})["status"]) == (B, "CLOSED")
+
+
+@pytest.mark.parametrize("name", ["../secret", A.upper(), "a1" * 11])
+def test_a_secret_is_never_looked_up_outside_the_folder_or_by_another_spelling(
+    tmp_path: Path, name: str
+) -> None:
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    (tmp_path / "secret").write_text(SECRET_A, encoding="utf-8")
+    (folder / A.upper()).write_text(SECRET_A, encoding="utf-8")
+    secrets = SecretsFolder(folder)
+    assert secrets.secret(name) is None
+    assert "is not a lowercase integration id" in secrets.problem(name)
