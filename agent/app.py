@@ -714,6 +714,8 @@ class Agent:
         self.metrics.outbox.labels("pending").set(stats.pending)
         self.metrics.outbox.labels("dead").set(stats.dead)
         self.metrics.integrations_waiting.set(stats.integrations_waiting)
+        if self.router is not None:
+            self.deliverer.forget_idle_pauses()
         age = 0.0
         if stats.oldest_pending is not None:
             age = max(0.0, (self.clock.now() - stats.oldest_pending).total_seconds())

@@ -653,10 +653,17 @@ def _outbox_list(
     print(
         f"{'id':>8}  {'state':<8} {'kind':<7} {'age':>8} {'tries':>5}  what / last error", file=out
     )
+    paused = {
+        name.removeprefix("pause:")
+        for name in store.coordination.status()
+        if name.startswith("pause:")
+    }
     for e in entries:
         shown = e.state
-        if e.state == "pending" and e.last_status in PAUSING_STATUSES:
-            shown = "paused"
+        if e.state == "pending" and (
+            e.last_status in PAUSING_STATUSES or (e.integration_id and e.integration_id in paused)
+        ):
+            shown = "paused"  # refused, or its integration paused (e.g. no secret file)
         what = "sync/trigger"
         if e.payload is not None:
             what = (

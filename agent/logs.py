@@ -56,15 +56,24 @@ def event(logger: logging.Logger, level: int, name: str, message: str, **fields:
     logger.log(level, message, extra={"event": name, "fields": fields})
 
 
+FEW_VALUES = 16
+"""Up to this many values, a line is searched for each; beyond, by windows of each length."""
+
+
 class Redaction:
     """The strings that must never reach a log line (the webhook secret, old and new)."""
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._values: set[str] = {v for v in values if v}
+        self._by_length: dict[int, frozenset[str]] = {}
         self._ordered = self._order()
         self._lock = threading.Lock()
 
     def _order(self) -> tuple[str, ...]:
+        self._by_length = {
+            length: frozenset(v for v in self._values if len(v) == length)
+            for length in sorted({len(v) for v in self._values}, reverse=True)
+        }
         return tuple(sorted(self._values, key=len, reverse=True))
 
     def add(self, value: str) -> None:
@@ -75,9 +84,22 @@ class Redaction:
                 self._ordered = self._order()
 
     def apply(self, text: str) -> str:
-        for value in self._ordered:
-            if value in text:
-                text = text.replace(value, REDACTED)
+        ordered = self._ordered
+        if len(ordered) <= FEW_VALUES:
+            for value in ordered:
+                if value in text:
+                    text = text.replace(value, REDACTED)
+            return text
+        # A platform's thousands of secrets: one pass per distinct length over the line
+        # (they are mostly of one length), not one search per secret.
+        for length, values in self._by_length.items():
+            start = 0
+            while start + length <= len(text):
+                if text[start : start + length] in values:
+                    text = text[:start] + REDACTED + text[start + length :]
+                    start += len(REDACTED)
+                else:
+                    start += 1
         return text
 
 

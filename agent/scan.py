@@ -727,7 +727,9 @@ class Scanner:
         left |= {
             was[r.key] for r in diff.changed if was.get(r.key, r.integration_id) != r.integration_id
         }
-        return replace(diff, left=frozenset(left))
+        # Rows stored before the platform's configuration name no integration: no catalog
+        # of one to trigger.
+        return replace(diff, left=frozenset(left - {""}))
 
     def _observe(self, report: ScanReport) -> None:
         m = self.metrics

@@ -300,6 +300,35 @@ class Deliverer:
                 )
             return found
 
+    def forget_idle_pauses(self) -> None:
+        """Lift the pauses of integrations with nothing left waiting (their messages expired
+        or were delivered by another agent), this process's and those recorded in the store:
+        a pause is about messages that cannot go out, and `outbox status` would otherwise
+        report it for good."""
+        with self._lock:
+            mine = set(self.paused)
+        recorded = {
+            name.removeprefix("pause:")
+            for name in self.store.coordination.status()
+            if name.startswith("pause:")
+        }
+        candidates = sorted(mine | recorded)
+        if not candidates:
+            return
+        idle = set(candidates) - self.store.admin.waiting_of(candidates)
+        for integration in sorted(idle):
+            if integration in mine:
+                self._resume_integration(integration)
+            else:
+                self.store.coordination.set_status(f"pause:{integration}", None)
+
+    def _own_neutral(self, integration_id: str) -> None:
+        """A call (or a message dropped unsent) that tells nothing of the integration's own
+        health: a probe its half-open breaker granted is over."""
+        own = self._own_breaker(integration_id)
+        if own is not None:
+            own.neutral()
+
     def _may_go(self, message: OutboxMessage, now: datetime) -> bool:
         """Whether a claimed message may be sent now, as far as its own integration goes:
         not paused (or this is its probe), and its own breaker lets a call through."""
@@ -351,17 +380,20 @@ class Deliverer:
 
     def _claim(self, now: datetime, limit: int) -> list[OutboxMessage]:
         """Claim a batch. On a platform, from the integrations after the one the last claim
-        ended with (then from the oldest message again): an integration with a backlog of
-        any size sends one batch per round, and the others' changes go out between."""
+        ended with, in id order (then from the first again): an integration with a backlog
+        of any size sends one batch per round, and the others' changes go out between."""
         queue, skip = self.store.queue, self._held_back(now)
         if not self.turns:
             return queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip)
         with self._lock:
             after = self._turn
-        claimed = []
-        if after:
-            claimed = queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip, after=after)
+        claimed = queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip, after=after)
+        if not claimed and after:
+            # Round again, from the first integration.
+            claimed = queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip, after="")
         if not claimed:
+            # Messages that name no integration (queued before the platform's configuration):
+            # claimed last, to be given up on with the reason.
             claimed = queue.claim(now, limit=limit, lease_s=self.lease_s, skip=skip)
         with self._lock:
             self._turn = max((m.integration_id for m in claimed), default="")
@@ -444,11 +476,6 @@ class Deliverer:
                     or not self.breaker.allow(self.clock.monotonic())
                 ):
                     break
-                if (self.paused or self._breakers) and not self._may_go(message, self.clock.now()):
-                    if message.id not in lost:
-                        held.append(message)
-                        lost.add(message.id)
-                    continue
                 wait = self._wait_for_rate(message.integration_id)
                 if wait > 0 and stop.wait(wait):
                     break
@@ -468,6 +495,15 @@ class Deliverer:
                     lost |= {m.id for m in rest} - self.store.queue.extend(
                         rest, until=batch.leased_until
                     )
+                if (
+                    message.id not in lost
+                    and (self.paused or self._breakers)
+                    and not self._may_go(message, self.clock.now())
+                ):
+                    # Its integration is paused or its own breaker is open: given back at
+                    # the end of the batch. Asked last, so that a probe it grants is a call.
+                    held.append(message)
+                    lost.add(message.id)
                 if message.id not in lost:  # else another worker holds it, or it is stale
                     unsent = index + 1
                     with self._batches_lock:
@@ -546,6 +582,7 @@ class Deliverer:
         now = self.clock.now()
         if message.kind == "notify" and message.slot_start is not None and message.slot_start < now:
             self.store.queue.discard(message)
+            self._own_neutral(message.integration_id)
             self.metrics.expired.inc()
             self.tally.add("expired")
             event(
@@ -564,6 +601,7 @@ class Deliverer:
             assert message.body is not None
             response = self.client.notify(message.body, message.integration_id)
         if response.interrupted:
+            self._own_neutral(message.integration_id)
             return self._interrupted(message, response)
         elapsed = self.clock.monotonic() - started
         self._note_answer_time(elapsed)
@@ -613,6 +651,8 @@ class Deliverer:
         fields = {"message_id": message.id, "status": response.status, **_slot_fields(message)}
         now = self.clock.now()
         verdict = outcome.verdict
+        if verdict in (Verdict.PAUSE, Verdict.REJECTED):
+            self._own_neutral(message.integration_id)  # says nothing of its own health
         if verdict in (Verdict.DELIVERED, Verdict.NOT_UPDATED):
             self._delivered(message, verdict, outcome, fields, now, done)
         elif verdict is Verdict.PAUSE and outcome.scope == "integration" and message.integration_id:

@@ -80,6 +80,20 @@ class Admin:
             integrations_waiting=int(waiting),
         )
 
+    def waiting_of(self, integrations: Sequence[str]) -> set[str]:
+        """Those of `integrations` that have messages waiting."""
+        if not integrations:
+            return set()
+        o = t.outbox.c
+        with self.connector.read() as conn:
+            return set(
+                conn.execute(
+                    sa.select(o.integration_id)
+                    .where(o.state == t.PENDING, o.integration_id.in_(list(integrations)))
+                    .group_by(o.integration_id)
+                ).scalars()
+            )
+
     def pending(self, *, besides: Sequence[str] = ()) -> int:
         """Messages waiting, but those of the integrations `besides`."""
         o = t.outbox.c

@@ -185,6 +185,8 @@ class Queue:
                     payload=sa.bindparam("body"),
                     slot_start_ms=sa.bindparam("start_epoch_ms"),
                     reason=sa.bindparam("why"),
+                    # A slot that moved to another integration goes to the new one.
+                    integration_id=sa.bindparam("to"),
                     updated_ms=now_ms,
                     # A new state starts a new attempt budget; the backoff in progress
                     # (available_ms) and the age of the oldest change (created_ms) stay.
@@ -197,6 +199,7 @@ class Queue:
                         "body": _body(m),
                         "start_epoch_ms": _start_ms(m),
                         "why": m.reason,
+                        "to": m.integration_id,
                     }
                     for m in refresh
                 ],

@@ -7,8 +7,10 @@ secrets folder on disk, changed while the agent runs.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from argparse import Namespace
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
@@ -18,11 +20,13 @@ import pytest
 
 from agent.app import Agent
 from agent.clock import to_epoch_ms
+from agent.commands import outbox
 from agent.config import load_config
 from agent.delivery.flow import BreakerState
 from agent.model import Message, Slot
 from agent.plan import notify_message
 from agent.sandbox import Call, Sandbox
+from agent.store import StateStore
 from tests.integration.inventory import BACKEND_PARAMS, at, first_day
 from tests.integration.platform import (
     ALPHA,
@@ -288,6 +292,14 @@ def test_a_message_without_a_secret_file_waits_and_is_kept(
     (kept,) = agent.store.admin.entries(state="pending", integration=ALPHA)
     assert kept.kind == "trigger"
     assert "no secret file" in (kept.last_error or "")
+    listing = io.StringIO()
+    outbox(
+        agent.config.path,
+        Namespace(action="list", state="all", limit=50, integration=ALPHA),
+        listing,
+    )
+    (line,) = [x for x in listing.getvalue().splitlines() if "sync/trigger" in x]
+    assert line.split()[1] == "paused"
     result = agent.drain(WAIT_S)
     assert result.paused_reason is not None
     assert ALPHA in result.paused_reason
@@ -341,17 +353,28 @@ def _calls_of(sandbox: Sandbox, integration: str) -> list[Call]:
         return [c for c in sandbox.calls if c.integration == integration]
 
 
-@pytest.mark.parametrize("store", BACKEND_PARAMS)
+@pytest.mark.parametrize(
+    ("store", "busy", "quiet"),
+    [
+        pytest.param("sqlite", ALPHA, BRAVO, id="sqlite-first-busy"),
+        pytest.param("sqlite", CHARLIE, ALPHA, id="sqlite-last-busy"),
+        pytest.param("postgresql", CHARLIE, ALPHA, marks=pytest.mark.postgres, id="postgresql"),
+        pytest.param("mariadb", CHARLIE, BRAVO, marks=pytest.mark.mariadb, id="mariadb"),
+    ],
+)
 def test_a_backlog_of_one_integration_does_not_hold_back_another(
     store: str,
+    busy: str,
+    quiet: str,
     make_platform: Callable[[str], Platform],
     make_platform_agent: Callable[..., Agent],
     seyaha: tuple[Sandbox, dict[str, str]],
     new_database: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
-    """ALPHA has 400 notifies waiting; BRAVO's one change, queued after all of them, goes
-    out after one batch of ALPHA's, not after the 400 (integrations take turns)."""
+    """One integration has 400 notifies waiting; another's one change, queued after all of
+    them, goes out after one batch of the 400, not after all of them (integrations take
+    turns), whichever of the two comes first in id order."""
     sandbox, _ = seyaha
     platform = make_platform("sqlite")
     state_url = f"sqlite:///{tmp_path / 'state.db'}" if store == "sqlite" else new_database(store)
@@ -381,15 +404,17 @@ def test_a_backlog_of_one_integration_does_not_hold_back_another(
             "changed",
         )
 
+    now_ms = to_epoch_ms(agent.clock.now())
     with agent.store.connector.write() as conn:
-        now_ms = to_epoch_ms(agent.clock.now())
-        agent.store.queue.enqueue(conn, [change(ALPHA, n) for n in range(400)], now_ms)
-        agent.store.queue.enqueue(conn, [change(BRAVO, 0)], now_ms)
-    deliver_until(agent, lambda: any(c.integration == BRAVO for c in sandbox.calls))
-    before = [c.integration for c in sandbox.calls].index(BRAVO)
-    assert before <= batch
+        agent.store.queue.enqueue(conn, [change(busy, n) for n in range(400)], now_ms)
+    assert agent.deliverer.step() == batch  # the busy one's turn has begun
+    with agent.store.connector.write() as conn:
+        agent.store.queue.enqueue(conn, [change(quiet, 0)], now_ms)
+    deliver_until(agent, lambda: any(c.integration == quiet for c in sandbox.calls))
+    before = [c.integration for c in sandbox.calls].index(quiet)
+    assert before <= 2 * batch  # the batch under way, and at most one more
     deliver_until(agent, lambda: agent.store.admin.stats().pending == 0)
-    assert len(_calls_of(sandbox, ALPHA)) == 400
+    assert len(_calls_of(sandbox, busy)) == 400
 
 
 def test_an_integration_that_keeps_failing_opens_its_own_breaker_only(
@@ -448,3 +473,115 @@ def test_an_integration_that_keeps_failing_opens_its_own_breaker_only(
     assert agent.deliverer._wait_for_rate(one) == 0
     assert agent.deliverer._wait_for_rate(one) > 0.5
     assert agent.deliverer._wait_for_rate(other) == 0
+
+
+def test_a_probe_that_tells_nothing_does_not_leave_the_breaker_half_open(
+    make_platform: Callable[[str], Platform],
+    make_platform_agent: Callable[..., Agent],
+    serve: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    """ALPHA's calls fail twice (its own breaker opens); after the cooldown its probe is
+    refused for good (422: a dead letter, nothing about ALPHA's health). Its other messages
+    must still go out, not wait behind a breaker stuck half-open."""
+    answers = iter([500, 500, 422])
+    got: list[int] = []
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        integration = handler.path.split("/")[4]
+        status = next(answers, 200) if integration == ALPHA else 200
+        if integration == ALPHA:
+            got.append(status)
+        body = b'{"success": 1, "data": {"updated": true}}' if status == 200 else b"{}"
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    platform = make_platform("sqlite")
+    seed(platform)
+    agent = make_platform_agent(
+        base_url=serve(answer),
+        source_url=platform.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        secrets=SECRETS,
+        breaker_failures=2,
+        breaker_cooldown=0.3,
+        backoff_initial=0.01,
+        backoff_max=0.01,
+    )
+    agent.scan()
+    platform.book("s11", 0)
+    platform.book("s12", 1)
+    agent.scan()  # ALPHA: its trigger, then two notifies
+    deliver_until(agent, lambda: agent.store.admin.pending(besides=[]) == 0)
+    assert got[:3] == [500, 500, 422]
+    assert got[3:] == [200, 200]  # the two others went out after the probe
+    assert len(agent.store.admin.entries(state="dead", integration=ALPHA)) == 1
+
+
+def test_a_waiting_notify_follows_its_slot_to_another_integration(
+    make_store: Callable[[str], StateStore],
+) -> None:
+    store = make_store("sqlite")
+    start = datetime.combine(first_day(), datetime.min.time(), tzinfo=UTC)
+
+    def state(integration: str, vacancies: int) -> Message:
+        return notify_message(
+            Slot(
+                "p1",
+                "default",
+                "s1",
+                start.isoformat(),
+                start,
+                "AVAILABLE",
+                vacancies,
+                10,
+                integration,
+            ),
+            "changed",
+        )
+
+    now_ms = to_epoch_ms(datetime.now(UTC))
+    with store.connector.write() as conn:
+        store.queue.enqueue(conn, [state(ALPHA, 5)], now_ms)
+    with store.connector.write() as conn:
+        store.queue.enqueue(conn, [state(BRAVO, 4)], now_ms)
+    (waiting,) = store.admin.entries(state="pending")
+    assert (waiting.integration_id, (waiting.payload or {})["vacancies"]) == (BRAVO, 4)
+
+
+def test_a_pause_with_nothing_left_to_send_is_lifted(
+    make_platform: Callable[[str], Platform],
+    make_platform_agent: Callable[..., Agent],
+    seyaha: tuple[Sandbox, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """ALPHA is paused (no secret file) and its only message goes away (here: delivered by
+    hand, as another agent would): the pause ends, in this process and in the store's
+    record, instead of `outbox status` reporting it for good."""
+    sandbox, _ = seyaha
+    platform = make_platform("sqlite")
+    seed(platform)
+    agent = make_platform_agent(
+        base_url=sandbox.url,
+        source_url=platform.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        secrets=SECRETS,
+    )
+    agent.scan()
+    (tmp_path / "secrets" / ALPHA).unlink()
+    deliver_until(agent, lambda: ALPHA in agent.deliverer.paused)
+    assert f"pause:{ALPHA}" in agent.store.coordination.status()
+    agent.refresh_outbox_metrics()
+    assert ALPHA in agent.deliverer.paused  # its trigger still waits
+    (message,) = agent.store.queue.claim(
+        agent.clock.now() + timedelta(hours=1), limit=1, lease_s=60, after=""
+    )
+    assert message.integration_id == ALPHA
+    assert agent.store.queue.complete(message)
+    agent.refresh_outbox_metrics()
+    assert ALPHA not in agent.deliverer.paused
+    assert f"pause:{ALPHA}" not in agent.store.coordination.status()
+    assert agent.metrics.integrations_paused._value.get() == 0

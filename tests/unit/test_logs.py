@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.logs import (
     REDACTED,
@@ -162,3 +164,22 @@ def test_setup_logging_installs_one_redacting_handler(fmt: str, is_json: bool) -
         assert json.loads(line)["msg"] == f"secret is {REDACTED}"
     else:
         assert line.endswith(f"secret is {REDACTED}")
+
+
+@given(
+    values=st.sets(st.text(alphabet="abc", min_size=3, max_size=9), min_size=1, max_size=60),
+    text=st.text(alphabet="abc =", max_size=200),
+)
+def test_no_value_survives_redaction_however_many_there_are(values: set[str], text: str) -> None:
+    """Past a few values (a platform's secrets) lines are searched by windows of each
+    length: whatever the values and however they overlap, none is left in the line."""
+    for value in values:
+        text = f"{text} {value}"
+    out = Redaction(values).apply(text)
+    assert not [v for v in values if v in out]
+
+
+def test_many_values_are_masked_like_few() -> None:
+    values = [f"{n:064x}" for n in range(1, 1001)]
+    line = f"sent {values[10]} and {values[999]}, not {'0' * 63}"
+    assert Redaction(values).apply(line) == f"sent {REDACTED} and {REDACTED}, not {'0' * 63}"
