@@ -1,9 +1,9 @@
 """`python -m bench all [--quick]` or `python -m bench NAME`: run measurements, print, report.
 
-NAME is one of scan, poll, latency, throughput, dlt, takeover, profile, answers. `all` runs every
-one of them but answers (dlt and profile only in the full run) and regenerates
-docs/benchmarks.md; `all --quick` (small sizes, one run, about a minute; what CI runs to
-check the suite still works) writes its report to bench/results/benchmarks-quick.md
+NAME is one of scan, poll, latency, throughput, dlt, takeover, profile, answers, platform. `all`
+runs every one of them but answers and platform (dlt and profile only in the full run) and
+regenerates docs/benchmarks.md; `all --quick` (small sizes, one run, about a minute; what CI
+runs to check the suite still works) writes its report to bench/results/benchmarks-quick.md
 instead, so a quick run never replaces the real figures. A single NAME writes
 bench/results/NAME.md. The raw results of every run go beside the report as JSON.
 """
@@ -16,7 +16,9 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from bench import (
     answers,
     full_scan,
     latency,
+    platform,
     poll,
     profile,
     report,
@@ -43,13 +46,15 @@ MEASUREMENTS = {
     "takeover": takeover.measure,
     "profile": profile.measure,
     "answers": answers.measure,
+    "platform": platform.measure,
 }
 FULL_ONLY = ("dlt", "profile", "answers")
 """Left out of `all --quick`: dlt is an optional extra, a profile is not a check, and answers
 waits out answers that take seconds each (even `answers --quick` takes a few minutes)."""
-ON_ITS_OWN = ("answers",)
+ON_ITS_OWN = ("answers", "platform")
 """Run only when named: answers waits out slow and trickled answers for about 15 minutes,
-more than the rest of a full run can carry."""
+more than the rest of a full run can carry; platform (one agent, 1,000 integrations) takes
+about 10 minutes of its own."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         help="inventory sizes the scan measurement runs at, comma-separated (default "
         + ", ".join(str(n) for n in FULL.scan_sizes)
         + ")",
+    )
+    parser.add_argument(
+        "--platform-size",
+        metavar="NxM[xB]",
+        help="platform: N integrations of M slots, one of them of B slots instead (default "
+        f"{platform.FULL_SIZES.integrations}x{platform.FULL_SIZES.slots}x"
+        f"{platform.FULL_SIZES.backlog}; --quick {platform.QUICK_SIZES.integrations}x"
+        f"{platform.QUICK_SIZES.slots}x{platform.QUICK_SIZES.backlog})",
+    )
+    parser.add_argument(
+        "--platform-bookings",
+        type=int,
+        metavar="K",
+        help=f"platform: bookings per stream (default {platform.FULL_SIZES.bookings}; --quick "
+        f"{platform.QUICK_SIZES.bookings})",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (configs, states, logs)"
@@ -94,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         if not sizes or min(sizes) < 1:
             parser.error("--scan-sizes takes at least one size above 0")
         plan = replace(plan, scan_sizes=sizes)
+    try:
+        platform_sizes = platform.sizes(plan.quick, args.platform_size, args.platform_bookings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    measurements: dict[str, Callable[[Context], Any]] = {
+        **MEASUREMENTS,
+        "platform": partial(platform.measure, sizes=platform_sizes),
+    }
     if args.name == "all":
         names = [
             n for n in MEASUREMENTS if n not in ON_ITS_OWN and not (plan.quick and n in FULL_ONLY)
@@ -122,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}", flush=True)
             begun = time.monotonic()
             try:
-                results[name] = MEASUREMENTS[name](ctx)
+                results[name] = measurements[name](ctx)
             except Exception as exc:
                 traceback.print_exc()
                 results[name] = {"failed": f"{type(exc).__name__}: {exc}"}
@@ -135,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work folder kept: {ctx.workdir}", flush=True)
         ctx.close(keep_files=failed or args.keep)
     extra_versions["seyaha-agent"] = agent.describe()
-    runs = 1 if all(n in ON_ITS_OWN for n in names) else plan.runs  # answers runs once
+    runs = 1 if names == ["answers"] else plan.runs  # answers runs once
     meta = report.meta_for(command, time.monotonic() - started, runs, extra_versions)
     document = report.render(results, meta)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,12 @@ With --arrivals the fast receiver writes one line per notify to stdout as it arr
 every process of a Linux machine, so the benchmark compares it with its own commit times.
 GET /_bench/stats answers the counts received so far.
 
+With --secrets-dir DIR the fast receiver is a platform's Seyaha: it accepts every integration
+that has a file in DIR (named by its id, holding its secret), each with its own secret, and
+its arrival lines name the integration of the path: `A <availabilityId> <vacancies> <status>
+<monotonic seconds> <integration id>`, and `T <integration id> <monotonic seconds>` for each
+sync/trigger.
+
 `--kind answers` (AnswersReceiver) answers slowly or with hostile answers (ANSWER_KINDS),
 switched at run time by POST /_bench/answer, prints the same arrival lines, and records
 every call with its end, and the most calls for one slot it ever had in flight at once
@@ -65,6 +71,8 @@ class _Counts:
     notify: int = 0
     trigger: int = 0
     refused: int = 0
+    unauthorized: int = 0
+    """Of the refused: a wrong or missing x-webhook-secret (401)."""
 
 
 def _response(status: int, body: bytes) -> bytes:
@@ -78,11 +86,23 @@ def _response(status: int, body: bytes) -> bytes:
 
 
 class FastReceiver:
-    def __init__(self, secret: str, integration_id: str, arrivals: bool) -> None:
+    def __init__(
+        self,
+        secret: str,
+        integration_id: str,
+        arrivals: bool,
+        secrets: dict[str, str] | None = None,
+    ) -> None:
         self.secret = secret.encode("ascii")
         self.integration_id = integration_id.encode("ascii")
         self.arrivals = arrivals
         self.counts = _Counts()
+        self.secrets = (
+            None
+            if secrets is None
+            else {i.encode("ascii"): v.encode("ascii") for i, v in secrets.items()}
+        )
+        """A platform's integrations and their secrets (--secrets-dir); None: the one above."""
 
     def answer(
         self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
@@ -90,17 +110,33 @@ class FastReceiver:
         arrived = time.monotonic()
         if target.startswith(b"/_bench/stats"):
             c = self.counts
-            stats = {"notify": c.notify, "trigger": c.trigger, "refused": c.refused}
+            stats = {
+                "notify": c.notify,
+                "trigger": c.trigger,
+                "refused": c.refused,
+                "unauthorized": c.unauthorized,
+            }
             return _response(200, json.dumps(stats).encode("ascii"))
         match = _PATH.match(target)
-        if method != b"POST" or match is None or match["id"] != self.integration_id:
+        if self.secrets is not None and match is not None:
+            secret = self.secrets.get(match["id"])
+            known = secret is not None
+        else:
+            secret, known = self.secret, match is not None and match["id"] == self.integration_id
+        if method != b"POST" or match is None or not known:
             self.counts.refused += 1
             return _response(404, _NOT_FOUND)
-        if headers.get(b"x-webhook-secret") != self.secret:
+        if headers.get(b"x-webhook-secret") != secret:
             self.counts.refused += 1
+            self.counts.unauthorized += 1
             return _response(401, _UNAUTHORIZED)
+        # A platform's arrival lines name the integration of the path.
+        routed = "" if self.secrets is None else " " + match["id"].decode("ascii")
         if match["endpoint"] == b"sync/trigger":
             self.counts.trigger += 1
+            if self.arrivals and routed:
+                sys.stdout.write(f"T{routed} {arrived:.6f}\n")
+                sys.stdout.flush()
             return _response(200, _TRIGGER_ANSWER)
         try:
             notify = json.loads(body)
@@ -111,7 +147,7 @@ class FastReceiver:
         self.counts.notify += 1
         if self.arrivals:
             sys.stdout.write(
-                f"A {slot} {notify.get('vacancies')} {notify.get('status')} {arrived:.6f}\n"
+                f"A {slot} {notify.get('vacancies')} {notify.get('status')} {arrived:.6f}{routed}\n"
             )
             sys.stdout.flush()
         return _response(200, _NOTIFY_ANSWER)
@@ -498,14 +534,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("fast", "sandbox", "answers"), default="fast")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--arrivals", action="store_true", help="print one line per notify")
+    parser.add_argument(
+        "--secrets-dir",
+        type=Path,
+        help="fast: a platform's integrations, one file per integration id holding its secret",
+    )
     args = parser.parse_args(argv)
     if args.kind == "sandbox":
         _serve_sandbox(args.port)
     elif args.kind == "answers":
         asyncio.run(_serve_answers(args.port))
     else:
-        asyncio.run(_serve_fast(FastReceiver(SECRET, INTEGRATION_ID, args.arrivals), args.port))
+        secrets = None if args.secrets_dir is None else read_secrets(args.secrets_dir)
+        receiver = FastReceiver(SECRET, INTEGRATION_ID, args.arrivals, secrets)
+        asyncio.run(_serve_fast(receiver, args.port))
     return 0
+
+
+def read_secrets(folder: Path) -> dict[str, str]:
+    """{integration id: secret} of a platform's secrets folder (as webhook_secrets_dir)."""
+    return {
+        path.name.lower(): path.read_text(encoding="utf-8").strip()
+        for path in folder.iterdir()
+        if re.fullmatch(r"[0-9a-fA-F]{24}", path.name)
+    }
 
 
 # -- the handle (runs in the benchmark process) ----------------------------------------------
@@ -518,6 +570,8 @@ class Arrival:
     status: str
     at: float
     """time.monotonic() in the receiver when the request was read."""
+    integration: str = ""
+    """The integration id of the path (a receiver with --secrets-dir), else empty."""
 
 
 @dataclass
@@ -525,16 +579,27 @@ class _Seen:
     by_key: dict[tuple[str, str], float] = field(default_factory=dict)
     """(availabilityId, vacancies) -> first arrival time."""
     all: list[Arrival] = field(default_factory=list)
+    triggers: list[tuple[str, float]] = field(default_factory=list)
+    """(integration id, arrival time) of each sync/trigger (a receiver with --secrets-dir)."""
 
 
 class Receiver:
     """A receiver process: its URL, its CPU time, and (with arrivals) what reached it when."""
 
-    def __init__(self, kind: str = "fast", *, arrivals: bool = False, log: Path | None = None):
+    def __init__(
+        self,
+        kind: str = "fast",
+        *,
+        arrivals: bool = False,
+        log: Path | None = None,
+        secrets_dir: Path | None = None,
+    ):
         self.kind = kind
         command = [sys.executable, "-m", "bench.receiver", "--kind", kind]
         if arrivals:
             command.append("--arrivals")
+        if secrets_dir is not None:
+            command += ["--secrets-dir", str(secrets_dir)]
         self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1
@@ -585,9 +650,14 @@ class Receiver:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             parts = line.split()
-            if len(parts) != 5 or parts[0] != "A":
+            if len(parts) == 3 and parts[0] == "T":
+                with self._changed:
+                    self._seen.triggers.append((parts[1], float(parts[2])))
+                    self._changed.notify_all()
                 continue
-            arrival = Arrival(parts[1], parts[2], parts[3], float(parts[4]))
+            if len(parts) not in (5, 6) or parts[0] != "A":
+                continue
+            arrival = Arrival(parts[1], parts[2], parts[3], float(parts[4]), *parts[5:])
             with self._changed:
                 self._seen.all.append(arrival)
                 self._seen.by_key.setdefault((arrival.slot, arrival.vacancies), arrival.at)
@@ -600,6 +670,11 @@ class Receiver:
     def arrivals(self) -> list[Arrival]:
         with self._changed:
             return list(self._seen.all)
+
+    def triggers(self) -> list[tuple[str, float]]:
+        """(integration id, arrival time) of each sync/trigger (with secrets_dir)."""
+        with self._changed:
+            return list(self._seen.triggers)
 
     def wait_for(self, keys: Iterable[tuple[str, int]], timeout_s: float) -> dict[str, float]:
         """Wait until every (slot, vacancies) arrived or `timeout_s` passed; {slot: time}."""

@@ -41,6 +41,7 @@ SECTIONS = {
     "takeover": "bench.takeover",
     "profile": "bench.profile",
     "answers": "bench.answers",
+    "platform": "bench.platform",
 }
 
 
@@ -771,6 +772,80 @@ def answers_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
     return lines, goals
 
 
+def platform_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    b, rec, q, k = r["baseline"], r["reconciliation"], r["quiet"], r["backlog"]
+    d, s = r["daemon"], r["sanity"]
+    ranges = [
+        f"{x['reconciliation']['ranges_read']} of {x['reconciliation']['ranges_total']}"
+        for x in r["runs"]
+    ]
+
+    def ms(x: dict[str, Any]) -> str:
+        return f"{_num(x['p50_ms'], 0)} / {_num(x['p99_ms'], 0)} / {_num(x['max_ms'], 0)}"
+
+    rows = [
+        ["baseline scan: every row read and routed (s)", _num(b["scan_s"], 1)],
+        [
+            "baseline: start until every integration's trigger arrived (s)",
+            _num(b["delivered_s"], 1),
+        ],
+        [
+            "reconciliation after a restart, range digests (s)",
+            f"{_num(rec['reconciliation_s'], 2)} (ranges read: {', '.join(ranges)})",
+        ],
+        [
+            f"{_num(q['bookings'], 0)} bookings, p50 / p99 / max (ms)",
+            f"{ms(q)}; {_num(q['missing'], 0)} missing",
+        ],
+        [
+            f"{_num(k['bookings'], 0)} bookings behind the large integration's backlog, "
+            "p50 / p99 / max (ms)",
+            f"{ms(k)}; {_num(k['missing'], 0)} missing",
+        ],
+        [
+            "backlog waiting at the window's start / end",
+            f"{_num(k['waiting_at_start'], 0)} / {_num(k['waiting_at_end'], 0)} "
+            f"({_num(k['committed_behind_backlog'], 0)} bookings committed while it waited)",
+        ],
+        ["the large integration's calls per second meanwhile", _num(k["large_sent_per_s"], 0)],
+        [
+            "peak RSS: baseline daemon / daemon (MB)",
+            f"{_num(b['peak_rss_mb'], 0)} / {_num(d['peak_rss_mb'], 0)}",
+        ],
+        [
+            "CPU: baseline daemon / daemon, whole life (s)",
+            f"{_num(b['cpu_s'], 1)} / {_num(d['cpu_s'], 1)}",
+        ],
+    ]
+    lines = [
+        f"One agent, {_num(r['integrations'], 0)} integrations: "
+        f"{_num(r['integrations'] - 1, 0)} of {_num(r['slots_per_integration'], 0)} slots and "
+        f"a large one of {_num(r['large_integration_slots'], 0)} ({_num(r['slots'], 0)} slots); "
+        "PostgreSQL inventory and state store, wake-ups, the agent's [delivery] defaults. "
+        "Medians over runs; counts are sums.",
+        "",
+        *_table(["", ""], rows),
+        "",
+        f"Sanity over {_num(s['notifies'], 0)} notifies and {_num(s['triggers'], 0)} triggers: "
+        f"{_num(s['duplicates'], 0)} duplicates, {_num(s['lost_bookings'], 0)} bookings and "
+        f"{_num(s['lost_backlog'], 0)} backlog changes lost, {_num(s['wrong_integration'], 0)} "
+        f"at another integration's path, {_num(s['refused'], 0)} refused, "
+        f"{_num(s['extra_triggers'], 0)} triggers beyond one per integration.",
+    ]
+    bad = sum(
+        s[key]
+        for key in ("duplicates", "lost_bookings", "lost_backlog", "wrong_integration", "refused")
+    )
+    goals: list[tuple[str, str, bool | None]] = [
+        (
+            "a platform: every change once, at its own integration with its secret",
+            f"{_num(bad, 0)} duplicate, lost, misrouted or refused over {_num(s['notifies'], 0)}",
+            bad == 0,
+        )
+    ]
+    return lines, goals
+
+
 TITLES = {
     "scan": "1. Full reconciliation vs a plain SELECT",
     "poll": "2. Incremental polls",
@@ -780,6 +855,7 @@ TITLES = {
     "takeover": "6. Scanner takeover",
     "profile": "Where the time goes (profiles)",
     "answers": "7. Delivery under slow and hostile answers",
+    "platform": "8. A platform: many integrations, one agent",
 }
 RENDER: dict[
     str, Callable[[dict[str, Any]], tuple[list[str], list[tuple[str, str, bool | None]]]]
@@ -792,6 +868,7 @@ RENDER: dict[
     "takeover": takeover_section,
     "profile": profile_section,
     "answers": answers_section,
+    "platform": platform_section,
 }
 
 
