@@ -56,6 +56,11 @@ LAST_DELIVERY_EVERY_S = 1.0
 """The last-delivery time is written to the store at most this often (seconds)."""
 
 
+TURN_S = 0.1
+"""On a platform a worker claims about this long of sending at a time (by the answer time
+and its share of rate_limit): one integration's backlog holds the others back by about this
+long per worker, not by a batch_size of calls at the rate limit (4 s at the defaults)."""
+
 CLAIM_WORK_S = 1.0
 """A worker claims about this many seconds of work at a time (by the recent answer time),
 up to batch_size: with slow answers the others take the rest instead of idling while one
@@ -401,11 +406,18 @@ class Deliverer:
 
     def claim_size(self) -> int:
         """How many messages one claim takes: about CLAIM_WORK_S of sending at the recent
-        answer time, at least 1, at most batch_size."""
+        answer time, at least 1, at most batch_size. On a platform, about TURN_S of sending,
+        at the answer time and at this worker's share of rate_limit: a batch holds the turn
+        of one integration, and another's change waits for the batches under way."""
         answer_s = self._answer_s
-        if not answer_s:
-            return self.batch_size
-        return max(1, min(self.batch_size, int(CLAIM_WORK_S / answer_s)))
+        size = self.batch_size if not answer_s else int(CLAIM_WORK_S / answer_s)
+        if self.turns:
+            if answer_s:
+                size = min(size, int(TURN_S / answer_s))
+            rate = self.rate_limit.rate_per_s
+            if rate > 0:
+                size = min(size, int(TURN_S * rate / self.concurrency))
+        return max(1, min(self.batch_size, size))
 
     def _note_answer_time(self, seconds: float) -> None:
         previous = self._answer_s

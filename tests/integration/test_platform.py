@@ -407,12 +407,15 @@ def test_a_backlog_of_one_integration_does_not_hold_back_another(
     now_ms = to_epoch_ms(agent.clock.now())
     with agent.store.connector.write() as conn:
         agent.store.queue.enqueue(conn, [change(busy, n) for n in range(400)], now_ms)
-    assert agent.deliverer.step() == batch  # the busy one's turn has begun
+    first = agent.deliverer.step()  # the busy one's turn has begun
+    assert first >= 1
     with agent.store.connector.write() as conn:
         agent.store.queue.enqueue(conn, [change(quiet, 0)], now_ms)
     deliver_until(agent, lambda: any(c.integration == quiet for c in sandbox.calls))
     before = [c.integration for c in sandbox.calls].index(quiet)
-    assert before <= 2 * batch  # the batch under way, and at most one more
+    # The claim under way, then the turns go round: at most one more claim of the backlog
+    # (a platform's claim holds about TURN_S of sending, a single call at the defaults).
+    assert before <= first + batch
     deliver_until(agent, lambda: agent.store.admin.stats().pending == 0)
     assert len(_calls_of(sandbox, busy)) == 400
 
