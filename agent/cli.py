@@ -45,7 +45,11 @@ STATUS_EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
         StatusExit.DAEMON_NOT_READY,
         "with --daemon: the daemon does not answer on [metrics] listen, or /readyz lists problems",
     ),
-    (StatusExit.PAUSED, "delivery is paused: Seyaha refuses the secret or the integration id"),
+    (
+        StatusExit.PAUSED,
+        "delivery is paused: Seyaha refuses the secret or the integration id (on a platform: "
+        "of at least one integration)",
+    ),
 )
 """Each exit code of `outbox status` and its meaning: the --help epilog, and the README table."""
 
