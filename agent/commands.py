@@ -107,7 +107,8 @@ def _print_scan(out: TextIO, report: ScanReport) -> None:
         file=out,
     )
     if report.baseline and not report.notifies:  # with notifies: a resync of an empty store
-        print("  first run: baseline recorded, one sync/trigger queued", file=out)
+        queued = "one sync/trigger" if report.triggers == 1 else f"{report.triggers} sync/triggers"
+        print(f"  first run: baseline recorded, {queued} queued", file=out)
     else:
         print(
             f"  catalog: {len(c.added)} added, {len(c.changed)} changed, {len(c.removed)} removed; "

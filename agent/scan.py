@@ -785,7 +785,12 @@ class Scanner:
                 logging.INFO,
                 "scan.baseline",
                 f"baseline recorded: {report.catalog_rows} catalog rows, "
-                f"{report.slots_added} slots in scope; one sync/trigger queued",
+                f"{report.slots_added} slots in scope; "
+                + (
+                    "one sync/trigger queued"
+                    if report.triggers == 1
+                    else f"{report.triggers} sync/triggers queued (one per integration)"
+                ),
             )
         elif report.messages:
             event(

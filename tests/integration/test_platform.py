@@ -372,8 +372,8 @@ def test_a_backlog_of_one_integration_does_not_hold_back_another(
     new_database: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
-    """One integration has 400 notifies waiting; another's one change, queued after all of
-    them, goes out after one batch of the 400, not after all of them (integrations take
+    """One integration has 150 notifies waiting; another's one change, queued after all of
+    them, goes out after one batch of the 150, not after all of them (integrations take
     turns), whichever of the two comes first in id order."""
     sandbox, _ = seyaha
     platform = make_platform("sqlite")
@@ -406,7 +406,7 @@ def test_a_backlog_of_one_integration_does_not_hold_back_another(
 
     now_ms = to_epoch_ms(agent.clock.now())
     with agent.store.connector.write() as conn:
-        agent.store.queue.enqueue(conn, [change(busy, n) for n in range(400)], now_ms)
+        agent.store.queue.enqueue(conn, [change(busy, n) for n in range(150)], now_ms)
     first = agent.deliverer.step()  # the busy one's turn has begun
     assert first >= 1
     with agent.store.connector.write() as conn:
@@ -417,7 +417,7 @@ def test_a_backlog_of_one_integration_does_not_hold_back_another(
     # (a platform's claim holds about TURN_S of sending, a single call at the defaults).
     assert before <= first + batch
     deliver_until(agent, lambda: agent.store.admin.stats().pending == 0)
-    assert len(_calls_of(sandbox, busy)) == 400
+    assert len(_calls_of(sandbox, busy)) == 150
 
 
 def test_an_integration_that_keeps_failing_opens_its_own_breaker_only(
