@@ -483,6 +483,12 @@ def baseline(
                     f"arrived; see {log}"
                 )
             time.sleep(0.2)
+        # The triggers are queued with the first chunk of the baseline and delivered while
+        # it records the rest of the slots: its end is waited for too.
+        while not records(log, "scan.baseline"):
+            if daemon.process.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         cpu_s = daemon.cpu_s()
         rss_mb = peak_rss_mb(daemon.process.pid)
         begun = records(log, "agent.started")
