@@ -124,11 +124,15 @@ def cli(
 
 
 class SandboxProcess:
-    """`seyaha-agent sandbox` as a real process on a free port."""
+    """`seyaha-agent sandbox` as a real process on a free port: with `--config`, or with
+    `--secrets-dir` (a platform's integrations, each checked against its own file)."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path | None = None, *, secrets_dir: Path | None = None) -> None:
+        given = ["--config", str(config)] if config is not None else []
+        if secrets_dir is not None:
+            given += ["--secrets-dir", str(secrets_dir)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "sandbox", "--port", "0", "--config", str(config)],
+            [sys.executable, "-m", "agent", "sandbox", "--port", "0", *given],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

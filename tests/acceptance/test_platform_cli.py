@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from typing import IO, Any
 import pytest
 
 from agent.cli import StatusExit
-from tests.acceptance.conftest import SandboxClient, agent_env, cli
+from tests.acceptance.conftest import SandboxClient, SandboxProcess, agent_env, cli
 from tests.integration.inventory import ZONE_NAME, at, first_day
 from tests.integration.platform import (
     ALPHA,
@@ -178,73 +177,20 @@ class Daemon:
         )
 
 
-class PlatformSandbox:
-    """`seyaha-agent sandbox --secrets-dir DIR` as a process on a free port: Seyaha's side of
-    the platform, checking each integration's secret against its file in DIR (what Seyaha
-    holds, apart from the agent's folder)."""
-
-    def __init__(self, secrets_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "sandbox",
-                "--port",
-                "0",
-                "--secrets-dir",
-                str(secrets_dir),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=agent_env(),
-        )
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline()
-        if "listening on" not in first:
-            self.proc.kill()
-            self.proc.communicate()
-            raise RuntimeError(f"sandbox did not start: {first!r}")
-        self.url = first.rsplit(" ", 1)[-1].strip()
-        # It prints a line per call: read them, or a full pipe would freeze it.
-        self.lines: list[str] = [first]
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._reader.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return self.proc.returncode
-
-
 @dataclass
 class Processes:
     """What a test started, stopped at its end whatever happened."""
 
     daemons: list[Daemon] = field(default_factory=list)
-    sandboxes: list[PlatformSandbox] = field(default_factory=list)
+    sandboxes: list[SandboxProcess] = field(default_factory=list)
 
     def daemon(self, config: Path) -> Daemon:
         started = Daemon(config)
         self.daemons.append(started)
         return started
 
-    def sandbox(self, secrets_dir: Path) -> PlatformSandbox:
-        started = PlatformSandbox(secrets_dir)
+    def sandbox(self, secrets_dir: Path) -> SandboxProcess:
+        started = SandboxProcess(secrets_dir=secrets_dir)
         self.sandboxes.append(started)
         return started
 

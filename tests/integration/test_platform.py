@@ -120,6 +120,16 @@ def sent(sandbox: Sandbox) -> list[tuple[str, str, str | None, int]]:
         ]
 
 
+def reply(handler: BaseHTTPRequestHandler, status: int) -> None:
+    """Answer as Seyaha does: its envelope for a 200, an empty object otherwise."""
+    body = b'{"success": 1, "data": {"updated": true}}' if status == 200 else b"{}"
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def deliver_until(agent: Agent, done: Callable[[], bool]) -> None:
     """Step the deliverer until `done()` (or fail after WAIT_S)."""
     deadline = time.monotonic() + WAIT_S
@@ -434,12 +444,7 @@ def test_an_integration_that_keeps_failing_opens_its_own_breaker_only(
         integration = handler.path.split("/")[4]
         status = 500 if integration == ALPHA else 200
         answered.append((integration, status))
-        body = b'{"success": 1, "data": {"updated": true}}' if status == 200 else b"{}"
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        reply(handler, status)
 
     platform = make_platform("sqlite")
     seed(platform)
@@ -495,12 +500,7 @@ def test_a_probe_that_tells_nothing_does_not_leave_the_breaker_half_open(
         status = next(answers, 200) if integration == ALPHA else 200
         if integration == ALPHA:
             got.append(status)
-        body = b'{"success": 1, "data": {"updated": true}}' if status == 200 else b"{}"
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        reply(handler, status)
 
     platform = make_platform("sqlite")
     seed(platform)
