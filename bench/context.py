@@ -272,3 +272,18 @@ class Context:
         finally:
             agent.close()
         return self.state_copy(size, name)
+
+
+def recreate_database(name: str) -> None:
+    """An empty database `name` on the bench's PostgreSQL server (dropped first if it exists)."""
+    drop_database(name)
+    with psycopg.connect(psycopg_url("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(name: str) -> None:
+    """Drop database `name` on the bench's PostgreSQL server, its connections with it."""
+    with psycopg.connect(psycopg_url("postgres"), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )

@@ -85,7 +85,14 @@ from psycopg import sql
 
 from bench import agentconf, inventory
 from bench.answers import peak_rss_mb
-from bench.context import DATA_SEED, Context, psycopg_url, sqlalchemy_url
+from bench.context import (
+    DATA_SEED,
+    Context,
+    drop_database,
+    psycopg_url,
+    recreate_database,
+    sqlalchemy_url,
+)
 from bench.inventory import ZONE_NAME, IdPool, Inventory
 from bench.latency import Daemon, set_triggers
 from bench.receiver import Receiver
@@ -512,7 +519,7 @@ def one_run(
     ctx: Context, platform: Platform, sizes: Sizes, run: int, secrets_dir: Path
 ) -> dict[str, Any]:
     name = f"platform-{run}"
-    _new_state()
+    recreate_database(STATE_DATABASE)
     rand = random.Random(DATA_SEED + 701 + run)
     count = sizes.bookings
     picks = rand.sample(platform.small_slots(), WARMUP_BOOKINGS + 2 * count)
@@ -756,7 +763,7 @@ def measure(ctx: Context, sizes: Sizes | None = None) -> dict[str, Any]:
             ctx.changed()
     finally:
         set_triggers(ctx, platform.inv, installed=False)
-        _drop_state()
+        drop_database(STATE_DATABASE)
     return {
         "integrations": sizes.integrations,
         "slots_per_integration": sizes.slots,
@@ -806,18 +813,3 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         r["backlog"]["committed_behind_backlog"] for r in runs
     )
     return merged
-
-
-def _new_state() -> None:
-    _drop_state()
-    with psycopg.connect(psycopg_url("postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(STATE_DATABASE)))
-
-
-def _drop_state() -> None:
-    with psycopg.connect(psycopg_url("postgres"), autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(STATE_DATABASE)
-            )
-        )

@@ -36,10 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from bench import inventory
-from bench.context import DATA_SEED, Context, psycopg_url, sqlalchemy_url
+from bench.context import (
+    DATA_SEED,
+    Context,
+    drop_database,
+    psycopg_url,
+    recreate_database,
+    sqlalchemy_url,
+)
 from bench.inventory import Inventory
 from bench.latency import Daemon
 from bench.receiver import Receiver
@@ -112,7 +118,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                     flush=True,
                 )
     finally:
-        _drop_state()
+        drop_database(STATE_DATABASE)
     return {
         "slots": SLOTS,
         "scanner_lease_s": lease_s,
@@ -138,7 +144,7 @@ def one_takeover(
 ) -> Takeover:
     """Two daemons, one signal to the scanner; see the module's docstring."""
     name = f"takeover-{signum.name.lower()}-{run}"
-    _new_state()
+    recreate_database(STATE_DATABASE)
     with Receiver(arrivals=True, log=ctx.log(f"{name}-receiver")) as receiver:
         config = _config(ctx, name, receiver.url)
         logs = [ctx.log(f"{name}-a"), ctx.log(f"{name}-b")]
@@ -279,21 +285,6 @@ def _holder_pid() -> int | None:
     except psycopg.errors.UndefinedTable:
         return None  # the daemons have not created the schema yet
     return None if row is None else int(str(row[0]).split(":")[-2])
-
-
-def _new_state() -> None:
-    _drop_state()
-    with psycopg.connect(psycopg_url("postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(STATE_DATABASE)))
-
-
-def _drop_state() -> None:
-    with psycopg.connect(psycopg_url("postgres"), autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(STATE_DATABASE)
-            )
-        )
 
 
 # -- the figures ------------------------------------------------------------------------------
