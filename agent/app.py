@@ -42,10 +42,11 @@ from agent.integrations import Router, SecretsFolder
 from agent.logs import event, redact_everywhere
 from agent.metrics import Metrics
 from agent.scan import Scanner, ScanReport, Superseded, Turn
+from agent.sharing import Sharing
 from agent.source.reader import SourceReader
 from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
-from agent.store import OutboxStats, StateStore
-from agent.store.coordination import SCANNER
+from agent.store import LeaseLost, OutboxStats, StateStore
+from agent.store.coordination import SCANNER, Fence
 from agent.store.identity import AlreadyReported, StateFileGuard, StateFileLost
 from agent.store.lock import LockRecord, StateFileLock, evidence_of_a_lost_store
 
@@ -173,9 +174,22 @@ class Agent:
             integration_rate=s.delivery.integration_rate_limit,
         )
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        """Names this process in the scanner lease of a shared state store."""
+        """Names this process in the leases of a shared state store."""
         if self.store.dialect.shared:
-            self.scanner.fence = self.identity
+            self.scanner.fence = Fence(self.identity)
+        self.sharing: Sharing | None = None
+        """Agents sharing a platform's state store divide its integrations (agent/shards.py)."""
+        if self.router is not None and self.store.dialect.shared:
+            self.sharing = Sharing(
+                self.store.coordination,
+                self.identity,
+                self.clock,
+                s.state.scanner_lease,
+                self.metrics,
+            )
+        self._baselined = False
+        """Whether the store was seen baselined (a platform's agents divide it only then)."""
+        self._sharing_standby_logged = False
         database = self.store.dialect.file_database(self.store.engine.url)
         self._lock = StateFileLock(database) if database is not None else None
         self._guard = (
@@ -260,6 +274,7 @@ class Agent:
 
     def close(self) -> None:
         self._hand_over_scanning()
+        self._leave_shards()
         self.client.close()
         self.store.close()
         if self._guard is not None:
@@ -298,9 +313,12 @@ class Agent:
             self.on_state_lost(lost)
 
     def _scanner_turn(self) -> bool:
-        """On a shared (non-SQLite) store, only the holder of the scanner lease scans."""
+        """On a shared (non-SQLite) store, only the holder of the scanner lease scans; on a
+        platform's, once its baseline is recorded, each agent scans the shards it holds."""
         if not self.store.dialect.shared:
             return True
+        if self.sharing is not None and self._store_baselined():
+            return self._shards_turn(self.sharing)
         held = self.store.coordination.hold(
             SCANNER, self.identity, self.clock.now(), self.config.settings.state.scanner_lease
         )
@@ -311,6 +329,7 @@ class Agent:
             self.scanner.forget()
             self.scanner.supersede("the scanner lease changed hands")
         if held is not None:
+            self.scanner.own(None, Fence(self.identity))
             if not self._holds_scanner:
                 event(log, logging.INFO, "scan.leader", "this agent holds the scanner lease")
             self._holds_scanner = True
@@ -329,6 +348,46 @@ class Agent:
             )
             self._not_scanner_logged = True
         return False
+
+    def _store_baselined(self) -> bool:
+        if not self._baselined:
+            self._baselined = self.store.fingerprints.is_baselined()
+        return self._baselined
+
+    def _shards_turn(self, sharing: Sharing) -> bool:
+        """Scan the shards this agent holds (after a first round, if none ran yet). The
+        platform's baseline was taken by one agent under the scanner lease: given back."""
+        ownership = sharing.ownership if sharing.ownership is not None else sharing.round()
+        if self._holds_scanner:
+            self._hand_over_scanning()
+        if not ownership.shards:
+            self.scanner.own(ownership, None)
+            if not self._sharing_standby_logged:
+                event(
+                    log,
+                    logging.INFO,
+                    "scan.standby",
+                    "the other agents on this state store scan every shard of the platform; "
+                    "this one delivers, and takes a share when one is freed or unbalanced",
+                )
+                self._sharing_standby_logged = True
+            return False
+        self._sharing_standby_logged = False
+        self.scanner.own(ownership, Fence(self.identity, ownership.leases))
+        return True
+
+    def sharing_job(self) -> None:
+        """A round of dividing the platform's shards (see agent.sharing), while the poll loop
+        is alive: an agent whose polls are stuck lets its shards run out to the others."""
+        if self.sharing is None:
+            return
+        if self.clock.monotonic() - self.heartbeat > self._stuck_after_s():
+            return
+        try:
+            self.sharing.round()
+        except SQLAlchemyError as exc:
+            # The poll loop reports the store's failures; the next round retries.
+            event(log, logging.DEBUG, "scan.shards_failed", f"dividing shards failed: {exc}")
 
     # -- scanning -----------------------------------------------------------------------
 
@@ -539,6 +598,11 @@ class Agent:
             failed("query_error").inc()
             event(log, logging.ERROR, "scan.query_error", str(exc))
             return self._failed("query", str(exc))
+        except LeaseLost as exc:
+            # Agents sharing a store hand leases over (a platform's shards balance when an
+            # agent joins): the scan is dropped, and the next one runs on what is held then.
+            event(log, logging.INFO, "scan.superseded", str(exc))
+            return True
         except AgentError as exc:
             failed("error").inc()
             event(log, logging.ERROR, "scan.failed", str(exc))
@@ -738,6 +802,17 @@ class Agent:
                 max_instances=1,
                 coalesce=True,
             )
+        if self.sharing is not None:
+            self.sharing_job()
+            scheduler.add_job(
+                self.sharing_job,
+                IntervalTrigger(
+                    seconds=self.config.settings.state.scanner_lease / SCANNER_RENEWALS
+                ),
+                id="shards",
+                max_instances=1,
+                coalesce=True,
+            )
         if self.store.dialect.shared:
             scheduler.add_job(
                 self.renew_scanner_job,
@@ -814,6 +889,7 @@ class Agent:
             for thread in threads:
                 thread.join(max(0.0, deadline - self.clock.monotonic()))
             self._hand_over_scanning()
+            self._leave_shards()
             event(log, logging.INFO, "agent.stopped", "stopped")
 
     def _hand_over_scanning(self) -> None:
@@ -826,6 +902,13 @@ class Agent:
         except SQLAlchemyError:
             return  # the lease runs out by itself
         self._holds_scanner = False
+
+    def _leave_shards(self) -> None:
+        """A clean stop gives a platform's shards back at once (see Sharing.leave)."""
+        if self.sharing is None or self.sharing.ownership is None:
+            return
+        with suppress(SQLAlchemyError):  # else they run out by themselves
+            self.sharing.leave()
 
     def _run_wakeup(self, wakeup: Wakeup, stop: threading.Event) -> None:
         try:

@@ -26,7 +26,7 @@ from typing import Any
 from agent.config import Secret, secret_problem, secret_warnings
 from agent.errors import shown_path
 from agent.logs import event
-from agent.source.rows import BadRow
+from agent.source.rows import BadRow, Foreign
 
 INTEGRATION_COLUMN = "integration_id"
 """The column of the catalog and slots queries that routes a row."""
@@ -174,17 +174,28 @@ class Router:
         self.secrets = secrets
         self._missing: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self.owns: Callable[[str], bool] | None = None
+        """With agents sharing the platform, whether this agent scans an integration; the
+        rows of the others raise Foreign. Rows with no valid id are reported by the agent
+        that scans the empty id's shard, not by all of them."""
 
     def __call__(self, value: Any) -> str:
+        owns = self.owns
         if value is None:
+            if owns is not None and not owns(""):
+                raise Foreign
             raise BadRow("integration_id is NULL: the row belongs to no integration")
         if isinstance(value, bytes | bytearray | memoryview):
             value = bytes(value).decode("utf-8", "replace")
         text = str(value).strip()
         problem = integration_problem(text)
         if problem is not None:
+            if owns is not None and not owns(""):
+                raise Foreign
             raise BadRow(f"integration_id {problem}")
         text = text.lower()
+        if owns is not None and not owns(text):
+            raise Foreign
         if not self.secrets.usable(text):
             with self._lock:
                 self._missing[text] += 1

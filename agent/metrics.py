@@ -164,6 +164,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.shards_scanned = Gauge(
+            "shards_scanned",
+            "Shards of a platform's integrations this agent scans, of 64, when agents share "
+            "one state store (0 while the others scan them all).",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.integrations_waiting = Gauge(
             "integrations_waiting",
             "A platform's integrations with messages waiting in the outbox.",

@@ -29,6 +29,7 @@ from agent.diff import (
     without_keys,
 )
 from agent.errors import StateError, first_line
+from agent.integrations import Router
 from agent.logs import event
 from agent.metrics import Metrics
 from agent.model import (
@@ -43,11 +44,13 @@ from agent.model import (
 )
 from agent.plan import plan
 from agent.ranges import RangeKey, RangeTally, basis, catalog_token, label, range_of, to_read
+from agent.shards import Ownership
 from agent.source import cursor
 from agent.source.reader import GIVE_WAY_ROWS, Snapshot, SourceReader
 from agent.source.recent import RecentRows
 from agent.source.seen import SeenRows
 from agent.store import StateStore, StoreBusy
+from agent.store.coordination import Fence
 
 log = logging.getLogger("agent.scan")
 
@@ -86,7 +89,9 @@ SWEEP_CHUNK = 1000
 """Changed rows a late-row sweep records per scan turn (each turn holds the polls back)."""
 
 CURSOR = "slots"
-"""Name of the change cursor in the state store."""
+"""Name of the change cursor in the state store; an agent that scans some shards of a
+platform keeps one per shard (`slots@NN`), so that the next holder of a shard reads on
+from where its last holder recorded."""
 
 RANGES_CHUNK = 2000
 """Range digests recorded per state transaction (and scan turn) at the end of a full pass."""
@@ -210,9 +215,15 @@ class Scanner:
     overlap_s: float = 60.0
     recent: RecentRows = field(default_factory=RecentRows)
     """The rows the last poll handled: the next poll skips those that come back unchanged."""
-    fence: str | None = None
-    """On a shared store, the identity that must still hold the scanner lease for a scan's
-    result to be recorded (StateStore.commit_scan)."""
+    fence: Fence | None = None
+    """On a shared store, the agent and the leases it must still hold for a scan's result
+    to be recorded (StateStore.commit_scan): the scanner lease, or the shards it scans."""
+    ownership: Ownership | None = None
+    """The shards of a platform this agent scans, when agents share it (see own); None: it
+    scans every row."""
+    _ranges_reset: bool = False
+    """The stored range digests must be read afresh: this agent scans every shard again
+    after others scanned some of them."""
     commit_chunk: int = COMMIT_CHUNK
     """Slot changes a full scan records per state transaction (see COMMIT_CHUNK)."""
     live_overlap_s: float = LIVE_OVERLAP_S
@@ -239,9 +250,65 @@ class Scanner:
         """Whether `reconcile` can run beside the polls: a baselined store with a cursor."""
         return (
             self.reader.incremental
-            and self.store.fingerprints.cursor(CURSOR) is not None
+            and self._saved_cursor() is not None
             and self.store.fingerprints.is_baselined()
         )
+
+    def own(self, ownership: Ownership | None, fence: Fence | None) -> None:
+        """Scan the integrations of `ownership` from now on (None: every row), recording
+        under `fence`. A change stops a reconciliation under way and empties what the polls
+        remember: the store may hold what another agent recorded for the shards taken."""
+        if ownership == self.ownership:
+            self.fence = fence
+            return
+        self.supersede("the shards this agent scans changed")
+        self.forget()
+        if (
+            ownership is not None
+            and ownership.everything
+            and self.ownership is not None
+            and not self.ownership.everything
+        ):
+            self._ranges_reset = True
+        self.ownership = ownership
+        self.fence = fence
+        if isinstance(self.reader.route, Router):
+            self.reader.route.owns = (
+                None if ownership is None or ownership.everything else ownership.owns
+            )
+
+    @property
+    def _partial(self) -> Ownership | None:
+        """The ownership when this agent scans only some shards."""
+        own = self.ownership
+        return None if own is None or own.everything else own
+
+    def _cursor_names(self) -> list[str]:
+        if self.ownership is None:
+            return [CURSOR]
+        return [f"{CURSOR}@{shard:02d}" for shard in sorted(self.ownership.shards)]
+
+    def _saved_cursor(self) -> str | None:
+        """Where the next poll reads from: the change cursor, or, scanning shards, the
+        oldest of theirs (a shard without one yet reads from the cursor the baseline
+        saved). None when there is none: the next scan reads everything."""
+        names = self._cursor_names()
+        if names == [CURSOR]:
+            return self.store.fingerprints.cursor(CURSOR)
+        saved = self.store.fingerprints.cursors([*names, CURSOR])
+        found = [saved.get(name, saved.get(CURSOR)) for name in names]
+        if any(value is None for value in found):
+            return None
+        return min((v for v in found if v is not None), key=cursor.decode)
+
+    def _cursors(self, upper: Any) -> dict[str, str]:
+        encoded = cursor.encode(upper)
+        return {name: encoded for name in self._cursor_names()}
+
+    def _digests(self) -> bool:
+        """Whether full passes use range and catalog digests: where the source computes
+        them, and only by an agent that scans every row (digests cover every integration)."""
+        return self.reader.uses_digests and self.ranges_off is None and self._partial is None
 
     @property
     def poll_overlap_s(self) -> float:
@@ -311,7 +378,7 @@ class Scanner:
         self._finish_ranges(full, report)
         if catalog_token is not None:
             self.store.record_catalog_digest(catalog_token, scanner=self.fence)
-        cursors = {} if upper is None else {CURSOR: cursor.encode(upper)}
+        cursors = {} if upper is None else self._cursors(upper)
         self._swept_to = upper
         self.store.commit_scan(
             CatalogDiff(),
@@ -389,7 +456,7 @@ class Scanner:
                     # then holds a catalog newer than the digest.
                     self.store.record_catalog_digest(catalog_token, scanner=self.fence)
                 # The polls keep the cursor once one ran; before that, this moves it on.
-                cursors = {} if live.polls else {CURSOR: cursor.encode(upper)}
+                cursors = {} if live.polls else self._cursors(upper)
                 self.store.commit_scan(
                     CatalogDiff(), SlotDiff(), [], now, cursors=cursors, scanner=self.fence
                 )
@@ -409,8 +476,15 @@ class Scanner:
         read_transaction_max); only those of `full.ranges` when it names them."""
         if full.ranges == []:
             return _nothing(), _nothing()
+        partial = self._partial
         return (
-            self.store.fingerprints.resuming_slots(stored, pause=self.pause)
+            (
+                self.store.fingerprints.resuming_slots(stored, pause=self.pause)
+                if partial is None
+                else _owned(
+                    self.store.fingerprints.resuming_slots(stored, pause=self.pause), partial
+                )
+            )
             if full.ranges is None
             else self.store.fingerprints.ranges.iter_slots(stored, full.ranges),
             self.reader.resuming_slots(
@@ -431,7 +505,7 @@ class Scanner:
         pass that read it (catalog_token). Returns the token to store once the pass is
         recorded (None: nothing to store, the catalog was skipped or had unreadable rows)."""
         token: str | None = None
-        if self.reader.uses_digests and self.ranges_off is None:
+        if self._digests() and not self._ranges_reset:
             token = catalog_token(
                 self.reader.catalog_query,
                 f"{self.reader.dialect.name}/{self.reader.row_hash_kind(src, 'catalog_query')}",
@@ -440,9 +514,10 @@ class Scanner:
             if not everything and token == self.store.fingerprints.catalog_token():
                 return None
         self.reader.read_catalog(src, snapshot)
+        partial = self._partial
         report.catalog = self._leaving(
             diff_catalog(
-                self.store.fingerprints.load_catalog(),
+                self.store.fingerprints.load_catalog(None if partial is None else partial.owns),
                 snapshot.catalog,
                 snapshot.catalog_protected,
             )
@@ -454,14 +529,15 @@ class Scanner:
         differs from the stored one, or every range (a first pass, a resync, digests on
         another basis, most ranges changed), their digests tallied where the source has
         them. `everything`: read every range whatever the digests say."""
-        if not self.reader.uses_digests or self.ranges_off is not None:
+        if not self._digests():
             return FullPass()
         on = basis(
             self.reader.slots_query,
             self.reader.timezone.key,
             f"{self.reader.dialect.name}/{self.reader.row_hash_kind(src)}",
         )
-        if self.store.fingerprints.ranges.basis() != on:
+        if self._ranges_reset or self.store.fingerprints.ranges.basis() != on:
+            self._ranges_reset = False
             return FullPass(RangeTally(), basis=on, reset=True)
         if everything:
             return FullPass(RangeTally(), basis=on)
@@ -565,7 +641,7 @@ class Scanner:
 
         Falls back to a full scan when there is no cursor yet (first run) or no change query.
         """
-        saved = self.store.fingerprints.cursor(CURSOR) if self.reader.incremental else None
+        saved = self._saved_cursor() if self.reader.incremental else None
         if saved is None:
             return self.scan()
         recent, self.recent = self.recent, RecentRows(self.recent.limit)
@@ -591,7 +667,7 @@ class Scanner:
             slots,
             messages,
             now,
-            cursors={CURSOR: cursor.encode(upper)},
+            cursors=self._cursors(upper),
             scanner=self.fence,
         )
         self.recent.replace(snapshot.handled)
@@ -717,16 +793,17 @@ class Scanner:
 
     def _leaving(self, diff: CatalogDiff) -> CatalogDiff:
         """On a platform, `diff` with the integrations that lose a row: each removed row's, and
-        each changed row's that moved to another integration (their catalogs changed too)."""
-        if self.reader.route is None or not (diff.removed or diff.changed):
+        each changed row's that moved to another integration (their catalogs changed too).
+        An agent that scans some shards also meets a moved row as added: the store still
+        holds it under an integration another agent scans."""
+        if self.reader.route is None or not (diff.removed or diff.changed or diff.added):
             return diff
-        was = self.store.fingerprints.catalog_integrations(
-            [*diff.removed, *(r.key for r in diff.changed)]
-        )
+        moved = [*diff.changed, *diff.added] if self._partial is not None else [*diff.changed]
+        if not (diff.removed or moved):
+            return diff
+        was = self.store.fingerprints.catalog_integrations([*diff.removed, *(r.key for r in moved)])
         left = {was[k] for k in diff.removed if k in was}
-        left |= {
-            was[r.key] for r in diff.changed if was.get(r.key, r.integration_id) != r.integration_id
-        }
+        left |= {was[r.key] for r in moved if was.get(r.key, r.integration_id) != r.integration_id}
         # Rows stored before the platform's configuration name no integration: no catalog
         # of one to trigger.
         return replace(diff, left=frozenset(left - {""}))
@@ -896,6 +973,19 @@ class _Held:
 
 def _nothing() -> Generator[Any, None, None]:
     yield from ()
+
+
+def _owned(
+    stored: Generator[StoredSlot, None, None], ownership: Ownership
+) -> Generator[StoredSlot, None, None]:
+    """The stored slots of the integrations `ownership` scans (closing `stored` with it)."""
+    owns = ownership.owns
+    try:
+        for slot in stored:
+            if owns(slot.integration_id):
+                yield slot
+    finally:
+        stored.close()
 
 
 def _giving_way(items: Iterable[SourceSlot], give_way: Callable[[], None]) -> Iterator[SourceSlot]:

@@ -246,10 +246,12 @@ class SourceReader:
             try:
                 item = rows.slot(raw, zone, route)
                 key = item.key
-            except rows.BadRow as exc:
-                snapshot.skipped.append(
-                    SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
-                )
+            except (rows.BadRow, rows.Foreign) as exc:
+                if isinstance(exc, rows.BadRow):
+                    snapshot.skipped.append(
+                        SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
+                    )
+                # Protected either way: the merge keeps the stored state of its key.
                 try:
                     ids = tuple(rows.to_id(raw.get(c), c) for c in rows.SLOT_KEY_COLUMNS)
                 except rows.BadRow:
@@ -706,10 +708,11 @@ class _Collector:
         """
         try:
             return convert(raw)
-        except rows.BadRow as exc:
-            self.skipped.append(
-                SkippedRow(self.name, rows.raw_key(raw, self.key_columns), str(exc))
-            )
+        except (rows.BadRow, rows.Foreign) as exc:
+            if isinstance(exc, rows.BadRow):
+                self.skipped.append(
+                    SkippedRow(self.name, rows.raw_key(raw, self.key_columns), str(exc))
+                )
             try:
                 key = tuple(rows.to_id(raw.get(c), c) for c in self.key_columns)
             except rows.BadRow:

@@ -41,6 +41,12 @@ class BadRow(ValueError):
     """The row cannot be used; `str(error)` says why in words an operator understands."""
 
 
+class Foreign(Exception):
+    """The row belongs to an integration that another agent scans (agents sharing a
+    platform, see agent/shards.py): left alone here, neither used nor reported, and its
+    stored state kept as it is."""
+
+
 def _shown(value: Any) -> str:
     """repr() for a message, also for an integer too long to print."""
     try:

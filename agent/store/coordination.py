@@ -8,11 +8,13 @@ store), so that agents on hosts whose clocks differ by minutes never both hold i
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from agent.clock import from_epoch_ms, to_epoch_ms
 from agent.store import schema as t
@@ -31,6 +33,15 @@ class Lease:
     name: str
     holder: str
     until: datetime
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The leases an agent must still hold, under its name, for a scan's result to be
+    recorded: the scanner lease, or the shards it scans (see agent/shards.py)."""
+
+    holder: str
+    leases: tuple[str, ...] = (SCANNER,)
 
 
 class Coordination:
@@ -79,19 +90,91 @@ class Coordination:
         with self.connector.write() as conn:
             conn.execute(sa.delete(t.leases).where(c.name == name, c.holder == holder))
 
+    def hold_all(
+        self, names: Collection[str], holder: str, now: datetime, lease_s: float
+    ) -> set[str]:
+        """Take or renew each lease of `names` that is free, run out or `holder`'s own, all
+        in one transaction; returns the names `holder` holds now. Rows are locked in name
+        order, as `holds` locks them, so that a renewal and a scan's commit never deadlock."""
+        now_ms = to_epoch_ms(now)
+        until_ms = now_ms + int(lease_s * 1000)
+        c = t.leases.c
+        wanted = sorted(set(names))
+        held: set[str] = set()
+        with self.connector.write() as conn:
+            found = {
+                row.name: row
+                for row in conn.execute(
+                    self.connector.dialect.lock_rows(
+                        sa.select(c.name, c.holder, c.until_ms)
+                        .where(c.name.in_(wanted))
+                        .order_by(c.name)
+                    )
+                )
+            }
+            ours = [
+                n
+                for n in wanted
+                if n in found and (found[n].holder == holder or found[n].until_ms <= now_ms)
+            ]
+            if ours:
+                conn.execute(
+                    sa.update(t.leases)
+                    .where(c.name.in_(ours))
+                    .values(holder=holder, until_ms=until_ms)
+                )
+                held.update(ours)
+            for name in wanted:
+                if name in found:
+                    continue
+                # Another agent may insert the same free lease at this moment: its row
+                # stands, and this one goes on with the others.
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            sa.insert(t.leases).values(name=name, holder=holder, until_ms=until_ms)
+                        )
+                except IntegrityError:
+                    continue
+                held.add(name)
+        return held
+
+    def give_up_all(self, names: Collection[str], holder: str) -> None:
+        """End the leases of `names` that `holder` has, at once."""
+        if not names:
+            return
+        c = t.leases.c
+        with self.connector.write() as conn:
+            conn.execute(
+                sa.delete(t.leases).where(c.name.in_(sorted(set(names))), c.holder == holder)
+            )
+
+    def leases_named(self, prefix: str) -> dict[str, tuple[str, int]]:
+        """Every lease whose name starts with `prefix`: name -> (holder, until_ms)."""
+        c = t.leases.c
+        with self.connector.read() as conn:
+            rows = conn.execute(
+                sa.select(c.name, c.holder, c.until_ms).where(c.name.startswith(prefix))
+            )
+            return {row.name: (row.holder, row.until_ms) for row in rows}
+
     def lease(self, name: str) -> Lease | None:
         c = t.leases.c
         with self.connector.read() as conn:
             row = conn.execute(sa.select(c.holder, c.until_ms).where(c.name == name)).first()
         return None if row is None else Lease(name, row.holder, from_epoch_ms(row.until_ms))
 
-    def holds(self, conn: sa.Connection, name: str, holder: str) -> bool:
-        """Whether `holder` has the lease, read and locked inside the caller's write
-        transaction: a scan commits only while its agent still holds the scanner lease, and
-        nobody takes it over before that commit ends."""
+    def holds(self, conn: sa.Connection, fence: Fence) -> bool:
+        """Whether `fence.holder` has every lease of the fence, read and locked (in name
+        order) inside the caller's write transaction: a scan commits only while its agent
+        still holds what it scanned for, and nobody takes it over before that commit ends."""
         c = t.leases.c
-        query = self.connector.dialect.lock_rows(sa.select(c.holder).where(c.name == name))
-        return conn.execute(query).scalar() == holder
+        names = sorted(set(fence.leases))
+        query = self.connector.dialect.lock_rows(
+            sa.select(c.name, c.holder).where(c.name.in_(names)).order_by(c.name)
+        )
+        holders = {row.name: row.holder for row in conn.execute(query)}
+        return all(holders.get(name) == fence.holder for name in names)
 
     # -- status records -----------------------------------------------------------------
 

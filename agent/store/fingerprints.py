@@ -19,7 +19,7 @@ from agent.logs import event
 from agent.model import CatalogDiff, CatalogKey, SlotDiff, SlotKey, StoredSlot
 from agent.store import schema as t
 from agent.store.connector import Connector
-from agent.store.meta import get_meta, set_meta
+from agent.store.meta import get_meta, set_meta, set_metas
 from agent.store.ranges import StoredRanges
 
 STREAM_BATCH_ROWS = 5000
@@ -66,11 +66,19 @@ class Fingerprints:
         with self.connector.read() as conn:
             return get_meta(conn, BASELINE) is not None
 
-    def load_catalog(self) -> dict[CatalogKey, str]:
+    def load_catalog(self, owns: Callable[[str], bool] | None = None) -> dict[CatalogKey, str]:
+        """The stored catalog; with `owns`, only the rows of the integrations it accepts (an
+        agent that scans some shards of a platform)."""
         c = t.catalog_fingerprints.c
         with self.connector.read() as conn:
-            rows = conn.execute(sa.select(c.product_id, c.option_id, c.fingerprint))
-            return {(r.product_id, r.option_id): r.fingerprint for r in rows}
+            rows = conn.execute(
+                sa.select(c.product_id, c.option_id, c.fingerprint, c.integration_id)
+            )
+            return {
+                (r.product_id, r.option_id): r.fingerprint
+                for r in rows
+                if owns is None or owns(r.integration_id)
+            }
 
     def load_slots(self) -> dict[SlotKey, StoredSlot]:
         with self.connector.read() as conn:
@@ -186,6 +194,15 @@ class Fingerprints:
         with self.connector.read() as conn:
             return get_meta(conn, CURSOR_PREFIX + name)
 
+    def cursors(self, names: Collection[str]) -> dict[str, str]:
+        """The change cursors saved under `names` (those saved; one query)."""
+        keys = {CURSOR_PREFIX + name: name for name in names}
+        with self.connector.read() as conn:
+            rows = conn.execute(
+                sa.select(t.meta.c.key, t.meta.c.value).where(t.meta.c.key.in_(sorted(keys)))
+            )
+            return {keys[row.key]: row.value for row in rows}
+
     # -- writes, inside the scan's transaction ------------------------------------------
 
     def record(
@@ -213,8 +230,7 @@ class Fingerprints:
         )
         if baseline_ms is not None:
             set_meta(conn, BASELINE, str(baseline_ms))
-        for name, value in cursors.items():
-            set_meta(conn, CURSOR_PREFIX + name, value)
+        set_metas(conn, {CURSOR_PREFIX + name: value for name, value in cursors.items()})
 
 
 def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:
@@ -223,6 +239,12 @@ def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:
         tbl.c.product_id == sa.bindparam("product"), tbl.c.option_id == sa.bindparam("option")
     )
     if diff.added:
+        # Delete first: on a platform a product that moved to another integration is new
+        # to the agent that scans that one, while its row still names the old one.
+        conn.execute(
+            sa.delete(tbl).where(matches),
+            [{"product": r.product_id, "option": r.option_id} for r in diff.added],
+        )
         conn.execute(
             sa.insert(tbl),
             [
@@ -311,11 +333,21 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
                 for s in diff.changed
             ],
         )
-    gone = [s.key for s in diff.removed] + list(diff.expired)
-    if gone:
+    if diff.removed:
+        # Only the row as it was found: on a platform, an agent that scans another
+        # integration may have recorded the slot under it since (it moved there).
+        conn.execute(
+            sa.delete(tbl).where(matches, tbl.c.integration_id == sa.bindparam("was")),
+            [
+                {"product": p, "option": o, "slot": a, "was": s.integration_id}
+                for s in diff.removed
+                for p, o, a in (s.key,)
+            ],
+        )
+    if diff.expired:
         conn.execute(
             sa.delete(tbl).where(matches),
-            [{"product": p, "option": o, "slot": a} for p, o, a in gone],
+            [{"product": p, "option": o, "slot": a} for p, o, a in diff.expired],
         )
 
 

@@ -17,3 +17,12 @@ def set_meta(conn: sa.Connection, key: str, value: str | None) -> None:
     conn.execute(sa.delete(t.meta).where(t.meta.c.key == key))
     if value is not None:
         conn.execute(sa.insert(t.meta).values(key=key, value=value))
+
+
+def set_metas(conn: sa.Connection, values: dict[str, str]) -> None:
+    """Replace several records of seyaha_meta in two statements (a poll of an agent that
+    scans many shards saves one change cursor per shard)."""
+    if not values:
+        return
+    conn.execute(sa.delete(t.meta).where(t.meta.c.key.in_(sorted(values))))
+    conn.execute(sa.insert(t.meta), [{"key": k, "value": v} for k, v in sorted(values.items())])

@@ -29,7 +29,7 @@ from agent.ranges import RangeDigest, RangeKey
 from agent.store.admin import Admin
 from agent.store.clock import StoreClock
 from agent.store.connector import Connector, StoreBusy
-from agent.store.coordination import SCANNER, Coordination
+from agent.store.coordination import Coordination, Fence
 from agent.store.fingerprints import CATALOG_DIGEST, Fingerprints
 from agent.store.meta import set_meta
 from agent.store.migrate import Migrator, Plan
@@ -114,7 +114,7 @@ class StateStore:
         gone: Iterable[RangeKey] = (),
         *,
         basis: str | None = None,
-        scanner: str | None = None,
+        scanner: Fence | None = None,
     ) -> None:
         """Store range digests a full pass computed (see StoredRanges.record) and, with
         `basis`, mark the digests as computed on it; `scanner` as in commit_scan."""
@@ -124,24 +124,25 @@ class StateStore:
             if basis is not None:
                 set_meta(conn, RANGES_BASIS, basis)
 
-    def record_catalog_digest(self, token: str, *, scanner: str | None = None) -> None:
+    def record_catalog_digest(self, token: str, *, scanner: Fence | None = None) -> None:
         """Store the token of the catalog a full pass read and recorded (see
         Fingerprints.catalog_token); `scanner` as in commit_scan."""
         with self.connector.write() as conn:
             self._hold_lease(conn, scanner)
             set_meta(conn, CATALOG_DIGEST, token)
 
-    def reset_ranges(self, *, scanner: str | None = None) -> None:
+    def reset_ranges(self, *, scanner: Fence | None = None) -> None:
         """Forget every stored range digest (their basis changed, or cannot be trusted)."""
         with self.connector.write() as conn:
             self._hold_lease(conn, scanner)
             StoredRanges.reset(conn, None)
 
-    def _hold_lease(self, conn: sa.Connection, scanner: str | None) -> None:
-        if scanner is not None and not self.coordination.holds(conn, SCANNER, scanner):
+    def _hold_lease(self, conn: sa.Connection, scanner: Fence | None) -> None:
+        if scanner is not None and not self.coordination.holds(conn, scanner):
             raise LeaseLost(
-                "another agent took the scanner lease while this one was scanning; its "
-                "result is dropped and the other agent scans instead"
+                "another agent took over what this one was scanning (the scanner lease, or "
+                "a shard of the integrations); its result is dropped and the other agent "
+                "scans instead"
             )
 
     @contextmanager
@@ -159,14 +160,14 @@ class StateStore:
         *,
         baseline: bool = False,
         cursors: Mapping[str, str] | None = None,
-        scanner: str | None = None,
+        scanner: Fence | None = None,
         wait: bool = True,
     ) -> int:
         """Record the new fingerprints and enqueue `messages`, all or nothing.
 
         `baseline` marks the state as baselined; `cursors` saves change cursors by name;
-        `scanner` (on a shared store) is the agent that must still hold the scanner lease,
-        or LeaseLost is raised and nothing is written; without `wait`, StoreBusy is raised
+        `scanner` (on a shared store) names the agent and the leases it must still hold
+        (the scanner lease, or its shards), or LeaseLost is raised and nothing is written; without `wait`, StoreBusy is raised
         at once when another transaction holds the store. Returns how many outbox rows
         were added or refreshed.
         """

@@ -34,6 +34,17 @@ SELECT p.id AS product_id, p.option_id, t.id AS availability_id,
 FROM slots t JOIN products p ON p.id = t.product_id JOIN suppliers s ON s.id = p.supplier_id
 """
 
+SLOTS_CHANGED_QUERY = SLOTS_QUERY.rstrip() + "\nWHERE t.updated_at >= :since\n"
+"""The slots query restricted to rows stamped since the cursor (see Platform.track_updates)."""
+
+STAMPS = {
+    "sqlite": ("TEXT", "strftime('%Y-%m-%d %H:%M:%f', 'now')"),
+    "postgresql": ("TIMESTAMP WITH TIME ZONE", "now()"),
+    "mysql": ("DATETIME(6)", "NOW(6)"),
+    "mariadb": ("DATETIME(6)", "NOW(6)"),
+}
+"""An updated_at column per backend, and the database clock the booking system stamps it with."""
+
 metadata = sa.MetaData()
 suppliers = sa.Table(
     "suppliers",
@@ -67,6 +78,21 @@ class Platform:
         self.url = url
         self.engine = sa.create_engine(url)
         metadata.create_all(self.engine)
+        self.stamp: str | None = None
+        """SQL of the database clock that stamps slots.updated_at (see track_updates)."""
+
+    def track_updates(self) -> None:
+        """Add slots.updated_at, stamped by every write of a slot from now on."""
+        ddl, self.stamp = STAMPS[self.engine.dialect.name]
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE slots ADD COLUMN updated_at {ddl} NULL"))
+
+    def _stamp(self, conn: sa.Connection, slot_id: str) -> None:
+        if self.stamp is not None:
+            conn.execute(
+                sa.text(f"UPDATE slots SET updated_at = {self.stamp} WHERE id = :id"),
+                {"id": slot_id},
+            )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -101,20 +127,21 @@ class Platform:
             conn.execute(sa.delete(products).where(products.c.id == product_id))
 
     def slot(self, slot_id: str, product_id: str, start: datetime, vacancies: int = 10) -> None:
+        values: dict[str, object] = {
+            "id": slot_id,
+            "product_id": product_id,
+            "starts_at": start,
+            "vacancies": vacancies,
+            "capacity": 10,
+        }
         with self.engine.begin() as conn:
-            conn.execute(
-                sa.insert(slots).values(
-                    id=slot_id,
-                    product_id=product_id,
-                    starts_at=start,
-                    vacancies=vacancies,
-                    capacity=10,
-                )
-            )
+            conn.execute(sa.insert(slots).values(values))
+            self._stamp(conn, slot_id)
 
     def book(self, slot_id: str, vacancies: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.update(slots).where(slots.c.id == slot_id).values(vacancies=vacancies))
+            self._stamp(conn, slot_id)
 
 
 def write_secrets(folder: Path, secrets: dict[str, str]) -> Path:
@@ -135,6 +162,9 @@ def write_platform_config(
     state_url: str,
     secrets_dir: Path,
     delivery: dict[str, object] | None = None,
+    slots_changed_query: str | None = None,
+    state: dict[str, object] | None = None,
+    source: dict[str, object] | None = None,
 ) -> Path:
     """A platform's configuration: no integration_id, a secrets folder, routed queries."""
 
@@ -143,6 +173,11 @@ def write_platform_config(
 
     path = folder / f"{name}.toml"
     more = "".join(f"{k} = {s(v)}\n" for k, v in (delivery or {}).items())
+    shared = "".join(f"{k} = {s(v)}\n" for k, v in (state or {}).items())
+    reading = "".join(f"{k} = {s(v)}\n" for k, v in (source or {}).items())
+    changes = (
+        "" if slots_changed_query is None else f"slots_changed_query = '''{slots_changed_query}'''"
+    )
     path.write_text(
         f"""
 [seyaha]
@@ -154,10 +189,11 @@ url = {s(source_url)}
 timezone = {s(ZONE_NAME)}
 catalog_query = '''{CATALOG_QUERY}'''
 slots_query = '''{SLOTS_QUERY}'''
-
+{changes}
+{reading}
 [state]
 url = {s(state_url)}
-
+{shared}
 [delivery]
 {more}
 [metrics]
