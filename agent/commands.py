@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agent.app import Agent, DrainResult
 from agent.cli import StatusExit
-from agent.clock import SystemClock
+from agent.clock import SystemClock, to_epoch_ms
 from agent.config import (
     SECRET_ENV,
     AgentSettings,
@@ -40,9 +41,11 @@ from agent.errors import AgentError, ConfigError, SourceUnavailable, first_line,
 from agent.integrations import Router, SecretsFolder, integration_problem
 from agent.logs import Redaction, setup_logging
 from agent.scan import ScanReport
+from agent.shards import SHARD_PREFIX, SHARDS
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
 from agent.store import StateStore
+from agent.store.coordination import SCANNER
 from agent.store.identity import watch_state_file
 from agent.store.migrate import Migrator
 
@@ -576,6 +579,37 @@ def outbox(path: Path, args: argparse.Namespace, out: TextIO | None = None) -> i
 PAUSES_SHOWN = 10
 """Paused integrations `outbox status` names one by one (the rest are counted)."""
 
+AGENTS_SHOWN = 10
+"""Agents sharing a platform that `outbox status` names one by one (the rest are counted)."""
+
+
+def _scanning(store: StateStore) -> str | None:
+    """Who scans a shared store: the holder of the scanner lease, or how a platform's shards
+    are divided among its agents (see agent/shards.py); None on a SQLite store, or before
+    any agent ran. Leases run on the database's clock: so does this look at them."""
+    if not store.dialect.shared:
+        return None
+    now_ms = to_epoch_ms(store.clock(SystemClock()).now())
+    shards = store.coordination.leases_named(SHARD_PREFIX)
+    if shards:
+        held = Counter(holder for holder, until_ms in shards.values() if until_ms > now_ms)
+        agents = ", ".join(f"{h} ({n})" for h, n in sorted(held.items())[:AGENTS_SHOWN])
+        more = f" and {len(held) - AGENTS_SHOWN} more" if len(held) > AGENTS_SHOWN else ""
+        line = f"{len(held)} agent(s) share the {SHARDS} shards: {agents or 'none'}{more}"
+        unheld = SHARDS - sum(held.values())
+        if unheld:
+            line += (
+                f"; {unheld} shard(s) scanned by no agent now (their agent stopped: another "
+                "takes them within the lease, if one runs)"
+            )
+        return line
+    lease = store.coordination.lease(SCANNER)
+    if lease is None:
+        return None
+    if to_epoch_ms(lease.until) <= now_ms:
+        return f"by no agent now (the scanner lease of {lease.holder} ran out)"
+    return f"by {lease.holder} (it holds the scanner lease; the others deliver)"
+
 
 def _outbox_status(
     store: StateStore,
@@ -623,6 +657,9 @@ def _outbox_status(
             break
         since, _, reason = record.partition(" ")
         print(f"integration      {paused_id} PAUSED since {since}: {reason}", file=out)
+    scanning = _scanning(store)
+    if scanning is not None:
+        print(f"scanning         {scanning}", file=out)
     daemon_problems = None
     if daemon_url is not None:
         daemon_problems = ask_daemon(daemon_url)

@@ -56,6 +56,7 @@ class Sharing:
         """Take, keep and give back shards (see agent.shards.balance); returns what this
         agent holds now."""
         with self._lock:
+            before = self.ownership
             now = self.clock.now()
             now_ms = to_epoch_ms(now)
             shards: dict[int, LeaseRow] = {}
@@ -86,7 +87,6 @@ class Sharing:
                 self.lease_s,
             )
             owned = frozenset(s for s in range(SHARDS) if shard_lease(s) in held)
-            before = self.ownership
             self.ownership = Ownership(owned)
             self.agents = len(members | {self.identity})
             self.metrics.shards_scanned.set(len(owned))

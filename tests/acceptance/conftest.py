@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -9,10 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -220,3 +221,99 @@ class SandboxClient:
                 return calls
             time.sleep(0.05)
         raise AssertionError(f"waited {WAIT_S} s for {what}; calls: {calls}")
+
+
+# -- daemons with JSON logs in files, and what a test started ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """`python -m agent run` with its standard output and error in files: nothing is lost to
+    a pipe, and a pipe left unread cannot stall it."""
+
+    def __init__(self, config: Path) -> None:
+        self.out_path = config.with_name(f"{config.stem}.stdout")
+        self.err_path = config.with_name(f"{config.stem}.stderr")
+        self._files: list[IO[str]] = [
+            self.out_path.open("w", encoding="utf-8"),
+            self.err_path.open("w", encoding="utf-8"),
+        ]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=self._files[0],
+            stderr=self._files[1],
+            text=True,
+            env=agent_env(),
+        )
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The log records of event `name` so far (a line still being written is skipped)."""
+        found = []
+        for line in self.err_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == name:
+                found.append(record)
+        return found
+
+    def stop(self) -> int:
+        """SIGTERM, then its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(WAIT_S)
+        for handle in self._files:
+            handle.close()
+        return self.proc.returncode
+
+    def output(self) -> tuple[str, str]:
+        """(standard output, standard error)."""
+        return (
+            self.out_path.read_text(encoding="utf-8"),
+            self.err_path.read_text(encoding="utf-8"),
+        )
+
+
+@dataclass
+class Processes:
+    """What a test started, stopped at its end whatever happened."""
+
+    daemons: list[Daemon] = field(default_factory=list)
+    sandboxes: list[SandboxProcess] = field(default_factory=list)
+
+    def daemon(self, config: Path) -> Daemon:
+        started = Daemon(config)
+        self.daemons.append(started)
+        return started
+
+    def sandbox(self, secrets_dir: Path) -> SandboxProcess:
+        started = SandboxProcess(secrets_dir=secrets_dir)
+        self.sandboxes.append(started)
+        return started
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    yield started
+    for daemon in started.daemons:
+        daemon.stop()
+    for sandbox in started.sandboxes:
+        sandbox.stop()
+
+
+def wait_until(probe: Callable[[], Any], what: str, within_s: float = 60.0) -> Any:
+    """Poll `probe` until it returns something truthy, which is returned (a ceiling of
+    `within_s`, never an expectation)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {within_s:g} s for {what}")
+        time.sleep(0.1)

@@ -11,24 +11,21 @@ Waits are ceilings (WAIT_S), never expectations: each polls for what it waits fo
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from secrets import token_hex
-from typing import IO, Any
-
-import pytest
+from typing import Any
 
 from agent.cli import StatusExit
-from tests.acceptance.conftest import SandboxClient, SandboxProcess, agent_env, cli
+from tests.acceptance.conftest import (
+    Processes,
+    SandboxClient,
+    cli,
+    wait_until,
+)
 from tests.integration.inventory import ZONE_NAME, at, first_day
 from tests.integration.platform import (
     ALPHA,
@@ -120,104 +117,6 @@ format = "json"
         encoding="utf-8",
     )
     return path
-
-
-# -- processes ----------------------------------------------------------------------------------
-
-
-class Daemon:
-    """`python -m agent run` with its standard output and error in files: nothing is lost to
-    a pipe, and a pipe left unread cannot stall it."""
-
-    def __init__(self, config: Path) -> None:
-        self.out_path = config.with_name(f"{config.stem}.stdout")
-        self.err_path = config.with_name(f"{config.stem}.stderr")
-        self._files: list[IO[str]] = [
-            self.out_path.open("w", encoding="utf-8"),
-            self.err_path.open("w", encoding="utf-8"),
-        ]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
-            stdout=self._files[0],
-            stderr=self._files[1],
-            text=True,
-            env=agent_env(),
-        )
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        """The log records of event `name` so far (a line still being written is skipped)."""
-        found = []
-        for line in self.err_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("event") == name:
-                found.append(record)
-        return found
-
-    def stop(self) -> int:
-        """SIGTERM, then its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT_S)
-        for handle in self._files:
-            handle.close()
-        return self.proc.returncode
-
-    def output(self) -> tuple[str, str]:
-        """(standard output, standard error)."""
-        return (
-            self.out_path.read_text(encoding="utf-8"),
-            self.err_path.read_text(encoding="utf-8"),
-        )
-
-
-@dataclass
-class Processes:
-    """What a test started, stopped at its end whatever happened."""
-
-    daemons: list[Daemon] = field(default_factory=list)
-    sandboxes: list[SandboxProcess] = field(default_factory=list)
-
-    def daemon(self, config: Path) -> Daemon:
-        started = Daemon(config)
-        self.daemons.append(started)
-        return started
-
-    def sandbox(self, secrets_dir: Path) -> SandboxProcess:
-        started = SandboxProcess(secrets_dir=secrets_dir)
-        self.sandboxes.append(started)
-        return started
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    yield started
-    for daemon in started.daemons:
-        daemon.stop()
-    for sandbox in started.sandboxes:
-        sandbox.stop()
-
-
-# -- looking ------------------------------------------------------------------------------------
-
-
-def wait_until(probe: Callable[[], Any], what: str) -> Any:
-    """Poll `probe` until it returns something truthy, which is returned."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {WAIT_S:g} s for {what}")
-        time.sleep(0.1)
 
 
 class Operator:
