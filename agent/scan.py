@@ -43,7 +43,16 @@ from agent.model import (
     StoredSlot,
 )
 from agent.plan import plan
-from agent.ranges import RangeKey, RangeTally, basis, catalog_token, label, range_of, to_read
+from agent.ranges import (
+    RangeKey,
+    RangeTally,
+    basis,
+    catalog_token,
+    label,
+    parse_label,
+    range_of,
+    to_read,
+)
 from agent.shards import Ownership
 from agent.source import cursor
 from agent.source.reader import GIVE_WAY_ROWS, Snapshot, SourceReader
@@ -580,8 +589,13 @@ class Scanner:
             with turn():
                 self.store.reset_ranges(scanner=self.fence)
             return
-        chosen = set(full.ranges) if full.ranges is not None else None
-        gone = set(tally.gone(chosen)) if chosen is not None else set()
+        if full.ranges is not None:
+            gone = set(tally.gone(full.ranges))
+        else:
+            # Every range was read: a stored one the source returned no row of was emptied
+            # (its slots' removal left it marked to be read again), and is forgotten too.
+            stored = self.store.fingerprints.ranges.load()
+            gone = set(tally.gone([r for r in map(parse_label, stored) if r is not None]))
         digests = tally.clean()
         ranges = sorted({*digests, *tally.spoiled, *gone})
         if not ranges and full.ranges is not None and (live is None or not live.touched):

@@ -233,6 +233,31 @@ def test_deleted_slots_and_a_range_emptied_whole_are_found_and_new_ranges_are_re
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_a_range_emptied_whole_in_a_pass_that_reads_every_range_is_forgotten(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    """Most ranges differ, so the pass reads every range instead of naming them; the range
+    emptied among them must be forgotten all the same, or the next pass reads it again."""
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    agent, inventory = setup.agent, setup.inventory
+    for slot_id in (1000, 1010, 1020):  # the whole range (1, 1-a, "0")
+        inventory.delete_slot(slot_id)
+    for slot_id in (1001, 1002, 1003, 1004, 1005, 1006, 1007):  # 8 ranges of 30 differ
+        inventory.update_slot(slot_id, vacancies=1)
+
+    report = agent.scan()
+    assert report.ranges_read is None  # more than READ_MAX_FRACTION: every range read
+    assert (report.slots_removed, report.slots_changed) == (3, 7)
+    assert _rng(setup, 1000) not in _ranges(agent)
+    assert _stored(agent) == _truth(agent)
+    assert agent.scan().ranges_read == 0
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconciliation(
     backend: str,
     make_inventory: MakeInventory,
@@ -469,11 +494,11 @@ def test_after_any_changes_a_reconciliation_of_ranges_leaves_the_store_as_the_da
     agent, inventory = setup.agent, setup.inventory
     ids = sorted(setup.slots)
 
-    # Derandomized for now: a random run on PostgreSQL once found a second pass reading one
-    # range after closes, bookings and deletes (close 73, close 49, book 15, close 61, book
-    # 20, close 62, delete 84, close 62, book 5, delete 0, delete 1, delete 20) applied on
-    # top of earlier examples' state, and it did not replay on a fresh state. The same
-    # examples run every time until that is understood.
+    # Derandomized: the examples share one database and store, so a failure depends on the
+    # earlier examples' state and Hypothesis cannot replay or shrink it (FlakyFailure). A
+    # random run once found a range emptied whole (1010 deleted earlier, then 1000 and 1020)
+    # among more ranges than a pass names, kept by that pass; see
+    # test_a_range_emptied_whole_in_a_pass_that_reads_every_range_is_forgotten.
     @settings(
         max_examples=12,
         deadline=None,
