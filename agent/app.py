@@ -398,6 +398,12 @@ class Agent:
         with self.scan_lock:
             self._check_state_file()
             if not self._scanner_turn():
+                if self.sharing is not None and self._baselined:
+                    raise StateError(
+                        "the agents sharing this platform's state store scan every shard of "
+                        "its integrations; they scan for you. Run this again when fewer "
+                        "agents run, or stop them first."
+                    )
                 lease = self.store.coordination.lease(SCANNER)
                 holder = "another agent" if lease is None else f"agent {lease.holder}"
                 raise StateError(

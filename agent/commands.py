@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TextIO
 
 import httpx
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.app import Agent, DrainResult
@@ -36,7 +37,7 @@ from agent.config import (
 from agent.db import create_engine, redact_url
 from agent.delivery.flow import BreakerState
 from agent.delivery.worker import Tally
-from agent.dialects import dialect_of
+from agent.dialects import dialect_for_backend, dialect_of
 from agent.errors import AgentError, ConfigError, SourceUnavailable, first_line, shown_path
 from agent.integrations import Router, SecretsFolder, integration_problem
 from agent.logs import Redaction, setup_logging
@@ -282,6 +283,14 @@ def _check_routing(
         f"names, with the secret in the file of that name in {shown_path(folder)}",
         file=out,
     )
+    if dialect_for_backend(make_url(settings.state.url).get_backend_name()).shared:
+        print(
+            "info    a shared state store: agents run with this configuration divide the "
+            "integrations among themselves (64 shards, an even share each; a dead agent's "
+            f"are taken within {settings.state.scanner_lease * 4 / 3:g} s, [state] "
+            "scanner_lease + a third)",
+            file=out,
+        )
     if not folder.is_dir():
         return None  # said by read_secret above
     secrets = SecretsFolder(folder)

@@ -107,6 +107,11 @@ def test_two_agents_share_a_platform_and_one_takes_over_when_the_other_is_killed
         write_config(tmp_path, name, base_url=sandbox.url, source=platform.url, state=state)
         for name in ("first", "second")
     ]
+    checked = cli("check", "--config", str(configs[0]))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "a shared state store: agents run with this configuration divide the integrations" in (
+        checked.stdout
+    )
     first, second = (processes.daemon(c) for c in configs)
 
     # One baseline: one sync/trigger per integration, not one per agent.
