@@ -361,7 +361,7 @@ class Agent:
         if self._holds_scanner:
             self._hand_over_scanning()
         if not ownership.shards:
-            self.scanner.own(ownership, None)
+            self.scanner.own(ownership, Fence(self.identity, ()))
             if not self._sharing_standby_logged:
                 event(
                     log,

@@ -174,7 +174,8 @@ class Coordination:
             sa.select(c.name, c.holder).where(c.name.in_(names)).order_by(c.name)
         )
         holders = {row.name: row.holder for row in conn.execute(query)}
-        return all(holders.get(name) == fence.holder for name in names)
+        # A fence of no lease holds nothing: an agent left without shards records nothing.
+        return bool(names) and all(holders.get(name) == fence.holder for name in names)
 
     # -- status records -----------------------------------------------------------------
 

@@ -19,9 +19,11 @@ import sqlalchemy as sa
 
 from agent.app import Agent
 from agent.config import load_config
+from agent.model import CatalogDiff, SlotDiff
 from agent.sandbox import Sandbox
 from agent.shards import SHARDS, shard_lease, shard_of, share
 from agent.store import LeaseLost
+from agent.store.coordination import Fence
 from tests.integration.inventory import at, first_day
 from tests.integration.platform import (
     SLOTS_CHANGED_QUERY,
@@ -364,3 +366,11 @@ def test_a_third_agent_joining_gets_a_share_and_nothing_is_scanned_twice(world: 
     assert found == len(INTEGRATIONS)
     deliver_all([a, b, c], world.sandbox)
     assert notified(world.sandbox) == sorted((i, f"s{number(i)}b") for i in INTEGRATIONS)
+
+
+@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+def test_an_agent_left_without_shards_records_nothing(world: World) -> None:
+    agent = world.agent()
+    nothing = Fence(agent.identity, ())
+    with pytest.raises(LeaseLost):
+        agent.store.commit_scan(CatalogDiff(), SlotDiff(), [], agent.clock.now(), scanner=nothing)
