@@ -808,24 +808,19 @@ class Agent:
                 max_instances=1,
                 coalesce=True,
             )
-        if self.sharing is not None:
-            self.sharing_job()
-            scheduler.add_job(
-                self.sharing_job,
-                IntervalTrigger(
-                    seconds=self.config.settings.state.scanner_lease / SCANNER_RENEWALS
-                ),
-                id="shards",
-                max_instances=1,
-                coalesce=True,
-            )
+        leases: list[tuple[Callable[[], None], str]] = []
         if self.store.dialect.shared:
+            leases.append((self.renew_scanner_job, "scanner-lease"))
+        if self.sharing is not None:
+            self.sharing_job()  # a share before the first poll
+            leases.append((self.sharing_job, "shards"))
+        for job, name in leases:
             scheduler.add_job(
-                self.renew_scanner_job,
+                job,
                 IntervalTrigger(
                     seconds=self.config.settings.state.scanner_lease / SCANNER_RENEWALS
                 ),
-                id="scanner-lease",
+                id=name,
                 max_instances=1,
                 coalesce=True,
             )

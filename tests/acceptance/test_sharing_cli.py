@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.acceptance.conftest import Processes, SandboxClient, cli, wait_until
-from tests.integration.inventory import ZONE_NAME, at, first_day
+from tests.integration.inventory import SERVER_PARAMS, ZONE_NAME, at, first_day
 from tests.integration.platform import (
     CATALOG_QUERY,
     SLOTS_CHANGED_QUERY,
@@ -30,11 +30,6 @@ from tests.integration.platform import (
     Platform,
     write_secrets,
 )
-
-SERVER_BACKENDS = [
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
-    pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
-]
 
 INTEGRATIONS = tuple(f"{0xC0FFEE00 + n:024x}" for n in range(12))
 
@@ -84,7 +79,7 @@ def notifies(calls: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
     )
 
 
-@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+@pytest.mark.parametrize("backend", SERVER_PARAMS)
 def test_two_agents_share_a_platform_and_one_takes_over_when_the_other_is_killed(
     backend: str,
     tmp_path: Path,

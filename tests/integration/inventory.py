@@ -42,6 +42,10 @@ BACKEND_PARAMS = [
 ]
 """`@pytest.mark.parametrize("backend", BACKEND_PARAMS)`: one case per supported database."""
 
+SERVER_PARAMS = BACKEND_PARAMS[1:]
+"""The database servers (PostgreSQL, MariaDB): where two writers hold transactions open at
+once, and where several agents share one state store."""
+
 CATALOG_QUERY = """
 SELECT p.id AS product_id, o.id AS option_id, p.title, p.price_cents, o.name AS option_name
 FROM products p JOIN options o ON o.product_id = p.id

@@ -34,6 +34,7 @@ from agent.source.reader import SourceReader
 from tests.conftest import INTEGRATION_ID, MARIADB_ADMIN_URL, PG_ADMIN_URL, SECRET
 from tests.integration.inventory import (
     BACKEND_PARAMS,
+    SERVER_PARAMS,
     SLOTS_CHANGED_QUERY,
     SLOTS_QUERY,
     ZONE,
@@ -54,11 +55,6 @@ MakeReader = Callable[..., SourceReader]
 MakeSandbox = Callable[..., Sandbox]
 MakeAgent = Callable[..., Agent]
 
-SERVER_PARAMS = [
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
-    pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
-]
-"""Backends where two writers can hold transactions open at once."""
 
 INCREMENTAL = {"slots_changed_query": SLOTS_CHANGED_QUERY}
 

@@ -31,6 +31,7 @@ from agent.source.reader import Snapshot, SourceReader, StreamPosition
 from tests.conftest import PG_ADMIN_URL
 from tests.integration.inventory import (
     BACKEND_PARAMS,
+    SERVER_PARAMS,
     SLOTS_CHANGED_QUERY,
     SLOTS_QUERY,
     Inventory,
@@ -50,10 +51,6 @@ from tests.integration.test_reconcile_beside_polls import (
 
 MakeReader = Callable[..., SourceReader]
 
-SERVER_PARAMS = [
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
-    pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
-]
 
 BULK = 20_000
 """Slots of the large option: several of the reader's fetches (STREAM_BATCH_ROWS), so that

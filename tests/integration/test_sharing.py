@@ -24,18 +24,13 @@ from agent.sandbox import Sandbox
 from agent.shards import SHARDS, shard_lease, shard_of, share
 from agent.store import LeaseLost
 from agent.store.coordination import Fence
-from tests.integration.inventory import at, first_day
+from tests.integration.inventory import SERVER_PARAMS, at, first_day
 from tests.integration.platform import (
     SLOTS_CHANGED_QUERY,
     Platform,
     write_platform_config,
     write_secrets,
 )
-
-SERVER_BACKENDS = [
-    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
-    pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
-]
 
 INTEGRATIONS = [f"{0x5E7A00 + n:024x}" for n in range(16)]
 """Sixteen suppliers' integration ids: each agent of two scans some of them (the chance that
@@ -195,7 +190,7 @@ def baseline(world: World, agents: list[Agent]) -> None:
     world.sandbox.reset()
 
 
-@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
 def test_agents_divide_the_integrations_and_each_change_is_sent_once(world: World) -> None:
     seed(world.platform)
     a, b = world.agent(), world.agent()
@@ -240,7 +235,7 @@ def test_agents_divide_the_integrations_and_each_change_is_sent_once(world: Worl
     assert notified(world.sandbox) == [(victim, f"s{number(victim)}b")]
 
 
-@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
 def test_a_dead_agents_integrations_are_scanned_from_where_it_stopped(world: World) -> None:
     seed(world.platform)
     a, b = world.agent(), world.agent()
@@ -270,7 +265,7 @@ def test_a_dead_agents_integrations_are_scanned_from_where_it_stopped(world: Wor
     assert notified(world.sandbox) == sorted((i, f"s{number(i)}b") for i in theirs)
 
 
-@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
 def test_a_scan_of_a_shard_taken_meanwhile_is_not_recorded(world: World) -> None:
     seed(world.platform)
     a, b = world.agent(), world.agent()
@@ -301,7 +296,7 @@ def test_a_scan_of_a_shard_taken_meanwhile_is_not_recorded(world: World) -> None
     assert notified(world.sandbox) == [(mine[0], f"s{number(mine[0])}a")]
 
 
-@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
 def test_a_product_moving_between_agents_integrations_triggers_both_once(
     world: World,
 ) -> None:
@@ -330,7 +325,7 @@ def test_a_product_moving_between_agents_integrations_triggers_both_once(
         assert (report.triggers, report.notifies) == (0, 0)
 
 
-@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
 def test_a_clean_stop_hands_its_shards_over_at_once(world: World) -> None:
     seed(world.platform)
     a, b = world.agent(), world.agent()
@@ -346,7 +341,7 @@ def test_a_clean_stop_hands_its_shards_over_at_once(world: World) -> None:
     assert report.notifies == 1
 
 
-@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
 def test_a_third_agent_joining_gets_a_share_and_nothing_is_scanned_twice(world: World) -> None:
     seed(world.platform)
     a, b = world.agent(), world.agent()
@@ -368,7 +363,7 @@ def test_a_third_agent_joining_gets_a_share_and_nothing_is_scanned_twice(world: 
     assert notified(world.sandbox) == sorted((i, f"s{number(i)}b") for i in INTEGRATIONS)
 
 
-@pytest.mark.parametrize("world", SERVER_BACKENDS, indirect=True)
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
 def test_an_agent_left_without_shards_records_nothing(world: World) -> None:
     agent = world.agent()
     nothing = Fence(agent.identity, ())
