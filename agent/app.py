@@ -383,11 +383,17 @@ class Agent:
             return
         if self.clock.monotonic() - self.heartbeat > self._stuck_after_s():
             return
+        before = self.sharing.ownership
         try:
-            self.sharing.round()
+            after = self.sharing.round()
         except SQLAlchemyError as exc:
             # The poll loop reports the store's failures; the next round retries.
             event(log, logging.DEBUG, "scan.shards_failed", f"dividing shards failed: {exc}")
+            return
+        if before is not None and after.shards - before.shards:
+            # Shards taken over (an agent died or left): their changes since their last
+            # holder's poll are read now, not at the next poll_interval.
+            self.poll_wake.set()
 
     # -- scanning -----------------------------------------------------------------------
 

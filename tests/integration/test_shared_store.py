@@ -4,6 +4,7 @@ and never send one message together, and a retry is not put off by a slow host c
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,11 +17,13 @@ from agent.clock import SystemClock
 from agent.config import load_config
 from agent.model import OutboxMessage
 from agent.sandbox import Sandbox
-from agent.store import LeaseLost
+from agent.store import LeaseLost, StateStore
 from agent.store.coordination import SCANNER
+from agent.store.meta import get_meta, set_meta
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.inventory import (
     BACKEND_PARAMS,
+    SERVER_PARAMS,
     Inventory,
     first_day,
     seed_tours,
@@ -145,7 +148,7 @@ def test_scan_results_are_dropped_once_another_agent_took_the_scanner_lease(
     )
     assert taken == "taken"
 
-    with pytest.raises(LeaseLost, match="another agent took the scanner lease"):
+    with pytest.raises(LeaseLost, match="another agent took over what this one was scanning"):
         stalled.scanner.scan()
     assert [e.kind for e in other.store.admin.entries()] == ["trigger"]
 
@@ -155,3 +158,35 @@ def test_the_agent_clock_of_a_shared_store_is_the_databases(
 ) -> None:
     ahead = agents_on("postgresql", SKEW)
     assert abs(ahead.clock.now() - datetime.now(UTC)) < SKEW / 10
+
+
+@pytest.mark.parametrize("backend", SERVER_PARAMS)
+def test_two_agents_writing_one_new_record_at_once_both_succeed(
+    backend: str, make_store: Callable[[str], StateStore]
+) -> None:
+    """Agents sharing a store write the same records (the range digests' token, at every
+    recorded scan): the second of two writers of a record neither holds waits for the first
+    and then writes its own value over it, instead of failing on the first's new row."""
+    store = make_store(backend)
+    written = threading.Event()
+    failure: list[BaseException] = []
+    with store.engine.connect() as first:
+        with first.begin():
+            set_meta(first, "shared-record", "first")
+
+            def second_writer() -> None:
+                try:
+                    with store.engine.begin() as second:
+                        set_meta(second, "shared-record", "second")
+                except BaseException as exc:  # reported by the test, not lost in a thread
+                    failure.append(exc)
+                written.set()
+
+            thread = threading.Thread(target=second_writer)
+            thread.start()
+            # The second writer waits for the first one's row (its lock), whatever it tried.
+            assert not written.wait(0.5)
+        thread.join(30)
+    assert failure == []
+    with store.engine.connect() as conn:
+        assert get_meta(conn, "shared-record") == "second"

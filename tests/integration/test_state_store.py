@@ -219,8 +219,8 @@ def test_commit_scan_writes_nothing_when_the_database_refuses(store: StateStore)
     with pytest.raises(sa.exc.IntegrityError):
         store.commit_scan(
             CatalogDiff(
-                added=(CatalogRow("2", "b", "f2"), CatalogRow("1", "a", "f1-new"))
-            ),  # ("1", "a") is stored already: duplicate key
+                added=(CatalogRow("2", "b", "f2"), CatalogRow("2", "b", "f2-again"))
+            ),  # ("2", "b") twice in one write: duplicate key
             SlotDiff(added=(slot(2),)),
             [trigger_message("catalog"), notify(2)],
             later(1),
