@@ -1,11 +1,12 @@
 """`python -m bench all [--quick]` or `python -m bench NAME`: run measurements, print, report.
 
-NAME is one of scan, poll, latency, throughput, dlt, takeover, profile, answers, platform. `all`
-runs every one of them but answers and platform (dlt and profile only in the full run) and
-regenerates docs/benchmarks.md; `all --quick` (small sizes, one run, about a minute; what CI
-runs to check the suite still works) writes its report to bench/results/benchmarks-quick.md
-instead, so a quick run never replaces the real figures. A single NAME writes
-bench/results/NAME.md. The raw results of every run go beside the report as JSON.
+NAME is one of scan, poll, latency, throughput, dlt, takeover, profile, answers, platform,
+sharing. `all` runs every one of them but answers, platform and sharing (dlt and profile only
+in the full run) and regenerates docs/benchmarks.md; `all --quick` (small sizes, one run,
+about a minute; what CI runs to check the suite still works) writes its report to
+bench/results/benchmarks-quick.md instead, so a quick run never replaces the real figures.
+A single NAME writes bench/results/NAME.md. The raw results of every run go beside the report
+as JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bench import (
     poll,
     profile,
     report,
+    sharing,
     snapshot,
     takeover,
     throughput,
@@ -47,14 +49,17 @@ MEASUREMENTS = {
     "profile": profile.measure,
     "answers": answers.measure,
     "platform": platform.measure,
+    "sharing": sharing.measure,
 }
 FULL_ONLY = ("dlt", "profile", "answers")
 """Left out of `all --quick`: dlt is an optional extra, a profile is not a check, and answers
 waits out answers that take seconds each (even `answers --quick` takes a few minutes)."""
-ON_ITS_OWN = ("answers", "platform")
+ON_ITS_OWN = ("answers", "platform", "sharing")
 """Run only when named: answers waits out slow and trickled answers for about 15 minutes,
 more than the rest of a full run can carry; platform (one agent, 1,000 integrations) takes
-about 10 minutes of its own."""
+about 10 minutes of its own, sharing (1 then 3 agents on one platform) about as long."""
+ONCE = ("answers", "sharing")
+"""Run once whatever --runs says (answers: each case once; sharing: once per agent count)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +96,30 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.QUICK_SIZES.bookings})",
     )
     parser.add_argument(
+        "--agents",
+        metavar="N,M",
+        help="sharing: agent counts to run, comma-separated (default "
+        + ",".join(map(str, sharing.DEFAULT_AGENTS))
+        + ")",
+    )
+    parser.add_argument(
+        "--bookings",
+        type=int,
+        metavar="K",
+        help=f"sharing: bookings spread over the integrations (default "
+        f"{sharing.FULL_SIZES.bookings}; --quick {sharing.QUICK_SIZES.bookings}); "
+        "--platform-size NxM[xB] sets its platform too (default "
+        f"{sharing.FULL_SIZES.integrations}x{sharing.FULL_SIZES.slots}; --quick "
+        f"{sharing.QUICK_SIZES.integrations}x{sharing.QUICK_SIZES.slots})",
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        metavar="S",
+        help=f"sharing: [state] scanner_lease in seconds (default {sharing.FULL_LEASE_S:g}; "
+        f"--quick {sharing.QUICK_LEASE_S:g})",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (configs, states, logs)"
     )
     args = parser.parse_args(argv)
@@ -116,11 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, scan_sizes=sizes)
     try:
         platform_sizes = platform.sizes(plan.quick, args.platform_size, args.platform_bookings)
+        sharing_options = sharing.options(
+            plan.quick,
+            args.agents,
+            args.platform_size,
+            args.bookings if args.bookings is not None else args.platform_bookings,
+            args.lease,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     measurements: dict[str, Callable[[Context], Any]] = {
         **MEASUREMENTS,
         "platform": partial(platform.measure, sizes=platform_sizes),
+        "sharing": partial(sharing.measure, opts=sharing_options),
     }
     if args.name == "all":
         names = [
@@ -163,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work folder kept: {ctx.workdir}", flush=True)
         ctx.close(keep_files=failed or args.keep)
     extra_versions["seyaha-agent"] = agent.describe()
-    runs = 1 if names == ["answers"] else plan.runs  # answers runs once
+    runs = 1 if len(names) == 1 and names[0] in ONCE else plan.runs
     meta = report.meta_for(command, time.monotonic() - started, runs, extra_versions)
     document = report.render(results, meta)
     output.parent.mkdir(parents=True, exist_ok=True)

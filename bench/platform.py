@@ -1,8 +1,7 @@
 """8. A platform: one agent, many Seyaha integrations, each row routed by its integration_id.
 
-One agent only: several agents cannot divide a platform's integrations among them yet (several
-agents on one PostgreSQL state store all deliver, but one of them scans every integration),
-so what is measured is what one agent carries.
+One agent: what one agent carries. Several agents dividing a platform's integrations are
+measured in section 9 (bench/sharing.py).
 
 The inventory is a platform's PostgreSQL schema of its own in the bench database:
 suppliers(id, integration_id) -> products -> options -> slots (the columns of bench/inventory.py,
@@ -336,17 +335,25 @@ def write_config(
     base_url: str,
     secrets_dir: Path,
     delivery: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    listen: str = "127.0.0.1:0",
 ) -> Path:
-    """A platform's configuration: no integration_id, the secrets folder, routed queries."""
+    """A platform's configuration: no integration_id, the secrets folder, routed queries;
+    `delivery`, `source` and `state` add settings to their sections, `listen` is [metrics]
+    listen (empty: no listener)."""
     catalog, slots, changed = queries(platform.schema)
 
     def s(value: object) -> str:
         return json.dumps(value)  # a TOML basic string (or number)
 
+    def settings(values: dict[str, Any] | None) -> str:
+        return "".join(f"{key} = {s(value)}\n" for key, value in (values or {}).items())
+
     folder = ctx.workdir / "config"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.toml"
-    more = "".join(f"{key} = {s(value)}\n" for key, value in (delivery or {}).items())
+    more = settings(delivery)
     path.write_text(
         f"""# Written by bench/platform.py for one measurement.
 [seyaha]
@@ -361,14 +368,14 @@ notify_tables = [{s(platform.schema + ".slots")}]
 catalog_query = '''{catalog}'''
 slots_query = '''{slots}'''
 slots_changed_query = '''{changed}'''
-
+{settings(source)}
 [state]
 url = {s(sqlalchemy_url(STATE_DATABASE))}
-
+{settings(state)}
 [delivery]
 {more}
 [metrics]
-listen = "127.0.0.1:0"
+listen = {s(listen)}
 
 [log]
 level = "INFO"
@@ -471,41 +478,57 @@ def baseline(
 ) -> dict[str, Any]:
     """Step 1: a daemon on the empty store, until every integration's trigger arrived."""
     log = ctx.log(f"{name}-baseline")
-    wanted = {i.id for i in platform.integrations}
     started, started_wall = time.monotonic(), time.time()
     daemon = Daemon(config, log)
     try:
-        deadline = started + BASELINE_TIMEOUT_S
-        while True:
-            first: dict[str, float] = {}
-            for integration, at in receiver.triggers():
-                first.setdefault(integration, at)
-            if wanted <= first.keys():
-                break
-            if daemon.process.poll() is not None:
-                raise RuntimeError(f"the baseline daemon exited; see {log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{len(wanted - first.keys())} integrations' baseline triggers never "
-                    f"arrived; see {log}"
-                )
-            time.sleep(0.2)
-        # The triggers are queued with the first chunk of the baseline and delivered while
-        # it records the rest of the slots: its end is waited for too.
-        while not records(log, "scan.baseline"):
-            if daemon.process.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        cpu_s = daemon.cpu_s()
-        rss_mb = peak_rss_mb(daemon.process.pid)
-        begun = records(log, "agent.started")
-        recorded = records(log, "scan.baseline")
-        if not begun or not recorded:
-            raise RuntimeError(f"no agent.started or scan.baseline line in {log}")
+        found = wait_baseline(platform, daemon, log, receiver, started, started_wall)
     finally:
         code = daemon.stop()
     if code != 0:
         raise RuntimeError(f"the baseline daemon exited with {code}; see {log}")
+    return found
+
+
+def wait_baseline(
+    platform: Platform,
+    daemon: Daemon,
+    log: Path,
+    receiver: Receiver,
+    started: float,
+    started_wall: float,
+) -> dict[str, Any]:
+    """Wait until every integration's trigger arrived and the daemon (started at `started`,
+    time.monotonic(), and `started_wall`, epoch seconds, on an empty store) logged its
+    scan.baseline; its baseline figures, its CPU seconds and peak RSS so far. It is left
+    running."""
+    wanted = {i.id for i in platform.integrations}
+    deadline = started + BASELINE_TIMEOUT_S
+    while True:
+        first: dict[str, float] = {}
+        for integration, at in receiver.triggers():
+            first.setdefault(integration, at)
+        if wanted <= first.keys():
+            break
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"the baseline daemon exited; see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{len(wanted - first.keys())} integrations' baseline triggers never "
+                f"arrived; see {log}"
+            )
+        time.sleep(0.2)
+    # The triggers are queued with the first chunk of the baseline and delivered while
+    # it records the rest of the slots: its end is waited for too.
+    while not records(log, "scan.baseline"):
+        if daemon.process.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    cpu_s = daemon.cpu_s()
+    rss_mb = peak_rss_mb(daemon.process.pid)
+    begun = records(log, "agent.started")
+    recorded = records(log, "scan.baseline")
+    if not begun or not recorded:
+        raise RuntimeError(f"no agent.started or scan.baseline line in {log}")
     return {
         "scan_s": _epoch(recorded[0]) - _epoch(begun[0]),
         "start_to_recorded_s": _epoch(recorded[0]) - started_wall,

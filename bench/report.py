@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 import os
 import platform
+import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +44,7 @@ SECTIONS = {
     "profile": "bench.profile",
     "answers": "bench.answers",
     "platform": "bench.platform",
+    "sharing": "bench.sharing",
 }
 
 
@@ -846,6 +849,180 @@ def platform_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
     return lines, goals
 
 
+def _log_line(line: str) -> str:
+    """A daemon's JSON log line on one line: time, level, event, message, and the last line
+    of its traceback (the raw line is in the JSON results)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict):
+        return line
+    text = f"{record.get('ts')} {record.get('level')} {record.get('event')}: {record.get('msg')}"
+    lines = str(record.get("exception") or "").splitlines()
+    raised = [k for k, x in enumerate(lines) if re.match(r"[\w.]+(Error|Exception)\b.*: ", x)]
+    if not raised:
+        return text
+    said = lines[raised[-1]]
+    detail = [x.strip() for x in lines[raised[-1] + 1 :] if x.startswith("DETAIL:")]
+    return f"{text} ({' '.join([said, *detail[:1]])})"
+
+
+def sharing_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    counts = r["counts"]
+
+    def ms(x: dict[str, Any], prefix: str = "") -> str:
+        return (
+            " / ".join(_num(x[f"{prefix}{k}_ms"], 0) for k in ("p50", "p95", "p99", "max"))
+            + f"; {_num(x[f'{prefix}missing'], 0)} missing"
+        )
+
+    def per_agent(c: dict[str, Any], key: str, digits: int) -> str:
+        return " / ".join(_num(a.get(key), digits) for a in c["per_agent"])
+
+    def cycle_agents(c: dict[str, Any]) -> str:
+        return " / ".join(
+            f"{_num(a['duration_s'], 2)} ({_num(a['shards'], 0)})"
+            for a in c["cycle"]["agents"].values()
+        )
+
+    def takeover(c: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> str:
+        return text(c["takeover"]) if "takeover" in c else "–"
+
+    def sanity(c: dict[str, Any]) -> str:
+        s = c["sanity"]
+        return (
+            f"{_num(s['duplicates'], 0)} duplicates, {_num(s['lost_bookings'], 0)} lost, "
+            f"{_num(s['wrong_integration'], 0)} misrouted, {_num(s['refused'], 0)} refused, "
+            f"{_num(s['extra_triggers'], 0)} extra triggers ({_num(s['notifies'], 0)} notifies, "
+            f"{_num(s['integrations_triggered'], 0)} integrations triggered)"
+        )
+
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("baseline scan, first agent (s)", lambda c: _num(c["baseline"]["scan_s"], 1)),
+        (
+            "baseline: start until every integration's trigger arrived (s)",
+            lambda c: _num(c["baseline"]["delivered_s"], 1),
+        ),
+        (
+            "division: others started until shards divided (s)",
+            lambda c: _num(c["division"]["division_s"], 1),
+        ),
+        (
+            "shards per agent",
+            lambda c: " / ".join(_num(v, 0) for v in c["division"]["shards"].values()),
+        ),
+        ("shard changes after the division", lambda c: _num(c["division"]["reshuffles"], 0)),
+        ("reconciliation per agent, s (shards)", cycle_agents),
+        (
+            "cycle: division until every shard reconciled by its holder (s)",
+            lambda c: _num(c["cycle"]["cycle_s"], 1),
+        ),
+        (
+            f"{_num(r['bookings'], 0)} bookings, p50 / p95 / p99 / max (ms)",
+            lambda c: ms(c["bookings"]),
+        ),
+        (
+            "… of them committed while a reconciliation ran: count, p99 (ms)",
+            lambda c: (
+                f"{_num(c['bookings']['during_reconciliation'], 0)}, "
+                f"{_num(c['bookings']['p99_during_ms'], 0)}"
+            ),
+        ),
+        (
+            "takeover: SIGKILL until the survivors hold all 64 (s; promise)",
+            lambda c: takeover(
+                c, lambda t: f"{_num(t['takeover_s'], 1)} ({_num(t['promise_s'], 1)})"
+            ),
+        ),
+        (
+            "victim's shards / integrations",
+            lambda c: takeover(
+                c,
+                lambda t: f"{_num(t['victim_shards'], 0)} / {_num(t['victim_integrations'], 0)}",
+            ),
+        ),
+        (
+            f"{_num(r['takeover_bookings'], 0)} bookings on its integrations after the kill, "
+            "p50 / p95 / p99 / max (ms)",
+            lambda c: takeover(c, lambda t: ms(t, "bookings_")),
+        ),
+        (
+            "… of them committed before the takeover",
+            lambda c: takeover(c, lambda t: _num(t.get("committed_before_takeover"), 0)),
+        ),
+        ("peak RSS per agent (MB)", lambda c: per_agent(c, "peak_rss_mb", 0)),
+        ("CPU per agent, whole life (s)", lambda c: per_agent(c, "cpu_s", 1)),
+        ("sanity", sanity),
+        (
+            "error lines in the agents' logs",
+            lambda c: _num(sum(len(v) for v in c["log_problems"].values()), 0),
+        ),
+    ]
+    header = ["", *(f"{_num(c['agents'], 0)} agent(s)" for c in counts)]
+    table = [[label, *(text(c) for c in counts)] for label, text in rows]
+    lines = [
+        f"{_num(r['integrations'], 0)} integrations of {_num(r['slots_per_integration'], 0)} "
+        f"slots ({_num(r['slots'], 0)} slots), PostgreSQL inventory and state store, wake-ups, "
+        f"[state] scanner_lease {_num(r['scanner_lease_s'], 0)} s, [source] full_scan_interval "
+        f"{_num(r['full_scan_interval_s'], 0)} s, the agent's other defaults. Per-agent figures "
+        "in the order the agents started (the first took the baseline, and is the one killed).",
+        "",
+        *_table(header, table),
+    ]
+    for c in counts:
+        duplicates = c["sanity"].get("duplicate_calls") or []
+        if duplicates:
+            lines += [
+                "",
+                f"Duplicate calls with {_num(c['agents'], 0)} agent(s) (seconds after the kill):",
+                "",
+                *(
+                    f"- integration {d['integration']}, slot {d['slot']}, vacancies "
+                    f"{d['vacancies']}: {d['calls']} calls at {d['after_kill_s']}"
+                    for d in duplicates
+                ),
+            ]
+        for agent, problems in c["log_problems"].items():
+            if problems:
+                lines += [
+                    "",
+                    f"Error lines in the log of agent {agent} of {_num(c['agents'], 0)}:",
+                    "",
+                    "```text",
+                    *(_log_line(line) for line in problems),
+                    "```",
+                ]
+    bad = sum(
+        c["sanity"][key]
+        for c in counts
+        for key in ("duplicates", "lost_bookings", "wrong_integration", "refused", "extra_triggers")
+    )
+    notifies = sum(c["sanity"]["notifies"] for c in counts)
+    goals: list[tuple[str, str, bool | None]] = [
+        (
+            "agents sharing a platform: every change once, at its own integration",
+            f"{_num(bad, 0)} duplicate, lost, misrouted, refused or extra over "
+            f"{_num(notifies, 0)} notifies",
+            bad == 0,
+        )
+    ]
+    for c in counts:
+        t = c.get("takeover")
+        if t is None:
+            continue
+        ok = t["takeover_s"] is not None and t["takeover_s"] <= t["promise_s"]
+        goals.append(
+            (
+                f"{_num(c['agents'], 0)} agents: a killed agent's shards taken within "
+                "scanner_lease + scanner_lease / 3",
+                f"{_num(t['takeover_s'], 1)} s (promise {_num(t['promise_s'], 1)} s)",
+                ok,
+            )
+        )
+    return lines, goals
+
+
 TITLES = {
     "scan": "1. Full reconciliation vs a plain SELECT",
     "poll": "2. Incremental polls",
@@ -856,6 +1033,7 @@ TITLES = {
     "profile": "Where the time goes (profiles)",
     "answers": "7. Delivery under slow and hostile answers",
     "platform": "8. A platform: many integrations, one agent",
+    "sharing": "9. Agents sharing a platform",
 }
 RENDER: dict[
     str, Callable[[dict[str, Any]], tuple[list[str], list[tuple[str, str, bool | None]]]]
@@ -869,6 +1047,7 @@ RENDER: dict[
     "profile": profile_section,
     "answers": answers_section,
     "platform": platform_section,
+    "sharing": sharing_section,
 }
 
 
@@ -898,7 +1077,7 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         (
             "runs per measurement",
             "each case once"
-            if set(results) == {"answers"}
+            if set(results) in ({"answers"}, {"sharing"})
             else f"{meta['runs']} (the tables show medians)"
             if meta["runs"] > 1
             else "1",
