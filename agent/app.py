@@ -357,7 +357,11 @@ class Agent:
     def _shards_turn(self, sharing: Sharing) -> bool:
         """Scan the shards this agent holds (after a first round, if none ran yet). The
         platform's baseline was taken by one agent under the scanner lease: given back."""
-        ownership = sharing.ownership if sharing.ownership is not None else sharing.round()
+        ownership = sharing.ownership
+        if ownership is None:
+            # A daemon's first round runs before its first poll (run); a one-shot command
+            # takes only free shards, without counting as one of the agents.
+            ownership = sharing.round(member=False)
         if self._holds_scanner:
             self._hand_over_scanning()
         if not ownership.shards:

@@ -52,9 +52,11 @@ class Sharing:
         """Agents alive at the last round (this one included)."""
         self._lock = threading.Lock()
 
-    def round(self) -> Ownership:
+    def round(self, *, member: bool = True) -> Ownership:
         """Take, keep and give back shards (see agent.shards.balance); returns what this
-        agent holds now."""
+        agent holds now. Without `member` (a one-shot command beside running agents), it
+        takes only shards nobody holds and does not count as an agent: the running ones give
+        nothing back for it, which they would have to take again once it exits."""
         with self._lock:
             before = self.ownership
             now = self.clock.now()
@@ -77,11 +79,9 @@ class Sharing:
                 self.coordination.give_up_all(
                     [shard_lease(s) for s in decided.give_back], self.identity
                 )
+            names = [shard_lease(s) for s in decided.keep | decided.take]
             held = self.coordination.hold_all(
-                [
-                    member_lease(self.identity),
-                    *(shard_lease(s) for s in decided.keep | decided.take),
-                ],
+                [member_lease(self.identity), *names] if member else names,
                 self.identity,
                 now,
                 self.lease_s,

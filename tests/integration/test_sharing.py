@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from agent.app import Agent
 from agent.config import load_config
+from agent.errors import StateError
 from agent.model import CatalogDiff, SlotDiff
 from agent.sandbox import Sandbox
 from agent.shards import SHARDS, shard_lease, shard_of, share
@@ -369,3 +370,21 @@ def test_an_agent_left_without_shards_records_nothing(world: World) -> None:
     nothing = Fence(agent.identity, ())
     with pytest.raises(LeaseLost):
         agent.store.commit_scan(CatalogDiff(), SlotDiff(), [], agent.clock.now(), scanner=nothing)
+
+
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
+def test_a_one_shot_command_beside_running_agents_takes_nothing_from_them(
+    world: World,
+) -> None:
+    seed(world.platform)
+    a, b = world.agent(), world.agent()
+    baseline(world, [a, b])
+    before = {agent.identity: agent.sharing.ownership for agent in (a, b) if agent.sharing}
+
+    one_shot = world.agent()  # as `seyaha-agent once` would build it: no round of its own
+    with pytest.raises(StateError, match="scan every shard"):
+        one_shot.scan()
+    # It does not count as an agent: the running ones give nothing back for it.
+    for agent in (a, b):
+        assert agent.sharing is not None
+        assert agent.sharing.round() == before[agent.identity]
