@@ -41,15 +41,19 @@ FILE_DEBOUNCE_MS = 300
 class Daemon:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self._changed = threading.Event()
+        # Before anything is logged: a SIGTERM sent as soon as the first line shows (a
+        # supervisor stopping a unit that just started) is a clean stop, not a kill.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._signal)
         self.config = load_config(path)
         self.redaction = Redaction([self.config.secret.reveal()])
         log_settings = self.config.settings.log
         setup_logging(level=log_settings.level, fmt=log_settings.format, redaction=self.redaction)
         self._warn_about(self.config)
         self.metrics = Metrics(CollectorRegistry())
-        self.stop = threading.Event()
-        self.reload = threading.Event()
-        self._changed = threading.Event()
         self.agent: Agent | None = None
         self.listener: OperationsServer | None = None
         self.state_lost: StateFileLost | None = None
@@ -151,8 +155,6 @@ class Daemon:
         return config
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._signal)
         agent, agent_stop, thread = self._start_agent()  # first: it refuses a second agent
         try:
             self._start_listener()
