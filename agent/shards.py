@@ -73,11 +73,6 @@ class Ownership:
         """The lease names of these shards, in the order agents lock them."""
         return tuple(shard_lease(s) for s in sorted(self.shards))
 
-    def describe(self) -> str:
-        if self.everything:
-            return f"all {SHARDS} shards"
-        return f"{len(self.shards)} of {SHARDS} shards"
-
 
 @dataclass(frozen=True)
 class LeaseRow:
