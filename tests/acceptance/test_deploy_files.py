@@ -16,8 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.cli import build_parser
-from agent.commands import READYZ_TIMEOUT_S, readyz_url
 from agent.metrics import Metrics
+from agent.outbox_command import READYZ_TIMEOUT_S, readyz_url
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"

@@ -4,8 +4,8 @@ from datetime import timedelta
 
 import pytest
 
-from agent.commands import parse_age
 from agent.errors import ConfigError
+from agent.outbox_command import parse_age
 
 
 @pytest.mark.parametrize(
