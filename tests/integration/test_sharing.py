@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from agent.app import Agent
+from agent.clock import Clock
 from agent.config import load_config
 from agent.errors import StateError
 from agent.model import CatalogDiff, SlotDiff
@@ -32,6 +33,7 @@ from tests.integration.platform import (
     write_platform_config,
     write_secrets,
 )
+from tests.integration.test_shared_store import SKEW, SkewedClock
 
 INTEGRATIONS = [f"{0x5E7A00 + n:024x}" for n in range(16)]
 """Sixteen suppliers' integration ids: each agent of two scans some of them (the chance that
@@ -52,8 +54,9 @@ class World:
         self.agents: list[Agent] = []
         self.secrets = write_secrets(tmp / "secrets", SECRETS)
 
-    def agent(self) -> Agent:
-        """Another agent with the same configuration (its own file, the same content)."""
+    def agent(self, clock: Clock | None = None) -> Agent:
+        """Another agent with the same configuration (its own file, the same content); with
+        `clock`, on a host whose clock is that one."""
         path = write_platform_config(
             self.tmp,
             name=f"agent-{len(self.agents)}",
@@ -67,7 +70,7 @@ class World:
             # handed over with a shard waits that long, not more.
             source={"cursor_overlap": 1.0},
         )
-        agent = Agent(load_config(path))
+        agent = Agent(load_config(path), clock=clock)
         self.agents.append(agent)
         agent.open()
         return agent
@@ -388,3 +391,33 @@ def test_a_one_shot_command_beside_running_agents_takes_nothing_from_them(
     for agent in (a, b):
         assert agent.sharing is not None
         assert agent.sharing.round() == before[agent.identity]
+
+
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
+def test_an_agent_whose_host_clock_is_minutes_ahead_takes_no_running_shard(
+    world: World,
+) -> None:
+    """Leases run on the database's clock: an agent on a host ten minutes ahead sees the
+    others' leases running, takes only its share as they give it back, and none is held
+    twice; an agent ten minutes behind does not keep a shard past its lease."""
+    seed(world.platform)
+    a, b = world.agent(), world.agent()
+    baseline(world, [a, b])
+    ahead = world.agent(clock=SkewedClock(SKEW))
+    assert ahead.sharing is not None
+    assert ahead.sharing.round().shards == frozenset()  # every shard's lease runs
+    settle([a, b, ahead])
+    held = [x.sharing.ownership.shards for x in (a, b, ahead) if x.sharing and x.sharing.ownership]
+    assert sum(len(h) for h in held) == SHARDS
+    assert len(frozenset().union(*held)) == SHARDS
+
+    # One more agent, behind: a has died; its shards go to the others once they ran out on
+    # the database's clock, not on the late host's.
+    behind = world.agent(clock=SkewedClock(-SKEW))
+    age_leases(world, a.identity)
+    settle([b, ahead, behind])
+    survivors = [
+        x.sharing.ownership.shards for x in (b, ahead, behind) if x.sharing and x.sharing.ownership
+    ]
+    assert sum(len(h) for h in survivors) == SHARDS
+    assert len(frozenset().union(*survivors)) == SHARDS
