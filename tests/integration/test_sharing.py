@@ -23,7 +23,7 @@ from agent.config import load_config
 from agent.errors import StateError
 from agent.model import CatalogDiff, SlotDiff
 from agent.sandbox import Sandbox
-from agent.shards import SHARDS, shard_lease, shard_of, share
+from agent.shards import SHARDS, Ownership, shard_lease, shard_of, share
 from agent.store import LeaseLost
 from agent.store.coordination import Fence
 from tests.integration.inventory import SERVER_PARAMS, at, first_day
@@ -421,3 +421,46 @@ def test_an_agent_whose_host_clock_is_minutes_ahead_takes_no_running_shard(
     ]
     assert sum(len(h) for h in survivors) == SHARDS
     assert len(frozenset().union(*survivors)) == SHARDS
+
+
+@pytest.mark.parametrize("world", SERVER_PARAMS, indirect=True)
+def test_a_reconciliation_whose_shard_changes_hands_midway_records_nothing_of_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconciliation runs beside the polls, taking the scan turn only for moments; a
+    shard taken from its agent in between stops it at its next turn: the change it read is
+    recorded once, by the agent that holds the shard now."""
+    seed(world.platform)
+    a, b = world.agent(), world.agent()
+    baseline(world, [a, b])
+    a.poll(), b.poll()
+    mine = owned_by(a)[0]
+    taken = shard_of(mine)
+    # A change no poll reads (updated_at left as it was): only a reconciliation finds it.
+    with world.platform.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE slots SET vacancies = 7 WHERE id = :id"), {"id": f"s{number(mine)}a"}
+        )
+
+    def shard_taken_meanwhile() -> None:
+        assert a.sharing is not None
+        if taken not in a.sharing.ownership.shards:  # type: ignore[union-attr]
+            return
+        age_leases(world, a.identity, names=[shard_lease(taken)])
+        lease_s = b.config.settings.state.scanner_lease
+        b.store.coordination.hold_all([shard_lease(taken)], b.identity, b.clock.now(), lease_s)
+        a.sharing.round()
+
+    monkeypatch.setattr(a, "_give_way", shard_taken_meanwhile)
+    assert a.full_scan() is None  # superseded
+    assert a.store.admin.stats().pending == 0
+
+    assert b.sharing is not None
+    assert b.sharing.ownership is not None
+    # What b holds now, as its next round would find it (a round might give one back to a).
+    b.sharing.ownership = Ownership(b.sharing.ownership.shards | {taken})
+    report = b.full_scan()
+    assert report is not None
+    assert report.notifies == 1
+    deliver_all([a, b], world.sandbox)
+    assert notified(world.sandbox) == [(mine, f"s{number(mine)}a")]
