@@ -196,6 +196,12 @@ class Dialect:
         """Whether `exc` says a lock was held by another transaction (see without_waiting)."""
         return False
 
+    def is_conflict(self, exc: DBAPIError) -> bool:
+        """Whether `exc` says the database rolled the whole transaction back to break a
+        deadlock between transactions (or a serialization failure): run again, it succeeds.
+        SQLite has none: a write transaction takes the one write lock up front."""
+        return False
+
     def limit_lock_wait(self, conn: sa.Connection, seconds: float) -> None:
         """In the transaction open on `conn`, a lock held by another transaction is waited for
         at most `seconds` (then the statement fails). SQLite's busy timeout does it for every
@@ -375,6 +381,10 @@ class PostgresDialect(Dialect):
     def is_busy(self, exc: DBAPIError) -> bool:
         return getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
 
+    def is_conflict(self, exc: DBAPIError) -> bool:
+        # deadlock_detected, serialization_failure
+        return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")
+
     def limit_lock_wait(self, conn: sa.Connection, seconds: float) -> None:
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(seconds * 1000))}")
 
@@ -454,6 +464,11 @@ class MysqlDialect(Dialect):
     def is_busy(self, exc: DBAPIError) -> bool:
         args: tuple[Any, ...] = tuple(getattr(exc.orig, "args", ()))
         return len(args) > 0 and args[0] == 1205  # ER_LOCK_WAIT_TIMEOUT
+
+    def is_conflict(self, exc: DBAPIError) -> bool:
+        # ER_LOCK_DEADLOCK; a lock wait timeout (1205) rolls back only its statement.
+        args: tuple[Any, ...] = tuple(getattr(exc.orig, "args", ()))
+        return len(args) > 0 and args[0] == 1213
 
 
 def dialect_for_backend(backend: str) -> Dialect:

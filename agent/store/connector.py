@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
@@ -11,6 +15,17 @@ from sqlalchemy.exc import DBAPIError
 from agent.db import read_only
 from agent.dialects import Dialect, dialect_of
 from agent.errors import StateError
+from agent.logs import event
+
+log = logging.getLogger("agent.state")
+
+T = TypeVar("T")
+
+CONFLICT_TRIES = 5
+"""Runs of a write transaction the database rolls back to break a deadlock (see transact)."""
+CONFLICT_PAUSE_S = 0.05
+"""Longest pause before the second run (seconds); the n-th waits up to n times as long, a
+random share of it, so that the two transactions that met do not meet again."""
 
 
 class StoreBusy(StateError):
@@ -29,6 +44,29 @@ class Connector:
             conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield conn
+
+    def transact(self, work: Callable[[sa.Connection], T]) -> T:
+        """`work` in a write transaction, run again whole when the database rolls the
+        transaction back to break a deadlock with another (InnoDB does, between workers
+        that leave and take outbox rows at once; PostgreSQL can): up to CONFLICT_TRIES runs.
+        `work` must only run statements on the connection it is given."""
+        runs = 0
+        while True:
+            runs += 1
+            try:
+                with self.write() as conn:
+                    return work(conn)
+            except DBAPIError as exc:
+                if runs >= CONFLICT_TRIES or not self.dialect.is_conflict(exc):
+                    raise
+            event(
+                log,
+                logging.DEBUG,
+                "state.conflict",
+                "a state store transaction was rolled back to break a deadlock; it runs again",
+                runs=runs,
+            )
+            time.sleep(random.uniform(0, CONFLICT_PAUSE_S * runs))
 
     @contextmanager
     def write_now(self) -> Iterator[sa.Connection]:

@@ -243,7 +243,10 @@ class Queue:
         until_ms = now_ms + int(lease_s * 1000)
         claim = _Claim()
         try:
-            return self._claim(limit, claim, now_ms, until_ms, list(skip), after)
+            # A claim the database rolls back to break a deadlock is made again, whole.
+            return self.connector.transact(
+                lambda conn: self._claim(conn, limit, claim, now_ms, until_ms, list(skip), after)
+            )
         except SQLAlchemyError:
             # The connection died: the lease UPDATE may have committed without this process
             # hearing of it. Its rows would wait out their lease; give them back now.
@@ -258,6 +261,7 @@ class Queue:
 
     def _claim(
         self,
+        conn: sa.Connection,
         limit: int,
         claim: _Claim,
         now_ms: int,
@@ -266,59 +270,54 @@ class Queue:
         after: str | None,
     ) -> list[OutboxMessage]:
         o = t.outbox.c
-        with self.connector.write() as conn:
-            # Rows other claims hold are skipped; a lock on the whole table (a migration, a
-            # LOCK TABLE) is waited for only this long, then the claim fails and is retried.
-            self.connector.dialect.limit_lock_wait(conn, CLAIM_LOCK_WAIT_S)
-            bound = {"now_ms": now_ms, "claim_limit": limit, "skip": skip}
-            if after is None:
-                rows = conn.execute(self._candidates, bound).all()
-            else:
-                rows = conn.execute(self._turns, {**bound, "after": after}).all()
-            if superseded_ids := [r.id for r in rows if r.superseded]:
-                conn.execute(sa.delete(t.outbox).where(o.id.in_(superseded_ids)))
-            wanted = [r for r in rows if not r.superseded]
-            if not wanted:
-                return []
-            # One token for the batch: a message is held by its id and the token together.
-            token = claim.token = str(uuid.uuid4())
-            taken = conn.execute(
-                self._lease,
-                {
-                    "ids": [r.id for r in wanted],
-                    "now_ms": now_ms,
-                    "token": token,
-                    "until_ms": until_ms,
-                },
-            ).rowcount
-            if taken != len(wanted):
-                # Another consumer got in between the two statements (the candidates are
-                # locked on PostgreSQL and MySQL, and SQLite has one writer, so this is a
-                # safeguard): keep only the rows that carry this claim's token.
-                mine = set(
-                    conn.execute(
-                        sa.select(o.id).where(
-                            o.id.in_([r.id for r in wanted]), o.lease_token == token
-                        )
-                    ).scalars()
-                )
-                wanted = [r for r in wanted if r.id in mine]
-            return [
-                OutboxMessage(
-                    id=row.id,
-                    kind=row.kind,
-                    dedupe_key=row.dedupe_key,
-                    body=row.payload,
-                    attempts=row.attempts,
-                    created_at=from_epoch_ms(row.created_ms),
-                    slot_start=None
-                    if row.slot_start_ms is None
-                    else from_epoch_ms(row.slot_start_ms),
-                    lease_token=token,
-                    integration_id=row.integration_id,
-                )
-                for row in wanted
-            ]
+        # Rows other claims hold are skipped; a lock on the whole table (a migration, a
+        # LOCK TABLE) is waited for only this long, then the claim fails and is retried.
+        self.connector.dialect.limit_lock_wait(conn, CLAIM_LOCK_WAIT_S)
+        bound = {"now_ms": now_ms, "claim_limit": limit, "skip": skip}
+        if after is None:
+            rows = conn.execute(self._candidates, bound).all()
+        else:
+            rows = conn.execute(self._turns, {**bound, "after": after}).all()
+        if superseded_ids := [r.id for r in rows if r.superseded]:
+            conn.execute(sa.delete(t.outbox).where(o.id.in_(superseded_ids)))
+        wanted = [r for r in rows if not r.superseded]
+        if not wanted:
+            return []
+        # One token for the batch: a message is held by its id and the token together.
+        token = claim.token = str(uuid.uuid4())
+        taken = conn.execute(
+            self._lease,
+            {
+                "ids": [r.id for r in wanted],
+                "now_ms": now_ms,
+                "token": token,
+                "until_ms": until_ms,
+            },
+        ).rowcount
+        if taken != len(wanted):
+            # Another consumer got in between the two statements (the candidates are
+            # locked on PostgreSQL and MySQL, and SQLite has one writer, so this is a
+            # safeguard): keep only the rows that carry this claim's token.
+            mine = set(
+                conn.execute(
+                    sa.select(o.id).where(o.id.in_([r.id for r in wanted]), o.lease_token == token)
+                ).scalars()
+            )
+            wanted = [r for r in wanted if r.id in mine]
+        return [
+            OutboxMessage(
+                id=row.id,
+                kind=row.kind,
+                dedupe_key=row.dedupe_key,
+                body=row.payload,
+                attempts=row.attempts,
+                created_at=from_epoch_ms(row.created_ms),
+                slot_start=None if row.slot_start_ms is None else from_epoch_ms(row.slot_start_ms),
+                lease_token=token,
+                integration_id=row.integration_id,
+            )
+            for row in wanted
+        ]
 
     def extend(self, messages: Sequence[OutboxMessage], *, until: datetime) -> set[int]:
         """Extend the lease of claimed messages to `until`; returns the ids still held (a
@@ -328,19 +327,24 @@ class Queue:
         o = t.outbox.c
         ids = [m.id for m in messages]
         tokens = {m.lease_token for m in messages}
-        with self.connector.write() as conn:
+
+        def extend(conn: sa.Connection) -> set[tuple[int, str | None]]:
             extended = conn.execute(
                 sa.update(t.outbox)
                 .where(o.id.in_(ids), o.lease_token.in_(tokens), o.state == t.PENDING)
                 .values(leased_until_ms=to_epoch_ms(until))
             ).rowcount
             if extended == len(ids):
-                return set(ids)
-            held = conn.execute(
-                sa.select(o.id, o.lease_token).where(o.id.in_(ids), o.lease_token.in_(tokens))
-            ).all()
-        mine = {(m.id, m.lease_token) for m in messages}
-        return {row.id for row in held if (row.id, row.lease_token) in mine}
+                return {(m.id, m.lease_token) for m in messages}
+            return {
+                (row.id, row.lease_token)
+                for row in conn.execute(
+                    sa.select(o.id, o.lease_token).where(o.id.in_(ids), o.lease_token.in_(tokens))
+                )
+            }
+
+        held = self.connector.transact(extend)
+        return {m.id for m in messages if (m.id, m.lease_token) in held}
 
     def drop_superseded(self, messages: Sequence[OutboxMessage]) -> set[int]:
         """Of these claimed messages, delete those a newer waiting message for the same slot
@@ -348,8 +352,7 @@ class Queue:
         wire after a newer one was decided); returns their ids."""
         if not messages:
             return set()
-        with self.connector.write() as conn:
-            return self._replaced(conn, messages)
+        return self.connector.transact(lambda conn: self._replaced(conn, messages))
 
     @staticmethod
     def _replaced(conn: sa.Connection, messages: Sequence[OutboxMessage]) -> set[int]:
@@ -388,14 +391,16 @@ class Queue:
         if not messages:
             return 0
         o = t.outbox.c
-        with self.connector.write() as conn:
-            result = conn.execute(
-                sa.delete(t.outbox).where(
-                    o.id == sa.bindparam("message_id"), o.lease_token == sa.bindparam("token")
-                ),
-                [{"message_id": m.id, "token": m.lease_token} for m in messages],
+        return self.connector.transact(
+            lambda conn: int(
+                conn.execute(
+                    sa.delete(t.outbox).where(
+                        o.id == sa.bindparam("message_id"), o.lease_token == sa.bindparam("token")
+                    ),
+                    [{"message_id": m.id, "token": m.lease_token} for m in messages],
+                ).rowcount
             )
-            return int(result.rowcount)
+        )
 
     def retry_later(
         self,
@@ -441,7 +446,8 @@ class Queue:
         if not messages:
             return 0
         o = t.outbox.c
-        with self.connector.write() as conn:
+
+        def release(conn: sa.Connection) -> int:
             gone = self._replaced(conn, messages)
             rest = [m for m in messages if m.id not in gone]
             if not rest:
@@ -457,6 +463,8 @@ class Queue:
                 ).rowcount
             )
 
+        return self.connector.transact(release)
+
     def discard(self, message: OutboxMessage) -> bool:
         """Drop a message that no longer needs sending (its slot has already started)."""
         return self.complete(message)
@@ -465,7 +473,8 @@ class Queue:
         """Change a message this process still holds, and give its lease up; one that goes
         back to `waiting` is deleted instead when a newer one for its key waits already."""
         o = t.outbox.c
-        with self.connector.write() as conn:
+
+        def update(conn: sa.Connection) -> bool:
             if waiting and self._replaced(conn, [message]):
                 return True
             return bool(
@@ -475,6 +484,8 @@ class Queue:
                     .values(**values, lease_token=None, leased_until_ms=None)
                 ).rowcount
             )
+
+        return self.connector.transact(update)
 
     def next_due(self) -> datetime | None:
         """When the earliest waiting message becomes due, or None if nothing is waiting."""
