@@ -1022,7 +1022,7 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
     """The log said "retry in 0.1 s" and the retry came about a second later: the worker
     slept its whole idle wait (IDLE_WAIT_S) past the retry it had just scheduled, or past one
     that fell due while its look at the queue was under way (a slow store makes that look
-    outlast the 0.1 s; every look here takes SLOW_CLAIM_S)."""
+    outlast the retry's delay; every look here takes slow_claim_s)."""
     inventory = make_inventory("sqlite")
     seed_tours(inventory, first_day())
     attempts: list[float] = []
@@ -1044,9 +1044,12 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
         base_url=serve(busy_once),
         source_url=inventory.url,
         state_url=state_url("sqlite"),
-        delivery={"backoff_initial": 0.1, "backoff_max": 0.1, "concurrency": 1},
+        delivery={"backoff_initial": 0.3, "backoff_max": 0.3, "concurrency": 1},
     )
-    slow_claim_s = 0.15  # longer than the retry's whole delay (0.1 s + margin)
+    # The jitter at its top: the retry falls due 0.3 s after the failure, after the next look
+    # has read the time (with a jitter near 0, that look finds it and none is missed).
+    agent.deliverer.rand = lambda: 1.0
+    slow_claim_s = 0.4  # longer than the retry's whole delay (0.3 s + margin)
     in_claims: list[tuple[float, float]] = []
     claim = agent.store.queue.claim
 
@@ -1072,7 +1075,7 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
         if end > first and began < second
     )
     assert claiming >= 2 * slow_claim_s  # the look that missed the retry, and the one that found it
-    # Full jitter: the retry was due within 0.1 s of the failure; no idle wait of its own.
+    # The retry was due 0.3 s after the failure, within the missed look: no idle wait of its own.
     assert second - first - claiming < IDLE_WAIT_S / 2
 
 
