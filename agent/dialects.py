@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
+import sqlite3
+import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -550,10 +553,30 @@ def _state_pragmas(dbapi_connection: Any, record: Any) -> None:
     _pragmas(dbapi_connection, record)
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _to_wal(cursor)
         cursor.execute("PRAGMA synchronous = FULL")
     finally:
         cursor.close()
+
+
+WAL_SWITCH_PAUSE_S = 0.02
+"""Longest pause between two tries to switch a store to WAL (seconds; a random share)."""
+
+
+def _to_wal(cursor: Any) -> None:
+    """Switch the store to WAL (a no-op once it is). A switch needs the file to itself, and
+    SQLite answers "database is locked" at once, without its busy timeout, to a connection
+    that meets another one switching (agents starting together on a store 0.1.0 wrote in
+    rollback-journal mode): tried again for as long as the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(random.uniform(0, WAL_SWITCH_PAUSE_S))
 
 
 def _begin(conn: sa.Connection) -> None:
