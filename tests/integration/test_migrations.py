@@ -752,6 +752,9 @@ def start_together(url: str, agents: int) -> list[tuple[list[int], bool]]:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+            for stream in (process.stdin, process.stdout, process.stderr):
+                if stream is not None:  # left open when a start failed: later tests warn
+                    stream.close()
     failed = [
         (process.returncode, err)
         for process, (_, err) in zip(processes, finished, strict=True)
