@@ -50,6 +50,12 @@ AFTER_PARAMS = ("seyaha_after_0", "seyaha_after_1", "seyaha_after_2")
 RANGES_PARAM = "seyaha_ranges"
 """Parameter of Dialect.ordered(ranges=True): the labels of the ranges to read (expanding)."""
 
+RANGE_PRODUCTS_PARAM = "seyaha_range_products"
+RANGE_OPTIONS_PARAM = "seyaha_range_options"
+"""Parameters of Dialect.ordered(ranges=True): the product and option ids of those ranges, as
+the database spells them (expanding). Bound untyped, the database reads each as its column's
+type: a condition the database can answer from its indexes (see Dialect.ordered)."""
+
 ROW_HASH = "seyaha_row_hash"
 RANGE_LABEL = "seyaha_range"
 """Columns Dialect.with_digests adds to each row of the slots query (see agent/ranges.py)."""
@@ -102,7 +108,10 @@ class Dialect:
         the two streams can be merge-joined. With `after`, only the rows whose key comes
         after the one bound as AFTER_PARAMS (the rest of a read that was cut off); with
         `ranges` (on a query wrapped by with_digests), only the rows of the ranges bound as
-        RANGES_PARAM."""
+        RANGES_PARAM. Their product and option ids (RANGE_PRODUCTS_PARAM, RANGE_OPTIONS_PARAM)
+        narrow the read beforehand: a range's label is made from every row, so a condition on
+        the label alone has the database go through all of them, where one on the option id
+        the slots table is indexed by reads the changed options' slots only."""
         inner = _bare(sql)
         keys = [self.key_order_template.format(c) for c in key_columns]
         conditions = []
@@ -110,6 +119,9 @@ class Dialect:
             bound = ", ".join(f":{p}" for p in AFTER_PARAMS[: len(keys)])
             conditions.append(f"({', '.join(keys)}) > ({bound})")
         if ranges:
+            product, option, _ = _KEY_COLUMNS
+            conditions.append(f"q.{product} IN :{RANGE_PRODUCTS_PARAM}")
+            conditions.append(f"q.{option} IN :{RANGE_OPTIONS_PARAM}")
             conditions.append(f"q.{RANGE_LABEL} IN :{RANGES_PARAM}")
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         # The query on lines of its own: a trailing `-- comment` would swallow the ")".

@@ -21,12 +21,21 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from agent.db import close_dead_cursor, read_only, redact_url
-from agent.dialects import AFTER_PARAMS, RANGE_LABEL, RANGES_PARAM, ROW_HASH, Dialect, dialect_of
+from agent.dialects import (
+    AFTER_PARAMS,
+    RANGE_LABEL,
+    RANGE_OPTIONS_PARAM,
+    RANGE_PRODUCTS_PARAM,
+    RANGES_PARAM,
+    ROW_HASH,
+    Dialect,
+    dialect_of,
+)
 from agent.diff import SourceSlot
 from agent.errors import QueryError, SourceUnavailable, first_line
 from agent.logs import event
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
-from agent.ranges import RangeTally
+from agent.ranges import RangeTally, parse_label
 from agent.source import rows
 from agent.source.recent import RawKey, RawValues, RecentRows
 
@@ -223,16 +232,15 @@ class SourceReader:
             sql, rows.SLOT_KEY_COLUMNS, after=after is not None, ranges=ranges is not None
         )
         params: dict[str, Any] = dict(zip(AFTER_PARAMS, after or (), strict=False))
+        expanding: tuple[str, ...] = ()
         if ranges is not None:
+            named = [r for r in map(parse_label, ranges) if r is not None]
             params[RANGES_PARAM] = list(ranges)
+            params[RANGE_PRODUCTS_PARAM] = sorted({r[0] for r in named})
+            params[RANGE_OPTIONS_PARAM] = sorted({r[1] for r in named})
+            expanding = (RANGES_PARAM, RANGE_PRODUCTS_PARAM, RANGE_OPTIONS_PARAM)
         result = self._execute(
-            conn,
-            name,
-            sql,
-            self.slot_columns,
-            stream=True,
-            params=params,
-            expanding=(RANGES_PARAM,) if ranges is not None else (),
+            conn, name, sql, self.slot_columns, stream=True, params=params, expanding=expanding
         )
         zone, route = self.timezone, self.route
         # Rows come in key order, so the copies of a duplicated key are adjacent: each row is

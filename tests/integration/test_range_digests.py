@@ -593,6 +593,36 @@ def test_a_read_of_chosen_ranges_carried_on_after_a_key_returns_exactly_the_rest
     ]
 
 
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_a_read_of_chosen_ranges_returns_none_of_another_products_option_of_the_same_id(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    """Reading chosen ranges narrows the rows by their product ids and by their option ids
+    apart (conditions the database can answer from its indexes): with every product's
+    option called "std", product 1's ids and product 2's cross over, and only the ranges'
+    labels keep the rows of another product's range out."""
+    shared = SLOTS_QUERY.replace("s.option_id,", "'std' AS option_id,", 1)
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path, slots_query=shared)
+    reader = setup.agent.reader
+    chosen = [("1", "std", "3"), ("2", "std", "5")]
+    with reader.transaction() as conn:
+        keys = [
+            key
+            for key, _ in reader.stream_slots(conn, Snapshot(), ranges=[label(r) for r in chosen])
+        ]
+    expected = sorted(
+        (str(OPTIONS[option]), "std", str(slot_id))
+        for slot_id, option in setup.slots.items()
+        if (OPTIONS[option], str(slot_id)[-1]) in {(1, "3"), (2, "5")}
+    )
+    assert keys == expected
+    assert len(keys) == 3 * 2 + 3  # product 1 has two options: six slots end in 3
+
+
 @pytest.mark.postgres
 def test_a_column_postgresql_cannot_hash_by_value_is_hashed_by_the_rows_text(
     make_inventory: MakeInventory,
