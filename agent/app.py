@@ -135,6 +135,7 @@ class Agent:
             query_timeout_s=s.source.query_timeout,
             transaction_max_s=s.source.read_transaction_max,
             range_digests=s.source.range_digests,
+            digest_work_mem_mb=s.source.digest_work_mem_mb,
             route=self.router,
         )
         self.client = SeyahaClient(

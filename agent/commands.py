@@ -193,6 +193,7 @@ def check(path: Path, out: TextIO | None = None) -> int:
         slots_changed_query=source.slots_changed_query,
         catalog_changed_query=source.catalog_changed_query,
         query_timeout_s=source.query_timeout,
+        digest_work_mem_mb=source.digest_work_mem_mb,
         route=None if secrets is None else Router(secrets),
     )
     try:

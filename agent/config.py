@@ -42,6 +42,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from agent.dialects import DIGEST_WORK_MEM_MB
 from agent.errors import ConfigError, first_line, shown_path
 
 SECRET_ENV = "SEYAHA_WEBHOOK_SECRET"
@@ -168,6 +169,13 @@ class SourceSettings(_Section):
         True,
         description="on PostgreSQL and MySQL, a reconciliation asks the database for a digest "
         "per range of slots and reads only the ranges that changed",
+    )
+    digest_work_mem_mb: int = Field(
+        DIGEST_WORK_MEM_MB,
+        ge=0,
+        le=16_384,
+        description="PostgreSQL: work_mem (MB) of the transaction that asks for range digests, "
+        "so that grouping a large inventory stays in memory; 0 keeps the server's setting",
     )
     notify_channel: str = Field("seyaha_agent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     notify_tables: tuple[str, ...] = ()

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from agent.db import close_dead_cursor, read_only, redact_url
 from agent.dialects import (
     AFTER_PARAMS,
+    DIGEST_WORK_MEM_MB,
     RANGE_LABEL,
     RANGE_OPTIONS_PARAM,
     RANGE_PRODUCTS_PARAM,
@@ -133,6 +134,7 @@ class SourceReader:
         query_timeout_s: float | None = None,
         transaction_max_s: float = READ_TRANSACTION_MAX_S,
         range_digests: bool = True,
+        digest_work_mem_mb: int = DIGEST_WORK_MEM_MB,
         route: rows.Route | None = None,
     ) -> None:
         self.engine = engine
@@ -153,6 +155,7 @@ class SourceReader:
         self.transaction_max_s = transaction_max_s
         self.uses_digests = range_digests and self.dialect.digests
         """Full reads use range digests (agent/ranges.py): configured, and the source can."""
+        self.digest_work_mem_mb = digest_work_mem_mb
         self._hash_by_text: dict[str, bool] = {}
         """Per query name, whether its rows are hashed by their text (Dialect.row_hash_probe)."""
 
@@ -303,6 +306,7 @@ class SourceReader:
         sql = self.dialect.range_digest_sql(
             self.slots_query, self._hashed_columns(conn), by_text=self._by_text(conn)
         )
+        self.dialect.digest_memory(conn, self.digest_work_mem_mb)
         # Fetched whole: one short row per range, and a server-side cursor would have the
         # database plan for the first rows of a GROUP BY that must read them all anyway.
         result = self._execute(conn, name, sql, ())
@@ -326,6 +330,7 @@ class SourceReader:
             self._hashed_columns(conn, name),
             by_text=self._by_text(conn, name),
         )
+        self.dialect.digest_memory(conn, self.digest_work_mem_mb)
         result = self._execute(conn, name, sql, ())
         try:
             row: Any = result.one()

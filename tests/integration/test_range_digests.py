@@ -624,6 +624,32 @@ def test_a_read_of_chosen_ranges_returns_none_of_another_products_option_of_the_
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize(("configured", "in_force"), [(None, "64MB"), (256, "256MB"), (0, None)])
+def test_digests_are_asked_for_with_the_configured_work_mem_for_that_transaction_only(
+    configured: int | None,
+    in_force: str | None,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    """The digests' GROUP BY gets [source] digest_work_mem_mb (default 64) in its own
+    transaction; the next transaction on the same connection has the server's again."""
+    source = {} if configured is None else {"digest_work_mem_mb": configured}
+    setup = _setup("postgresql", make_inventory, make_sandbox, make_agent, tmp_path, **source)
+    reader = setup.agent.reader
+    with reader.transaction() as conn:
+        server = conn.exec_driver_sql("SHOW work_mem").scalar()
+        assert len(reader.range_digests(conn)) == RANGES
+        assert conn.exec_driver_sql("SHOW work_mem").scalar() == (in_force or server)
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with reader.transaction() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid  # pooled
+        assert conn.exec_driver_sql("SHOW work_mem").scalar() == server
+    assert server == "4MB"  # the server's default: the setting above came from the agent
+
+
+@pytest.mark.postgres
 def test_a_column_postgresql_cannot_hash_by_value_is_hashed_by_the_rows_text(
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,

@@ -173,6 +173,8 @@ def test_missing_required_key_is_named(
         ("source", "url", "not a url", "[source] url: is not a database URL"),
         ("source", "poll_interval", 0, "[source] poll_interval: Input should be greater than 0"),
         ("source", "catalog_query", "   ", "[source] catalog_query: must not be empty"),
+        ("source", "digest_work_mem_mb", -1, "[source] digest_work_mem_mb: Input should be"),
+        ("source", "digest_work_mem_mb", "64MB", "[source] digest_work_mem_mb: Input should be"),
         ("state", "url", "nope", "[state] url: is not a database URL"),
         ("delivery", "max_attempts", 0, "[delivery] max_attempts:"),
         ("delivery", "lease", 20, "[delivery]: lease (20 s) must be more than twice"),
