@@ -353,7 +353,7 @@ def _time_digests(reader: SourceReader) -> tuple[int, float]:
     agent/ranges.py): what each poll without a change query costs when nothing changed."""
     started = time.perf_counter()
     with reader.transaction() as conn:
-        ranges = len(reader.range_digests(conn))
+        ranges = sum(1 for _ in reader.range_digests(conn))
     return ranges, time.perf_counter() - started
 
 

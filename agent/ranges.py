@@ -95,12 +95,28 @@ Digests = Mapping[str, str]
 """Range label -> digest text (RangeDigest.text), as the source or the store gives them."""
 
 
-def differing(source: Digests, stored: Digests) -> set[str]:
-    """The labels of the ranges a reconciliation must read: new, changed, written since
-    (UNKNOWN), or gone from the source."""
-    out = {name for name, text in source.items() if stored.get(name) != text}
-    out.update(name for name in stored if name not in source)
-    return out
+@dataclass(frozen=True)
+class Difference:
+    labels: set[str]
+    """The ranges to read: new, changed, written since (UNKNOWN), or gone from the source."""
+    source_ranges: int
+    """How many ranges the source has."""
+    stored_ranges: int
+
+
+def differing(source: Iterable[tuple[str, str]], stored: Digests) -> Difference:
+    """Compare the source's (label, digest text) pairs with the stored digests in one pass
+    as they stream in: memory for the stored ones and the labels that differ, never for
+    every range of the source as well."""
+    unseen = dict(stored)  # the same strings: a table of references, not a copy of them
+    out: set[str] = set()
+    count = 0
+    for name, text in source:
+        count += 1
+        if unseen.pop(name, None) != text:
+            out.add(name)
+    out.update(unseen)
+    return Difference(out, count, len(stored))
 
 
 READ_MAX_FRACTION = 0.25
@@ -111,12 +127,13 @@ READ_MAX = 20_000
 """Most ranges one pass reads by label (bound parameters of one IN list)."""
 
 
-def to_read(source: Digests, stored: Digests) -> list[RangeKey] | None:
+def to_read(difference: Difference) -> list[RangeKey] | None:
     """The ranges a full pass reads, in order; None for all of them (most differ, or too
     many to name in one query). A label that names no range (a NULL id) is left out: its
     rows are unreadable, and reported by the passes that read every range."""
-    chosen = differing(source, stored)
-    if len(chosen) > min(READ_MAX, READ_MAX_FRACTION * max(len(source), len(stored))):
+    chosen = difference.labels
+    of = max(difference.source_ranges, difference.stored_ranges)
+    if len(chosen) > min(READ_MAX, READ_MAX_FRACTION * of):
         return None
     return sorted(rng for rng in map(parse_label, chosen) if rng is not None)
 

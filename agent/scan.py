@@ -48,6 +48,7 @@ from agent.ranges import (
     RangeTally,
     basis,
     catalog_token,
+    differing,
     label,
     parse_label,
     range_of,
@@ -550,10 +551,13 @@ class Scanner:
             return FullPass(RangeTally(), basis=on, reset=True)
         if everything:
             return FullPass(RangeTally(), basis=on)
-        source = self.reader.range_digests(src)
         stored = self.store.fingerprints.ranges.load()
+        difference = differing(self.reader.range_digests(src), stored)
         return FullPass(
-            RangeTally(), ranges=to_read(source, stored), basis=on, ranges_total=len(source)
+            RangeTally(),
+            ranges=to_read(difference),
+            basis=on,
+            ranges_total=difference.source_ranges,
         )
 
     def _finish_ranges(

@@ -92,8 +92,10 @@ class Fingerprints:
         query = sa.select(*_SLOT_COLUMNS).order_by(*_SLOT_KEY)
         if after is not None:
             query = query.where(sa.tuple_(*_SLOT_KEY) > sa.tuple_(*after))
-        result = conn.execution_options(stream_results=True, yield_per=STREAM_BATCH_ROWS).execute(
-            query
+        # Options of this statement only: Connection.execution_options would set them on the
+        # connection for every later statement of it too.
+        result = conn.execute(
+            query, execution_options={"stream_results": True, "yield_per": STREAM_BATCH_ROWS}
         )
         try:
             # Unpacked by position: a million rows per scan, and attribute look-ups on a Row

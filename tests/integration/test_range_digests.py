@@ -556,7 +556,7 @@ def test_the_database_digest_of_a_range_is_the_sum_of_the_hashes_of_its_rows_as_
     reader = setup.agent.reader
     tally = RangeTally()
     with reader.transaction() as conn:
-        by_database = reader.range_digests(conn)
+        by_database = dict(reader.range_digests(conn))
         read = list(reader.stream_slots(conn, Snapshot(), tally=tally))
     assert len(read) == len(setup.slots)
     assert tally.mismatched == 0
@@ -640,7 +640,7 @@ def test_digests_are_asked_for_with_the_configured_work_mem_for_that_transaction
     reader = setup.agent.reader
     with reader.transaction() as conn:
         server = conn.exec_driver_sql("SHOW work_mem").scalar()
-        assert len(reader.range_digests(conn)) == RANGES
+        assert len(dict(reader.range_digests(conn))) == RANGES
         assert conn.exec_driver_sql("SHOW work_mem").scalar() == (in_force or server)
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     with reader.transaction() as conn:
@@ -735,7 +735,7 @@ def test_a_null_and_an_empty_text_hash_apart_whatever_the_columns_name(
             ),
         )
         with reader.transaction() as conn:
-            digests.append(reader.range_digests(conn))
+            digests.append(dict(reader.range_digests(conn)))
     assert len(digests[0]) == RANGES
     for one, other in ((0, 1), (1, 2), (0, 2)):
         assert all(digests[one][name] != digests[other][name] for name in digests[one])

@@ -87,7 +87,9 @@ LA, LB, LC = label(A), label(B), label(C)
 def test_the_ranges_that_differ(
     source: dict[str, str], stored: dict[str, str], expected: set[str]
 ) -> None:
-    assert differing(source, stored) == expected
+    difference = differing(iter(source.items()), stored)
+    assert difference.labels == expected
+    assert (difference.source_ranges, difference.stored_ranges) == (len(source), len(stored))
 
 
 def test_a_digest_text_tells_rows_and_sum_apart() -> None:
@@ -113,7 +115,7 @@ def test_past_a_quarter_of_the_ranges_changed_every_range_is_read(
 ) -> None:
     source = _many(of)
     stored = {name: (D2 if i < changed else D1) for i, name in enumerate(sorted(source))}
-    chosen = to_read(source, stored)
+    chosen = to_read(differing(source.items(), stored))
     assert (None if chosen is None else len(chosen)) == expected
     if chosen is not None:
         assert chosen == sorted(chosen)
@@ -123,12 +125,12 @@ def test_past_a_quarter_of_the_ranges_changed_every_range_is_read(
 def test_more_ranges_than_one_query_can_name_are_read_whole() -> None:
     source = _many(READ_MAX * 5)
     stored = {name: (D2 if i <= READ_MAX else D1) for i, name in enumerate(sorted(source))}
-    assert to_read(source, stored) is None
+    assert to_read(differing(source.items(), stored)) is None
 
 
 def test_a_label_that_names_no_range_is_never_read_alone() -> None:
     source = {LA: D2, "no separator": D1}  # a NULL id on the database's side
-    assert to_read(source | _many(20), _many(20) | {LA: D1}) == [A]
+    assert to_read(differing((source | _many(20)).items(), _many(20) | {LA: D1})) == [A]
 
 
 def test_a_tally_adds_the_rows_of_each_range_as_the_database_does() -> None:
