@@ -12,7 +12,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Generator, Iterable, Mapping
 from itertools import groupby
-from typing import Any
 
 import sqlalchemy as sa
 
@@ -49,7 +48,8 @@ class StoredRanges:
     def load(self) -> dict[str, str]:
         """Every stored range: label -> digest text (agent.ranges.Digests), UNKNOWN when
         written since. Spelled by the database: 50,000 ranges come as 50,000 pairs of
-        strings (about 30 ms), not as objects built row by row."""
+        strings (about 30 ms), not as objects built row by row; about 170 bytes a range,
+        kept between passes (85 MB for the 500,000 ranges of 10M slots)."""
         label = _R.product_id + SEPARATOR + _R.option_id + SEPARATOR + _R.suffix
         text = sa.case(
             (_R.digest.is_(None), UNKNOWN),
@@ -62,8 +62,13 @@ class StoredRanges:
             token = get_meta(conn, WRITTEN)
             if token is not None and self._loaded is not None and self._loaded[0] == token:
                 return self._loaded[1]
-            pairs: list[Any] = list(conn.execute(sa.select(label, text)).all())
-        content = dict(pairs)
+            # The previous content goes first, not once the new one is built beside it.
+            self._loaded = None
+            # Into the dictionary as they come: a list of the rows first held 500,000 Row
+            # objects (10M slots) beside it, 70 MB more at the peak.
+            content: dict[str, str] = {
+                name: digest for name, digest in conn.execute(sa.select(label, text))
+            }
         self._loaded = (token, content)
         return content
 
