@@ -102,6 +102,7 @@ class Difference:
     source_ranges: int
     """How many ranges the source has."""
     stored_ranges: int
+    """How many ranges the state store has digests for."""
 
 
 def differing(source: Iterable[tuple[str, str]], stored: Digests) -> Difference:
