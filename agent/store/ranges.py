@@ -47,9 +47,10 @@ class StoredRanges:
 
     def load(self) -> dict[str, str]:
         """Every stored range: label -> digest text (agent.ranges.Digests), UNKNOWN when
-        written since. Spelled by the database: 50,000 ranges come as 50,000 pairs of
-        strings (about 30 ms), not as objects built row by row; about 200 bytes a range,
-        kept between passes (98 MB measured for the 500,000 ranges of 10M slots)."""
+        written since. The database spells each label and digest text, so a range comes as
+        one pair of strings (50,000 ranges in about 30 ms) and goes into the dictionary as it
+        comes; about 200 bytes a range, kept between passes (98 MB measured for the 500,000
+        ranges of 10M slots)."""
         label = _R.product_id + SEPARATOR + _R.option_id + SEPARATOR + _R.suffix
         text = sa.case(
             (_R.digest.is_(None), UNKNOWN),
@@ -64,8 +65,8 @@ class StoredRanges:
                 return self._loaded[1]
             # The previous content goes first, not once the new one is built beside it.
             self._loaded = None
-            # Into the dictionary as they come: a list of the rows first held 500,000 Row
-            # objects (10M slots) beside it, 70 MB more at the peak.
+            # No list of the rows first: at 10M slots it held 500,000 Row objects beside
+            # the dictionary, 70 MB more at the peak.
             content: dict[str, str] = {
                 name: digest for name, digest in conn.execute(sa.select(label, text))
             }
