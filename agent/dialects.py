@@ -80,6 +80,9 @@ class Dialect:
     """The source can hash rows and sum them per range (with_digests, range_digest_sql)."""
     hashes_by_column: ClassVar[bool] = False
     """with_digests needs the query's column names (no whole-row text to hash)."""
+    digests_through_cursor: ClassVar[bool] = True
+    """Range digests come through a server-side cursor, a batch at a time (otherwise the
+    driver receives the whole result before the first row is read)."""
 
     # -- engines ------------------------------------------------------------------------
 
@@ -331,6 +334,11 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     listens = True
     digests = True
+    # PostgreSQL never plans a query behind a cursor with parallel workers: the range
+    # digests of 1M slots took 2.7 s through one and 1.8 s without on two cores. The
+    # result, one short row per range, is received whole: about 90 bytes a range in
+    # libpq (45 MB at 10M slots).
+    digests_through_cursor = False
     key_order_template = 'CAST(q.{0} AS TEXT) COLLATE "C"'
 
     def row_hash(self, columns: Sequence[str], *, by_text: bool = False) -> str:

@@ -301,14 +301,14 @@ class SourceReader:
     def range_digests(self, conn: sa.Connection) -> Iterator[tuple[str, str]]:
         """Per range of the slots query's rows, its label and "rows:sum" (the number of its
         rows and the sum of their hashes, agent.ranges.Digests), computed by the database:
-        one row per range on the wire (see agent/ranges.py). Streamed: 500,000 ranges (10M
-        slots) held at once cost over 100 MB."""
+        one row per range on the wire (see agent/ranges.py). Rows become Python objects one
+        at a time: 500,000 ranges (10M slots) held at once as rows cost over 100 MB."""
         name = "slots_query"
         sql = self.dialect.range_digest_sql(
             self.slots_query, self._hashed_columns(conn), by_text=self._by_text(conn)
         )
         self.dialect.digest_memory(conn, self.digest_work_mem_mb)
-        result = self._execute(conn, name, sql, (), stream=True)
+        result = self._execute(conn, name, sql, (), stream=self.dialect.digests_through_cursor)
         try:
             # Row by row: Result.partitions() without a size fetched the whole result at
             # once (190 MB at 10M slots), where iterating honours yield_per.

@@ -650,6 +650,27 @@ def test_digests_are_asked_for_with_the_configured_work_mem_for_that_transaction
 
 
 @pytest.mark.postgres
+def test_postgresql_digests_come_without_a_cursor_so_the_database_may_run_them_in_parallel(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, make_agent: MakeAgent, tmp_path: Path
+) -> None:
+    """PostgreSQL plans no parallel workers for a query behind a cursor (DECLARE): the
+    digests of 1M slots took 2.7 s through one, 1.8 s without. While the digests are read,
+    the session holds no cursor; the changed ranges' rows, many more, still come through one."""
+    setup = _setup("postgresql", make_inventory, make_sandbox, make_agent, tmp_path)
+    reader = setup.agent.reader
+    cursors = "SELECT count(*) FROM pg_cursors"
+    with reader.transaction() as conn:
+        digests = reader.range_digests(conn)
+        first = next(digests)
+        assert conn.exec_driver_sql(cursors).scalar() == 0
+        assert len({first[0], *dict(digests)}) == RANGES
+        rows = reader.stream_slots(conn, Snapshot(), ranges=[first[0]])
+        next(rows)
+        assert conn.exec_driver_sql(cursors).scalar() == 1
+        rows.close()
+
+
+@pytest.mark.postgres
 def test_a_column_postgresql_cannot_hash_by_value_is_hashed_by_the_rows_text(
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
