@@ -90,6 +90,19 @@ SCANNER_RENEWALS = 3
 renewals may fail (a slow store, a blip) before another agent takes over."""
 
 
+def rest_after(interval_s: float, took_s: float) -> float:
+    """How long the poll loop waits after a poll that took `took_s` (seconds).
+
+    Polls start every `interval_s`, counted from the start of the one before: with only
+    the two required queries each poll is a full pass, and counting from its end would
+    add its length to every booking's wait (a booking committed just after a pass's
+    snapshot is read by the next pass: within interval + one pass, not interval + two).
+    A poll longer than half the interval is followed by a rest as long as itself, up to
+    the interval, so that a pass which outgrows the interval leaves the database idle
+    at least half the time instead of scanning without pause."""
+    return min(interval_s, max(interval_s - took_s, took_s))
+
+
 @dataclass(frozen=True)
 class DrainResult:
     """What a one-shot delivery left behind."""
@@ -667,11 +680,14 @@ class Agent:
         return min(SOURCE_BACKOFF_MAX_S, interval * 2.0 ** min(self._failures - 1, 10))
 
     def poll_loop(self, stop: threading.Event) -> None:
-        """Poll on poll_interval, or at once when a wake-up arrives."""
+        """Poll every poll_interval (from start to start, see rest_after), or at once when
+        a wake-up arrives."""
         first = True
         while not stop.is_set() and self.state_lost is None:
+            started = self.clock.monotonic()
             ok = self.guarded(self.poll)
             self.heartbeat = self.clock.monotonic()
+            took = self.heartbeat - started
             self.sweep_wake.set()
             if first:
                 # Ready once the outbox is open and the first scan has run: a source that is
@@ -687,7 +703,7 @@ class Agent:
                 # pause short and hammer a source that is failing.
                 stop.wait(self.next_poll_in_s())
             else:
-                self.poll_wake.wait(self.next_poll_in_s())
+                self.poll_wake.wait(rest_after(self.next_poll_in_s(), took))
             self.poll_wake.clear()
 
     def sweep_loop(self, stop: threading.Event) -> None:

@@ -136,7 +136,9 @@ class SeyahaSettings(_Section):
 
 class SourceSettings(_Section):
     url: str
-    poll_interval: float = Field(5.0, gt=0, le=HOUR_S, description="seconds between scans")
+    poll_interval: float = Field(
+        5.0, gt=0, le=HOUR_S, description="seconds from the start of one scan to the next's"
+    )
     timezone: str = "UTC"
     catalog_query: str
     slots_query: str

@@ -1,0 +1,102 @@
+"""The poll loop's schedule: the next poll starts poll_interval after the last one started.
+
+A real agent on a SQLite inventory runs Agent.poll_loop; its clock's monotonic reading is
+moved on inside each poll, standing for a pass of that length, and the loop's waits are
+recorded instead of slept."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.app import Agent
+from agent.clock import SystemClock
+from agent.config import load_config
+from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.inventory import Inventory, first_day, seed_tours, write_config
+
+INTERVAL_S = 10.0
+
+
+class LongPolls(SystemClock):
+    """The system clock, whose monotonic reading is moved on by hand."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+class Waits:
+    """Stands for the poll loop's wake-up event: records each wait, stops after `count`."""
+
+    def __init__(self, stop: threading.Event, count: int) -> None:
+        self.stop, self.count, self.seen = stop, count, list[float]()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.seen.append(timeout)
+        if len(self.seen) >= self.count:
+            self.stop.set()
+        return False
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+def test_polls_start_one_interval_apart_and_a_long_pass_is_followed_by_a_rest(
+    make_inventory: Callable[[str], Inventory], tmp_path: Path
+) -> None:
+    inventory = make_inventory("sqlite")
+    seed_tours(inventory, first_day())
+    config = load_config(
+        write_config(
+            tmp_path,
+            name="schedule",
+            base_url="http://127.0.0.1:9",
+            integration_id=INTEGRATION_ID,
+            secret=SECRET,
+            source_url=inventory.url,
+            state_url=f"sqlite:///{tmp_path / 'state.db'}",
+            poll_interval=INTERVAL_S,
+        )
+    )
+    clock = LongPolls()
+    agent = Agent(config, clock=clock)
+    agent.open()
+    try:
+        passes = iter([2.0, 7.0, 30.0, 0.0])
+        real_poll = agent.poll
+
+        def poll() -> object:
+            started = time.monotonic()
+            result = real_poll()
+            clock.ahead += next(passes)
+            real_poll_s.append(time.monotonic() - started)
+            return result
+
+        real_poll_s: list[float] = []
+        agent.poll = poll  # type: ignore[method-assign]
+        stop = threading.Event()
+        waits = Waits(stop, 4)
+        agent.poll_wake = waits  # type: ignore[assignment]
+        agent.poll_loop(stop)
+    finally:
+        agent.close()
+
+    first, second, third, fourth = waits.seen
+    slack = [s + 0.001 for s in real_poll_s]  # the polls' own (real, short) length
+    # A 2 s pass: the next poll starts 10 s after this one started, not 12 s.
+    assert INTERVAL_S - 2.0 - slack[0] <= first <= INTERVAL_S - 2.0
+    # A 7 s pass (over half the interval): a rest as long as the pass.
+    assert 7.0 <= second <= 7.0 + slack[1]
+    # A 30 s pass: a rest of one interval, as before.
+    assert third == INTERVAL_S
+    # A quick poll: one interval, less its own length.
+    assert INTERVAL_S - slack[3] <= fourth <= INTERVAL_S
