@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import socket
 import sys
@@ -101,6 +102,13 @@ def rest_after(interval_s: float, took_s: float) -> float:
     the interval, so that a pass which outgrows the interval leaves the database idle
     at least half the time instead of scanning without pause."""
     return min(interval_s, max(interval_s - took_s, took_s))
+
+
+def next_reconciliation_at(started_s: float, took_s: float, share: float) -> float:
+    """When (monotonic seconds) the next scheduled reconciliation may start, after one that
+    started at `started_s` and took `took_s`: the source spends at most `share` of its time
+    on reconciliations ([source] reconcile_share), however large the inventory grows."""
+    return started_s + took_s / share
 
 
 @dataclass(frozen=True)
@@ -226,6 +234,8 @@ class Agent:
         reconciliation beside the polls takes it only for moments (Scanner.reconcile)."""
         self._reconciling = threading.Lock()
         """One reconciliation at a time (the start's and the interval's may meet)."""
+        self._reconcile_not_before = -math.inf
+        """No scheduled reconciliation before this (monotonic s): see reconcile_share."""
         self._sweeping = threading.Lock()
         """One reader beside the polls at a time: the late-row sweep, or a reconciliation
         (which waits for a sweep under way; a sweep does not start while it runs)."""
@@ -469,6 +479,7 @@ class Agent:
         """
         if not self._reconciling.acquire(blocking=False):
             return None
+        started = self.clock.monotonic()
         try:
             with self._sweeping:
                 with self.scan_lock:
@@ -480,6 +491,11 @@ class Agent:
                     return self._as_scanner(self.scanner.scan)
                 return self._beside(self.scanner.reconcile, superseded_level=logging.INFO)
         finally:
+            self._reconcile_not_before = next_reconciliation_at(
+                started,
+                self.clock.monotonic() - started,
+                self.config.settings.source.reconcile_share,
+            )
             self._reconciling.release()
             # Rows committed late while it ran (after its snapshot) are the sweep's now.
             self.sweep_wake.set()
@@ -602,6 +618,24 @@ class Agent:
 
     def full_scan_job(self) -> None:
         self.guarded(self.full_scan)
+
+    def scheduled_reconciliation_job(self) -> None:
+        """The reconciliation every full_scan_interval, unless the last one was so long that
+        running now would spend more than reconcile_share of the time reconciling (then the
+        next interval's turn tries again). The one after the start, and the one a secret
+        file appearing asks for, are not held back."""
+        wait_s = self._reconcile_not_before - self.clock.monotonic()
+        if wait_s > 0:
+            event(
+                log,
+                logging.DEBUG,
+                "scan.reconciliation_deferred",
+                f"scheduled reconciliation skipped: the last one's length allows the next in "
+                f"{wait_s:.1f} s ([source] reconcile_share "
+                f"{self.config.settings.source.reconcile_share:g})",
+            )
+            return
+        self.full_scan_job()
 
     def guarded(self, work: Callable[[], object], counter: Counter | None = None) -> bool:
         """Run a scan, reporting failures and keeping the daemon alive; True on success.
@@ -829,7 +863,7 @@ class Agent:
         self._stopping = stop
         if self.reader.incremental:
             scheduler.add_job(
-                self.full_scan_job,
+                self.scheduled_reconciliation_job,
                 IntervalTrigger(seconds=source.full_scan_interval),
                 id="full-scan",
                 max_instances=1,
@@ -880,7 +914,8 @@ class Agent:
             )
         mode = (
             f"incremental polls every {source.poll_interval:g} s, full reconciliation every "
-            f"{source.full_scan_interval:g} s"
+            f"{source.full_scan_interval:g} s (at most {source.reconcile_share:.0%} of the "
+            "time)"
             if self.reader.incremental
             else f"full scans every {source.poll_interval:g} s"
         )

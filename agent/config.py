@@ -152,10 +152,19 @@ class SourceSettings(_Section):
         "all of it by the late-row sweep after each poll)",
     )
     full_scan_interval: float = Field(
-        300.0,
+        60.0,
         gt=0,
         le=7 * DAY_S,
-        description="seconds between full reconciliations (finds deletes)",
+        description="seconds between full reconciliations, start to start (they find deletes "
+        "and rows the change query missed); held back by reconcile_share",
+    )
+    reconcile_share: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="at most this share of the time is spent reconciling: a scheduled "
+        "reconciliation waits until the last one's length divided by this share has passed "
+        "since it started (0.1: a 20 s reconciliation starts again at most every 200 s)",
     )
     query_timeout: float = Field(
         60.0, gt=0, le=DAY_S, description="seconds before a query is cancelled"

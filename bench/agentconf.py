@@ -41,6 +41,9 @@ class AgentSetup:
     log_level: str = "INFO"
     delivery: tuple[tuple[str, Any], ...] = ()
     """[delivery] keys to set, e.g. (("concurrency", 1), ("rate_limit", 0.0))."""
+    source: tuple[tuple[str, Any], ...] = ()
+    """More [source] keys, e.g. (("reconcile_share", 1.0),): written only where this version
+    of the agent knows them (source_defaults), so a measurement still runs on an older one."""
 
 
 def _metrics_section() -> str:
@@ -60,6 +63,13 @@ def delivery_defaults() -> dict[str, Any]:
     return {name: f.default for name, f in DeliverySettings.model_fields.items()}
 
 
+def source_defaults() -> dict[str, Any]:
+    """The [source] keys this version of the agent knows, with their defaults."""
+    from agent.config import SourceSettings
+
+    return {name: f.default for name, f in SourceSettings.model_fields.items()}
+
+
 def write(folder: Path, name: str, setup: AgentSetup) -> Path:
     """`folder/name.toml` and its secret file; returns the configuration's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,6 +83,10 @@ def write(folder: Path, name: str, setup: AgentSetup) -> Path:
         return json.dumps(value)  # a TOML basic string
 
     delivery = "".join(f"{key} = {json.dumps(value)}\n" for key, value in setup.delivery)
+    known = source_defaults()
+    source = "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in setup.source if key in known
+    )
     path = folder / f"{name}.toml"
     path.write_text(
         f"""# Written by bench/agentconf.py for one measurement.
@@ -92,7 +106,7 @@ notify_tables = [{s(setup.schema + ".slots")}]
 range_digests = {"true" if setup.range_digests else "false"}
 catalog_query = '''{q.catalog}'''
 slots_query = '''{q.slots}'''
-{changed}
+{changed}{source}
 [state]
 url = {s("sqlite:///" + str(setup.state_path))}
 

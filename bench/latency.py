@@ -15,13 +15,15 @@ Modes:
 - wake-ups: the statement-level NOTIFY triggers (agent/source/pg_triggers.py) on the slots
   table, the daemon LISTENing, poll_interval 60 s, so every delivery is a wake-up's;
 - polling: no triggers, poll_interval 1 s;
-both with the default cursor_overlap (60 s) and full_scan_interval (300 s; each run is
-shorter, and the measured commits start once the reconciliation the daemon runs after its
-first poll is over, so no full reconciliation falls inside a measured window);
-- wake-ups through reconciliations: as wake-ups, but full_scan_interval 15 s and the
-  measured commits start right after the warm-up, while the reconciliation after the start
-  runs; at 1,000,000 slots one reconciliation takes longer than the interval, so they follow
-  each other through the whole window. The reconciliations' start and end come from the
+both with the default cursor_overlap (60 s) and full_scan_interval 300 s (the default is
+60 s; each run is shorter than 300 s, and the measured commits start once the
+reconciliation the daemon runs after its first poll is over, so no full reconciliation falls
+inside a measured window);
+- wake-ups through reconciliations: as wake-ups, but full_scan_interval 15 s,
+  reconcile_share 1 (no rest between reconciliations) and the measured commits start right
+  after the warm-up, while the reconciliation after the start runs; at 1,000,000 slots one
+  reconciliation takes about as long as the interval, so they follow each other through the
+  whole window. The reconciliations' start and end come from the
   daemon's log, and the commits made while one ran are counted apart;
 - wake-ups after a bulk change: as wake-ups, but right before the measured commits one
   statement stamps updated_at on `bulk_rows` slots (200,000; nothing Seyaha sees changes),
@@ -38,7 +40,14 @@ first poll is over, so no full reconciliation falls inside a measured window);
 - late rows: as wake-ups, but every measured booking stamps updated_at 30 s before its
   commit, as a transaction that began then would: no poll reads it (they read the last
   5 s), the late-row sweep after the next poll does; not part of `all` (run it
-  with `--modes late`).
+  with `--modes late`);
+- missed rows: as wake-ups, with the default full_scan_interval (60 s) and reconcile_share,
+  but every measured booking stamps updated_at 120 s before its commit, beyond
+  cursor_overlap (60 s): neither the polls nor the late-row sweep read it, only the next
+  reconciliation finds it. Commits come 100 ms apart so that they span more than one
+  interval, and deliveries are waited for up to 240 s: the maximum is the worst case of a
+  row the change query missed (the interval plus one reconciliation, plus delivery). Not
+  part of `all` (run it with `--modes missed`).
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
@@ -103,6 +112,12 @@ class Mode:
     """With the change query; without it, every poll is a full reconciliation."""
     rest_s: float = 0.0
     """Measure the daemon's and the database's CPU this long with nothing changing first."""
+    reconcile_share: float | None = None
+    """[source] reconcile_share; None: the agent's default."""
+    spacing_s: float | None = None
+    """Seconds between measured commits; None: the plan's commit_spacing_s."""
+    delivery_wait_s: float = DELIVERY_WAIT_S
+    """After the last commit, how long to wait for deliveries still on their way."""
 
 
 WAKEUPS = Mode("wakeups", "wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
@@ -114,6 +129,7 @@ RECONCILING = Mode(
     60.0,
     full_scan_interval_s=15.0,
     through_reconciliations=True,
+    reconcile_share=1.0,
 )
 BULK = Mode("bulk", "wake-ups in the minute after a bulk change", True, 60.0, bulk=True)
 LATE = Mode(
@@ -131,7 +147,18 @@ DEFAULT = Mode(
     incremental=False,
     rest_s=60.0,
 )
-MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, DEFAULT, LATE)}
+MISSED = Mode(
+    "missed",
+    "wake-ups, each booking stamped 120 s before its commit (beyond cursor_overlap), "
+    "full_scan_interval 60 s",
+    True,
+    60.0,
+    full_scan_interval_s=60.0,
+    stamp_behind_s=120.0,
+    spacing_s=0.1,
+    delivery_wait_s=240.0,
+)
+MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, DEFAULT, LATE, MISSED)}
 
 
 class Daemon:
@@ -330,6 +357,9 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 cursor_overlap_s=mode.cursor_overlap_s,
                 full_scan_interval_s=mode.full_scan_interval_s,
                 incremental=mode.incremental,
+                source=()
+                if mode.reconcile_share is None
+                else (("reconcile_share", mode.reconcile_share),),
             ),
         )
         daemon = Daemon(config, ctx.log(name))
@@ -367,7 +397,8 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 receiver,
                 daemon.cpu_s,
                 commits=commits,
-                spacing_s=ctx.plan.commit_spacing_s,
+                spacing_s=mode.spacing_s or ctx.plan.commit_spacing_s,
+                wait_s=mode.delivery_wait_s,
                 stamp_behind_s=mode.stamp_behind_s,
             )
             window_end = time.time()

@@ -1,8 +1,9 @@
-"""The poll loop's schedule: the next poll starts poll_interval after the last one started.
+"""The daemon's schedule: the next poll starts poll_interval after the last one started, and
+reconciliations take at most reconcile_share of the time.
 
-A real agent on a SQLite inventory runs Agent.poll_loop; its clock's monotonic reading is
-moved on inside each poll, standing for a pass of that length, and the loop's waits are
-recorded instead of slept."""
+A real agent on a SQLite inventory runs Agent.poll_loop and its reconciliation jobs; its
+clock's monotonic reading is moved on inside each poll or reconciliation, standing for a
+pass of that length, and the loop's waits are recorded instead of slept."""
 
 from __future__ import annotations
 
@@ -11,11 +12,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from agent.app import Agent
 from agent.clock import SystemClock
 from agent.config import load_config
+from agent.scan import ScanReport
 from tests.conftest import INTEGRATION_ID, SECRET
-from tests.integration.inventory import Inventory, first_day, seed_tours, write_config
+from tests.integration.inventory import (
+    SLOTS_CHANGED_QUERY,
+    Inventory,
+    first_day,
+    seed_tours,
+    write_config,
+)
 
 INTERVAL_S = 10.0
 
@@ -100,3 +110,65 @@ def test_polls_start_one_interval_apart_and_a_long_pass_is_followed_by_a_rest(
     assert third == INTERVAL_S
     # A quick poll: one interval, less its own length.
     assert INTERVAL_S - slack[3] <= fourth <= INTERVAL_S
+
+
+RECONCILIATION_S = 20.0
+"""How long each reconciliation stands for (the clock is moved on by this much)."""
+
+
+@pytest.mark.parametrize(("share", "held_back_s"), [(0.1, 200.0), (0.5, 40.0), (1.0, 20.0)])
+def test_a_scheduled_reconciliation_waits_until_the_last_took_at_most_its_share(
+    make_inventory: Callable[[str], Inventory], tmp_path: Path, share: float, held_back_s: float
+) -> None:
+    inventory = make_inventory("sqlite")
+    seed_tours(inventory, first_day())
+    inventory.track_updates()
+    config = load_config(
+        write_config(
+            tmp_path,
+            name="paced",
+            base_url="http://127.0.0.1:9",
+            integration_id=INTEGRATION_ID,
+            secret=SECRET,
+            source_url=inventory.url,
+            state_url=f"sqlite:///{tmp_path / 'state.db'}",
+            source={
+                "slots_changed_query": SLOTS_CHANGED_QUERY,
+                "full_scan_interval": 60,
+                "reconcile_share": share,
+            },
+        )
+    )
+    clock = LongPolls()
+    agent = Agent(config, clock=clock)
+    agent.open()
+    try:
+        assert agent.poll() is not None  # the baseline: reconciliations go beside the polls
+        ran: list[float] = []
+        real_reconcile = agent.scanner.reconcile
+
+        def reconcile(*args: object, **kwargs: object) -> ScanReport | None:
+            report = real_reconcile(*args, **kwargs)  # type: ignore[arg-type]
+            clock.ahead += RECONCILIATION_S
+            ran.append(clock.ahead)
+            return report
+
+        agent.scanner.reconcile = reconcile  # type: ignore[method-assign]
+        # The one after the start is never held back; it took 20 s.
+        agent.full_scan_job()
+        assert len(ran) == 1
+        # Scheduled ones are skipped until 20 s / share has passed since it started.
+        started = clock.ahead - RECONCILIATION_S
+        if held_back_s > RECONCILIATION_S:
+            for at_s in (RECONCILIATION_S, RECONCILIATION_S + 1.0, held_back_s - 0.5):
+                clock.ahead = started + at_s
+                agent.scheduled_reconciliation_job()
+            assert len(ran) == 1
+        clock.ahead = started + held_back_s + 0.5
+        agent.scheduled_reconciliation_job()
+        assert len(ran) == 2
+        # A reconciliation asked for outside the schedule (a secret file appeared) runs anyway.
+        agent.full_scan_job()
+        assert len(ran) == 3
+    finally:
+        agent.close()

@@ -185,6 +185,8 @@ def test_missing_required_key_is_named(
         ("delivery", "lease", 1e300, "[delivery] lease: Input should be less than or equal"),
         ("delivery", "backoff_max", 1e300, "[delivery] backoff_max: Input should be less than"),
         ("source", "read_transaction_max", 0, "[source] read_transaction_max: Input should be"),
+        ("source", "reconcile_share", 0, "[source] reconcile_share: Input should be greater"),
+        ("source", "reconcile_share", 1.5, "[source] reconcile_share: Input should be less"),
         ("source", "read_transaction_max", 1e300, "[source] read_transaction_max: Input should"),
         ("delivery", "max_attempts", True, "[delivery] max_attempts: must be a number, not true"),
         ("delivery", "rate_limit", False, "[delivery] rate_limit: must be a number, not false"),
