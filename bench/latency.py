@@ -46,8 +46,10 @@ inside a measured window);
   cursor_overlap (60 s): neither the polls nor the late-row sweep read it, only the next
   reconciliation finds it. Commits come 100 ms apart so that they span more than one
   interval, and deliveries are waited for up to 240 s: the maximum is the worst case of a
-  row the change query missed (the interval plus one reconciliation, plus delivery). Not
-  part of `all` (run it with `--modes missed`).
+  row the change query missed (the interval plus one reconciliation, plus delivery). Before
+  the commits the daemon rests for `rest_s` (180 s: three reconciliations) as in two
+  queries only, which measures what reconciling every 60 s costs at rest. Not part of
+  `all` (run it with `--modes missed`).
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
@@ -157,6 +159,7 @@ MISSED = Mode(
     stamp_behind_s=120.0,
     spacing_s=0.1,
     delivery_wait_s=240.0,
+    rest_s=180.0,
 )
 MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, DEFAULT, LATE, MISSED)}
 
