@@ -454,6 +454,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "stamp_behind_s": mode.stamp_behind_s,
                 "incremental": mode.incremental,
                 "poll_interval_s": mode.poll_interval_s,
+                "spacing_ms": (mode.spacing_s or ctx.plan.commit_spacing_s) * 1000,
                 **_medians(runs),
                 "runs": runs,
             }

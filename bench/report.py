@@ -305,7 +305,8 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
     lines = [
         f"{_num(r['slots'], 0)} slots; {len(r['modes'][0]['runs'])} run(s) of "
         f"{_num(r['commits_per_run'], 0)} single-slot commits, one every "
-        f"{r['spacing_ms']:g} ms (open loop); percentiles are the median over runs.",
+        f"{r['spacing_ms']:g} ms (open loop) unless a mode says otherwise below; percentiles "
+        "are the median over runs.",
         "",
         *_table(
             [
@@ -337,15 +338,21 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
         ),
         None,
     )
+    for m in r["modes"]:
+        spacing_ms = m.get("spacing_ms", r["spacing_ms"])
+        if spacing_ms != r["spacing_ms"]:
+            lines += ["", f"{m['mode']}: commits one every {spacing_ms:g} ms."]
+        if "rest_daemon_core" in m:
+            lines += [
+                "",
+                f"{m['mode']}: at rest the daemon used "
+                f"{_num(m['rest_daemon_core'] * 100, 1)}% of a core and PostgreSQL "
+                f"{_num(m['rest_postgres_core'] * 100, 1)}% (every postgres process of the "
+                "machine, those that exited meanwhile and the bench's idle connection "
+                "included).",
+            ]
     default = next((m for m in r["modes"] if m.get("incremental") is False), None)
     if default is not None and "rest_daemon_core" in default:
-        lines += [
-            "",
-            f"{default['mode']}: at rest the daemon used "
-            f"{_num(default['rest_daemon_core'] * 100, 1)}% of a core and PostgreSQL "
-            f"{_num(default['rest_postgres_core'] * 100, 1)}% (every postgres process of the "
-            "machine, the bench's idle connection included).",
-        ]
         bound_ms = (default["poll_interval_s"] + 1) * 1000
         goals += [
             (
