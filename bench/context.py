@@ -57,7 +57,14 @@ class Plan:
     dlt_deletes: int
     bulk_rows: int
     """Rows the bulk-change latency mode touches at once (updated_at only)."""
-    latency_modes: tuple[str, ...] = ("wakeups", "polling", "reconciling", "bulk", "default")
+    latency_modes: tuple[str, ...] = (
+        "wakeups",
+        "polling",
+        "reconciling",
+        "bulk",
+        "default",
+        "missed",
+    )
     """Which latency modes run (bench/latency.py MODES; `--modes` picks some)."""
     quiet_s: float = 0.0
     """Before a daemon run, wait until no row was changed for this long (seconds): polls

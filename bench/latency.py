@@ -48,8 +48,7 @@ inside a measured window);
   interval, and deliveries are waited for up to 240 s: the maximum is the worst case of a
   row the change query missed (the interval plus one reconciliation, plus delivery). Before
   the commits the daemon rests for `rest_s` (180 s: three reconciliations) as in two
-  queries only, which measures what reconciling every 60 s costs at rest. Not part of
-  `all` (run it with `--modes missed`).
+  queries only, which measures what reconciling every 60 s costs at rest.
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
