@@ -259,10 +259,14 @@ class Context:
     def caught_up_state(self, size: int, name: str) -> Path:
         """A copy of the reference state, polled up to now, with an empty outbox.
 
-        The reference itself is brought up to date (one poll, then its outbox emptied), so
-        that each call only catches up with what changed since the previous one. Daemons
-        start from such a copy: nothing left over from earlier measurements is waiting to be
-        delivered in front of what they measure.
+        The reference itself is brought up to date (one poll, a reconciliation, then its
+        outbox emptied), so that each call only catches up with what changed since the
+        previous one. Daemons start from such a copy: nothing left over from earlier
+        measurements is waiting to be delivered in front of what they measure, and the
+        stored range digests are whole, as a running daemon's are after its reconciliations
+        (the poll measurement changes about 30,000 slots, whose writes clear the digests of
+        more than a quarter of the ranges: the daemon's first reconciliation would read
+        every row, about 45 s at 1M, and fall just before a measured window).
         """
         from agent.app import Agent
         from agent.config import load_config
@@ -274,6 +278,7 @@ class Context:
         agent.open()
         try:
             agent.poll()
+            agent.scan()
             with agent.store.engine.begin() as conn:
                 conn.execute(sa.delete(tables.outbox))
         finally:
