@@ -48,7 +48,12 @@ inside a measured window);
   interval, and deliveries are waited for up to 240 s: the maximum is the worst case of a
   row the change query missed (the interval plus one reconciliation, plus delivery). Before
   the commits the daemon rests for `rest_s` (180 s: three reconciliations) as in two
-  queries only, which measures what reconciling every 60 s costs at rest.
+  queries only, which measures what reconciling every 60 s costs at rest;
+- after a reconciliation that read every row: as wake-ups, but the daemon starts from a
+  state whose range digests are all cleared (as writes of more than a quarter of the
+  ranges leave them, after a bulk change of their values), so the reconciliation after
+  its start reads every row, and the measured window begins right after it. Not part of
+  `all` (run it with `--modes after-every-row`).
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
@@ -119,6 +124,10 @@ class Mode:
     """Seconds between measured commits; None: the plan's commit_spacing_s."""
     delivery_wait_s: float = DELIVERY_WAIT_S
     """After the last commit, how long to wait for deliveries still on their way."""
+    every_row_first: bool = False
+    """Start from a state whose range digests were all cleared (as writes of more than a
+    quarter of the ranges leave them): the reconciliation after the start reads every row,
+    and the measured window begins right after it."""
 
 
 WAKEUPS = Mode("wakeups", "wake-ups (LISTEN/NOTIFY), poll_interval 60 s", True, 60.0)
@@ -160,7 +169,16 @@ MISSED = Mode(
     delivery_wait_s=240.0,
     rest_s=180.0,
 )
-MODES = {m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, DEFAULT, LATE, MISSED)}
+AFTER_EVERY_ROW = Mode(
+    "after-every-row",
+    "wake-ups right after a reconciliation that read every row",
+    True,
+    60.0,
+    every_row_first=True,
+)
+MODES = {
+    m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, DEFAULT, LATE, MISSED, AFTER_EVERY_ROW)
+}
 
 
 class Daemon:
@@ -325,6 +343,19 @@ def touch(ctx: Context, inv: Inventory, rows: int) -> int:
         return ctx.conn.execute(statement, (rows,)).rowcount
 
 
+def clear_range_digests(state: Path) -> None:
+    """Clear every stored range digest of the SQLite state at `state`, as writes of their
+    slots would."""
+    from agent.store import schema as tables
+
+    engine = sa.create_engine(f"sqlite:///{state}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.update(tables.ranges).values(digest=None))
+    finally:
+        engine.dispose()
+
+
 def set_triggers(ctx: Context, inv: Inventory, *, installed: bool) -> None:
     from agent.source import pg_triggers
 
@@ -348,6 +379,8 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
     name = f"latency-{mode.key}-{run}"
     ctx.wait_quiet()
     state = ctx.caught_up_state(size, name)
+    if mode.every_row_first:
+        clear_range_digests(state)
     with Receiver(arrivals=True, log=ctx.log(f"{name}-receiver")) as receiver:
         config = ctx.config(
             name,
