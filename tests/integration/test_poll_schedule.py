@@ -11,12 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.app import Agent
 from agent.clock import SystemClock
-from agent.config import load_config
+from agent.config import Config, load_config
 from agent.scan import ScanReport
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.inventory import (
@@ -60,23 +61,28 @@ class Waits:
         pass
 
 
-def test_polls_start_one_interval_apart_and_a_long_pass_is_followed_by_a_rest(
-    make_inventory: Callable[[str], Inventory], tmp_path: Path
-) -> None:
-    inventory = make_inventory("sqlite")
-    seed_tours(inventory, first_day())
-    config = load_config(
+def _config(inventory: Inventory, folder: Path, **keys: Any) -> Config:
+    """An agent on `inventory` with a SQLite state in `folder`, delivering nowhere."""
+    return load_config(
         write_config(
-            tmp_path,
+            folder,
             name="schedule",
             base_url="http://127.0.0.1:9",
             integration_id=INTEGRATION_ID,
             secret=SECRET,
             source_url=inventory.url,
-            state_url=f"sqlite:///{tmp_path / 'state.db'}",
-            poll_interval=INTERVAL_S,
+            state_url=f"sqlite:///{folder / 'state.db'}",
+            **keys,
         )
     )
+
+
+def test_polls_start_one_interval_apart_and_a_long_pass_is_followed_by_a_rest(
+    make_inventory: Callable[[str], Inventory], tmp_path: Path
+) -> None:
+    inventory = make_inventory("sqlite")
+    seed_tours(inventory, first_day())
+    config = _config(inventory, tmp_path, poll_interval=INTERVAL_S)
     clock = LongPolls()
     agent = Agent(config, clock=clock)
     agent.open()
@@ -123,21 +129,14 @@ def test_a_scheduled_reconciliation_waits_until_the_last_took_at_most_its_share(
     inventory = make_inventory("sqlite")
     seed_tours(inventory, first_day())
     inventory.track_updates()
-    config = load_config(
-        write_config(
-            tmp_path,
-            name="paced",
-            base_url="http://127.0.0.1:9",
-            integration_id=INTEGRATION_ID,
-            secret=SECRET,
-            source_url=inventory.url,
-            state_url=f"sqlite:///{tmp_path / 'state.db'}",
-            source={
-                "slots_changed_query": SLOTS_CHANGED_QUERY,
-                "full_scan_interval": 60,
-                "reconcile_share": share,
-            },
-        )
+    config = _config(
+        inventory,
+        tmp_path,
+        source={
+            "slots_changed_query": SLOTS_CHANGED_QUERY,
+            "full_scan_interval": 60,
+            "reconcile_share": share,
+        },
     )
     clock = LongPolls()
     agent = Agent(config, clock=clock)
