@@ -914,8 +914,8 @@ class Agent:
             )
         mode = (
             f"incremental polls every {source.poll_interval:g} s, full reconciliation every "
-            f"{source.full_scan_interval:g} s (at most {source.reconcile_share:.0%} of the "
-            "time)"
+            f"{source.full_scan_interval:g} s (at most {source.reconcile_share * 100:g}% of "
+            "the time)"
             if self.reader.incremental
             else f"full scans every {source.poll_interval:g} s"
         )
