@@ -18,7 +18,9 @@ read too (its slots were deleted).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable, Mapping
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agent.model import SlotKey
@@ -94,30 +96,100 @@ equals a source's."""
 Digests = Mapping[str, str]
 """Range label -> digest text (RangeDigest.text), as the source or the store gives them."""
 
+_NEVER = -1
+"""The digest hash of an UNKNOWN range: CPython's hash() never returns -1 (it gives -2
+instead), so no source digest matches it."""
+
+
+@dataclass(frozen=True, eq=True)
+class DigestTable:
+    """The stored digests, held compact between passes: 16 bytes a range (8 MB for the
+    500,000 ranges of 10M slots) instead of about 200 as a dictionary of strings.
+
+    Each range is kept as two 64-bit hashes, its label's and its digest text's, sorted by
+    the label's; the labels themselves stay in the store (differing() reads them again only
+    for ranges the source no longer has). hash() of a string is fixed within one process,
+    which is as long as a table lives. A range compares equal here when both hashes match,
+    so hashing can mislead only where two labels share a 64-bit hash: a changed range then
+    passes for unchanged only if its digest's hash also matches the other's, and a range
+    gone from the source passes for present only if its label's hash is that of a range
+    still there (about one chance in 2**64 for each such pair: at 10M slots, with 500,000
+    ranges and a hundred gone, about 3 in 10**12 a pass). The digest itself, a 64-bit sum,
+    is the weaker link.
+    """
+
+    labels: array[int]
+    digests: array[int]
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, str]]) -> DigestTable:
+        """Build from (label, digest text) pairs as they stream in (UNKNOWN: written since)."""
+        labels: array[int] = array("q")
+        digests: array[int] = array("q")
+        for name, text in pairs:
+            labels.append(hash(name))
+            digests.append(_NEVER if text == UNKNOWN else hash(text))
+        order = sorted(range(len(labels)), key=labels.__getitem__)
+        return cls(array("q", (labels[i] for i in order)), array("q", (digests[i] for i in order)))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
 
 @dataclass(frozen=True)
 class Difference:
     labels: set[str]
-    """The ranges to read: new, changed, written since (UNKNOWN), or gone from the source."""
+    """The ranges to read: new, changed, written since (UNKNOWN), or gone from the source;
+    at most `keep` of them (see truncated)."""
+    count: int
+    """How many ranges differ (all of them, whether or not `labels` names each)."""
     source_ranges: int
     """How many ranges the source has."""
     stored_ranges: int
     """How many ranges the state store has digests for."""
 
+    @property
+    def truncated(self) -> bool:
+        """More ranges differ than `labels` names: a pass reads every range anyway."""
+        return self.count > len(self.labels)
 
-def differing(source: Iterable[tuple[str, str]], stored: Digests) -> Difference:
+
+def differing(
+    source: Iterable[tuple[str, str]],
+    stored: DigestTable,
+    stored_labels: Callable[[], Iterable[str]],
+    *,
+    keep: int | None = None,
+) -> Difference:
     """Compare the source's (label, digest text) pairs with the stored digests in one pass
-    as they stream in: memory for the stored ones and the labels that differ, never for
-    every range of the source as well."""
-    unseen = dict(stored)  # the same strings: a table of references, not a copy of them
+    as they stream in, holding only the labels that differ (at most `keep`, default
+    READ_MAX + 1: past that a pass reads every range whatever they are). The stored ranges
+    the source did not name are looked up in `stored_labels()` (every stored label, read
+    again from the store) only when some are missing and they could still be named."""
+    keep = READ_MAX + 1 if keep is None else keep
+    keys, digests = stored.labels, stored.digests
+    size = len(keys)
+    seen = bytearray(size)
     out: set[str] = set()
-    count = 0
+    count = differ = 0
     for name, text in source:
         count += 1
-        if unseen.pop(name, None) != text:
-            out.add(name)
-    out.update(unseen)
-    return Difference(out, count, len(stored))
+        wanted, digest = hash(name), hash(text)
+        at = bisect_left(keys, wanted)
+        same = False
+        while at < size and keys[at] == wanted:  # more than once only if two labels collide
+            seen[at] = 1
+            same = same or digests[at] == digest
+            at += 1
+        if not same:
+            differ += 1
+            if len(out) < keep:
+                out.add(name)
+    missing = size - seen.count(1)
+    if missing and differ + missing <= keep:
+        gone = {keys[i] for i in range(size) if not seen[i]}
+        out.update(name for name in stored_labels() if hash(name) in gone)
+    return Difference(out, differ + missing, count, size)
 
 
 READ_MAX_FRACTION = 0.25
@@ -132,11 +204,10 @@ def to_read(difference: Difference) -> list[RangeKey] | None:
     """The ranges a full pass reads, in order; None for all of them (most differ, or too
     many to name in one query). A label that names no range (a NULL id) is left out: its
     rows are unreadable, and reported by the passes that read every range."""
-    chosen = difference.labels
     of = max(difference.source_ranges, difference.stored_ranges)
-    if len(chosen) > min(READ_MAX, READ_MAX_FRACTION * of):
+    if difference.truncated or difference.count > min(READ_MAX, READ_MAX_FRACTION * of):
         return None
-    return sorted(rng for rng in map(parse_label, chosen) if rng is not None)
+    return sorted(rng for rng in map(parse_label, difference.labels) if rng is not None)
 
 
 @dataclass
@@ -185,7 +256,7 @@ class RangeTally:
             if rng not in dirty
         }
 
-    def gone(self, read: Collection[RangeKey]) -> list[RangeKey]:
+    def gone(self, read: Iterable[RangeKey]) -> list[RangeKey]:
         """Of the ranges a pass was to read, those the source returned no row of."""
         return sorted(rng for rng in read if rng not in self.sums and rng not in self.spoiled)
 

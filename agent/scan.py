@@ -551,8 +551,8 @@ class Scanner:
             return FullPass(RangeTally(), basis=on, reset=True)
         if everything:
             return FullPass(RangeTally(), basis=on)
-        stored = self.store.fingerprints.ranges.load()
-        difference = differing(self.reader.range_digests(src), stored)
+        ranges = self.store.fingerprints.ranges
+        difference = differing(self.reader.range_digests(src), ranges.load(), ranges.labels)
         return FullPass(
             RangeTally(),
             ranges=to_read(difference),
@@ -598,8 +598,8 @@ class Scanner:
         else:
             # Every range was read: a stored one the source returned no row of was emptied
             # (its slots' removal left it marked to be read again), and is forgotten too.
-            stored = self.store.fingerprints.ranges.load()
-            gone = set(tally.gone([r for r in map(parse_label, stored) if r is not None]))
+            stored = map(parse_label, self.store.fingerprints.ranges.labels())
+            gone = set(tally.gone(r for r in stored if r is not None))
         digests = tally.clean()
         ranges = sorted({*digests, *tally.spoiled, *gone})
         if not ranges and full.ranges is not None and (live is None or not live.touched):

@@ -139,7 +139,7 @@ def _stored(agent: Agent) -> dict[tuple[str, str, str], str]:
 
 def _ranges(agent: Agent) -> dict[RangeKey, str]:
     """The stored digests by range: "rows:sum", or UNKNOWN for a range to read again."""
-    loaded = agent.store.fingerprints.ranges.load()
+    loaded = agent.store.fingerprints.ranges.items()
     return {rng: text for name, text in loaded.items() if (rng := parse_label(name)) is not None}
 
 

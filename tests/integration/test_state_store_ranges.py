@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from agent.model import CatalogDiff, SlotDiff
-from agent.ranges import UNKNOWN, RangeDigest, RangeKey, label
+from agent.ranges import UNKNOWN, DigestTable, RangeDigest, RangeKey, label
 from agent.store import StateStore
 from tests.integration.inventory import BACKEND_PARAMS
 from tests.integration.test_state_store import T0, later, slot
@@ -25,7 +25,7 @@ D = RangeDigest(3, -(2**63) * 3)
 def loaded(store: StateStore) -> dict[RangeKey, str]:
     return {
         tuple(name.split("\x1f")): text  # type: ignore[misc]
-        for name, text in store.fingerprints.ranges.load().items()
+        for name, text in store.fingerprints.ranges.items().items()
     }
 
 
@@ -36,17 +36,17 @@ def store(request: pytest.FixtureRequest, make_store: Callable[[str], StateStore
 
 def test_digests_round_trip_exactly_and_are_forgotten_with_their_basis(store: StateStore) -> None:
     ranges = store.fingerprints.ranges
-    assert (ranges.load(), ranges.basis()) == ({}, None)
+    assert (ranges.items(), ranges.basis()) == ({}, None)
 
     store.record_ranges({ONE: D, TWO: RangeDigest(1, 2**64 - 1)}, basis="b1")
-    assert ranges.load() == {label(ONE): D.text, label(TWO): f"1:{2**64 - 1}"}
+    assert ranges.items() == {label(ONE): D.text, label(TWO): f"1:{2**64 - 1}"}
     assert ranges.basis() == "b1"
 
     store.record_ranges({}, dirty=[TWO], gone=[ONE])
-    assert ranges.load() == {label(TWO): UNKNOWN}
+    assert ranges.items() == {label(TWO): UNKNOWN}
 
     store.reset_ranges()
-    assert (ranges.load(), ranges.basis()) == ({}, None)
+    assert (ranges.items(), ranges.basis()) == ({}, None)
 
 
 def test_every_write_of_slots_clears_its_ranges_digests_but_an_expiry(store: StateStore) -> None:
@@ -99,21 +99,24 @@ def test_the_slots_of_a_range_are_told_apart_by_the_exact_last_character(
 
 
 def test_what_a_load_remembers_is_never_older_than_the_table(store: StateStore) -> None:
-    """load() keeps the content it read while no write happened since: a write from this
+    """load() keeps the table it built while no write happened since: a write from this
     store, or from another agent's connection to it, is seen at the next load."""
+    ranges = store.fingerprints.ranges
     store.record_ranges({ONE: D, TWO: D}, basis="b1")
-    first = store.fingerprints.ranges.load()
-    assert store.fingerprints.ranges.load() == first == {label(ONE): D.text, label(TWO): D.text}
+    first = ranges.load()
+    assert ranges.load() is first
+    assert first == DigestTable.of({label(ONE): D.text, label(TWO): D.text}.items())
 
     store.commit_scan(CatalogDiff(), SlotDiff(added=(slot(11),)), [], T0)
-    assert store.fingerprints.ranges.load() == {label(ONE): UNKNOWN, label(TWO): D.text}
+    assert ranges.load() == DigestTable.of({label(ONE): UNKNOWN, label(TWO): D.text}.items())
 
     other = StateStore.from_url(store.engine.url.render_as_string(hide_password=False))
     try:
         other.record_ranges({ONE: D}, gone=[TWO])
     finally:
         other.close()
-    assert store.fingerprints.ranges.load() == {label(ONE): D.text}
+    assert ranges.load() == DigestTable.of({label(ONE): D.text}.items())
+    assert list(ranges.labels()) == [label(ONE)]
 
     store.reset_ranges()
-    assert store.fingerprints.ranges.load() == {}
+    assert len(ranges.load()) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,6 +11,8 @@ from hypothesis import strategies as st
 from agent.ranges import (
     READ_MAX,
     UNKNOWN,
+    Difference,
+    DigestTable,
     RangeDigest,
     RangeKey,
     RangeTally,
@@ -87,9 +91,70 @@ LA, LB, LC = label(A), label(B), label(C)
 def test_the_ranges_that_differ(
     source: dict[str, str], stored: dict[str, str], expected: set[str]
 ) -> None:
-    difference = differing(iter(source.items()), stored)
+    difference = _differing(source, stored)
     assert difference.labels == expected
+    assert difference.count == len(expected)
     assert (difference.source_ranges, difference.stored_ranges) == (len(source), len(stored))
+
+
+def _differing(
+    source: dict[str, str], stored: dict[str, str], keep: int | None = None
+) -> Difference:
+    return differing(
+        iter(source.items()), DigestTable.of(stored.items()), lambda: iter(stored), keep=keep
+    )
+
+
+_labels = st.sampled_from([label(("p", f"o{i}", "1")) for i in range(12)])
+_texts = st.sampled_from([UNKNOWN, D1, D2, RangeDigest(4, 100).text])
+
+
+@given(
+    st.dictionaries(_labels, _texts.filter(bool)),
+    st.dictionaries(_labels, _texts),
+    st.integers(min_value=0, max_value=13),
+)
+def test_the_compact_table_finds_what_two_dictionaries_would(
+    source: dict[str, str], stored: dict[str, str], keep: int
+) -> None:
+    expected = {n for n in source.keys() | stored.keys() if source.get(n) != stored.get(n)}
+    expected |= {n for n, text in stored.items() if text == UNKNOWN}
+    difference = _differing(source, stored, keep)
+    assert difference.count == len(expected)
+    assert difference.labels <= expected
+    # Every one is named while they fit in `keep`; past it a pass reads every range anyway.
+    assert difference.truncated == (len(expected) > keep)
+    if len(expected) <= keep:
+        assert difference.labels == expected
+
+
+def test_the_stored_labels_are_read_only_for_ranges_the_source_no_longer_has() -> None:
+    reads: list[int] = []
+
+    def labels(stored: dict[str, str]) -> Iterator[str]:
+        reads.append(1)
+        return iter(stored)
+
+    stored = {LA: D1, LB: D1}
+    same = differing(iter(stored.items()), DigestTable.of(stored.items()), lambda: labels(stored))
+    changed = differing(
+        iter({LA: D2, LB: D1}.items()), DigestTable.of(stored.items()), lambda: labels(stored)
+    )
+    assert (same.labels, changed.labels, reads) == (set(), {LA}, [])
+    gone = differing(iter({LA: D1}.items()), DigestTable.of(stored.items()), lambda: labels(stored))
+    assert (gone.labels, reads) == ({LB}, [1])
+    # Too many gone to name: the pass reads every range, the labels are not read.
+    many = _many(30)
+    table = DigestTable.of(many.items())
+    cut = differing(iter(()), table, lambda: labels(many), keep=20)
+    assert (cut.count, cut.truncated, reads) == (30, True, [1])
+    assert to_read(cut) is None
+
+
+def test_a_table_holds_two_hashes_a_range() -> None:
+    table = DigestTable.of(_many(1000).items())
+    assert len(table) == 1000
+    assert table.labels.itemsize == table.digests.itemsize == 8
 
 
 def test_a_digest_text_tells_rows_and_sum_apart() -> None:
@@ -115,7 +180,7 @@ def test_past_a_quarter_of_the_ranges_changed_every_range_is_read(
 ) -> None:
     source = _many(of)
     stored = {name: (D2 if i < changed else D1) for i, name in enumerate(sorted(source))}
-    chosen = to_read(differing(source.items(), stored))
+    chosen = to_read(_differing(source, stored))
     assert (None if chosen is None else len(chosen)) == expected
     if chosen is not None:
         assert chosen == sorted(chosen)
@@ -125,12 +190,12 @@ def test_past_a_quarter_of_the_ranges_changed_every_range_is_read(
 def test_more_ranges_than_one_query_can_name_are_read_whole() -> None:
     source = _many(READ_MAX * 5)
     stored = {name: (D2 if i <= READ_MAX else D1) for i, name in enumerate(sorted(source))}
-    assert to_read(differing(source.items(), stored)) is None
+    assert to_read(_differing(source, stored)) is None
 
 
 def test_a_label_that_names_no_range_is_never_read_alone() -> None:
     source = {LA: D2, "no separator": D1}  # a NULL id on the database's side
-    assert to_read(differing((source | _many(20)).items(), _many(20) | {LA: D1})) == [A]
+    assert to_read(_differing(source | _many(20), _many(20) | {LA: D1})) == [A]
 
 
 def test_a_tally_adds_the_rows_of_each_range_as_the_database_does() -> None:
