@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from agent.model import SlotKey
 
@@ -96,30 +96,38 @@ equals a source's."""
 Digests = Mapping[str, str]
 """Range label -> digest text (RangeDigest.text), as the source or the store gives them."""
 
+_OFFSET = 1 << 63
+"""Added to a signed 64-bit hash to order it as unsigned."""
+
 _NEVER = -1
 """The digest hash of an UNKNOWN range: CPython's hash() never returns -1 (it gives -2
 instead), so no source digest matches it."""
 
 
-@dataclass(frozen=True, eq=True)
+@dataclass(frozen=True, eq=False)
 class DigestTable:
-    """The stored digests, held compact between passes: 16 bytes a range (8 MB for the
-    500,000 ranges of 10M slots) instead of about 200 as a dictionary of strings.
+    """The stored digests, held compact between passes: about 20 bytes a range (10 MB for
+    the 500,000 ranges of 10M slots) instead of about 200 as a dictionary of strings.
 
-    Each range is kept as two 64-bit hashes, its label's and its digest text's, sorted by
-    the label's; the labels themselves stay in the store (differing() reads them again only
-    for ranges the source no longer has). hash() of a string is fixed within one process,
-    which is as long as a table lives. A range compares equal here when both hashes match,
-    so hashing can mislead only where two labels share a 64-bit hash: a changed range then
-    passes for unchanged only if its digest's hash also matches the other's, and a range
-    gone from the source passes for present only if its label's hash is that of a range
-    still there (about one chance in 2**64 for each such pair: at 10M slots, with 500,000
-    ranges and a hundred gone, about 3 in 10**12 a pass). The digest itself, a 64-bit sum,
-    is the weaker link.
+    Each range is kept as two 64-bit hashes, its label's and its digest text's, in buckets
+    by the top bits of the label's (as many buckets as ranges, rounded up to a power of
+    two: a lookup reads about one entry); the labels themselves stay in the store
+    (differing() reads them again only for ranges the source no longer has). hash() of a
+    string is fixed within one process, which is as long as a table lives. A range
+    compares equal here when both hashes match, so hashing can mislead only where two
+    labels share a 64-bit hash: a changed range then passes for unchanged only if its
+    digest's hash also matches the other's, and a range gone from the source passes for
+    present only if its label's hash is that of a range still there (about one chance in
+    2**64 for each such pair: at 10M slots, with 500,000 ranges and a hundred gone, about
+    3 in 10**12 a pass). The digest itself, a 64-bit sum, is the weaker link.
     """
 
     labels: array[int]
     digests: array[int]
+    starts: array[int]
+    """Where each bucket's entries start in `labels` and `digests` (one more at the end)."""
+    shift: int
+    """A label hash's bucket: (hash + 2**63) >> shift."""
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[str, str]]) -> DigestTable:
@@ -129,11 +137,37 @@ class DigestTable:
         for name, text in pairs:
             labels.append(hash(name))
             digests.append(_NEVER if text == UNKNOWN else hash(text))
-        order = sorted(range(len(labels)), key=labels.__getitem__)
-        return cls(array("q", (labels[i] for i in order)), array("q", (digests[i] for i in order)))
+        size = len(labels)
+        bits = max(size - 1, 1).bit_length()
+        shift = 64 - bits
+        # A counting sort by bucket: no list of the entries, only arrays.
+        counts: array[int] = array("I", bytes(4 * ((1 << bits) + 1)))
+        for h in labels:
+            counts[((h + _OFFSET) >> shift) + 1] += 1
+        starts = array("I", accumulate(counts))
+        fill = array("I", starts)
+        by_label: array[int] = array("q", bytes(8 * size))
+        by_digest: array[int] = array("q", bytes(8 * size))
+        for h, d in zip(labels, digests, strict=True):
+            bucket = (h + _OFFSET) >> shift
+            at = fill[bucket]
+            fill[bucket] = at + 1
+            by_label[at] = h
+            by_digest[at] = d
+        return cls(by_label, by_digest, starts, shift)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __eq__(self, other: object) -> bool:
+        """The same ranges with the same digests (in whatever order they were added)."""
+        if not isinstance(other, DigestTable):
+            return NotImplemented
+        return sorted(zip(self.labels, self.digests, strict=True)) == sorted(
+            zip(other.labels, other.digests, strict=True)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -167,19 +201,21 @@ def differing(
     the source did not name are looked up in `stored_labels()` (every stored label, read
     again from the store) only when some are missing and they could still be named."""
     keep = READ_MAX + 1 if keep is None else keep
-    keys, digests = stored.labels, stored.digests
+    keys, digests, starts, shift = stored.labels, stored.digests, stored.starts, stored.shift
     size = len(keys)
     seen = bytearray(size)
     out: set[str] = set()
     count = differ = 0
     for name, text in source:
         count += 1
-        wanted, digest = hash(name), hash(text)
-        at = bisect_left(keys, wanted)
+        wanted = hash(name)
+        bucket = (wanted + _OFFSET) >> shift
+        at, end = starts[bucket], starts[bucket + 1]
         same = False
-        while at < size and keys[at] == wanted:  # more than once only if two labels collide
-            seen[at] = 1
-            same = same or digests[at] == digest
+        while at < end:  # about one entry a bucket
+            if keys[at] == wanted:  # more than one only if two labels share a hash
+                seen[at] = 1
+                same = same or digests[at] == hash(text)
             at += 1
         if not same:
             differ += 1

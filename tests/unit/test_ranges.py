@@ -151,10 +151,18 @@ def test_the_stored_labels_are_read_only_for_ranges_the_source_no_longer_has() -
     assert to_read(cut) is None
 
 
-def test_a_table_holds_two_hashes_a_range() -> None:
-    table = DigestTable.of(_many(1000).items())
+def test_a_table_holds_two_hashes_a_range_and_a_bucket_start_per_range_or_two() -> None:
+    many = _many(1000)
+    table = DigestTable.of(many.items())
     assert len(table) == 1000
     assert table.labels.itemsize == table.digests.itemsize == 8
+    assert (len(table.starts), table.starts.itemsize) == (1024 + 1, 4)
+    # Every range sits in the bucket its label's hash names.
+    for name, text in many.items():
+        bucket = (hash(name) + 2**63) >> table.shift
+        at = table.labels.index(hash(name))
+        assert table.starts[bucket] <= at < table.starts[bucket + 1]
+        assert table.digests[at] == hash(text)
 
 
 def test_a_digest_text_tells_rows_and_sum_apart() -> None:
