@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 
 import pytest
@@ -157,6 +158,8 @@ def test_a_table_holds_two_hashes_a_range_and_a_bucket_start_per_range_or_two() 
     assert len(table) == 1000
     assert table.labels.itemsize == table.digests.itemsize == 8
     assert (len(table.starts), table.starts.itemsize) == (1024 + 1, 4)
+    held = sum(a.itemsize * len(a) for a in (table.labels, table.digests, table.starts))
+    assert held / len(table) < 24  # bytes a range; a dictionary of the strings took ~200
     # Every range sits in the bucket its label's hash names.
     for name, text in many.items():
         bucket = (hash(name) + 2**63) >> table.shift
@@ -239,3 +242,28 @@ def test_of_the_ranges_a_pass_was_to_read_those_without_any_row_are_gone() -> No
     tally.add(("1", "sunset", "101"), 5, label(A))
     tally.spoil(("2", "guided", "201"))
     assert tally.gone([A, B, C]) == [B]  # C has a row the pass could not read: not gone
+
+
+def _colliding(entries: list[tuple[str, str]]) -> DigestTable:
+    """A table whose every label shares the hash of the first one (no two real labels do)."""
+    shared = hash(entries[0][0])
+    shift = 63
+    bucket = (shared + 2**63) >> shift
+    starts = array("I", [0, 0, 0])
+    starts[bucket + 1 :] = array("I", [len(entries)] * (2 - bucket))
+    return DigestTable(
+        array("q", [shared] * len(entries)),
+        array("q", [hash(text) for _, text in entries]),
+        starts,
+        shift,
+    )
+
+
+def test_labels_sharing_a_hash_make_a_range_unchanged_only_if_its_digest_matches_too() -> None:
+    # LA and another stored label with the same hash (called LB here), digests D1 and D2.
+    stored = _colliding([(LA, D1), (LB, D2)])
+    changed = differing(iter([(LA, RangeDigest(9, 9).text)]), stored, lambda: [LA, LB])
+    assert (changed.labels, changed.count) == ({LA}, 1)
+    # The limit of hashing (documented on DigestTable): with LA unchanged, the other range
+    # passes for present whether or not the source still has it.
+    assert differing(iter([(LA, D1)]), stored, lambda: [LA, LB]).count == 0
