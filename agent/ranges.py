@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -226,6 +226,33 @@ def differing(
         gone = {keys[i] for i in range(size) if not seen[i]}
         out.update(name for name in stored_labels() if hash(name) in gone)
     return Difference(out, differ + missing, count, size)
+
+
+class DigestSum:
+    """Every range's digest summed into one ("rows:sum") as the source's range digests
+    stream through `through`: what SourceReader.slots_digest answers while the rows stay
+    the same, if every row has a range. Otherwise (a NULL id: a row without a range) the
+    two never match, which costs a pass its shortcut, never a change."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.sum = 0
+        self.sound = True
+
+    def through(self, pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+        for name, text in pairs:
+            if self.sound:
+                rows, _, total = text.partition(":")
+                try:
+                    self.rows += int(rows)
+                    self.sum += int(total)
+                except ValueError:
+                    self.sound = False
+            yield name, text
+
+    @property
+    def text(self) -> str | None:
+        return f"{self.rows}:{self.sum}" if self.sound else None
 
 
 READ_MAX_FRACTION = 0.25

@@ -44,6 +44,7 @@ from agent.model import (
 )
 from agent.plan import plan
 from agent.ranges import (
+    DigestSum,
     RangeKey,
     RangeTally,
     basis,
@@ -162,6 +163,13 @@ class FullPass:
     """The stored digests were computed on another basis: forget them first."""
     ranges_total: int = 0
     """Ranges the source has (0 when every range is read without asking)."""
+    unchanged: bool = False
+    """The source's digest of every slot row is the one recorded with the stored slots
+    (SourceReader.slots_digest): no range is read."""
+    written: str | None = None
+    """The stored digests' WRITTEN token when the pass compared with them."""
+    total: str | None = None
+    """The source's slots digest, summed from its range digests (agent.ranges.DigestSum)."""
 
     @property
     def labels(self) -> list[str] | None:
@@ -193,6 +201,8 @@ class ScanReport:
     ranges_read: int | None = None
     """Ranges a full pass read, when it read only those that differ (agent/ranges.py)."""
     ranges_total: int | None = None
+    slots_digest_matched: bool = False
+    """No range was read: the source's digest of every slot row matched the stored one."""
     duration_s: float = 0.0
 
     @property
@@ -386,6 +396,7 @@ class Scanner:
         # The supplier's database is no longer read: now the store may be waited for.
         held.flush(wait=True)
         self._finish_ranges(full, report)
+        self._note_slots_digest(full, report)
         if catalog_token is not None:
             self.store.record_catalog_digest(catalog_token, scanner=self.fence)
         cursors = {} if upper is None else self._cursors(upper)
@@ -459,6 +470,7 @@ class Scanner:
         try:
             held.flush(wait=True)
             self._finish_ranges(full, report, turn, live)
+            self._note_slots_digest(full, report)
             with turn():
                 live.check()
                 if catalog_token is not None and not live.catalog:
@@ -552,13 +564,36 @@ class Scanner:
         if everything:
             return FullPass(RangeTally(), basis=on)
         ranges = self.store.fingerprints.ranges
-        difference = differing(self.reader.range_digests(src), ranges.load(), ranges.labels)
+        # Nothing written since a pass found every stored slot unchanged: one row, the digest
+        # of every slot row, tells whether the source still holds those rows (a quiet
+        # inventory's pass then costs the database a sum, not a GROUP BY into ranges).
+        written = ranges.written()
+        known = ranges.total(written)
+        if known is not None and self.reader.slots_digest(src) == known:
+            return FullPass(
+                RangeTally(), ranges=[], basis=on, ranges_total=len(ranges.load()), unchanged=True
+            )
+        summed = DigestSum()
+        difference = differing(
+            summed.through(self.reader.range_digests(src)), ranges.load(), ranges.labels
+        )
         return FullPass(
             RangeTally(),
             ranges=to_read(difference),
             basis=on,
             ranges_total=difference.source_ranges,
+            written=written,
+            total=summed.text,
         )
+
+    def _note_slots_digest(self, full: FullPass, report: ScanReport) -> None:
+        """After a pass that read no range (every stored range matched the source's), record
+        the source's digest of every slot row with the stored slots, unless something wrote
+        them since the pass compared (then it says nothing, and is not recorded)."""
+        report.slots_digest_matched = full.unchanged
+        if full.ranges != [] or full.total is None or full.written is None:
+            return
+        self.store.record_slots_digest(full.written, full.total, scanner=self.fence)
 
     def _finish_ranges(
         self,
@@ -1033,6 +1068,8 @@ def _read_in(report: ScanReport) -> dict[str, int]:
     if report.ranges_read is not None and report.ranges_total is not None:
         fields["ranges_read"] = report.ranges_read
         fields["ranges_total"] = report.ranges_total
+    if report.slots_digest_matched:
+        fields["slots_digest_matched"] = 1
     return fields
 
 

@@ -331,9 +331,18 @@ class SourceReader:
         """The number of the catalog query's rows and the sum of their hashes, "rows:sum",
         computed by the database: one row on the wire. A full pass whose catalog digest is
         the one stored after the last pass that read the catalog skips reading it."""
-        name = "catalog_query"
+        return self._total_digest(conn, "catalog_query")
+
+    def slots_digest(self, conn: sa.Connection) -> str:
+        """The same for the slots query, all of its rows at once: "rows:sum", the sums of
+        the rows and digests of its ranges when every row has a range (range_digests). A
+        pass asks for it before the ranges' when nothing was written to the stored slots
+        since the last pass found them all unchanged: equal, it reads no range at all."""
+        return self._total_digest(conn, "slots_query")
+
+    def _total_digest(self, conn: sa.Connection, name: str) -> str:
         sql = self.dialect.total_digest_sql(
-            self.catalog_query,
+            self._query(name),
             self._hashed_columns(conn, name),
             by_text=self._by_text(conn, name),
         )

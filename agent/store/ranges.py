@@ -29,6 +29,11 @@ WRITTEN = "ranges_written"
 """seyaha_meta key: a new random token at every write of seyaha_ranges, in its transaction,
 so that a reader holding the table's content seen with a token knows it is still current."""
 
+TOTAL = "slots_total"
+"""seyaha_meta key: "WRITTEN token|rows:sum", the source's digest of every slot row
+(SourceReader.slots_digest) that a full pass found the stored slots to match, recorded only
+while WRITTEN still held that token; it says nothing once WRITTEN has moved on."""
+
 _R = t.ranges.c
 _S = t.slot_fingerprints.c
 _RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
@@ -48,6 +53,33 @@ class StoredRanges:
     def basis(self) -> str | None:
         with self.connector.read() as conn:
             return get_meta(conn, BASIS)
+
+    def written(self) -> str | None:
+        """The WRITTEN token now: it moves on at every write of stored slots or digests."""
+        with self.connector.read() as conn:
+            return get_meta(conn, WRITTEN)
+
+    def total(self, written: str | None) -> str | None:
+        """The source's slots digest the stored slots matched, if recorded while WRITTEN was
+        `written` and it still is (nothing was written since); else None."""
+        if written is None:
+            return None
+        with self.connector.read() as conn:
+            now, recorded = get_meta(conn, WRITTEN), get_meta(conn, TOTAL)
+        if now != written or recorded is None:
+            return None
+        token, _, text = recorded.partition("|")
+        return text if token == written else None
+
+    @staticmethod
+    def record_total(conn: sa.Connection, written: str, text: str) -> bool:
+        """Record `text` as the slots digest the stored slots match, if WRITTEN is still
+        `written` in this transaction (a write since would make it untrue: nothing is
+        recorded). A later write leaves it behind by moving WRITTEN on."""
+        if get_meta(conn, WRITTEN) != written:
+            return False
+        set_meta(conn, TOTAL, f"{written}|{text}")
+        return True
 
     def load(self) -> DigestTable:
         """Every stored range's digest (agent.ranges.DigestTable), UNKNOWN for one written

@@ -131,6 +131,14 @@ class StateStore:
             self._hold_lease(conn, scanner)
             set_meta(conn, CATALOG_DIGEST, token)
 
+    def record_slots_digest(self, written: str, text: str, *, scanner: Fence | None = None) -> bool:
+        """Store the slots digest a full pass found the stored slots to match, unless
+        something wrote them since `written` (see StoredRanges.record_total); `scanner` as
+        in commit_scan. True if it was stored."""
+        with self.connector.write() as conn:
+            self._hold_lease(conn, scanner)
+            return StoredRanges.record_total(conn, written, text)
+
     def reset_ranges(self, *, scanner: Fence | None = None) -> None:
         """Forget every stored range digest (their basis changed, or cannot be trusted)."""
         with self.connector.write() as conn:

@@ -203,6 +203,60 @@ def test_a_reconciliation_reads_only_the_ranges_whose_rows_changed(
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_once_a_pass_found_nothing_changed_the_next_asks_for_one_digest_of_every_slot(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    agent, inventory = setup.agent, setup.inventory
+    asked: list[str] = []
+    for name in ("slots_digest", "range_digests"):
+        real = getattr(agent.reader, name)
+
+        def counted(src: Any, real: Any = real, name: str = name) -> Any:
+            asked.append(name)
+            return real(src)
+
+        setattr(agent.reader, name, counted)
+
+    # The baseline read every row; the first quiet pass compares ranges and finds none
+    # changed, and records the digest of every slot row with the stored slots.
+    first = agent.scan()
+    assert (first.ranges_read, first.slots_digest_matched, asked) == (0, False, ["range_digests"])
+    asked.clear()
+    quiet = agent.scan()
+    assert (quiet.ranges_read, quiet.ranges_total, quiet.slots_digest_matched) == (0, RANGES, True)
+    assert asked == ["slots_digest"]  # no range digest asked for
+    assert agent.scan().slots_digest_matched
+
+    # A change: the one digest differs, the ranges are compared, the change is found.
+    asked.clear()
+    inventory.update_slot(1013, vacancies=1)
+    changed = agent.scan()
+    assert (changed.slots_digest_matched, changed.ranges_read, changed.notifies) == (False, 1, 1)
+    assert asked == ["slots_digest", "range_digests"]
+    # That pass wrote the store: the next compares ranges again, the one after needs one row.
+    asked.clear()
+    assert not agent.scan().slots_digest_matched
+    assert agent.scan().slots_digest_matched
+    assert asked == ["range_digests", "slots_digest"]
+
+    # A deletion and an addition that leave the count alone are a change all the same.
+    inventory.delete_slot(1005)
+    inventory.add_slot(2030, "1-b", at(first_day(), 10), capacity=10, vacancies=10)
+    swapped = agent.scan()
+    assert (swapped.slots_digest_matched, swapped.slots_removed, swapped.slots_added) == (
+        False,
+        1,
+        1,
+    )
+    assert _stored(agent) == _truth(agent)
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_deleted_slots_and_a_range_emptied_whole_are_found_and_new_ranges_are_read(
     backend: str,
     make_inventory: MakeInventory,
@@ -258,8 +312,10 @@ def test_a_range_emptied_whole_in_a_pass_that_reads_every_range_is_forgotten(
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+@pytest.mark.parametrize("quiet_first", [False, True], ids=["straight", "after-quiet-passes"])
 def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconciliation(
     backend: str,
+    quiet_first: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
@@ -267,7 +323,9 @@ def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconc
 ) -> None:
     """The range's rows end up exactly as when its digest was stored, so the source's digest
     equals the stored one; but the store recorded the poll's state in between. Only the
-    poll clearing the range's digest sends the reconciliation to read it again."""
+    poll clearing the range's digest sends the reconciliation to read it again.
+    `quiet_first`: quiet passes first recorded the digest of every slot row, which the
+    source's equals again once the change is undone: the poll's write must void it."""
     setup = _setup(
         backend,
         make_inventory,
@@ -279,6 +337,12 @@ def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconc
     )
     agent, inventory = setup.agent, setup.inventory
     _delivered(agent)
+    if quiet_first:
+        for _ in range(2):
+            assert agent.full_scan() is not None
+        quiet = agent.full_scan()
+        assert quiet is not None
+        assert (quiet.slots_digest_matched, quiet.ranges_read) == (True, 0)
     inventory.update_slot(1013, vacancies=9)
     polled = agent.poll()
     assert polled is not None
@@ -295,6 +359,7 @@ def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconc
     report = agent.full_scan()
     assert report is not None
     assert (report.ranges_read, report.slots_changed, report.notifies) == (1, 1, 1)
+    assert not report.slots_digest_matched
     _delivered(agent)
     notified = _last_notify(setup.sandbox, 1013)
     assert notified is not None

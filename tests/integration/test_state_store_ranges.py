@@ -120,3 +120,27 @@ def test_what_a_load_remembers_is_never_older_than_the_table(store: StateStore) 
 
     store.reset_ranges()
     assert len(ranges.load()) == 0
+
+
+def test_a_slots_digest_is_recorded_and_worth_anything_only_while_nothing_writes(
+    store: StateStore,
+) -> None:
+    ranges = store.fingerprints.ranges
+    store.record_ranges({ONE: D}, basis="b1")
+    written = ranges.written()
+    assert written is not None
+    assert ranges.total(written) is None  # none recorded yet
+    assert store.record_slots_digest(written, "3:42")
+    assert ranges.total(written) == "3:42"
+
+    # A write of slots moves the token on: what was recorded says nothing any more, and a
+    # pass that compared before that write cannot record its digest either.
+    store.commit_scan(CatalogDiff(), SlotDiff(added=(slot(11),)), [], T0)
+    assert ranges.written() != written
+    assert ranges.total(written) is None
+    assert ranges.total(ranges.written()) is None
+    assert not store.record_slots_digest(written, "4:43")
+    assert ranges.total(ranges.written()) is None
+
+    store.reset_ranges()
+    assert ranges.total(ranges.written()) is None

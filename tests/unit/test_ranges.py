@@ -13,6 +13,7 @@ from agent.ranges import (
     READ_MAX,
     UNKNOWN,
     Difference,
+    DigestSum,
     DigestTable,
     RangeDigest,
     RangeKey,
@@ -267,3 +268,20 @@ def test_labels_sharing_a_hash_make_a_range_unchanged_only_if_its_digest_matches
     # The limit of hashing (documented on DigestTable): with LA unchanged, the other range
     # passes for present whether or not the source still has it.
     assert differing(iter([(LA, D1)]), stored, lambda: [LA, LB]).count == 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(-(2**70), 2**70)), max_size=20))
+def test_the_ranges_digests_sum_to_the_digest_of_every_row(
+    ranges: list[tuple[int, int]],
+) -> None:
+    summed = DigestSum()
+    pairs = [(f"r{i}", RangeDigest(rows, total).text) for i, (rows, total) in enumerate(ranges)]
+    assert list(summed.through(iter(pairs))) == pairs  # handed on untouched
+    rows = sum(r for r, _ in ranges)
+    assert summed.text == RangeDigest(rows, sum(t for _, t in ranges)).text
+
+
+def test_a_digest_that_does_not_read_as_numbers_leaves_no_sum() -> None:
+    summed = DigestSum()
+    list(summed.through(iter([(LA, D1), (LB, "3:not a number"), (LC, D2)])))
+    assert summed.text is None
