@@ -148,11 +148,14 @@ class Dialect:
         the database."""
         raise NotImplementedError
 
-    def with_digests(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
-        """`sql` with two more columns per row: ROW_HASH (see row_hash) and RANGE_LABEL."""
+    def with_digests(
+        self, sql: str, columns: Sequence[str], *, by_text: bool = False, options: bool = False
+    ) -> str:
+        """`sql` with two more columns per row: ROW_HASH (see row_hash) and RANGE_LABEL.
+        `options`: only the rows of the option ids bound as RANGE_OPTIONS_PARAM."""
         return (
             f"SELECT q.*, {self.row_hash(columns, by_text=by_text)} AS {ROW_HASH},"  # noqa: S608 - the operator's own query
-            f" {self.label('q')} AS {RANGE_LABEL} FROM (\n{_bare(sql)}\n) q"
+            f" {self.label('q')} AS {RANGE_LABEL} FROM (\n{_bare(sql)}\n) q{_of_options(options)}"
         )
 
     def total_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
@@ -163,14 +166,34 @@ class Dialect:
             f" FROM (\n{_bare(sql)}\n) q"
         )
 
-    def range_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+    def range_digest_sql(
+        self, sql: str, columns: Sequence[str], *, by_text: bool = False, options: bool = False
+    ) -> str:
         """One row per range of `sql`'s rows: its label, and its number of rows and the sum
-        of their hashes as one text, "rows:sum" (see with_digests, agent.ranges.Digests)."""
-        digested = self.with_digests(sql, columns, by_text=by_text)
+        of their hashes as one text, "rows:sum" (see with_digests, agent.ranges.Digests).
+        `options`: only the ranges of the option ids bound as RANGE_OPTIONS_PARAM, which the
+        database finds from an index on the option column instead of going through every
+        row."""
+        digested = self.with_digests(sql, columns, by_text=by_text, options=options)
         return (
             f"SELECT d.{RANGE_LABEL}, CONCAT(COUNT(*), ':', SUM(d.{ROW_HASH})) AS seyaha_digest"  # noqa: S608 - the operator's own query
             f" FROM (\n{digested}\n) d GROUP BY d.{RANGE_LABEL}"
         )
+
+    def option_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+        """One row per option id of `sql`'s rows (every product's together): the id as range
+        labels spell it, and "rows:sum" of its rows. Fewer groups than ranges: the database
+        groups 1M rows into 5,000 options in about half the time it takes into 50,000 ranges."""
+        option = f"q.{_KEY_COLUMNS[1]}"
+        return (
+            f"SELECT {self.option_text(option)} AS {RANGE_LABEL},"  # noqa: S608 - the operator's own query
+            f" CONCAT(COUNT(*), ':', SUM({self.row_hash(columns, by_text=by_text)}))"
+            f" AS seyaha_digest FROM (\n{_bare(sql)}\n) q GROUP BY {self.option_text(option)}"
+        )
+
+    def option_text(self, column: str) -> str:
+        """An option id as a range's label spells it (its middle part, see label)."""
+        raise NotImplementedError
 
     def row_hash_probe(self, sql: str) -> str | None:
         """A query that fails when with_digests cannot hash `sql`'s rows by value, or None
@@ -350,7 +373,9 @@ class PostgresDialect(Dialect):
     def label(self, alias: str) -> str:
         return self._label(alias)
 
-    def range_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+    def range_digest_sql(
+        self, sql: str, columns: Sequence[str], *, by_text: bool = False, options: bool = False
+    ) -> str:
         # Grouped by the key columns as they are, the label made once per range: grouping
         # by a label made for every row costs the database about a third more.
         row_hash = self.row_hash(columns, by_text=by_text)
@@ -360,8 +385,26 @@ class PostgresDialect(Dialect):
             " g.seyaha_rows || ':' || g.seyaha_digest AS seyaha_digest FROM ("
             f"SELECT q.{product}, q.{option}, right(CAST(q.{slot} AS TEXT), {_SUFFIX_CHARS})"
             f" AS seyaha_suffix, COUNT(*) AS seyaha_rows, SUM({row_hash}) AS seyaha_digest"
-            f" FROM (\n{_bare(sql)}\n) q GROUP BY 1, 2, 3) g"
+            f" FROM (\n{_bare(sql)}\n) q{_of_options(options)} GROUP BY 1, 2, 3) g"
         )
+
+    def option_digest_sql(self, sql: str, columns: Sequence[str], *, by_text: bool = False) -> str:
+        # Grouped by the option column as it is (a hash aggregate on one column: 0.41 s for
+        # 1M rows where the ranges' three columns sorted take 0.86 s), its text made once
+        # per option. Values equal but spelled apart (numeric 1.0 and 1.00) fall into one
+        # group under one spelling: that option never matches the stored sum and its ranges
+        # are compared every pass, which costs time, never a change.
+        option = _KEY_COLUMNS[1]
+        return (
+            f"SELECT CAST(g.seyaha_option AS TEXT) AS {RANGE_LABEL},"  # noqa: S608 - the operator's own query
+            " g.seyaha_rows || ':' || g.seyaha_digest AS seyaha_digest FROM ("
+            f"SELECT q.{option} AS seyaha_option, COUNT(*) AS seyaha_rows,"
+            f" SUM({self.row_hash(columns, by_text=by_text)}) AS seyaha_digest"
+            f" FROM (\n{_bare(sql)}\n) q GROUP BY 1) g"
+        )
+
+    def option_text(self, column: str) -> str:
+        return f"CAST({column} AS TEXT)"
 
     def row_hash_probe(self, sql: str) -> str | None:
         return f"SELECT hash_record_extended(q, 0) FROM (\n{_bare(sql)}\n) q LIMIT 1"  # noqa: S608 - the operator's own query
@@ -448,6 +491,9 @@ class MysqlDialect(Dialect):
             f"CAST(CONCAT({product}, {_MYSQL_SEPARATOR}, {option}, {_MYSQL_SEPARATOR},"
             f" RIGHT({slot}, {_SUFFIX_CHARS})) AS BINARY)"
         )
+
+    def option_text(self, column: str) -> str:
+        return f"CAST({column} AS BINARY)"
 
     def engine_options(self, role: Role) -> tuple[dict[str, Any], dict[str, Any]]:
         kwargs, connect = super().engine_options(role)
@@ -564,6 +610,11 @@ _KEY_COLUMNS = ("product_id", "option_id", "availability_id")
 _SEPARATOR_CODE = ord(SEPARATOR)
 _SUFFIX_CHARS = SUFFIX_CHARS
 _MYSQL_SEPARATOR = f"CHAR({_SEPARATOR_CODE} USING utf8mb4)"
+
+
+def _of_options(options: bool) -> str:
+    """The condition on the slot row `q` of with_digests(options=True)."""
+    return f" WHERE q.{_KEY_COLUMNS[1]} IN :{RANGE_OPTIONS_PARAM}" if options else ""
 
 
 def _bare(sql: str) -> str:

@@ -298,17 +298,48 @@ class SourceReader:
                 tally.add(held[0], raw.get(ROW_HASH), raw.get(RANGE_LABEL))
         return (held[0], None) if duplicated else held
 
-    def range_digests(self, conn: sa.Connection) -> Iterator[tuple[str, str]]:
+    def range_digests(
+        self, conn: sa.Connection, options: Sequence[str] | None = None
+    ) -> Iterator[tuple[str, str]]:
         """Per range of the slots query's rows, its label and "rows:sum" (the number of its
         rows and the sum of their hashes, agent.ranges.Digests), computed by the database:
         one row per range on the wire (see agent/ranges.py). Rows become Python objects one
-        at a time: 500,000 ranges (10M slots) held at once as rows cost over 100 MB."""
-        name = "slots_query"
+        at a time: 500,000 ranges (10M slots) held at once as rows cost over 100 MB.
+        `options`: only the ranges of these option ids (as range labels spell them)."""
         sql = self.dialect.range_digest_sql(
+            self.slots_query,
+            self._hashed_columns(conn),
+            by_text=self._by_text(conn),
+            options=options is not None,
+        )
+        if options is None:
+            return self._digests(conn, sql)
+        return self._digests(conn, sql, {RANGE_OPTIONS_PARAM: list(options)})
+
+    def option_digests(self, conn: sa.Connection) -> Iterator[tuple[str, str]]:
+        """Per option id of the slots query's rows (every product's together), the id as
+        range labels spell it and "rows:sum" of its rows: fewer groups than ranges, so a
+        pass finds the options that changed for about half the database's work of finding
+        the ranges, and then asks for the ranges of those options only."""
+        sql = self.dialect.option_digest_sql(
             self.slots_query, self._hashed_columns(conn), by_text=self._by_text(conn)
         )
+        return self._digests(conn, sql)
+
+    def _digests(
+        self, conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        name = "slots_query"
         self.dialect.digest_memory(conn, self.digest_work_mem_mb)
-        result = self._execute(conn, name, sql, (), stream=self.dialect.digests_through_cursor)
+        result = self._execute(
+            conn,
+            name,
+            sql,
+            (),
+            stream=self.dialect.digests_through_cursor,
+            params=params,
+            expanding=tuple(params or ()),
+        )
         try:
             # Row by row: Result.partitions() without a size fetched the whole result at
             # once (190 MB at 10M slots), where iterating honours yield_per.

@@ -12,12 +12,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Generator, Iterable, Iterator, Mapping
 from itertools import groupby
+from typing import Any
 
 import sqlalchemy as sa
 
 from agent.clock import from_epoch_ms
 from agent.model import SlotKey, StoredSlot
-from agent.ranges import SEPARATOR, UNKNOWN, DigestTable, RangeDigest, RangeKey, range_of
+from agent.ranges import SEPARATOR, UNKNOWN, RangeDigest, RangeKey, StoredDigests, range_of
 from agent.store import schema as t
 from agent.store.connector import Connector
 from agent.store.meta import get_meta, set_meta
@@ -39,6 +40,7 @@ _S = t.slot_fingerprints.c
 _RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
 _BATCH_ROWS = 5000
 """Rows a streamed read of the table fetches at a time."""
+
 _LABEL = _R.product_id + SEPARATOR + _R.option_id + SEPARATOR + _R.suffix
 """A range's label (agent.ranges.label), spelled by the database."""
 
@@ -46,7 +48,7 @@ _LABEL = _R.product_id + SEPARATOR + _R.option_id + SEPARATOR + _R.suffix
 class StoredRanges:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
-        self._loaded: tuple[str | None, DigestTable] | None = None
+        self._loaded: tuple[str | None, StoredDigests] | None = None
         """(WRITTEN token, content) of the last load: a quiet inventory's every pass
         compares with the same 50,000 digests, read once."""
 
@@ -81,12 +83,13 @@ class StoredRanges:
         set_meta(conn, TOTAL, f"{written}|{text}")
         return True
 
-    def load(self) -> DigestTable:
+    def load(self) -> StoredDigests:
         """Every stored range's digest (agent.ranges.DigestTable), UNKNOWN for one written
-        since; kept between passes while nothing writes the table (a quiet inventory's every
-        pass compares with the same digests, read once). Built as the rows stream in:
-        16 bytes a range once built (8 MB for the 500,000 ranges of 10M slots, where a
-        dictionary of the label and digest strings took 98 MB)."""
+        since, and their sums per option id; kept between passes while nothing writes the
+        table (a quiet inventory's every pass compares with the same digests, read once).
+        Built as the rows stream in: about 20 bytes a range once built (10 MB for the
+        500,000 ranges of 10M slots, where a dictionary of the label and digest strings took
+        98 MB), and as much an option id."""
         with self.connector.read() as conn:
             # The token first: a write committed between the two reads leaves an old token
             # beside newer content, which the next load reads again (the other order could
@@ -96,7 +99,7 @@ class StoredRanges:
                 return self._loaded[1]
             # The previous content goes first, not once the new one is built beside it.
             self._loaded = None
-            content = DigestTable.of(self._items(conn))
+            content = StoredDigests.of(self._items(conn, with_option=True))
         self._loaded = (token, content)
         return content
 
@@ -105,16 +108,35 @@ class StoredRanges:
         with self.connector.read() as conn:
             return dict(self._items(conn))
 
-    def labels(self) -> Iterator[str]:
-        """Every stored range's label, streamed from the store (a range to read again too)."""
+    def labels(self, options: Collection[str] | None = None) -> Iterator[str]:
+        """Every stored range's label, streamed from the store (a range to read again too);
+        `options`: those of these option ids only."""
         with self.connector.read() as conn:
-            for (name,) in conn.execute(
-                sa.select(_LABEL), execution_options={"yield_per": _BATCH_ROWS}
+            if options is None:
+                for (name,) in conn.execute(
+                    sa.select(_LABEL), execution_options={"yield_per": _BATCH_ROWS}
+                ):
+                    yield name
+                return
+            # One streamed read, filtered here: the table's key starts with the product id,
+            # so a condition on the option id alone would go through every row per batch.
+            wanted = set(options)
+            for name, option in conn.execute(
+                sa.select(_LABEL, _R.option_id), execution_options={"yield_per": _BATCH_ROWS}
             ):
-                yield name
+                if option in wanted:
+                    yield name
+
+    def options(self) -> Iterator[str]:
+        """Every option id the stored ranges have (each once), streamed from the store."""
+        with self.connector.read() as conn:
+            for (option,) in conn.execute(
+                sa.select(_R.option_id).distinct(), execution_options={"yield_per": _BATCH_ROWS}
+            ):
+                yield option
 
     @staticmethod
-    def _items(conn: sa.Connection) -> Iterator[tuple[str, str]]:
+    def _items(conn: sa.Connection, *, with_option: bool = False) -> Iterator[Any]:
         # The database spells each label and digest text: a range comes as one pair of
         # strings (50,000 ranges in about 30 ms). Streamed, never a list of rows first: at
         # 10M slots that held 500,000 Row objects, 70 MB more at the peak.
@@ -122,8 +144,9 @@ class StoredRanges:
             (_R.digest.is_(None), UNKNOWN),
             else_=sa.cast(_R.row_count, sa.String) + ":" + _R.digest,
         )
-        rows = conn.execute(sa.select(_LABEL, text), execution_options={"yield_per": _BATCH_ROWS})
-        yield from ((name, digest) for name, digest in rows)
+        columns = (_LABEL, _R.option_id, text) if with_option else (_LABEL, text)
+        rows = conn.execute(sa.select(*columns), execution_options={"yield_per": _BATCH_ROWS})
+        yield from (tuple(row) for row in rows)
 
     @staticmethod
     def iter_slots(

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import ranges as ranges_module
 from agent.app import Agent
 from agent.ranges import UNKNOWN, RangeKey, RangeTally, label, parse_label, range_of
 from agent.sandbox import Sandbox
@@ -53,6 +54,22 @@ SLOTS_PER_OPTION = 30
 RANGES = len(OPTIONS) * 10
 CAPACITY = 40
 WAIT_S = 30.0
+
+
+FIRST = [
+    pytest.param(False, id="ranges"),
+    pytest.param(True, id="options-first"),
+]
+"""Whether a pass compares option digests before range digests (see _options_first)."""
+
+
+def _options_first(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """Compare option digests first whatever the inventory's size: it has three options,
+    where the agent waits for agent.ranges.OPTIONS_MIN, and one option differing of three
+    would be past OPTIONS_READ_FRACTION."""
+    if on:
+        monkeypatch.setattr(ranges_module, "OPTIONS_MIN", 1)
+        monkeypatch.setattr(ranges_module, "OPTIONS_READ_FRACTION", 1.0)
 
 
 @dataclass
@@ -158,14 +175,18 @@ def _last_notify(sandbox: Sandbox, slot_id: int) -> dict[str, Any] | None:
     return bodies[-1] if bodies else None
 
 
+@pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_a_reconciliation_reads_only_the_ranges_whose_rows_changed(
     backend: str,
+    options_first: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    _options_first(monkeypatch, options_first)
     setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
     agent = setup.agent
     ranges = _ranges(agent)
@@ -256,14 +277,98 @@ def test_once_a_pass_found_nothing_changed_the_next_asks_for_one_digest_of_every
     assert _stored(agent) == _truth(agent)
 
 
+SHARED_OPTION_IDS = SLOTS_QUERY.replace("s.option_id,", "SUBSTR(s.option_id, 3) AS option_id,", 1)
+"""Options "1-a", "1-b", "2-a" come back as "a", "b", "a": products 1 and 2 both have an
+option "a", whose digest sums both products' rows."""
+
+
+@pytest.mark.parametrize("query", [SLOTS_QUERY, SHARED_OPTION_IDS], ids=["ids", "shared-ids"])
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
-def test_deleted_slots_and_a_range_emptied_whole_are_found_and_new_ranges_are_read(
+def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_changed(
     backend: str,
+    query: str,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A pass asks for every option's digest, then for the ranges of the options that differ
+    only; an option emptied whole, an option new to the store and a product sharing an
+    option's id must all still be found."""
+    _options_first(monkeypatch, True)
+    # An option emptied whole is a third of the ranges: still to be read by name.
+    monkeypatch.setattr(ranges_module, "READ_MAX_FRACTION", 1.0)
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path, slots_query=query)
+    agent, inventory = setup.agent, setup.inventory
+    shared = query == SHARED_OPTION_IDS
+
+    def spelled(option: str) -> str:
+        return option[2:] if shared else option
+
+    asked: list[Any] = []
+    real_options, real_ranges = agent.reader.option_digests, agent.reader.range_digests
+
+    def option_digests(src: Any) -> Any:
+        asked.append("options")
+        return real_options(src)
+
+    def range_digests(src: Any, options: Any = None) -> Any:
+        asked.append(("ranges", None if options is None else sorted(options)))
+        return real_ranges(src, options)
+
+    monkeypatch.setattr(agent.reader, "option_digests", option_digests)
+    monkeypatch.setattr(agent.reader, "range_digests", range_digests)
+
+    quiet = agent.scan()
+    assert (quiet.ranges_read, quiet.ranges_total, asked) == (0, RANGES, ["options"])
+
+    asked.clear()
+    inventory.update_slot(2013, vacancies=1)  # option 1-b
+    changed = agent.scan()
+    assert (changed.ranges_read, changed.slots_changed, changed.notifies) == (1, 1, 1)
+    assert asked == ["options", ("ranges", [spelled("1-b")])]
+    assert changed.ranges_total == RANGES
+
+    # Option 2-a emptied whole; a slot of 1-a changed in a range that keeps its count.
+    asked.clear()
+    for slot_id in [s for s, option in setup.slots.items() if option == "2-a"]:
+        inventory.delete_slot(slot_id)
+    inventory.update_slot(1004, vacancies=3)
+    emptied = agent.scan()
+    assert (emptied.slots_removed, emptied.slots_changed) == (SLOTS_PER_OPTION, 1)
+    assert asked == ["options", ("ranges", sorted({spelled("1-a"), spelled("2-a")}))]
+    assert emptied.ranges_read == 11  # the ten ranges of 2-a, gone, and 1-a's "4"
+    assert _stored(agent) == _truth(agent)
+
+    # A new option, unknown to the store: its ranges are read, nothing else is.
+    asked.clear()
+    with inventory.engine.begin() as conn:
+        conn.execute(sa.insert(inventory.options), [{"id": "2-c", "product_id": 2, "name": "c"}])
+    for n in range(3):
+        inventory.add_slot(3000 + n, "2-c", at(first_day(), 9 + n), capacity=10, vacancies=10)
+    added = agent.scan()
+    assert (added.slots_added, added.ranges_read) == (3, 3)
+    assert asked == ["options", ("ranges", [spelled("2-c")])]
+    assert _stored(agent) == _truth(agent)
+
+    asked.clear()
+    again = agent.scan()
+    assert (again.ranges_read, again.messages, asked) == (0, 0, ["options"])
+
+
+@pytest.mark.parametrize("options_first", FIRST)
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_deleted_slots_and_a_range_emptied_whole_are_found_and_new_ranges_are_read(
+    backend: str,
+    options_first: bool,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _options_first(monkeypatch, options_first)
     setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
     agent, inventory = setup.agent, setup.inventory
     inventory.delete_slot(1005)
@@ -311,21 +416,25 @@ def test_a_range_emptied_whole_in_a_pass_that_reads_every_range_is_forgotten(
     assert agent.scan().ranges_read == 0
 
 
+@pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 @pytest.mark.parametrize("quiet_first", [False, True], ids=["straight", "after-quiet-passes"])
 def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconciliation(
     backend: str,
+    options_first: bool,
     quiet_first: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The range's rows end up exactly as when its digest was stored, so the source's digest
     equals the stored one; but the store recorded the poll's state in between. Only the
     poll clearing the range's digest sends the reconciliation to read it again.
     `quiet_first`: quiet passes first recorded the digest of every slot row, which the
     source's equals again once the change is undone: the poll's write must void it."""
+    _options_first(monkeypatch, options_first)
     setup = _setup(
         backend,
         make_inventory,
@@ -367,14 +476,18 @@ def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconc
     assert _stored(agent) == _truth(agent)
 
 
+@pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_an_unreadable_row_keeps_its_range_read_and_reported_until_it_is_fixed(
     backend: str,
+    options_first: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    _options_first(monkeypatch, options_first)
     setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
     agent, inventory = setup.agent, setup.inventory
     inventory.update_slot(1021, vacancies=CAPACITY + 5)  # more seats left than the boat has
@@ -480,9 +593,11 @@ def test_a_slot_whose_start_passed_in_a_range_nobody_reads_is_forgotten(
     assert ("1", "1-a", "1004") not in _stored(agent)
 
 
+@pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_read_again(
     backend: str,
+    options_first: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
@@ -492,6 +607,7 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     """The reconciliation reads range (1, 1-a, "3") at its snapshot; a poll records a newer
     state of 1023 meanwhile. The range's digest must not be stored (the store holds a state
     newer than the rows it was computed over), and the poll's state must stand."""
+    _options_first(monkeypatch, options_first)
     setup = _setup(
         backend,
         make_inventory,
@@ -506,6 +622,7 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     stale = cursor.since(inventory.clock(), 3600)
     inventory.update_slot(1003, vacancies=30, updated_at=stale)  # missed by the polls
     paused = Paused(agent, "1003")
+    stream_slots = agent.reader.stream_slots
     monkeypatch.setattr(agent.reader, "stream_slots", paused.stream)
 
     result: list[Any] = []
@@ -526,7 +643,7 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     assert [_last_notify(setup.sandbox, n)["vacancies"] for n in (1003, 1023)] == [30, 2]  # type: ignore[index]
     assert _stored(agent) == _truth(agent)
 
-    monkeypatch.undo()
+    monkeypatch.setattr(agent.reader, "stream_slots", stream_slots)
     next_time = agent.full_scan()
     assert next_time is not None
     assert (next_time.ranges_read, next_time.messages) == (1, 0)
@@ -544,17 +661,21 @@ OPERATIONS = st.lists(
 )
 
 
+@pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_after_any_changes_a_reconciliation_of_ranges_leaves_the_store_as_the_database_says(
     backend: str,
+    options_first: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Hypothesis writes bookings, closures, deletions and new slots (some undoing others,
     several in one range); after each batch one reconciliation of the differing ranges must
     leave exactly the database's slots in the store."""
+    _options_first(monkeypatch, options_first)
     setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
     agent, inventory = setup.agent, setup.inventory
     ids = sorted(setup.slots)

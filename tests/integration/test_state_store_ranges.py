@@ -99,27 +99,39 @@ def test_the_slots_of_a_range_are_told_apart_by_the_exact_last_character(
 
 
 def test_what_a_load_remembers_is_never_older_than_the_table(store: StateStore) -> None:
-    """load() keeps the table it built while no write happened since: a write from this
-    store, or from another agent's connection to it, is seen at the next load."""
+    """load() keeps the tables it built while no write happened since: a write from this
+    store, or from another agent's connection to it, is seen at the next load. The option
+    table sums the option's range digests, and is UNKNOWN while one of them is."""
     ranges = store.fingerprints.ranges
-    store.record_ranges({ONE: D, TWO: D}, basis="b1")
+    three = ("2", "a", "3")  # another product's option of the same id: summed with ONE's
+    store.record_ranges({ONE: D, TWO: D, three: D}, basis="b1")
     first = ranges.load()
     assert ranges.load() is first
-    assert first == DigestTable.of({label(ONE): D.text, label(TWO): D.text}.items())
+    assert first.ranges == _table({ONE: D.text, TWO: D.text, three: D.text})
+    assert first.options == DigestTable.of([("a", f"9:{3 * D.digest}")])
 
     store.commit_scan(CatalogDiff(), SlotDiff(added=(slot(11),)), [], T0)
-    assert ranges.load() == DigestTable.of({label(ONE): UNKNOWN, label(TWO): D.text}.items())
+    assert ranges.load().ranges == _table({ONE: UNKNOWN, TWO: D.text, three: D.text})
+    assert ranges.load().options == DigestTable.of([("a", UNKNOWN)])
 
     other = StateStore.from_url(store.engine.url.render_as_string(hide_password=False))
     try:
-        other.record_ranges({ONE: D}, gone=[TWO])
+        other.record_ranges({ONE: D}, gone=[TWO, three])
     finally:
         other.close()
-    assert ranges.load() == DigestTable.of({label(ONE): D.text}.items())
+    assert ranges.load().ranges == _table({ONE: D.text})
+    assert ranges.load().options == DigestTable.of([("a", D.text)])
     assert list(ranges.labels()) == [label(ONE)]
+    assert list(ranges.options()) == ["a"]
+    assert list(ranges.labels(["a", "b"])) == [label(ONE)]
+    assert list(ranges.labels(["b"])) == []
 
     store.reset_ranges()
-    assert len(ranges.load()) == 0
+    assert len(ranges.load().ranges) == len(ranges.load().options) == 0
+
+
+def _table(digests: dict[RangeKey, str]) -> DigestTable:
+    return DigestTable.of((label(rng), text) for rng, text in digests.items())
 
 
 def test_a_slots_digest_is_recorded_and_worth_anything_only_while_nothing_writes(

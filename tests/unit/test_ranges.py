@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.ranges import (
+    OPTIONS_MIN,
     READ_MAX,
     UNKNOWN,
     Difference,
@@ -18,9 +19,12 @@ from agent.ranges import (
     RangeDigest,
     RangeKey,
     RangeTally,
+    StoredDigests,
     basis,
+    by_option_first,
     differing,
     label,
+    options_to_compare,
     parse_label,
     range_of,
     to_read,
@@ -128,6 +132,74 @@ def test_the_compact_table_finds_what_two_dictionaries_would(
     assert difference.truncated == (len(expected) > keep)
     if len(expected) <= keep:
         assert difference.labels == expected
+
+
+_scoped_labels = st.sampled_from([label(("p", f"o{i % 3}", str(i))) for i in range(12)])
+
+
+@given(
+    st.dictionaries(_scoped_labels, _texts.filter(bool)),
+    st.dictionaries(_scoped_labels, _texts),
+    st.sets(st.sampled_from(["o0", "o1", "o2"])),
+)
+def test_compared_within_some_options_only_those_options_ranges_differ(
+    source: dict[str, str], stored: dict[str, str], options: set[str]
+) -> None:
+    """The source names the ranges of `options` only (the ones whose option digest
+    differed): a stored range of those it does not name is gone, one of another option is
+    not compared at all."""
+
+    def within(digests: dict[str, str]) -> dict[str, str]:
+        return {n: t for n, t in digests.items() if n.split("\x1f")[1] in options}
+
+    asked, kept = within(source), within(stored)
+    expected = {n for n in asked.keys() | kept.keys() if asked.get(n) != kept.get(n)}
+    expected |= {n for n, text in kept.items() if text == UNKNOWN}
+    difference = differing(
+        iter(asked.items()), DigestTable.of(stored.items()), lambda: iter(kept), scoped=True
+    )
+    assert (difference.labels, difference.count) == (expected, len(expected))
+    assert difference.stored_ranges == len(stored)
+    assert difference.source_ranges == len(stored) - len(kept) + len(asked)
+
+
+def test_option_sums_add_up_each_options_ranges_and_are_unknown_while_one_is() -> None:
+    stored = StoredDigests.of(
+        [
+            (LA, "sunset", RangeDigest(3, 100).text),
+            (LB, "sunset", RangeDigest(2, -7).text),
+            (LC, "guided", UNKNOWN),
+            (label(("2", "sunset", "9")), "sunset", RangeDigest(1, 1).text),  # same id
+        ]
+    )
+    other_product = label(("2", "sunset", "9"))
+    assert stored.ranges == DigestTable.of(
+        [
+            (LA, RangeDigest(3, 100).text),
+            (LB, RangeDigest(2, -7).text),
+            (LC, UNKNOWN),
+            (other_product, RangeDigest(1, 1).text),
+        ]
+    )
+    assert stored.options == DigestTable.of([("sunset", "6:94"), ("guided", UNKNOWN)])
+
+
+def test_options_are_compared_first_with_enough_of_them_each_holding_several_ranges() -> None:
+    def stored(options: int, ranges_each: int) -> StoredDigests:
+        return StoredDigests.of(
+            (label(("p", f"o{o}", str(r))), f"o{o}", D1)
+            for o in range(options)
+            for r in range(ranges_each)
+        )
+
+    assert by_option_first(stored(OPTIONS_MIN, 10))
+    assert not by_option_first(stored(OPTIONS_MIN - 1, 10))  # "std" for every product
+    assert not by_option_first(stored(OPTIONS_MIN * 2, 2))  # about one range an option
+    # Past a fifth of the options differing, every range's digest is asked for instead.
+    assert options_to_compare(Difference({"o1", "o0"}, 2, 100, 100)) == ["o0", "o1"]
+    assert options_to_compare(Difference(set(), 0, 100, 100)) == []
+    assert options_to_compare(Difference(set(range(21)), 21, 100, 100)) is None  # type: ignore[arg-type]
+    assert options_to_compare(Difference({"o1"}, 5, 100, 100)) is None  # truncated
 
 
 def test_the_stored_labels_are_read_only_for_ranges_the_source_no_longer_has() -> None:
