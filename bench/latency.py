@@ -124,6 +124,8 @@ class Mode:
     """Seconds between measured commits; None: the plan's commit_spacing_s."""
     delivery_wait_s: float = DELIVERY_WAIT_S
     """After the last commit, how long to wait for deliveries still on their way."""
+    delivery: tuple[tuple[str, Any], ...] = ()
+    """[delivery] keys to set; () the agent's defaults."""
     every_row_first: bool = False
     """Start from a state whose range digests were all cleared (as writes of more than a
     quarter of the ranges leave them): the reconciliation after the start reads every row,
@@ -157,6 +159,17 @@ DEFAULT = Mode(
     incremental=False,
     rest_s=60.0,
 )
+UNLIMITED = Mode(
+    "default-unlimited",
+    "two queries only, poll_interval 5 s, delivery rate_limit 0 (no limit)",
+    False,
+    5.0,
+    incremental=False,
+    delivery=(("rate_limit", 0.0),),
+)
+"""As DEFAULT without the delivery rate limit: a pass finds about 125 bookings (5 s at one
+every 40 ms) and queues them at once, which rate_limit (50/s) sends over 2.5 s; this mode
+shows what the passes cost a booking without that queue."""
 MISSED = Mode(
     "missed",
     "wake-ups, each booking stamped 120 s before its commit (beyond cursor_overlap), "
@@ -177,7 +190,18 @@ AFTER_EVERY_ROW = Mode(
     every_row_first=True,
 )
 MODES = {
-    m.key: m for m in (WAKEUPS, POLLING, RECONCILING, BULK, DEFAULT, LATE, MISSED, AFTER_EVERY_ROW)
+    m.key: m
+    for m in (
+        WAKEUPS,
+        POLLING,
+        RECONCILING,
+        BULK,
+        DEFAULT,
+        UNLIMITED,
+        LATE,
+        MISSED,
+        AFTER_EVERY_ROW,
+    )
 }
 
 
@@ -395,6 +419,7 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 source=()
                 if mode.reconcile_share is None
                 else (("reconcile_share", mode.reconcile_share),),
+                delivery=mode.delivery,
             ),
         )
         daemon = Daemon(config, ctx.log(name))
@@ -485,6 +510,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "bulk": mode.bulk,
                 "stamp_behind_s": mode.stamp_behind_s,
                 "incremental": mode.incremental,
+                "delivery": dict(mode.delivery),
                 "poll_interval_s": mode.poll_interval_s,
                 "spacing_ms": (mode.spacing_s or ctx.plan.commit_spacing_s) * 1000,
                 **_medians(runs),

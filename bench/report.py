@@ -351,7 +351,9 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
                 "machine, those that exited meanwhile and the bench's idle connection "
                 "included).",
             ]
-    default = next((m for m in r["modes"] if m.get("incremental") is False), None)
+    default = next(
+        (m for m in r["modes"] if m.get("incremental") is False and not m.get("delivery")), None
+    )
     if default is not None and "rest_daemon_core" in default:
         bound_ms = (default["poll_interval_s"] + 1) * 1000
         goals += [
