@@ -377,8 +377,13 @@ instead of those of the differing options (each of those reads its options' rows
 
 def by_option_first(stored: StoredDigests) -> bool:
     """Whether a pass compares option digests first (see OPTIONS_MIN)."""
-    options = len(stored.options)
-    return options >= OPTIONS_MIN and len(stored.ranges) >= RANGES_PER_OPTION_MIN * options
+    return compares_options_first(len(stored.options), len(stored.ranges))
+
+
+def compares_options_first(options: int, ranges: int) -> bool:
+    """Whether a pass over `options` option ids and `ranges` ranges compares option digests
+    first (see OPTIONS_MIN)."""
+    return options >= OPTIONS_MIN and ranges >= RANGES_PER_OPTION_MIN * options
 
 
 def options_to_compare(difference: Difference) -> list[str] | None:

@@ -9,6 +9,7 @@ answer is always the same check: the stored fingerprints say what the database s
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import commands
 from agent import ranges as ranges_module
 from agent.app import Agent
 from agent.ranges import UNKNOWN, RangeKey, RangeTally, label, parse_label, range_of
@@ -946,3 +948,23 @@ def test_a_null_and_an_empty_text_hash_apart_whatever_the_columns_name(
     assert len(digests[0]) == RANGES
     for one, other in ((0, 1), (1, 2), (0, 2)):
         assert all(digests[one][name] != digests[other][name] for name in digests[one])
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_check_times_the_digests_a_pass_without_a_change_query_asks_for(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    """`check` on a configuration of two queries only: what the database takes to digest
+    the slots by range, by option id and as a whole, each counted from the source."""
+    _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    out = io.StringIO()
+    assert commands.check(tmp_path / "agent.toml", out=out) == 0, out.getvalue()
+    text = out.getvalue()
+    assert f"digests of its {RANGES} ranges take " in text
+    assert f"of its {len(OPTIONS)} option ids " in text
+    assert "of every row at once " in text
+    assert "when slots changed since the last one" in text

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.commands import LARGE_READ_ROWS, full_read_advice
+from agent.commands import LARGE_READ_ROWS, DigestTimes, full_read_advice
+from agent.ranges import OPTIONS_MIN
 
 
 @pytest.mark.parametrize(
@@ -59,3 +60,18 @@ def test_with_range_digests_the_advice_follows_the_databases_time_to_digest(
             f"digest all {rows:,} rows of slots_query ({digest_s:.1f} s, about {share}"
             in (advice[0])
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "ranges", "expected"),
+    [
+        (OPTIONS_MIN, 10 * OPTIONS_MIN, 0.4),  # option digests first: they are the cost
+        (OPTIONS_MIN - 1, 10 * OPTIONS_MIN, 0.9),  # too few options to narrow anything
+        (OPTIONS_MIN, OPTIONS_MIN, 0.9),  # about one range an option
+    ],
+)
+def test_check_counts_the_digests_a_pass_after_changes_asks_for(
+    options: int, ranges: int, expected: float
+) -> None:
+    times = DigestTimes(ranges=ranges, ranges_s=0.9, options=options, options_s=0.4, whole_s=0.3)
+    assert times.changed_s == expected
