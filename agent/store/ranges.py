@@ -9,6 +9,7 @@ sees a range whose source rows all went away (the row is here, the source has no
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Collection, Generator, Iterable, Iterator, Mapping
 from itertools import groupby
@@ -40,6 +41,13 @@ _S = t.slot_fingerprints.c
 _RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
 _BATCH_ROWS = 5000
 """Rows a streamed read of the table fetches at a time."""
+_SLOT_COLUMNS = (
+    "product_id, option_id, availability_id, fingerprint, local_start, start_ms, integration_id"
+)
+_LIKE_SPECIAL = re.compile(r"[/%_]")
+"""Characters a LIKE pattern escapes (with "/") to match them as themselves."""
+_QUERY_PARAMS = 900
+"""Bound parameters of one read of some ranges' slots: under the 999 of older SQLite builds."""
 
 _LABEL = _R.product_id + SEPARATOR + _R.option_id + SEPARATOR + _R.suffix
 """A range's label (agent.ranges.label), spelled by the database."""
@@ -152,31 +160,34 @@ class StoredRanges:
     def iter_slots(
         conn: sa.Connection, ranges: Collection[RangeKey]
     ) -> Generator[StoredSlot, None, None]:
-        """The stored slots of `ranges`, in key order (one indexed query per option)."""
-        for (product, option), group in groupby(sorted(ranges), key=lambda r: (r[0], r[1])):
-            suffixes = {r[2] for r in group}
-            query = (
-                sa.select(
-                    _S.availability_id,
-                    _S.fingerprint,
-                    _S.local_start,
-                    _S.start_ms,
-                    _S.integration_id,
+        """The stored slots of `ranges`, in key order: one indexed query per batch of
+        options (see _batches). A query per option built with SQLAlchemy's expressions cost
+        0.43 s for the 990 ranges of a 1M-slot pass, half of it in building and compiling
+        the queries; this text is made in a few microseconds."""
+        for batch in _batches(ranges):
+            params: dict[str, str] = {}
+            options = []
+            for n, ((product, option), suffixes) in enumerate(batch.items()):
+                params[f"p{n}"], params[f"o{n}"] = product, option
+                ends = []
+                for k, suffix in enumerate(sorted(suffixes)):
+                    params[f"s{n}_{k}"] = "%" + _LIKE_SPECIAL.sub(r"/\g<0>", suffix)
+                    ends.append(f"availability_id LIKE :s{n}_{k} ESCAPE '/'")
+                options.append(
+                    f"(product_id = :p{n} AND option_id = :o{n} AND ({' OR '.join(ends)}))"
                 )
-                .where(
-                    _S.product_id == product,
-                    _S.option_id == option,
-                    # The database skips the option's other ranges (SQLite's LIKE ignores
-                    # ASCII case: what else it returns is dropped below).
-                    sa.or_(*(_S.availability_id.endswith(x, autoescape=True) for x in suffixes)),
-                )
-                .order_by(_S.availability_id)
+            # The database skips the options' other ranges (SQLite's LIKE ignores ASCII case:
+            # what else it returns is dropped below).
+            query = sa.text(
+                f"SELECT {_SLOT_COLUMNS} FROM {t.slot_fingerprints.name}"  # noqa: S608 - no outside text
+                f" WHERE {' OR '.join(options)} ORDER BY product_id, option_id, availability_id"
             )
-            for slot, fingerprint, local, start_ms, to in conn.execute(query):
-                if range_of((product, option, slot))[2] in suffixes:
-                    yield StoredSlot(
-                        (product, option, slot), fingerprint, local, from_epoch_ms(start_ms), to
-                    )
+            for product, option, slot, fingerprint, local, start_ms, to in conn.execute(
+                query, params
+            ):
+                key = (product, option, slot)
+                if range_of(key)[2] in batch.get((product, option), ()):
+                    yield StoredSlot(key, fingerprint, local, from_epoch_ms(start_ms), to)
 
     @staticmethod
     def touch(conn: sa.Connection, keys: Iterable[SlotKey]) -> None:
@@ -254,3 +265,19 @@ class StoredRanges:
                 sa.delete(t.ranges).where(matches),
                 [{"range_product": p, "range_option": o, "range_suffix": s} for p, o, s in ranges],
             )
+
+
+def _batches(ranges: Collection[RangeKey]) -> Iterator[dict[tuple[str, str], set[str]]]:
+    """`ranges` as {(product, option): suffixes}, in key order, cut so that each batch
+    binds at most _QUERY_PARAMS parameters (two an option, one a range)."""
+    batch: dict[tuple[str, str], set[str]] = {}
+    params = 0
+    for (product, option), group in groupby(sorted(ranges), key=lambda r: (r[0], r[1])):
+        suffixes = {r[2] for r in group}
+        if batch and params + 2 + len(suffixes) > _QUERY_PARAMS:
+            yield batch
+            batch, params = {}, 0
+        batch[(product, option)] = suffixes
+        params += 2 + len(suffixes)
+    if batch:
+        yield batch

@@ -13,6 +13,7 @@ import pytest
 from agent.model import CatalogDiff, SlotDiff
 from agent.ranges import UNKNOWN, DigestTable, RangeDigest, RangeKey, label
 from agent.store import StateStore
+from agent.store import ranges as ranges_module
 from tests.integration.inventory import BACKEND_PARAMS
 from tests.integration.test_state_store import T0, later, slot
 
@@ -72,6 +73,23 @@ def test_the_slots_of_chosen_ranges_come_in_key_order(store: StateStore) -> None
         chosen = [s.key[2] for s in store.fingerprints.ranges.iter_slots(conn, [TWO, ONE])]
     # code-point order of the ids, as the source returns them
     assert chosen == ["1", "1001", "101", "11", "12", "2", "21"]
+
+
+def test_the_slots_of_ranges_of_many_options_come_whole_in_key_order_across_queries(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranges of many options, read a few options per query (a small parameter budget here,
+    900 in use): every slot of the chosen ranges, none of the others, all in key order."""
+    monkeypatch.setattr(ranges_module, "_QUERY_PARAMS", 10)  # two options a query
+    options = [(str(p), o) for p in (1, 2, 10) for o in ("a", "b", "ab")]
+    slots = [replace(slot(n), product_id=p, option_id=o) for p, o in options for n in range(1, 25)]
+    store.commit_scan(CatalogDiff(), SlotDiff(added=tuple(slots)), [], T0)
+    chosen = {(p, o, x) for p, o in options for x in ("1", "3", "4") if (p, o) != ("2", "b")}
+    with store.reading() as conn:
+        found = [s.key for s in store.fingerprints.ranges.iter_slots(conn, chosen)]
+    expected = sorted(s.key for s in slots if (s.key[0], s.key[1], s.key[2][-1]) in chosen)
+    assert found == expected
+    assert len(found) == 8 * 9  # 8 options, 9 ids among 1-24 ending in 1, 3 or 4
 
 
 def test_slots_past_their_start_are_forgotten_and_counted(store: StateStore) -> None:
