@@ -48,6 +48,7 @@ from agent.ranges import (
     DigestSum,
     RangeKey,
     RangeTally,
+    StoredDigests,
     basis,
     by_option_first,
     catalog_token,
@@ -582,28 +583,9 @@ class Scanner:
             )
         stored = ranges.load()
         summed = DigestSum()
-        difference: Difference | None = None
-        if by_option_first(stored):
-            # The options whose rows changed first (fewer groups: about half the database's
-            # work), then the ranges of those options only, found by an index on the option.
-            options = options_to_compare(
-                differing(
-                    summed.through(self.reader.option_digests(src)), stored.options, ranges.options
-                )
-            )
-            if options == []:
-                size = len(stored.ranges)
-                difference = Difference(set(), 0, size, size)
-            elif options is not None:
-                difference = differing(
-                    self.reader.range_digests(src, options),
-                    stored.ranges,
-                    lambda: ranges.labels(options),
-                    scoped=True,
-                )
-            else:
-                summed = DigestSum()
+        difference = self._by_option(src, stored, summed) if by_option_first(stored) else None
         if difference is None:
+            summed = DigestSum()
             difference = differing(
                 summed.through(self.reader.range_digests(src)), stored.ranges, ranges.labels
             )
@@ -614,6 +596,31 @@ class Scanner:
             ranges_total=difference.source_ranges,
             written=written,
             total=summed.text,
+        )
+
+    def _by_option(
+        self, src: Connection, stored: StoredDigests, summed: DigestSum
+    ) -> Difference | None:
+        """The ranges that differ, found by option first: the option ids whose digests
+        differ (fewer groups than ranges: about half the database's work), then the ranges
+        of those options only (found by an index on the option). None when too many
+        options differ: every range's digest is then asked for."""
+        ranges = self.store.fingerprints.ranges
+        options = options_to_compare(
+            differing(
+                summed.through(self.reader.option_digests(src)), stored.options, ranges.options
+            )
+        )
+        if options is None:
+            return None
+        if not options:
+            size = len(stored.ranges)
+            return Difference(set(), 0, size, size)
+        return differing(
+            self.reader.range_digests(src, options),
+            stored.ranges,
+            lambda: ranges.labels(options),
+            scoped=True,
         )
 
     def _note_slots_digest(self, full: FullPass, report: ScanReport) -> None:
