@@ -213,11 +213,32 @@ def differing(
     `stored_labels()` gives the stored ranges of the same scope; every one of those the
     source did not name is gone, and the stored ranges outside it are not compared."""
     keep = READ_MAX + 1 if keep is None else keep
-    if scoped:
-        return _differing_within(source, stored, stored_labels, keep)
-    keys, digests, starts, shift = stored.labels, stored.digests, stored.starts, stored.shift
+    keys = stored.labels
     size = len(keys)
     seen = bytearray(size)
+    out, count, differ = _compare(source, stored, seen, keep)
+    if scoped:
+        in_scope = 0
+        for name in stored_labels():
+            in_scope += 1
+            if not any(seen[at] for at in _entries(stored, hash(name))):
+                differ += 1
+                if len(out) < keep:
+                    out.add(name)
+        return Difference(out, differ, size - in_scope + count, size)
+    missing = size - seen.count(1)
+    if missing and differ + missing <= keep:
+        gone = {keys[i] for i in range(size) if not seen[i]}
+        out.update(name for name in stored_labels() if hash(name) in gone)
+    return Difference(out, differ + missing, count, size)
+
+
+def _compare(
+    source: Iterable[tuple[str, str]], stored: DigestTable, seen: bytearray, keep: int
+) -> tuple[set[str], int, int]:
+    """The source's labels that differ from the stored digests (at most `keep`), how many
+    pairs the source gave and how many differ; marks in `seen` the stored entries named."""
+    keys, digests, starts, shift = stored.labels, stored.digests, stored.starts, stored.shift
     out: set[str] = set()
     count = differ = 0
     for name, text in source:
@@ -235,46 +256,15 @@ def differing(
             differ += 1
             if len(out) < keep:
                 out.add(name)
-    missing = size - seen.count(1)
-    if missing and differ + missing <= keep:
-        gone = {keys[i] for i in range(size) if not seen[i]}
-        out.update(name for name in stored_labels() if hash(name) in gone)
-    return Difference(out, differ + missing, count, size)
+    return out, count, differ
 
 
-def _differing_within(
-    source: Iterable[tuple[str, str]],
-    stored: DigestTable,
-    stored_labels: Callable[[], Iterable[str]],
-    keep: int,
-) -> Difference:
-    keys, digests, starts, shift = stored.labels, stored.digests, stored.starts, stored.shift
-    named: set[int] = set()
-    out: set[str] = set()
-    count = differ = 0
-    for name, text in source:
-        count += 1
-        wanted = hash(name)
-        named.add(wanted)
-        bucket = (wanted + _OFFSET) >> shift
-        at, end = starts[bucket], starts[bucket + 1]
-        same = False
-        while at < end:
-            same = same or (keys[at] == wanted and digests[at] == hash(text))
-            at += 1
-        if not same:
-            differ += 1
-            if len(out) < keep:
-                out.add(name)
-    in_scope = 0
-    for name in stored_labels():
-        in_scope += 1
-        if hash(name) not in named:
-            differ += 1
-            if len(out) < keep:
-                out.add(name)
-    size = len(keys)
-    return Difference(out, differ, size - in_scope + count, size)
+def _entries(stored: DigestTable, label_hash: int) -> Iterator[int]:
+    """Where the entries of a label's hash are in the table."""
+    bucket = (label_hash + _OFFSET) >> stored.shift
+    for at in range(stored.starts[bucket], stored.starts[bucket + 1]):
+        if stored.labels[at] == label_hash:
+            yield at
 
 
 @dataclass(frozen=True)
