@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable, Collection, Generator, Mapping, Sequence
 from contextlib import ExitStack
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
@@ -21,6 +20,7 @@ from agent.store import schema as t
 from agent.store.connector import Connector
 from agent.store.meta import get_meta, set_meta, set_metas
 from agent.store.ranges import StoredRanges
+from agent.store.slots import SLOT_COLUMNS, SLOT_KEY, stored_slot
 
 STREAM_BATCH_ROWS = 5000
 """Stored slots fetched per round trip by iter_slots."""
@@ -38,20 +38,6 @@ CATALOG_DIGEST = "catalog_digest"
 """agent.ranges.catalog_token of the catalog the store holds (absent: unknown)."""
 CURSOR_PREFIX = "cursor:"
 
-_SLOT_COLUMNS = (
-    t.slot_fingerprints.c.product_id,
-    t.slot_fingerprints.c.option_id,
-    t.slot_fingerprints.c.availability_id,
-    t.slot_fingerprints.c.fingerprint,
-    t.slot_fingerprints.c.local_start,
-    t.slot_fingerprints.c.start_ms,
-    t.slot_fingerprints.c.integration_id,
-)
-_SLOT_KEY = (
-    t.slot_fingerprints.c.product_id,
-    t.slot_fingerprints.c.option_id,
-    t.slot_fingerprints.c.availability_id,
-)
 _CATALOG_KEY = (t.catalog_fingerprints.c.product_id, t.catalog_fingerprints.c.option_id)
 
 
@@ -82,16 +68,16 @@ class Fingerprints:
 
     def load_slots(self) -> dict[SlotKey, StoredSlot]:
         with self.connector.read() as conn:
-            return {s.key: s for s in map(_stored_slot, conn.execute(sa.select(*_SLOT_COLUMNS)))}
+            return {s.key: s for s in map(stored_slot, conn.execute(sa.select(*SLOT_COLUMNS)))}
 
     def iter_slots(
         self, conn: sa.Connection, *, after: SlotKey | None = None
     ) -> Generator[StoredSlot, None, None]:
         """Every stored slot in key order (code-point order), streamed in batches, within the
         read transaction `conn` (StateStore.reading); with `after`, those after that key."""
-        query = sa.select(*_SLOT_COLUMNS).order_by(*_SLOT_KEY)
+        query = sa.select(*SLOT_COLUMNS).order_by(*SLOT_KEY)
         if after is not None:
-            query = query.where(sa.tuple_(*_SLOT_KEY) > sa.tuple_(*after))
+            query = query.where(sa.tuple_(*SLOT_KEY) > sa.tuple_(*after))
         # Options of this statement only: Connection.execution_options would set them on the
         # connection for every later statement of it too.
         result = conn.execute(
@@ -156,8 +142,8 @@ class Fingerprints:
     def lookup_slots(self, keys: Sequence[SlotKey]) -> dict[SlotKey, StoredSlot]:
         """The stored slots among `keys` (for incremental polls and late rows of a merge)."""
         with self.connector.read() as conn:
-            rows = self.connector.dialect.lookup(conn, _SLOT_COLUMNS, _SLOT_KEY, keys)
-            return {s.key: s for s in map(_stored_slot, rows)}
+            rows = self.connector.dialect.lookup(conn, SLOT_COLUMNS, SLOT_KEY, keys)
+            return {s.key: s for s in map(stored_slot, rows)}
 
     def lookup_catalog(self, keys: Collection[CatalogKey]) -> dict[CatalogKey, str]:
         """The stored fingerprints of the catalog rows among `keys` (for incremental polls:
@@ -351,13 +337,3 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
             sa.delete(tbl).where(matches),
             [{"product": p, "option": o, "slot": a} for p, o, a in diff.expired],
         )
-
-
-def _stored_slot(r: Any) -> StoredSlot:
-    return StoredSlot(
-        key=(r.product_id, r.option_id, r.availability_id),
-        fingerprint=r.fingerprint,
-        local_date_time_start=r.local_start,
-        start_utc=from_epoch_ms(r.start_ms),
-        integration_id=r.integration_id,
-    )

@@ -17,12 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.clock import from_epoch_ms
 from agent.model import SlotKey, StoredSlot
 from agent.ranges import SEPARATOR, UNKNOWN, RangeDigest, RangeKey, StoredDigests, range_of
 from agent.store import schema as t
 from agent.store.connector import Connector
 from agent.store.meta import get_meta, set_meta
+from agent.store.slots import SLOT_COLUMNS, SLOT_KEY, stored_slot
 
 BASIS = "ranges_basis"
 """seyaha_meta key: agent.ranges.basis() of the digests stored (absent: none can be used)."""
@@ -37,13 +37,11 @@ TOTAL = "slots_total"
 while WRITTEN still held that token; it says nothing once WRITTEN has moved on."""
 
 _R = t.ranges.c
-_S = t.slot_fingerprints.c
 _RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
 _BATCH_ROWS = 5000
 """Rows a streamed read of the table fetches at a time."""
-_SLOT_COLUMNS = (
-    "product_id, option_id, availability_id, fingerprint, local_start, start_ms, integration_id"
-)
+_SLOT_COLUMNS = ", ".join(c.name for c in SLOT_COLUMNS)
+_SLOT_ORDER = ", ".join(c.name for c in SLOT_KEY)
 _LIKE_SPECIAL = re.compile(r"[/%_]")
 """Characters a LIKE pattern escapes (with "/") to match them as themselves."""
 _QUERY_PARAMS = 900
@@ -180,14 +178,12 @@ class StoredRanges:
             # what else it returns is dropped below).
             query = sa.text(
                 f"SELECT {_SLOT_COLUMNS} FROM {t.slot_fingerprints.name}"  # noqa: S608 - no outside text
-                f" WHERE {' OR '.join(options)} ORDER BY product_id, option_id, availability_id"
+                f" WHERE {' OR '.join(options)} ORDER BY {_SLOT_ORDER}"
             )
-            for product, option, slot, fingerprint, local, start_ms, to in conn.execute(
-                query, params
-            ):
-                key = (product, option, slot)
-                if range_of(key)[2] in batch.get((product, option), ()):
-                    yield StoredSlot(key, fingerprint, local, from_epoch_ms(start_ms), to)
+            for row in conn.execute(query, params):
+                slot = stored_slot(row)
+                if range_of(slot.key)[2] in batch.get((slot.key[0], slot.key[1]), ()):
+                    yield slot
 
     @staticmethod
     def touch(conn: sa.Connection, keys: Iterable[SlotKey]) -> None:
