@@ -188,7 +188,7 @@ class Agent:
             request_s=s.delivery.connect_timeout + s.delivery.timeout,
             probe_interval_s=s.delivery.auth_probe_interval,
             concurrency=s.delivery.concurrency,
-            rate_limit=RateLimit(s.delivery.rate_limit, burst=s.delivery.concurrency),
+            rate_limit=RateLimit(s.delivery.rate_limit, burst=s.delivery.rate_burst),
             breaker=CircuitBreaker(
                 threshold=s.delivery.breaker_failures, cooldown_s=s.delivery.breaker_cooldown
             ),

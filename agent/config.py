@@ -286,6 +286,13 @@ class DeliverySettings(_Section):
     rate_limit: float = Field(
         50.0, ge=0, le=1_000_000, description="requests per second at most (0: no limit)"
     )
+    rate_burst: int = Field(
+        250,
+        ge=1,
+        le=1_000_000,
+        description="calls that may go out at once after a quiet spell, within rate_limit "
+        "on average (what a poll or a reconciliation found leaves together)",
+    )
     integration_rate_limit: float = Field(
         0.0,
         ge=0,

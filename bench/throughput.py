@@ -219,11 +219,13 @@ def measure(ctx: Context) -> dict[str, Any]:
         limited: dict[str, Any] | None = None
         rate = float(defaults.get("rate_limit", 0.0) or 0.0)
         if rate > 0:
-            count = min(plan.backlog, int(rate * plan.rate_limited_s))
+            burst = int(defaults.get("rate_burst", 1) or 1)
+            count = min(plan.backlog, burst + int(rate * plan.rate_limited_s))
             limited = _drain(
                 ctx, receiver, backlogs.copy(count, "drain-defaults"), "drain-defaults", {}
             )
             limited["rate_limit"] = rate
+            limited["rate_burst"] = burst
             print(f"  throughput, default delivery settings: {limited['per_s']:.0f}/s", flush=True)
     with Receiver("sandbox", log=ctx.log("throughput-sandbox")) as sandbox:
         sandbox_run = _round(ctx, sandbox, backlogs, plan.sandbox_backlog, "sandbox")
@@ -233,7 +235,9 @@ def measure(ctx: Context) -> dict[str, Any]:
         "enqueue_s": backlogs.enqueue_s,
         "claim": claim,
         "async_concurrency": ASYNC_CONCURRENCY,
-        "defaults": {k: defaults.get(k) for k in ("concurrency", "rate_limit", "batch_size")},
+        "defaults": {
+            k: defaults.get(k) for k in ("concurrency", "rate_limit", "rate_burst", "batch_size")
+        },
         "rate_limited": limited,
         "receivers": results,
     }

@@ -351,7 +351,9 @@ class Deliverer:
             with self._lock:
                 limit = self._limits.get(integration_id)
                 if limit is None:
-                    limit = self._limits[integration_id] = RateLimit(self.integration_rate)
+                    limit = self._limits[integration_id] = RateLimit(
+                        self.integration_rate, burst=self.rate_limit.burst
+                    )
             wait = max(wait, limit.reserve(mono))
         return wait
 

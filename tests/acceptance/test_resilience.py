@@ -354,6 +354,7 @@ def test_sigkill_during_a_burst_loses_nothing_and_repeats_little(
     configure(
         rig,
         f"concurrency = {concurrency}\nbatch_size = {batch_size}\nrate_limit = 250\n"
+        "rate_burst = 1\n"
         "connect_timeout = 1\ntimeout = 5\nlease = 13\nbreaker_cooldown = 1\n",
     )
     first = daemons(rig, "first")
@@ -403,7 +404,8 @@ def test_sigterm_during_delivery_exits_cleanly_and_the_next_run_sends_the_rest(
     # Slow delivery: each worker holds a claimed batch while it waits for the rate limit.
     configure(
         rig,
-        f"concurrency = 2\nbatch_size = 50\nrate_limit = 20\nshutdown_grace = {grace}\n",
+        f"concurrency = 2\nbatch_size = 50\nrate_limit = 20\nrate_burst = 1\n"
+        f"shutdown_grace = {grace}\n",
     )
     first = daemons(rig, "first")
     receiver.wait_for(lambda calls: [c["status"] for c in calls] == [200], "the baseline trigger")

@@ -551,6 +551,40 @@ def test_a_429_with_retry_after_is_retried_no_sooner_than_asked(
     assert attempts[1].body == expected_view(inventory, slots)["102"]
 
 
+@pytest.mark.parametrize("burst", [1, 4])
+def test_rate_burst_calls_go_out_at_once_and_the_next_waits_for_the_rate(
+    burst: int,
+    make_inventory: Callable[[str], Inventory],
+    make_sandbox: Callable[..., Sandbox],
+    build_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    """A token bucket of rate_burst calls: after a quiet spell that many go out at once (the
+    baseline trigger took one), the next waits 1/rate_limit (100 s here) and stays queued."""
+    inventory = make_inventory("sqlite")
+    seed_tours(inventory, first_day())
+    sandbox = make_sandbox()
+    agent = build_agent(
+        "agent",
+        base_url=sandbox.url,
+        source_url=inventory.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        delivery={"concurrency": 1, "rate_limit": 0.01, "rate_burst": burst},
+    )
+    baseline(agent, sandbox)
+    changed = [101, 102, 201, 202]
+    for slot_id in changed:
+        inventory.update_slot(slot_id, vacancies=1)
+    assert agent.scan().notifies == len(changed)
+
+    at_once = burst - 1
+    with delivering(agent):
+        wait_until(lambda: len(notifies(sandbox)) >= at_once, f"{at_once} notifies", WAIT_S)
+        time.sleep(1.0)  # the next call is 100 s away: nothing more may arrive meanwhile
+        assert len(notifies(sandbox, 200)) == at_once
+    assert agent.store.admin.stats().pending == len(changed) - at_once
+
+
 # -- 5. circuit breaker ---------------------------------------------------------------------
 
 
