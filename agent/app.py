@@ -567,7 +567,22 @@ class Agent:
             # A store that lost its baseline is resynced by the first scan, poll or not.
             report = work() if self._resync_because is None else self._full_scan(resync=True)
         self._after(report)
+        if report.kind == "full":
+            self._load_digests_ahead()
         return report
+
+    def _load_digests_ahead(self) -> None:
+        """The daemon's next pass's stored digests, loaded once this one's findings are on
+        their way (Scanner.load_digests); skipped while another scan holds the lock (it loads
+        them itself)."""
+        if not self.scan_lock.acquire(blocking=False):
+            return
+        try:
+            self.scanner.load_digests()
+        except SQLAlchemyError as exc:  # the next pass loads them, or says why it cannot
+            log.debug("stored digests not loaded ahead: %s", type(exc).__name__)
+        finally:
+            self.scan_lock.release()
 
     def _after(self, report: ScanReport) -> None:
         if report.kind == "full":

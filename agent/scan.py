@@ -334,6 +334,14 @@ class Scanner:
         them, and only by an agent that scans every row (digests cover every integration)."""
         return self.reader.uses_digests and self.ranges_off is None and self._partial is None
 
+    def load_digests(self) -> None:
+        """Load the stored digests now, where every poll is a full pass (no change query):
+        after a pass that wrote them, the next then starts with the source's digests instead
+        of loading them first (0.2-0.3 s at 1M slots) on the way of what it finds. Nothing
+        to read when they did not change since the last load."""
+        if not self.reader.incremental and self._digests():
+            self.store.fingerprints.ranges.load()
+
     @property
     def poll_overlap_s(self) -> float:
         """The window behind the cursor each poll reads again (the late-row sweep reads the

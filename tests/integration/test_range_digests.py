@@ -26,10 +26,19 @@ from hypothesis import strategies as st
 from agent import commands
 from agent import ranges as ranges_module
 from agent.app import Agent
-from agent.ranges import UNKNOWN, RangeKey, RangeTally, label, parse_label, range_of
+from agent.ranges import (
+    UNKNOWN,
+    RangeKey,
+    RangeTally,
+    StoredDigests,
+    label,
+    parse_label,
+    range_of,
+)
 from agent.sandbox import Sandbox
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
+from agent.store.ranges import StoredRanges
 from tests.integration.inventory import (
     SLOTS_CHANGED_QUERY,
     SLOTS_QUERY,
@@ -277,6 +286,64 @@ def test_once_a_pass_found_nothing_changed_the_next_asks_for_one_digest_of_every
         1,
     )
     assert _stored(agent) == _truth(agent)
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_without_a_change_query_the_daemon_loads_the_digests_a_pass_wrote_before_the_next(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every poll is a full pass: once a pass that wrote the store has queued what it found,
+    the stored digests are loaded for the next, which compares at once and loads nothing
+    itself; what it compares with is what the store holds. A one-off scan loads nothing
+    ahead."""
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    agent, inventory = setup.agent, setup.inventory
+    builds: list[str] = []
+    where = ["ahead"]
+    real_scan = agent.scanner.scan
+
+    def scan(**kwargs: Any) -> Any:
+        where[0] = "in a pass"
+        try:
+            return real_scan(**kwargs)
+        finally:
+            where[0] = "ahead"
+
+    real_of = StoredDigests.of
+
+    def of(cls: type[StoredDigests], triples: Any) -> StoredDigests:
+        builds.append(where[0])
+        return real_of(triples)
+
+    monkeypatch.setattr(agent.scanner, "scan", scan)
+    monkeypatch.setattr(StoredDigests, "of", classmethod(of))
+
+    quiet = agent.poll()
+    assert quiet is not None
+    assert (quiet.kind, quiet.ranges_read) == ("full", 0)
+    assert builds == ["in a pass"]  # nothing loaded yet; that pass wrote no digest
+    for n, slot_id in enumerate((1013, 2007, 1013)):
+        inventory.update_slot(slot_id, vacancies=n + 1)
+        report = agent.poll()
+        assert report is not None
+        assert (report.ranges_read, report.notifies) == (1, 1)
+        # The pass found its slot with the digests loaded ahead (none built in the pass),
+        # wrote, and the next pass's were loaded once it had queued its notify.
+        assert builds == ["in a pass", *["ahead"] * (n + 1)]
+        ahead = agent.store.fingerprints.ranges.load()
+        fresh = StoredRanges(agent.store.connector).load()
+        assert builds.pop() == "ahead"  # that one, built here to compare with
+        assert (ahead.ranges, ahead.options) == (fresh.ranges, fresh.options)
+    assert _stored(agent) == _truth(agent)
+
+    inventory.update_slot(3001, vacancies=9)
+    assert agent.scan().notifies == 1
+    assert builds.count("ahead") == 3  # the scan command's pass loaded nothing ahead
 
 
 SHARED_OPTION_IDS = SLOTS_QUERY.replace("s.option_id,", "SUBSTR(s.option_id, 3) AS option_id,", 1)
