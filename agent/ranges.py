@@ -287,55 +287,52 @@ class StoredDigests:
 class OptionSums:
     """The stored ranges' digests summed per option id as they stream through `through`:
     what the source's option digests (SourceReader.option_digests) answer while the rows
-    stay the same. Held while a load streams: one entry per option id."""
+    stay the same. Held while a load streams: one DigestSum per option id."""
 
     def __init__(self) -> None:
-        self._sums: dict[str, list[int]] = {}
-        """option id -> [rows, sum, 1 while every range's digest is known]"""
+        self._sums: dict[str, DigestSum] = {}
 
     def through(self, triples: Iterable[tuple[str, str, str]]) -> Iterator[tuple[str, str]]:
         sums = self._sums
         for name, option, text in triples:
-            entry = sums.get(option)
-            if entry is None:
-                entry = sums[option] = [0, 0, 1]
-            if entry[2]:
-                rows, _, total = text.partition(":")
-                try:
-                    entry[0] += int(rows)
-                    entry[1] += int(total)
-                except ValueError:  # UNKNOWN: written since
-                    entry[2] = 0
+            total = sums.get(option)
+            if total is None:
+                total = sums[option] = DigestSum()
+            total.add(text)
             yield name, text
 
     def table(self) -> DigestTable:
+        """The sums as a DigestTable by option id, UNKNOWN where a range's digest is."""
         sums, self._sums = self._sums, {}
-        return DigestTable.of(
-            (option, f"{rows}:{total}" if known else UNKNOWN)
-            for option, (rows, total, known) in sums.items()
-        )
+        return DigestTable.of((option, total.text or UNKNOWN) for option, total in sums.items())
 
 
 class DigestSum:
-    """Every range's digest summed into one ("rows:sum") as the source's range digests
-    stream through `through`: what SourceReader.slots_digest answers while the rows stay
-    the same, if every row has a range. Otherwise (a NULL id: a row without a range) the
-    two never match, which costs a pass its shortcut, never a change."""
+    """Digests ("rows:sum") summed into one as they stream through `through` (or `add`):
+    every range's digest from the source sums to what SourceReader.slots_digest answers
+    while the rows stay the same, if every row has a range. A digest that is not a number
+    (UNKNOWN, or the source's for a row without a range, a NULL id) makes the sum unknown:
+    it never matches, which costs a pass its shortcut, never a change."""
+
+    __slots__ = ("rows", "sound", "sum")  # one per option id while a load streams
 
     def __init__(self) -> None:
         self.rows = 0
         self.sum = 0
         self.sound = True
 
+    def add(self, text: str) -> None:
+        if self.sound:
+            rows, _, total = text.partition(":")
+            try:
+                self.rows += int(rows)
+                self.sum += int(total)
+            except ValueError:
+                self.sound = False
+
     def through(self, pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
         for name, text in pairs:
-            if self.sound:
-                rows, _, total = text.partition(":")
-                try:
-                    self.rows += int(rows)
-                    self.sum += int(total)
-                except ValueError:
-                    self.sound = False
+            self.add(text)
             yield name, text
 
     @property
