@@ -351,9 +351,9 @@ class Deliverer:
             with self._lock:
                 limit = self._limits.get(integration_id)
                 if limit is None:
-                    limit = self._limits[integration_id] = RateLimit(
-                        self.integration_rate, burst=self.rate_limit.burst
-                    )
+                    # No burst: integration_rate_limit caps what one tenant receives in
+                    # any second (rate_burst lets a burst through the shared limit only).
+                    limit = self._limits[integration_id] = RateLimit(self.integration_rate)
             wait = max(wait, limit.reserve(mono))
         return wait
 

@@ -190,6 +190,8 @@ def test_missing_required_key_is_named(
         ("source", "read_transaction_max", 1e300, "[source] read_transaction_max: Input should"),
         ("delivery", "max_attempts", True, "[delivery] max_attempts: must be a number, not true"),
         ("delivery", "rate_limit", False, "[delivery] rate_limit: must be a number, not false"),
+        ("delivery", "rate_burst", 0, "[delivery] rate_burst: Input should be greater than"),
+        ("delivery", "rate_burst", 2.5, "[delivery] rate_burst: Input should be a valid integer"),
         (
             "delivery",
             "backoff_initial",
