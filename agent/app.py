@@ -579,8 +579,14 @@ class Agent:
             return
         try:
             self.scanner.load_digests()
-        except SQLAlchemyError as exc:  # the next pass loads them, or says why it cannot
-            log.debug("stored digests not loaded ahead: %s", type(exc).__name__)
+        except Exception as exc:  # the pass is done; the next loads them or says why
+            event(
+                log,
+                logging.WARNING,
+                "scan.digests_not_loaded",
+                f"the stored digests could not be loaded ahead of the next pass "
+                f"({type(exc).__name__}); it loads them itself",
+            )
         finally:
             self.scan_lock.release()
 

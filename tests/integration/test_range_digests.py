@@ -346,6 +346,41 @@ def test_without_a_change_query_the_daemon_loads_the_digests_a_pass_wrote_before
     assert builds.count("ahead") == 3  # the scan command's pass loaded nothing ahead
 
 
+@pytest.mark.postgres
+def test_digests_that_cannot_be_loaded_ahead_leave_the_poll_done_and_say_so(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Loading ahead is a head start, not part of the pass: when it fails, the poll that
+    found the change is still done and counted so, and the next pass loads them itself."""
+    setup = _setup("postgresql", make_inventory, make_sandbox, make_agent, tmp_path)
+    agent = setup.agent
+
+    def fail() -> None:
+        raise RuntimeError("the store went away at /var/lib/seyaha/state.db")
+
+    monkeypatch.setattr(agent.scanner, "load_digests", fail)
+    setup.inventory.update_slot(1013, vacancies=1)
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        report = agent.poll()
+    assert report is not None
+    assert report.notifies == 1
+    warned = [r.getMessage() for r in caplog.records if "loaded ahead" in r.getMessage()]
+    assert len(warned) == 1
+    assert "RuntimeError" in warned[0]
+    assert "/var/lib" not in warned[0]  # the class only: a message may carry paths or URLs
+    monkeypatch.undo()
+    setup.inventory.update_slot(2007, vacancies=2)
+    later = agent.poll()
+    assert later is not None
+    assert later.notifies == 1
+    assert _stored(agent) == _truth(agent)
+
+
 SHARED_OPTION_IDS = SLOTS_QUERY.replace("s.option_id,", "SUBSTR(s.option_id, 3) AS option_id,", 1)
 """Options "1-a", "1-b", "2-a" come back as "a", "b", "a": products 1 and 2 both have an
 option "a", whose digest sums both products' rows."""
