@@ -168,8 +168,9 @@ UNLIMITED = Mode(
     delivery=(("rate_limit", 0.0),),
 )
 """As DEFAULT without the delivery rate limit: a pass finds about 125 bookings (5 s at one
-every 40 ms) and queues them at once, which rate_limit (50/s) sends over 2.5 s; this mode
-shows what the passes cost a booking without that queue."""
+every 40 ms) and queues them at once; rate_limit (50/s) alone would send them over 2.5 s,
+rate_burst (250) lets them out at once. This mode shows what the passes cost a booking with
+no limit at all, to compare."""
 MISSED = Mode(
     "missed",
     "wake-ups, each booking stamped 120 s before its commit (beyond cursor_overlap), "

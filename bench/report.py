@@ -577,8 +577,8 @@ def takeover_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
         "seconds from the signal; median / max over runs.",
         "",
         "The first change after the signal arrives behind the other bookings that waited for "
-        "the takeover: its poll queues them all at once, and they are sent at the default "
-        f"rate_limit ({r['rate_limit_per_s']:g}/s).",
+        "the takeover: its poll queues them all at once, and they are sent at once up to the "
+        f"default rate_burst, the rest at rate_limit ({r['rate_limit_per_s']:g}/s).",
         "",
         *_table(
             [

@@ -19,8 +19,8 @@ the first of them has arrived, and records:
   lease, then exits; a killed one is gone at once);
 - how many of the bookings committed meanwhile never arrived (waited for 30 s).
 The first change is one of the bookings that waited for the takeover: its poll queues them
-all at once (about 5 per second of takeover), and they go out at the default rate_limit, so
-it arrives up to (that many / rate_limit) seconds after the survivor's scan.leader.
+all at once (about 5 per second of takeover), and up to rate_burst (250) of them go out at
+once, the rest at the default rate_limit.
 """
 
 from __future__ import annotations
