@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Collection, Generator, Iterable, Iterator, Mapping
+from functools import lru_cache
 from itertools import groupby
 from typing import Any
 
@@ -44,8 +45,12 @@ _SLOT_COLUMNS = ", ".join(c.name for c in SLOT_COLUMNS)
 _SLOT_ORDER = ", ".join(c.name for c in SLOT_KEY)
 _LIKE_SPECIAL = re.compile(r"[/%_]")
 """Characters a LIKE pattern escapes (with "/") to match them as themselves."""
-_QUERY_PARAMS = 900
-"""Bound parameters of one read of some ranges' slots: under the 999 of older SQLite builds."""
+_TERMS = 256
+"""Ranges one read of stored slots names (three bound parameters each: 768, under the 999 of
+older SQLite builds). Every such read has this many terms, a batch short of it repeating its
+last range, so that one statement serves them all: statements of a shape of their own each
+were kept by the statement caches (about 6 MB more at the peak of a 1M-slot pass, 50 MB at
+10M)."""
 
 _LABEL = _R.product_id + SEPARATOR + _R.option_id + SEPARATOR + _R.suffix
 """A range's label (agent.ranges.label), spelled by the database."""
@@ -158,29 +163,21 @@ class StoredRanges:
     def iter_slots(
         conn: sa.Connection, ranges: Collection[RangeKey]
     ) -> Generator[StoredSlot, None, None]:
-        """The stored slots of `ranges`, in key order: one indexed query per batch of
-        options (see _batches). A query per option built with SQLAlchemy's expressions cost
-        0.43 s for the 990 ranges of a 1M-slot pass, half of it in building and compiling
-        the queries; this text is made in a few microseconds."""
+        """The stored slots of `ranges`, in key order: one indexed query per batch of whole
+        options (see _batches), all of one text (see _TERMS). A query per option built with
+        SQLAlchemy's expressions cost 0.43 s for the 990 ranges of a 1M-slot pass, half of it
+        in building and compiling the queries."""
         for batch in _batches(ranges):
+            terms = [(p, o, x) for (p, o), suffixes in batch.items() for x in sorted(suffixes)]
+            size = max(_TERMS, len(terms))  # more only for one option of more ranges alone
+            terms += [terms[-1]] * (size - len(terms))
             params: dict[str, str] = {}
-            options = []
-            for n, ((product, option), suffixes) in enumerate(batch.items()):
+            for n, (product, option, suffix) in enumerate(terms):
                 params[f"p{n}"], params[f"o{n}"] = product, option
-                ends = []
-                for k, suffix in enumerate(sorted(suffixes)):
-                    params[f"s{n}_{k}"] = "%" + _LIKE_SPECIAL.sub(r"/\g<0>", suffix)
-                    ends.append(f"availability_id LIKE :s{n}_{k} ESCAPE '/'")
-                options.append(
-                    f"(product_id = :p{n} AND option_id = :o{n} AND ({' OR '.join(ends)}))"
-                )
+                params[f"s{n}"] = "%" + _LIKE_SPECIAL.sub(r"/\g<0>", suffix)
             # The database skips the options' other ranges (SQLite's LIKE ignores ASCII case:
             # what else it returns is dropped below).
-            query = sa.text(
-                f"SELECT {_SLOT_COLUMNS} FROM {t.slot_fingerprints.name}"  # noqa: S608 - no outside text
-                f" WHERE {' OR '.join(options)} ORDER BY {_SLOT_ORDER}"
-            )
-            for row in conn.execute(query, params):
+            for row in conn.execute(_slots_query(size), params):
                 slot = stored_slot(row)
                 if range_of(slot.key)[2] in batch.get((slot.key[0], slot.key[1]), ()):
                     yield slot
@@ -263,17 +260,32 @@ class StoredRanges:
             )
 
 
+@lru_cache(maxsize=4)
+def _slots_query(terms: int) -> sa.TextClause:
+    """The read of the stored slots of `terms` ranges bound as p<n>, o<n> and s<n> (the
+    product, the option, and a LIKE pattern of the last character), in key order."""
+    where = " OR ".join(
+        f"(product_id = :p{n} AND option_id = :o{n} AND availability_id LIKE :s{n} ESCAPE '/')"
+        for n in range(terms)
+    )
+    return sa.text(
+        f"SELECT {_SLOT_COLUMNS} FROM {t.slot_fingerprints.name}"  # noqa: S608 - no outside text
+        f" WHERE {where} ORDER BY {_SLOT_ORDER}"
+    )
+
+
 def _batches(ranges: Collection[RangeKey]) -> Iterator[dict[tuple[str, str], set[str]]]:
-    """`ranges` as {(product, option): suffixes}, in key order, cut so that each batch
-    binds at most _QUERY_PARAMS parameters (two an option, one a range)."""
+    """`ranges` as {(product, option): suffixes}, in key order, cut between options so that
+    each batch holds at most _TERMS ranges (an option's ranges stay in one batch, which keeps
+    the slots in key order across batches)."""
     batch: dict[tuple[str, str], set[str]] = {}
-    params = 0
+    count = 0
     for (product, option), group in groupby(sorted(ranges), key=lambda r: (r[0], r[1])):
         suffixes = {r[2] for r in group}
-        if batch and params + 2 + len(suffixes) > _QUERY_PARAMS:
+        if batch and count + len(suffixes) > _TERMS:
             yield batch
-            batch, params = {}, 0
+            batch, count = {}, 0
         batch[(product, option)] = suffixes
-        params += 2 + len(suffixes)
+        count += len(suffixes)
     if batch:
         yield batch

@@ -78,9 +78,10 @@ def test_the_slots_of_chosen_ranges_come_in_key_order(store: StateStore) -> None
 def test_the_slots_of_ranges_of_many_options_come_whole_in_key_order_across_queries(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ranges of many options, read a few options per query (a small parameter budget here,
-    900 in use): every slot of the chosen ranges, none of the others, all in key order."""
-    monkeypatch.setattr(ranges_module, "_QUERY_PARAMS", 10)  # two options a query
+    """Ranges of many options, read a few options per query (4 ranges a query here, 256 in
+    use; a batch short of it repeats its last range): every slot of the chosen ranges, none
+    of the others, all in key order."""
+    monkeypatch.setattr(ranges_module, "_TERMS", 4)  # one option (3 ranges) a query
     options = [(str(p), o) for p in (1, 2, 10) for o in ("a", "b", "ab")]
     slots = [replace(slot(n), product_id=p, option_id=o) for p, o in options for n in range(1, 25)]
     store.commit_scan(CatalogDiff(), SlotDiff(added=tuple(slots)), [], T0)
