@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -52,6 +53,7 @@ from agent.ranges import (
     basis,
     by_option_first,
     catalog_token,
+    compares_options_first,
     differing,
     label,
     options_to_compare,
@@ -576,26 +578,36 @@ class Scanner:
         if everything:
             return FullPass(RangeTally(), basis=on)
         ranges = self.store.fingerprints.ranges
-        # Nothing written since a pass found every stored slot unchanged: one row, the digest
-        # of every slot row, tells whether the source still holds those rows (a quiet
-        # inventory's pass then costs the database a sum, not a GROUP BY into ranges).
         written = ranges.written()
         known = ranges.total(written)
-        if known is not None and self.reader.slots_digest(src) == known:
-            return FullPass(
-                RangeTally(),
-                ranges=[],
-                basis=on,
-                ranges_total=len(ranges.load().ranges),
-                unchanged=True,
+        # The stored digests load in a thread of their own while the source computes its
+        # digests: the agent's part hides behind the database's.
+        with ThreadPoolExecutor(1, thread_name_prefix="seyaha-digests") as beside:
+            loading = beside.submit(ranges.load)
+            # Nothing written since a pass found every stored slot unchanged: one row, the
+            # digest of every slot row, tells whether the source still holds those rows (a
+            # quiet inventory's pass then costs the database a sum, not a GROUP BY into
+            # ranges).
+            if known is not None and self.reader.slots_digest(src) == known:
+                return FullPass(
+                    RangeTally(),
+                    ranges=[],
+                    basis=on,
+                    ranges_total=len(loading.result().ranges),
+                    unchanged=True,
+                )
+            summed = DigestSum()
+            difference = (
+                self._by_option(src, loading, summed, beside)
+                if compares_options_first(*ranges.shape())
+                else None
             )
-        stored = ranges.load()
-        summed = DigestSum()
-        difference = self._by_option(src, stored, summed) if by_option_first(stored) else None
         if difference is None:
             summed = DigestSum()
             difference = differing(
-                summed.through(self.reader.range_digests(src)), stored.ranges, ranges.labels
+                summed.through(self.reader.range_digests(src)),
+                loading.result().ranges,
+                ranges.labels,
             )
         return FullPass(
             RangeTally(),
@@ -607,27 +619,40 @@ class Scanner:
         )
 
     def _by_option(
-        self, src: Connection, stored: StoredDigests, summed: DigestSum
+        self,
+        src: Connection,
+        loading: Future[StoredDigests],
+        summed: DigestSum,
+        beside: Executor,
     ) -> Difference | None:
         """The ranges that differ, found by option first: the option ids whose digests
         differ (fewer groups than ranges: about half the database's work), then the ranges
-        of those options only (found by an index on the option). None when too many
-        options differ: every range's digest is then asked for."""
+        of those options only (found by an index on the option). None when too few option
+        ids are stored to narrow anything (by_option_first) or too many differ: every
+        range's digest is then asked for. `loading`: the stored digests, loading `beside`,
+        where the stored labels of the differing options are read while the source
+        computes their ranges' digests."""
         ranges = self.store.fingerprints.ranges
+        # Asked for while the stored digests load (ranges.shape said they likely call for
+        # it); dropped if the loaded ones have too few option ids after all.
+        source = self.reader.option_digests(src)
+        stored = loading.result()
+        if not by_option_first(stored):
+            source.close()
+            return None
         options = options_to_compare(
-            differing(
-                summed.through(self.reader.option_digests(src)), stored.options, ranges.options
-            )
+            differing(summed.through(source), stored.options, ranges.options)
         )
         if options is None:
             return None
         if not options:
             size = len(stored.ranges)
             return Difference(set(), 0, size, size)
+        labels = beside.submit(lambda: list(ranges.labels(options)))
         return differing(
             self.reader.range_digests(src, options),
             stored.ranges,
-            lambda: ranges.labels(options),
+            labels.result,
             scoped=True,
         )
 

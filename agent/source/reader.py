@@ -300,7 +300,7 @@ class SourceReader:
 
     def range_digests(
         self, conn: sa.Connection, options: Sequence[str] | None = None
-    ) -> Iterator[tuple[str, str]]:
+    ) -> DigestRows:
         """Per range of the slots query's rows, its label and "rows:sum" (the number of its
         rows and the sum of their hashes, agent.ranges.Digests), computed by the database:
         one row per range on the wire (see agent/ranges.py). Rows become Python objects one
@@ -316,7 +316,7 @@ class SourceReader:
             return self._digests(conn, sql)
         return self._digests(conn, sql, {RANGE_OPTIONS_PARAM: list(options)})
 
-    def option_digests(self, conn: sa.Connection) -> Iterator[tuple[str, str]]:
+    def option_digests(self, conn: sa.Connection) -> DigestRows:
         """Per option id of the slots query's rows (every product's together), the id as
         range labels spell it and "rows:sum" of its rows: fewer groups than ranges, so a
         pass finds the options that changed for about half the database's work of finding
@@ -328,35 +328,21 @@ class SourceReader:
 
     def _digests(
         self, conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = None
-    ) -> Iterator[tuple[str, str]]:
-        name = "slots_query"
+    ) -> DigestRows:
+        """The digests `sql` computes. The query runs now, not at the first row asked for: a
+        caller does its own work while the database computes (PostgreSQL's whole result
+        arrives before this returns)."""
         self.dialect.digest_memory(conn, self.digest_work_mem_mb)
         result = self._execute(
             conn,
-            name,
+            "slots_query",
             sql,
             (),
             stream=self.dialect.digests_through_cursor,
             params=params,
             expanding=tuple(params or ()),
         )
-        try:
-            # Row by row: Result.partitions() without a size fetched the whole result at
-            # once (190 MB at 10M slots), where iterating honours yield_per.
-            pair: Any
-            for pair in result:
-                range_name, text = pair
-                if range_name is None:
-                    continue
-                if type(range_name) is str and type(text) is str:
-                    yield range_name, text  # PostgreSQL
-                else:  # MySQL's labels are binary (compared byte for byte): bytes here.
-                    yield _as_text(range_name), _as_text(text)
-        except DBAPIError as exc:
-            close_dead_cursor(exc)
-            raise SourceUnavailable(f"{name} stopped part-way: {first_line(exc)}") from None
-        finally:
-            result.close()
+        return DigestRows(result)
 
     def catalog_digest(self, conn: sa.Connection) -> str:
         """The number of the catalog query's rows and the sum of their hashes, "rows:sum",
@@ -802,6 +788,42 @@ _TIMEOUT_SQLSTATES = frozenset({"57014"})
 """PostgreSQL query_canceled (statement_timeout)."""
 _TIMEOUT_MYSQL_ERRORS = frozenset({3024, 1969})
 """MySQL max_execution_time exceeded; MariaDB max_statement_time exceeded."""
+
+
+class DigestRows(Iterator[tuple[str, str]]):
+    """(label, "rows:sum") pairs of a digest query that already ran, row by row as
+    iterated; close() drops the rest (and frees the connection for its next statement)."""
+
+    def __init__(self, result: sa.CursorResult[Any]) -> None:
+        self._result = result
+        self._pairs = self._iterate()
+
+    def __next__(self) -> tuple[str, str]:
+        return next(self._pairs)
+
+    def close(self) -> None:
+        self._pairs.close()
+        self._result.close()
+
+    def _iterate(self) -> Generator[tuple[str, str], None, None]:
+        result = self._result
+        try:
+            # Row by row: Result.partitions() without a size fetched the whole result at
+            # once (190 MB at 10M slots), where iterating honours yield_per.
+            pair: Any
+            for pair in result:
+                range_name, text = pair
+                if range_name is None:
+                    continue
+                if type(range_name) is str and type(text) is str:
+                    yield range_name, text  # PostgreSQL
+                else:  # MySQL's labels are binary (compared byte for byte): bytes here.
+                    yield _as_text(range_name), _as_text(text)
+        except DBAPIError as exc:
+            close_dead_cursor(exc)
+            raise SourceUnavailable(f"slots_query stopped part-way: {first_line(exc)}") from None
+        finally:
+            result.close()
 
 
 def _timed_out(exc: DBAPIError) -> bool:

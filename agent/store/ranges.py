@@ -62,6 +62,8 @@ class StoredRanges:
         self._loaded: tuple[str | None, StoredDigests] | None = None
         """(WRITTEN token, content) of the last load: a quiet inventory's every pass
         compares with the same 50,000 digests, read once."""
+        self._shape: tuple[int, int] | None = None
+        """(option ids, ranges) of the last load."""
 
     def basis(self) -> str | None:
         with self.connector.read() as conn:
@@ -112,7 +114,20 @@ class StoredRanges:
             self._loaded = None
             content = StoredDigests.of(self._items(conn, with_option=True))
         self._loaded = (token, content)
+        self._shape = (len(content.options), len(content.ranges))
         return content
+
+    def shape(self) -> tuple[int, int]:
+        """How many option ids and ranges are stored: as the last load found them (the shape
+        of an inventory changes slowly; a pass decides how to compare with it before its
+        load is done), else counted in the store."""
+        if self._shape is not None:
+            return self._shape
+        with self.connector.read() as conn:
+            options, ranges = conn.execute(
+                sa.select(sa.func.count(sa.distinct(_R.option_id)), sa.func.count())
+            ).one()
+        return int(options), int(ranges)
 
     def items(self) -> dict[str, str]:
         """Every stored range: label -> digest text (UNKNOWN when written since)."""

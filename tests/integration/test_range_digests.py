@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from agent import commands
 from agent import ranges as ranges_module
 from agent.app import Agent
+from agent.errors import QueryError
 from agent.ranges import (
     UNKNOWN,
     RangeKey,
@@ -459,6 +460,92 @@ def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_ch
     asked.clear()
     again = agent.scan()
     assert (again.ranges_read, again.messages, asked) == (0, 0, ["options"])
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_digests_and_reads_on(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass asks the source for its option digests before the stored digests are loaded,
+    on the shape the last load found (StoredRanges.shape). When the store has since shrunk
+    under OPTIONS_MIN option ids, the option digests already asked for are dropped unread
+    and the pass asks for every range's digest on the same connection (on MariaDB a result
+    left half-read there would make that next query fail), missing no change."""
+    monkeypatch.setattr(ranges_module, "OPTIONS_MIN", len(OPTIONS))
+    monkeypatch.setattr(ranges_module, "OPTIONS_READ_FRACTION", 1.0)
+    monkeypatch.setattr(ranges_module, "READ_MAX_FRACTION", 1.0)
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    agent, inventory = setup.agent, setup.inventory
+    stored = agent.store.fingerprints.ranges
+    # Nothing loaded yet in this process: counted in the store.
+    assert StoredRanges(stored.connector).shape() == (len(OPTIONS), RANGES)
+
+    asked: list[Any] = []
+    real_options, real_ranges = agent.reader.option_digests, agent.reader.range_digests
+
+    def option_digests(src: Any) -> Any:
+        asked.append("options")
+        return real_options(src)
+
+    def range_digests(src: Any, options: Any = None) -> Any:
+        asked.append(("ranges", None if options is None else sorted(options)))
+        return real_ranges(src, options)
+
+    monkeypatch.setattr(agent.reader, "option_digests", option_digests)
+    monkeypatch.setattr(agent.reader, "range_digests", range_digests)
+
+    for slot_id in [s for s, option in setup.slots.items() if option == "2-a"]:
+        inventory.delete_slot(slot_id)
+    emptied = agent.scan()  # three options stored when it loaded: compared first
+    assert asked == ["options", ("ranges", ["2-a"])]
+    assert emptied.slots_removed == SLOTS_PER_OPTION
+    assert stored.shape() == (len(OPTIONS), RANGES)  # as that pass's load found it
+
+    asked.clear()
+    inventory.update_slot(1004, vacancies=3)
+    stale = agent.scan()  # two options stored now, three by the shape the last load found
+    assert asked == ["options", ("ranges", None)]
+    assert (stale.slots_changed, stale.ranges_read, stale.notifies) == (1, 1, 1)
+    assert _stored(agent) == _truth(agent)
+    assert stored.shape() == (len(OPTIONS) - 1, RANGES - 10)
+
+    asked.clear()
+    inventory.update_slot(1013, vacancies=2)
+    after = agent.scan()  # the shape follows the store: range digests straight away
+    assert asked == [("ranges", None)]
+    assert (after.slots_changed, after.ranges_read, after.notifies) == (1, 1, 1)
+    assert _stored(agent) == _truth(agent)
+
+
+@pytest.mark.postgres
+def test_digests_are_computed_when_asked_for_not_when_their_first_row_is_read(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database computes the option digests while the agent loads its own (Scanner._plan):
+    the query runs at the call, so a query that fails while computing fails there."""
+    failing = SLOTS_QUERY.replace(
+        "s.vacancies, s.capacity",
+        "s.vacancies, s.capacity / (s.vacancies - s.vacancies) AS capacity",
+    )
+    assert failing != SLOTS_QUERY
+    setup = _setup("postgresql", make_inventory, make_sandbox, make_agent, tmp_path)
+    reader = setup.agent.reader
+    with reader.transaction() as conn:
+        digests = reader.option_digests(conn)
+        digests.close()  # dropped unread: the connection takes the next statement
+        assert len(dict(reader.option_digests(conn))) == len(OPTIONS)
+    monkeypatch.setattr(reader, "slots_query", failing)
+    with reader.transaction() as conn, pytest.raises(QueryError, match="division by zero"):
+        reader.option_digests(conn)
 
 
 @pytest.mark.parametrize("options_first", FIRST)
