@@ -187,6 +187,25 @@ def _last_notify(sandbox: Sandbox, slot_id: int) -> dict[str, Any] | None:
     return bodies[-1] if bodies else None
 
 
+def _asked(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What the agent asks the source for, in order: "options" for the option digests,
+    ("ranges", option ids or None for all) for range digests."""
+    asked: list[Any] = []
+    real_options, real_ranges = agent.reader.option_digests, agent.reader.range_digests
+
+    def option_digests(src: Any) -> Any:
+        asked.append("options")
+        return real_options(src)
+
+    def range_digests(src: Any, options: Any = None) -> Any:
+        asked.append(("ranges", None if options is None else sorted(options)))
+        return real_ranges(src, options)
+
+    monkeypatch.setattr(agent.reader, "option_digests", option_digests)
+    monkeypatch.setattr(agent.reader, "range_digests", range_digests)
+    return asked
+
+
 @pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_a_reconciliation_reads_only_the_ranges_whose_rows_changed(
@@ -411,19 +430,7 @@ def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_ch
     def spelled(option: str) -> str:
         return option[2:] if shared else option
 
-    asked: list[Any] = []
-    real_options, real_ranges = agent.reader.option_digests, agent.reader.range_digests
-
-    def option_digests(src: Any) -> Any:
-        asked.append("options")
-        return real_options(src)
-
-    def range_digests(src: Any, options: Any = None) -> Any:
-        asked.append(("ranges", None if options is None else sorted(options)))
-        return real_ranges(src, options)
-
-    monkeypatch.setattr(agent.reader, "option_digests", option_digests)
-    monkeypatch.setattr(agent.reader, "range_digests", range_digests)
+    asked = _asked(agent, monkeypatch)
 
     quiet = agent.scan()
     assert (quiet.ranges_read, quiet.ranges_total, asked) == (0, RANGES, ["options"])
@@ -485,19 +492,7 @@ def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_diges
     # Nothing loaded yet in this process: counted in the store.
     assert StoredRanges(stored.connector).shape() == (len(OPTIONS), RANGES)
 
-    asked: list[Any] = []
-    real_options, real_ranges = agent.reader.option_digests, agent.reader.range_digests
-
-    def option_digests(src: Any) -> Any:
-        asked.append("options")
-        return real_options(src)
-
-    def range_digests(src: Any, options: Any = None) -> Any:
-        asked.append(("ranges", None if options is None else sorted(options)))
-        return real_ranges(src, options)
-
-    monkeypatch.setattr(agent.reader, "option_digests", option_digests)
-    monkeypatch.setattr(agent.reader, "range_digests", range_digests)
+    asked = _asked(agent, monkeypatch)
 
     for slot_id in [s for s, option in setup.slots.items() if option == "2-a"]:
         inventory.delete_slot(slot_id)
