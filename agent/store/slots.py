@@ -19,17 +19,20 @@ SLOT_COLUMNS = (
     _C.start_ms,
     _C.integration_id,
 )
-"""What a read of stored slots selects (stored_slot makes each row a StoredSlot)."""
+"""What a read of stored slots selects, in this order (stored_slot makes each row a
+StoredSlot)."""
 
 SLOT_KEY = (_C.product_id, _C.option_id, _C.availability_id)
 
 
 def stored_slot(r: Any) -> StoredSlot:
-    """A row of SLOT_COLUMNS (by name) as a StoredSlot."""
+    """A row of SLOT_COLUMNS, in their order, as a StoredSlot. Unpacked by position: an
+    attribute look-up on a Row costs more than the rest (about 2.5 µs a row more)."""
+    product_id, option_id, availability_id, fingerprint, local, start_ms, integration = r
     return StoredSlot(
-        key=(r.product_id, r.option_id, r.availability_id),
-        fingerprint=r.fingerprint,
-        local_date_time_start=r.local_start,
-        start_utc=from_epoch_ms(r.start_ms),
-        integration_id=r.integration_id,
+        (product_id, option_id, availability_id),
+        fingerprint,
+        local,
+        from_epoch_ms(start_ms),
+        integration,
     )
