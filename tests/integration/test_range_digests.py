@@ -517,6 +517,55 @@ def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_diges
     assert _stored(agent) == _truth(agent)
 
 
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_the_stored_digests_load_in_a_thread_of_their_own_only_where_no_poll_runs_beside(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full scan (polls wait for it) loads the stored digests in a thread while the source
+    computes its own; a reconciliation beside the polls loads them in its own thread, so
+    that the load and the database's parallel workers do not take both cores from the polls
+    (a wake-up's p99 during reconciliations went from 47 to 109-217 ms at 1M slots). Both
+    find the same change."""
+    setup = _setup(
+        backend,
+        make_inventory,
+        make_sandbox,
+        make_agent,
+        tmp_path,
+        slots_changed_query=SLOTS_CHANGED_QUERY,
+    )
+    agent, inventory = setup.agent, setup.inventory
+    ranges = agent.store.fingerprints.ranges
+    loaded_in: list[str] = []
+    real_load = ranges.load
+
+    def load() -> StoredDigests:
+        loaded_in.append(threading.current_thread().name)
+        return real_load()
+
+    monkeypatch.setattr(ranges, "load", load)
+    inventory.update_slot(1013, vacancies=9)
+    scanned = agent.scan()
+    assert (scanned.kind, scanned.slots_changed) == ("full", 1)
+    assert len(loaded_in) == 1
+    assert loaded_in[0].startswith("seyaha-digests")
+
+    loaded_in.clear()
+    _delivered(agent)
+    inventory.update_slot(1014, vacancies=8, updated_at=cursor.since(inventory.clock(), 3600))
+    here = threading.current_thread().name
+    reconciled = agent.full_scan()  # beside the polls: baselined, with a change cursor
+    assert reconciled is not None
+    assert (reconciled.slots_changed, reconciled.ranges_read) == (1, 1)
+    assert loaded_in == [here]
+    assert _stored(agent) == _truth(agent)
+
+
 @pytest.mark.postgres
 def test_digests_are_computed_when_asked_for_not_when_their_first_row_is_read(
     make_inventory: MakeInventory,
