@@ -1,6 +1,6 @@
 """`python -m bench all [--quick]` or `python -m bench NAME`: run measurements, print, report.
 
-NAME is one of scan, poll, latency, throughput, dlt, takeover, profile, answers, platform,
+NAME is one of scan, changes, poll, latency, throughput, dlt, takeover, profile, answers, platform,
 sharing. `all` runs every one of them but answers, platform and sharing (dlt and profile only
 in the full run) and regenerates docs/benchmarks.md; `all --quick` (small sizes, one run,
 about a minute; what CI runs to check the suite still works) writes its report to
@@ -25,6 +25,7 @@ from typing import Any
 
 from bench import (
     answers,
+    changes,
     full_scan,
     latency,
     platform,
@@ -41,6 +42,7 @@ from bench.context import FULL, QUICK, Context
 
 MEASUREMENTS = {
     "scan": full_scan.measure,
+    "changes": changes.measure,
     "poll": poll.measure,
     "latency": latency.measure,
     "throughput": throughput.measure,

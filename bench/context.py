@@ -246,14 +246,8 @@ class Context:
 
     def state_copy(self, size: int, name: str) -> Path:
         """A copy of the reference state of `size` (consistent even with a WAL in use)."""
-        source = self.reference_state(size)
         target = self.path(f"{name}.db")
-        for leftover in (target, Path(f"{target}-wal"), Path(f"{target}-shm")):
-            leftover.unlink(missing_ok=True)
-        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-            src.backup(dst)
-        src.close()
-        dst.close()
+        copy_state(self.reference_state(size), target)
         return target
 
     def caught_up_state(self, size: int, name: str) -> Path:
@@ -284,6 +278,16 @@ class Context:
         finally:
             agent.close()
         return self.state_copy(size, name)
+
+
+def copy_state(source: Path, target: Path) -> None:
+    """A consistent copy of the SQLite state `source` at `target` (even with a WAL in use)."""
+    for leftover in (target, Path(f"{target}-wal"), Path(f"{target}-shm")):
+        leftover.unlink(missing_ok=True)
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
 
 
 def recreate_database(name: str) -> None:

@@ -104,6 +104,7 @@ def task_scan(args: dict[str, Any]) -> dict[str, Any]:
         "source_transactions": getattr(report, "source_transactions", 1),
         "ranges_read": getattr(report, "ranges_read", None),
         "ranges_total": getattr(report, "ranges_total", None),
+        "slots_digest_matched": getattr(report, "slots_digest_matched", None),
         "source_bytes": source_bytes,
         "outbox_pending": pending,
         "rss_before_mb": rss_before,

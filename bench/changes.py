@@ -1,0 +1,105 @@
+"""1b. Full reconciliation by the share of slots changed since the last pass.
+
+A reconciliation with range digests costs the database one pass over every row (a hash
+summed per option) and then grows with the changes: each changed slot costs its option's
+range digests and the reading, on both sides, of its whole range (about 20 slots). So
+whether it beats the floor (the same plain SELECT as in 1.) depends on how much changed
+since the last pass, and this measures where it crosses.
+
+At the largest scan size, for each share of slots changed (largest first: each case starts
+from a pass that recorded changes, as a reconciliation after busy polls does), a copy of the
+state is first caught up with the inventory by one scan (not timed), then about that share
+of the slots is changed (95% bookings, 5% deletions), and then, each in a fresh process and
+each run on a fresh copy of the caught-up state (the same changes every run): the agent's
+Agent.scan() (PostgreSQL inventory, SQLite state, range digests) and the floor.
+Two cases more: "quiet" (nothing changed, after a pass that also found nothing: one sum of
+every row's hash says so), and "0.1% after a quiet pass" (the first changed pass after such
+a quiet one: it asks for that sum first, finds it differs, and goes on as usual).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import inventory, worker
+from bench.context import Context, copy_state
+from bench.stats import median, ratio
+
+SHARES = (0.01, 0.003, 0.001, 0.0003, 0.0001)
+"""Shares of the slots changed since the last pass, largest first."""
+AFTER_QUIET_SHARE = 0.001
+"""The share changed in the case that follows a quiet pass."""
+
+
+def measure(ctx: Context) -> dict[str, Any]:
+    size = max(ctx.plan.scan_sizes)
+    inv = ctx.inventory(size)
+    slots_sql = inventory.queries(inv.schema).slots
+    live = ctx.state_copy(size, f"changes-{size}")
+    live_config = ctx.config(f"changes-{size}", ctx.setup(size, live))
+    run_state = ctx.path(f"changes-{size}-run.db")
+    run_config = ctx.config(f"changes-{size}-run", ctx.setup(size, run_state))
+
+    def catch_up() -> dict[str, Any]:
+        result: dict[str, Any] = worker.run(
+            "scan",
+            {"config": str(live_config), "log": str(ctx.log(f"changes-{size}"))},
+            log=ctx.log("workers"),
+        )
+        return result
+
+    def timed(case: str, share: float, count: int) -> dict[str, Any]:
+        runs: list[dict[str, Any]] = []
+        for _ in range(ctx.plan.runs):
+            copy_state(live, run_state)
+            agent = worker.run(
+                "scan",
+                {"config": str(run_config), "log": str(ctx.log(f"changes-{size}-run"))},
+                log=ctx.log("workers"),
+            )
+            floor = worker.run("floor", {"dsn": ctx.dsn, "sql": slots_sql}, log=ctx.log("workers"))
+            runs.append({"agent": agent, "floor": floor})
+        agent_s = median([r["agent"]["seconds"] for r in runs])
+        floor_s = median([r["floor"]["seconds"] for r in runs])
+        last = runs[-1]["agent"]
+        print(
+            f"  {case}: {count:,} slots changed, agent {agent_s:.2f} s, floor {floor_s:.2f} s "
+            f"({ratio(agent_s, floor_s):.2f}x), {last.get('ranges_read')} of "
+            f"{last.get('ranges_total')} ranges read",
+            flush=True,
+        )
+        return {
+            "case": case,
+            "share": share,
+            "requested": count,
+            "changed": median([r["agent"]["changed"] + r["agent"]["removed"] for r in runs]),
+            "agent_s": agent_s,
+            "agent_cpu_s": median([r["agent"]["cpu_s"] for r in runs]),
+            "floor_s": floor_s,
+            "ratio": ratio(agent_s, floor_s),
+            "ranges_read": median([r["agent"].get("ranges_read") or 0 for r in runs]),
+            "ranges_total": last.get("ranges_total"),
+            "agent_source_kb": median([(r["agent"].get("source_bytes") or 0) / 1024 for r in runs]),
+            "slots_digest_matched": last.get("slots_digest_matched"),
+            "runs": runs,
+        }
+
+    cases: list[dict[str, Any]] = []
+    for share in SHARES:
+        catch_up()
+        count = max(1, int(size * share))
+        inventory.mixed_changes(ctx.conn, inv, count)
+        ctx.changed()
+        cases.append(timed(f"{share * 100:g}%", share, count))
+    # Caught up twice: the first pass records the last case's changes, the second finds
+    # nothing changed and records the sum of every row's hash, which the timed passes check.
+    catch_up()
+    catch_up()
+    cases.append(timed("quiet", 0.0, 0))
+    count = max(1, int(size * AFTER_QUIET_SHARE))
+    inventory.mixed_changes(ctx.conn, inv, count)
+    ctx.changed()
+    cases.append(
+        timed(f"{AFTER_QUIET_SHARE * 100:g}% after a quiet pass", AFTER_QUIET_SHARE, count)
+    )
+    return {"slots": size, "cases": cases}
