@@ -40,13 +40,12 @@ def measure(ctx: Context) -> dict[str, Any]:
     run_state = ctx.path(f"changes-{size}-run.db")
     run_config = ctx.config(f"changes-{size}-run", ctx.setup(size, run_state))
 
-    def catch_up() -> dict[str, Any]:
-        result: dict[str, Any] = worker.run(
+    def catch_up() -> None:
+        worker.run(
             "scan",
             {"config": str(live_config), "log": str(ctx.log(f"changes-{size}"))},
             log=ctx.log("workers"),
         )
-        return result
 
     def timed(case: str, share: float, count: int) -> dict[str, Any]:
         runs: list[dict[str, Any]] = []
