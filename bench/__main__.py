@@ -1,6 +1,6 @@
 """`python -m bench all [--quick]` or `python -m bench NAME`: run measurements, print, report.
 
-NAME is one of scan, changes, poll, latency, throughput, dlt, takeover, profile, answers, platform,
+NAME is one of scan, changes, mariadb, poll, latency, throughput, dlt, takeover, profile, answers, platform,
 sharing. `all` runs every one of them but answers, platform and sharing (dlt and profile only
 in the full run) and regenerates docs/benchmarks.md; `all --quick` (small sizes, one run,
 about a minute; what CI runs to check the suite still works) writes its report to
@@ -28,6 +28,7 @@ from bench import (
     changes,
     full_scan,
     latency,
+    mariadb,
     platform,
     poll,
     profile,
@@ -43,6 +44,7 @@ from bench.context import FULL, QUICK, Context
 MEASUREMENTS = {
     "scan": full_scan.measure,
     "changes": changes.measure,
+    "mariadb": mariadb.measure,
     "poll": poll.measure,
     "latency": latency.measure,
     "throughput": throughput.measure,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.inventory import ZONE_NAME, queries
+from bench.inventory import ZONE_NAME, Queries, queries
 
 SECRET = "be7c" * 16
 """The webhook secret (64 hex digits, like Seyaha's) shared by the agent and the receivers."""
@@ -41,6 +41,10 @@ class AgentSetup:
     log_level: str = "INFO"
     delivery: tuple[tuple[str, Any], ...] = ()
     """[delivery] keys to set, e.g. (("concurrency", 1), ("rate_limit", 0.0))."""
+    queries: Queries | None = None
+    """The source queries, if not the PostgreSQL ones of bench/inventory.py for `schema`."""
+    listens: bool = True
+    """Name the PostgreSQL channel and table of the wake-ups (a MySQL source has none)."""
     source: tuple[tuple[str, Any], ...] = ()
     """More [source] keys, e.g. (("reconcile_share", 1.0),): written only where this version
     of the agent knows them (source_defaults), so a measurement still runs on an older one."""
@@ -76,7 +80,7 @@ def write(folder: Path, name: str, setup: AgentSetup) -> Path:
     secret_file = folder / f"{name}.secret"
     secret_file.write_text(SECRET + "\n", encoding="utf-8")
     secret_file.chmod(0o600)
-    q = queries(setup.schema)
+    q = setup.queries or queries(setup.schema)
     changed = f"slots_changed_query = '''{q.slots_changed}'''\n" if setup.incremental else ""
 
     def s(value: str) -> str:
@@ -86,6 +90,11 @@ def write(folder: Path, name: str, setup: AgentSetup) -> Path:
     known = source_defaults()
     source = "".join(
         f"{key} = {json.dumps(value)}\n" for key, value in setup.source if key in known
+    )
+    wakeups = (
+        f"notify_channel = {s(NOTIFY_CHANNEL)}\nnotify_tables = [{s(setup.schema + '.slots')}]\n"
+        if setup.listens
+        else ""
     )
     path = folder / f"{name}.toml"
     path.write_text(
@@ -101,9 +110,7 @@ poll_interval = {setup.poll_interval_s}
 timezone = {s(ZONE_NAME)}
 cursor_overlap = {setup.cursor_overlap_s}
 full_scan_interval = {setup.full_scan_interval_s}
-notify_channel = {s(NOTIFY_CHANNEL)}
-notify_tables = [{s(setup.schema + ".slots")}]
-range_digests = {"true" if setup.range_digests else "false"}
+{wakeups}range_digests = {"true" if setup.range_digests else "false"}
 catalog_query = '''{q.catalog}'''
 slots_query = '''{q.slots}'''
 {changed}{source}

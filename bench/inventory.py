@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -155,8 +155,7 @@ def create(conn: psycopg.Connection, slots: int, seed: int) -> Inventory:
         ) as copy:
             for option in range(options):
                 product = option // OPTIONS_PER_PRODUCT + 1
-                copy.write_row((_option_id(option), product, f"Option {option}"))
-        first_day = date.today() + timedelta(days=1)
+                copy.write_row((option_id_of(option), product, f"Option {option}"))
         loaded_at = (datetime.now() - timedelta(days=1)).isoformat(sep=" ") + "+00"
         with conn.cursor().copy(
             sql.SQL(
@@ -164,24 +163,8 @@ def create(conn: psycopg.Connection, slots: int, seed: int) -> Inventory:
                 "updated_at) FROM STDIN"
             ).format(ident)
         ) as copy:
-            buffer = io.StringIO()
-            for slot_id in range(1, slots + 1):
-                index = slot_id - 1
-                option = min(index // SLOTS_PER_OPTION, options - 1)
-                k = index % SLOTS_PER_OPTION
-                day = first_day + timedelta(days=k // SLOTS_PER_DAY)
-                hour = FIRST_HOUR + HOURS_BETWEEN_SLOTS * (k % SLOTS_PER_DAY)
-                capacity = rand.randint(*CAPACITY_RANGE)
-                booked = rand.randint(0, capacity)
-                cancelled = "t" if rand.random() < CANCELLED_FRACTION else "f"
-                buffer.write(
-                    f"{slot_id}\t{_option_id(option)}\t{day.isoformat()} {hour:02d}:00:00\t"
-                    f"{capacity}\t{booked}\t{cancelled}\t{loaded_at}\n"
-                )
-                if slot_id % COPY_CHUNK_ROWS == 0:
-                    copy.write(buffer.getvalue())
-                    buffer = io.StringIO()
-            copy.write(buffer.getvalue())
+            for chunk in slot_lines(slots, rand, ("t", "f"), loaded_at):
+                copy.write(chunk)
         conn.execute(sql.SQL("ALTER TABLE {}.slots ADD PRIMARY KEY (id)").format(ident))
         conn.execute(
             sql.SQL("CREATE INDEX ON {}.slots (updated_at)").format(ident),
@@ -193,14 +176,41 @@ def create(conn: psycopg.Connection, slots: int, seed: int) -> Inventory:
     return Inventory(schema=schema, slots=slots, ids=IdPool(slots, seed))
 
 
-def _option_id(option: int) -> str:
+def slot_lines(
+    slots: int, rand: random.Random, booleans: tuple[str, str], updated_at: str
+) -> Iterator[str]:
+    """The slots table as tab-separated lines, COPY_CHUNK_ROWS at a time (PostgreSQL's COPY
+    and MySQL's LOAD DATA read the same text; `booleans` spells true and false)."""
+    options = max(1, slots // SLOTS_PER_OPTION)
+    first_day = date.today() + timedelta(days=1)
+    buffer = io.StringIO()
+    for slot_id in range(1, slots + 1):
+        index = slot_id - 1
+        option = min(index // SLOTS_PER_OPTION, options - 1)
+        k = index % SLOTS_PER_OPTION
+        day = first_day + timedelta(days=k // SLOTS_PER_DAY)
+        hour = FIRST_HOUR + HOURS_BETWEEN_SLOTS * (k % SLOTS_PER_DAY)
+        capacity = rand.randint(*CAPACITY_RANGE)
+        booked = rand.randint(0, capacity)
+        cancelled = booleans[0] if rand.random() < CANCELLED_FRACTION else booleans[1]
+        buffer.write(
+            f"{slot_id}\t{option_id_of(option)}\t{day.isoformat()} {hour:02d}:00:00\t"
+            f"{capacity}\t{booked}\t{cancelled}\t{updated_at}\n"
+        )
+        if slot_id % COPY_CHUNK_ROWS == 0:
+            yield buffer.getvalue()
+            buffer = io.StringIO()
+    yield buffer.getvalue()
+
+
+def option_id_of(option: int) -> str:
     return f"opt-{option:06d}"
 
 
 def slot_key(slot_id: int) -> tuple[str, str, str]:
     """The agent's key of a generated slot: (product_id, option_id, availability_id)."""
     option = (slot_id - 1) // SLOTS_PER_OPTION
-    return (str(option // OPTIONS_PER_PRODUCT + 1), _option_id(option), str(slot_id))
+    return (str(option // OPTIONS_PER_PRODUCT + 1), option_id_of(option), str(slot_id))
 
 
 BOOK_ONE_SQL = (

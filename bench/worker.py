@@ -88,7 +88,8 @@ def task_scan(args: dict[str, Any]) -> dict[str, Any]:
     report = agent.scan()
     seconds = time.perf_counter() - started
     cpu = own_cpu_s() - cpu_before
-    source_bytes = bytes_received_from(POSTGRES_PORT)  # before the pool closes them
+    # Before the pool closes them; `source_port`: a source other than the bench's PostgreSQL.
+    source_bytes = bytes_received_from(args.get("source_port", POSTGRES_PORT))
     pending = agent.store.admin.stats().pending
     agent.close()
     return {
@@ -124,6 +125,42 @@ def task_floor(args: dict[str, Any]) -> dict[str, Any]:
                 rows += len(batch)
         seconds = time.perf_counter() - started
         source_bytes = bytes_received_from(POSTGRES_PORT)
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "source_bytes": source_bytes,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def task_floor_mysql(args: dict[str, Any]) -> dict[str, Any]:
+    """The floor on a MySQL/MariaDB source: the query through PyMySQL, the agent's driver,
+    an unbuffered cursor fetching FLOOR_BATCH_ROWS rows at a time into Python tuples."""
+    import pymysql
+    import pymysql.cursors
+
+    rss_before = current_rss_mb()
+    started = time.perf_counter()
+    rows = 0
+    conn = pymysql.connect(
+        host=args["host"],
+        port=args["port"],
+        user=args["user"],
+        database=args["database"],
+        cursorclass=pymysql.cursors.SSCursor,
+    )
+    try:
+        conn.begin()
+        with conn.cursor() as cursor:
+            cursor.execute(args["sql"])
+            while batch := cursor.fetchmany(FLOOR_BATCH_ROWS):
+                rows += len(batch)
+        seconds = time.perf_counter() - started
+        source_bytes = bytes_received_from(args["port"])
+        conn.rollback()
+    finally:
+        conn.close()
     return {
         "seconds": seconds,
         "rows": rows,
@@ -371,6 +408,7 @@ def _lookup_probe(agent: Any, inventory: Any) -> dict[str, Any]:
 TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "scan": task_scan,
     "floor": task_floor,
+    "floor_mysql": task_floor_mysql,
     "enqueue": task_enqueue,
     "claim": task_claim,
     "drain": task_drain,

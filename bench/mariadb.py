@@ -1,0 +1,250 @@
+"""1c. A MariaDB inventory: full reconciliation against its floor, and what a pass costs there.
+
+The inventory of bench/inventory.py (the same rows: 200 slots per option, starts from
+tomorrow, Europe/Istanbul wall-clock times) at the largest scan size, in the MariaDB (or
+MySQL) on 127.0.0.1:3306 as root: database seyaha_bench_mariadb, recreated for each run and
+dropped at its end, loaded with LOAD DATA LOCAL INFILE, indexed like the PostgreSQL one
+(primary key, option_id, updated_at). The agent's queries are the README's in MariaDB's SQL;
+the source has no wake-ups, so without a change query every poll is such a pass.
+
+The state is baselined once (that first scan is reported too), caught up by one scan before
+each case (not timed), and each case is then timed three times (the plan's runs), each run
+in a fresh process on a fresh copy of the caught-up state, beside the floor: the slots query
+through the same driver (PyMySQL, an unbuffered cursor, 5,000 rows a fetch). Cases:
+- quiet: nothing changed, after a pass that also found nothing (the sum of every row's hash
+  says so): what each poll of a daemon with the two required queries only costs at rest;
+- one booking, after a quiet pass: the pass that finds a booking in that mode (it asks for
+  the sum first, finds it differs, and goes on by option and range digests);
+- 0.1% changed (95% bookings, 5% deletions), after a pass that recorded changes.
+The agent's CPU is its own process's; the rest of a pass's wall time is mostly MariaDB's
+(it runs each query on one core).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pymysql  # type: ignore[import-untyped]
+
+from bench import inventory, worker
+from bench.agentconf import AgentSetup
+from bench.context import DATA_SEED, Context, copy_state
+from bench.stats import median, ratio
+
+HOST = os.environ.get("SEYAHA_BENCH_MYSQL_HOST", "127.0.0.1")
+PORT = int(os.environ.get("SEYAHA_BENCH_MYSQL_PORT", "3306"))
+USER = os.environ.get("SEYAHA_BENCH_MYSQL_USER", "root")
+DATABASE = "seyaha_bench_mariadb"
+CHANGED_FRACTION = 0.001
+
+
+def queries() -> inventory.Queries:
+    """bench/inventory.py's queries in MariaDB's SQL (the tables of DATABASE)."""
+    slots = (
+        "SELECT o.product_id, s.option_id, s.id AS availability_id,\n"
+        "       s.starts_at AS local_date_time_start,\n"
+        "       CASE WHEN s.cancelled THEN 'CLOSED' END AS status,\n"
+        "       s.capacity - s.booked AS vacancies, s.capacity\n"
+        "FROM slots s JOIN options o ON o.id = s.option_id\n"
+        "WHERE s.starts_at >= NOW() - INTERVAL 1 DAY"
+    )
+    return inventory.Queries(
+        catalog=(
+            "SELECT p.id AS product_id, o.id AS option_id, p.title, p.price_cents,\n"
+            "       o.name AS option_name\n"
+            "FROM products p JOIN options o ON o.product_id = p.id\n"
+            "WHERE p.published"
+        ),
+        slots=slots,
+        slots_changed=slots + "\n  AND s.updated_at >= :since",
+    )
+
+
+@dataclass
+class MariadbInventory:
+    conn: pymysql.connections.Connection
+    slots: int
+    ids: inventory.IdPool
+
+    def change(self, count: int) -> None:
+        """About `count` changed rows in two committed statements: 95% bookings (vacancies
+        always change), 5% deletions (ids never booked in this run)."""
+        deletions = count // 20
+        booked = self.ids.take(count - deletions)
+        with self.conn.cursor() as cursor:
+            cursor.execute(
+                "UPDATE slots SET booked = CASE WHEN booked < capacity THEN booked + 1 "
+                "ELSE booked - 1 END, updated_at = NOW(6) WHERE id IN %s",
+                (booked,),
+            )
+            if deletions:
+                cursor.execute(
+                    "DELETE FROM slots WHERE id IN %s", (self.ids.take_for_delete(deletions),)
+                )
+        self.conn.commit()
+
+
+def create(ctx: Context, slots: int) -> MariadbInventory:
+    conn = pymysql.connect(host=HOST, port=PORT, user=USER, local_infile=True, autocommit=True)
+    with conn.cursor() as c:
+        c.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
+        c.execute(f"CREATE DATABASE {DATABASE}")
+        c.execute(f"USE {DATABASE}")
+        c.execute(
+            "CREATE TABLE products (id int PRIMARY KEY, title varchar(100) NOT NULL, "
+            "price_cents int NOT NULL, published boolean NOT NULL)"
+        )
+        c.execute(
+            "CREATE TABLE options (id varchar(32) PRIMARY KEY, product_id int NOT NULL, "
+            "name varchar(100) NOT NULL)"
+        )
+        c.execute(
+            "CREATE TABLE slots (id bigint PRIMARY KEY, option_id varchar(32) NOT NULL, "
+            "starts_at datetime NOT NULL, capacity int NOT NULL, booked int NOT NULL, "
+            "cancelled boolean NOT NULL, updated_at datetime(6) NOT NULL, "
+            "KEY (option_id), KEY (updated_at))"
+        )
+        options = max(1, slots // inventory.SLOTS_PER_OPTION)
+        products = max(1, -(-options // inventory.OPTIONS_PER_PRODUCT))
+        c.executemany(
+            "INSERT INTO products VALUES (%s, %s, %s, %s)",
+            [(p, f"Tour {p}", 1000 + p % 9000, True) for p in range(1, products + 1)],
+        )
+        c.executemany(
+            "INSERT INTO options VALUES (%s, %s, %s)",
+            [
+                (inventory.option_id_of(o), o // inventory.OPTIONS_PER_PRODUCT + 1, f"Option {o}")
+                for o in range(options)
+            ],
+        )
+        seed = DATA_SEED + slots
+        loaded_at = (datetime.now() - timedelta(days=1)).isoformat(sep=" ")
+        data = ctx.path("mariadb-slots.tsv")
+        with open(data, "w", encoding="utf-8") as out:
+            for chunk in inventory.slot_lines(slots, random.Random(seed), ("1", "0"), loaded_at):
+                out.write(chunk)
+        c.execute(f"LOAD DATA LOCAL INFILE '{data}' INTO TABLE slots")
+        data.unlink()
+        c.execute("ANALYZE TABLE products, options, slots")
+        c.fetchall()
+    conn.autocommit(False)
+    return MariadbInventory(conn, slots, inventory.IdPool(slots, seed))
+
+
+def drop() -> None:
+    conn = pymysql.connect(host=HOST, port=PORT, user=USER, autocommit=True)
+    try:
+        with conn.cursor() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
+    finally:
+        conn.close()
+
+
+def measure(ctx: Context) -> dict[str, Any]:
+    size = max(ctx.plan.scan_sizes)
+    inv = create(ctx, size)
+    try:
+        return _measure(ctx, inv)
+    finally:
+        inv.conn.close()
+        drop()
+
+
+def _measure(ctx: Context, inv: MariadbInventory) -> dict[str, Any]:
+    size = inv.slots
+    q = queries()
+    url = f"mysql+pymysql://{USER}@{HOST}:{PORT}/{DATABASE}"
+    live = ctx.path(f"mariadb-{size}.db")
+    run_state = ctx.path(f"mariadb-{size}-run.db")
+
+    def setup(state: Any) -> AgentSetup:
+        return AgentSetup(
+            source_url=url, schema=DATABASE, state_path=state, queries=q, listens=False
+        )
+
+    live_config = ctx.config(f"mariadb-{size}", setup(live))
+    run_config = ctx.config(f"mariadb-{size}-run", setup(run_state))
+
+    def scan(config: Any, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = worker.run(
+            "scan",
+            {"config": str(config), "log": str(ctx.log(name)), "source_port": PORT},
+            log=ctx.log("workers"),
+            timeout_s=3600.0,
+        )
+        return result
+
+    baseline = scan(live_config, f"mariadb-{size}")
+
+    def timed(case: str, count: int) -> dict[str, Any]:
+        runs: list[dict[str, Any]] = []
+        for _ in range(ctx.plan.runs):
+            copy_state(live, run_state)
+            agent = scan(run_config, f"mariadb-{size}-run")
+            floor = worker.run(
+                "floor_mysql",
+                {"host": HOST, "port": PORT, "user": USER, "database": DATABASE, "sql": q.slots},
+                log=ctx.log("workers"),
+            )
+            runs.append({"agent": agent, "floor": floor})
+        agent_s = median([r["agent"]["seconds"] for r in runs])
+        floor_s = median([r["floor"]["seconds"] for r in runs])
+        cpu_s = median([r["agent"]["cpu_s"] for r in runs])
+        last = runs[-1]["agent"]
+        print(
+            f"  MariaDB {size:,} slots, {case}: agent {agent_s:.2f} s (CPU {cpu_s:.2f} s), "
+            f"floor {floor_s:.2f} s ({ratio(agent_s, floor_s):.2f}x), "
+            f"{last.get('ranges_read')} of {last.get('ranges_total')} ranges read",
+            flush=True,
+        )
+        return {
+            "case": case,
+            "requested": count,
+            "changed": median([r["agent"]["changed"] + r["agent"]["removed"] for r in runs]),
+            "agent_s": agent_s,
+            "agent_cpu_s": cpu_s,
+            "floor_s": floor_s,
+            "ratio": ratio(agent_s, floor_s),
+            "ranges_read": median([r["agent"].get("ranges_read") or 0 for r in runs]),
+            "ranges_total": last.get("ranges_total"),
+            "agent_source_kb": median([(r["agent"].get("source_bytes") or 0) / 1024 for r in runs]),
+            "floor_source_kb": median([(r["floor"].get("source_bytes") or 0) / 1024 for r in runs]),
+            "slots_digest_matched": last.get("slots_digest_matched"),
+            "peak_rss_mb": median([r["agent"]["peak_rss_mb"] for r in runs]),
+            "runs": runs,
+        }
+
+    cases: list[dict[str, Any]] = []
+    # Quiet: the second catch-up finds nothing changed and records the sum of every row.
+    scan(live_config, f"mariadb-{size}")
+    scan(live_config, f"mariadb-{size}")
+    cases.append(timed("quiet", 0))
+    inv.change(1)
+    cases.append(timed("one booking, after a quiet pass", 1))
+    scan(live_config, f"mariadb-{size}")
+    count = max(1, int(size * CHANGED_FRACTION))
+    inv.change(count)
+    cases.append(timed(f"{CHANGED_FRACTION * 100:g}% changed", count))
+    return {
+        "slots": size,
+        "version": _version(),
+        "baseline_s": baseline["seconds"],
+        "baseline_peak_rss_mb": baseline["peak_rss_mb"],
+        "poll_interval_s": setup(live).poll_interval_s,
+        "cases": cases,
+    }
+
+
+def _version() -> str:
+    conn = pymysql.connect(host=HOST, port=PORT, user=USER)
+    try:
+        with conn.cursor() as c:
+            c.execute("SELECT VERSION()")
+            row = c.fetchone()
+        return str(row[0]) if row else "?"
+    finally:
+        conn.close()
