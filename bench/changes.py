@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import inventory, worker
 from bench.context import Context, copy_state
-from bench.stats import median, ratio
+from bench.stats import against_floor
 
 SHARES = (0.01, 0.003, 0.001, 0.0003, 0.0001)
 """Shares of the slots changed since the last pass, largest first."""
@@ -58,30 +58,14 @@ def measure(ctx: Context) -> dict[str, Any]:
             )
             floor = worker.run("floor", {"dsn": ctx.dsn, "sql": slots_sql}, log=ctx.log("workers"))
             runs.append({"agent": agent, "floor": floor})
-        agent_s = median([r["agent"]["seconds"] for r in runs])
-        floor_s = median([r["floor"]["seconds"] for r in runs])
-        last = runs[-1]["agent"]
+        summary = against_floor(runs)
         print(
-            f"  {case}: {count:,} slots changed, agent {agent_s:.2f} s, floor {floor_s:.2f} s "
-            f"({ratio(agent_s, floor_s):.2f}x), {last.get('ranges_read')} of "
-            f"{last.get('ranges_total')} ranges read",
+            f"  {case}: {count:,} slots changed, agent {summary['agent_s']:.2f} s, floor "
+            f"{summary['floor_s']:.2f} s ({summary['ratio']:.2f}x), {summary['ranges_read']:.0f} "
+            f"of {summary['ranges_total']} ranges read",
             flush=True,
         )
-        return {
-            "case": case,
-            "share": share,
-            "requested": count,
-            "changed": median([r["agent"]["changed"] + r["agent"]["removed"] for r in runs]),
-            "agent_s": agent_s,
-            "agent_cpu_s": median([r["agent"]["cpu_s"] for r in runs]),
-            "floor_s": floor_s,
-            "ratio": ratio(agent_s, floor_s),
-            "ranges_read": median([r["agent"].get("ranges_read") or 0 for r in runs]),
-            "ranges_total": last.get("ranges_total"),
-            "agent_source_kb": median([(r["agent"].get("source_bytes") or 0) / 1024 for r in runs]),
-            "slots_digest_matched": last.get("slots_digest_matched"),
-            "runs": runs,
-        }
+        return {"case": case, "share": share, "requested": count, **summary, "runs": runs}
 
     cases: list[dict[str, Any]] = []
     for share in SHARES:

@@ -33,7 +33,7 @@ import pymysql  # type: ignore[import-untyped]
 from bench import inventory, worker
 from bench.agentconf import AgentSetup
 from bench.context import DATA_SEED, Context, copy_state
-from bench.stats import median, ratio
+from bench.stats import against_floor
 
 HOST = os.environ.get("SEYAHA_BENCH_MYSQL_HOST", "127.0.0.1")
 PORT = int(os.environ.get("SEYAHA_BENCH_MYSQL_PORT", "3306"))
@@ -191,32 +191,15 @@ def _measure(ctx: Context, inv: MariadbInventory) -> dict[str, Any]:
                 log=ctx.log("workers"),
             )
             runs.append({"agent": agent, "floor": floor})
-        agent_s = median([r["agent"]["seconds"] for r in runs])
-        floor_s = median([r["floor"]["seconds"] for r in runs])
-        cpu_s = median([r["agent"]["cpu_s"] for r in runs])
-        last = runs[-1]["agent"]
+        summary = against_floor(runs)
         print(
-            f"  MariaDB {size:,} slots, {case}: agent {agent_s:.2f} s (CPU {cpu_s:.2f} s), "
-            f"floor {floor_s:.2f} s ({ratio(agent_s, floor_s):.2f}x), "
-            f"{last.get('ranges_read')} of {last.get('ranges_total')} ranges read",
+            f"  MariaDB {size:,} slots, {case}: agent {summary['agent_s']:.2f} s (CPU "
+            f"{summary['agent_cpu_s']:.2f} s), floor {summary['floor_s']:.2f} s "
+            f"({summary['ratio']:.2f}x), {summary['ranges_read']:.0f} of "
+            f"{summary['ranges_total']} ranges read",
             flush=True,
         )
-        return {
-            "case": case,
-            "requested": count,
-            "changed": median([r["agent"]["changed"] + r["agent"]["removed"] for r in runs]),
-            "agent_s": agent_s,
-            "agent_cpu_s": cpu_s,
-            "floor_s": floor_s,
-            "ratio": ratio(agent_s, floor_s),
-            "ranges_read": median([r["agent"].get("ranges_read") or 0 for r in runs]),
-            "ranges_total": last.get("ranges_total"),
-            "agent_source_kb": median([(r["agent"].get("source_bytes") or 0) / 1024 for r in runs]),
-            "floor_source_kb": median([(r["floor"].get("source_bytes") or 0) / 1024 for r in runs]),
-            "slots_digest_matched": last.get("slots_digest_matched"),
-            "peak_rss_mb": median([r["agent"]["peak_rss_mb"] for r in runs]),
-            "runs": runs,
-        }
+        return {"case": case, "requested": count, **summary, "runs": runs}
 
     cases: list[dict[str, Any]] = []
     # Quiet: the second catch-up finds nothing changed and records the sum of every row.

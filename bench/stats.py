@@ -13,6 +13,7 @@ import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -118,3 +119,24 @@ def postgres_cpu_s() -> float:
         except (OSError, ValueError):
             continue  # gone meanwhile
     return total
+
+
+def against_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of runs of {"agent": a scan worker's result, "floor": a floor worker's}."""
+    agents = [r["agent"] for r in runs]
+    floors = [r["floor"] for r in runs]
+    agent_s = median([a["seconds"] for a in agents])
+    floor_s = median([f["seconds"] for f in floors])
+    return {
+        "changed": median([a["changed"] + a["removed"] for a in agents]),
+        "agent_s": agent_s,
+        "agent_cpu_s": median([a["cpu_s"] for a in agents]),
+        "floor_s": floor_s,
+        "ratio": ratio(agent_s, floor_s),
+        "ranges_read": median([a.get("ranges_read") or 0 for a in agents]),
+        "ranges_total": agents[-1].get("ranges_total"),
+        "agent_source_kb": median([(a.get("source_bytes") or 0) / 1024 for a in agents]),
+        "floor_source_kb": median([(f.get("source_bytes") or 0) / 1024 for f in floors]),
+        "slots_digest_matched": agents[-1].get("slots_digest_matched"),
+        "peak_rss_mb": median([a["peak_rss_mb"] for a in agents]),
+    }

@@ -125,13 +125,7 @@ def task_floor(args: dict[str, Any]) -> dict[str, Any]:
                 rows += len(batch)
         seconds = time.perf_counter() - started
         source_bytes = bytes_received_from(POSTGRES_PORT)
-    return {
-        "seconds": seconds,
-        "rows": rows,
-        "source_bytes": source_bytes,
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    return _floor_result(seconds, rows, source_bytes, rss_before)
 
 
 def task_floor_mysql(args: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +155,12 @@ def task_floor_mysql(args: dict[str, Any]) -> dict[str, Any]:
         conn.rollback()
     finally:
         conn.close()
+    return _floor_result(seconds, rows, source_bytes, rss_before)
+
+
+def _floor_result(
+    seconds: float, rows: int, source_bytes: int | None, rss_before: float
+) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "rows": rows,
