@@ -118,9 +118,14 @@ def iter_slot_changes(
     late: list[SourceSlot] = []
     seen_new: set[int] = set()
     remembered = iter(stored)
-    head = next(remembered, None)
+    # The stored side is first asked for once the source gave its first row: the source's
+    # query is then on its way while a stored side read ahead (agent/ahead.py) is read.
+    head: StoredSlot | None = None
+    begun = False
     last: SlotKey | None = None
     for key, item in current:
+        if not begun:
+            head, begun = next(remembered, None), True
         if item is not None and item.start_utc < now:
             continue  # out of scope, as if absent
         if last is not None and key <= last:
@@ -140,6 +145,8 @@ def iter_slot_changes(
             continue
         assert item is not None
         yield kind, item
+    if not begun:
+        head = next(remembered, None)
     while head is not None:
         passed[head.key] = head
         head = next(remembered, None)

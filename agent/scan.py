@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
+from agent.ahead import ReadAhead
 from agent.clock import Clock, to_epoch_ms
 from agent.db import lost_connection
 from agent.diff import (
@@ -390,7 +391,7 @@ class Scanner:
             if full.reset:
                 self.store.reset_ranges(scanner=self.fence)
             with self.store.reading() as stored:
-                remembered, current = self._both_sides(src, stored, snapshot, full)
+                remembered, current = self._both_sides(src, stored, snapshot, full, ahead=True)
                 # Closed here, on failure too, while their connections are still open: left
                 # to the garbage collector, they would close their cursors on closed ones.
                 with closing(remembered), closing(current):
@@ -505,24 +506,36 @@ class Scanner:
         return report
 
     def _both_sides(
-        self, src: Connection, stored: Connection, snapshot: Snapshot, full: FullPass
-    ) -> tuple[Generator[StoredSlot, None, None], Generator[SourceSlot, None, None]]:
+        self,
+        src: Connection,
+        stored: Connection,
+        snapshot: Snapshot,
+        full: FullPass,
+        *,
+        ahead: bool = False,
+    ) -> tuple[
+        Generator[StoredSlot, None, None] | ReadAhead[StoredSlot], Generator[SourceSlot, None, None]
+    ]:
         """What a full scan merges: the stored slots and the source's, both in key order,
         each read carried on across lost connections (and, the source's, across
-        read_transaction_max); only those of `full.ranges` when it names them."""
+        read_transaction_max); only those of `full.ranges` when it names them. `ahead`: the
+        stored slots of `full.ranges` are read in a thread of their own while the source
+        finds its rows (see agent/ahead.py); not beside the polls, whose turns would then
+        share the interpreter with that thread."""
         if full.ranges == []:
             return _nothing(), _nothing()
         partial = self._partial
+        remembered: Generator[StoredSlot, None, None] | ReadAhead[StoredSlot]
+        if full.ranges is None:
+            remembered = self.store.fingerprints.resuming_slots(stored, pause=self.pause)
+            if partial is not None:
+                remembered = _owned(remembered, partial)
+        else:
+            remembered = self.store.fingerprints.ranges.iter_slots(stored, full.ranges)
+            if ahead:
+                remembered = ReadAhead(remembered, name="seyaha-stored-slots")
         return (
-            (
-                self.store.fingerprints.resuming_slots(stored, pause=self.pause)
-                if partial is None
-                else _owned(
-                    self.store.fingerprints.resuming_slots(stored, pause=self.pause), partial
-                )
-            )
-            if full.ranges is None
-            else self.store.fingerprints.ranges.iter_slots(stored, full.ranges),
+            remembered,
             self.reader.resuming_slots(
                 src,
                 snapshot,

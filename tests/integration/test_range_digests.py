@@ -566,6 +566,73 @@ def test_the_stored_digests_load_in_a_thread_of_their_own_only_where_no_poll_run
     assert _stored(agent) == _truth(agent)
 
 
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_a_full_scan_reads_the_stored_side_of_its_ranges_ahead_and_a_failure_leaves_no_reader(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full scan reads the stored slots of the ranges it reads in a thread of their own
+    while the source finds its rows (agent/ahead.py); a reconciliation beside the polls
+    reads them in its own thread. A source lost part-way through stops that thread too, and
+    the next pass finds what the failed one did not record."""
+    setup = _setup(
+        backend,
+        make_inventory,
+        make_sandbox,
+        make_agent,
+        tmp_path,
+        slots_changed_query=SLOTS_CHANGED_QUERY,
+    )
+    agent, inventory = setup.agent, setup.inventory
+    ranges = agent.store.fingerprints.ranges
+    read_in: list[str] = []
+    real_iter_slots = ranges.iter_slots
+
+    def iter_slots(conn: Any, chosen: Any) -> Any:
+        read_in.append(threading.current_thread().name)
+        yield from real_iter_slots(conn, chosen)
+
+    monkeypatch.setattr(ranges, "iter_slots", iter_slots)
+    inventory.update_slot(1013, vacancies=9)
+    scanned = agent.scan()
+    assert (scanned.slots_changed, scanned.ranges_read) == (1, 1)
+    assert read_in == ["seyaha-stored-slots"]
+
+    read_in.clear()
+    _delivered(agent)
+    inventory.update_slot(1014, vacancies=8, updated_at=cursor.since(inventory.clock(), 3600))
+    reconciled = agent.full_scan()  # beside the polls
+    assert reconciled is not None
+    assert (reconciled.slots_changed, reconciled.ranges_read) == (1, 1)
+    assert read_in == [threading.current_thread().name]
+
+    # Lost after the source's first row of the ranges it reads.
+    real_resuming = agent.reader.resuming_slots
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        rows = real_resuming(*args, **kwargs)
+        try:
+            yield next(rows)
+        finally:
+            rows.close()
+        raise QueryError("slots_query stopped part-way: the server closed the connection")
+
+    monkeypatch.setattr(agent.reader, "resuming_slots", failing)
+    inventory.update_slot(1015, vacancies=7)
+    inventory.update_slot(2025, vacancies=6)
+    with pytest.raises(QueryError, match="stopped part-way"):
+        agent.scan()
+    assert not [t for t in threading.enumerate() if t.name == "seyaha-stored-slots"]
+    monkeypatch.setattr(agent.reader, "resuming_slots", real_resuming)
+    after = agent.scan()
+    assert after.slots_changed == 2
+    assert _stored(agent) == _truth(agent)
+
+
 @pytest.mark.postgres
 def test_digests_are_computed_when_asked_for_not_when_their_first_row_is_read(
     make_inventory: MakeInventory,
