@@ -593,6 +593,9 @@ class Scanner:
         ranges = self.store.fingerprints.ranges
         written = ranges.written()
         known = ranges.total(written)
+        # Taken before the load starts beside: as the last load found it, not as this one
+        # may have found it by the time the option digests are to be asked for or not.
+        shape = ranges.shape()
         # The stored digests load in a thread of their own while the source computes its
         # digests: the agent's part hides behind the database's. Not beside the polls: that
         # thread and the database's parallel workers then take both cores from them (p99
@@ -617,8 +620,8 @@ class Scanner:
                 )
             summed = DigestSum()
             difference = (
-                self._by_option(src, loading, summed, beside)
-                if compares_options_first(*ranges.shape())
+                self._by_option(src, loading, summed, beside, parallel=not beside_polls)
+                if compares_options_first(*shape)
                 else None
             )
         if difference is None:
@@ -643,6 +646,8 @@ class Scanner:
         loading: Future[StoredDigests],
         summed: DigestSum,
         beside: Executor,
+        *,
+        parallel: bool,
     ) -> Difference | None:
         """The ranges that differ, found by option first: the option ids whose digests
         differ (fewer groups than ranges: about half the database's work), then the ranges
@@ -650,7 +655,8 @@ class Scanner:
         ids are stored to narrow anything (by_option_first) or too many differ: every
         range's digest is then asked for. `loading`: the stored digests, loading `beside`,
         where the stored labels of the differing options are read while the source
-        computes their ranges' digests."""
+        computes their ranges' digests. `parallel`: the source may compute those with
+        parallel workers (SourceReader.range_digests)."""
         ranges = self.store.fingerprints.ranges
         # Asked for while the stored digests load (ranges.shape said they likely call for
         # it); dropped if the loaded ones have too few option ids after all.
@@ -669,7 +675,7 @@ class Scanner:
             return Difference(set(), 0, size, size)
         labels = beside.submit(lambda: list(ranges.labels(options)))
         return differing(
-            self.reader.range_digests(src, options),
+            self.reader.range_digests(src, options, parallel=parallel),
             stored.ranges,
             labels.result,
             scoped=True,

@@ -61,6 +61,11 @@ CLOCK_EVERY_ROWS = 256
 RESUME_PAUSE_S = 1.0
 """Pause before the first resumption; it doubles with each."""
 
+PARALLEL_OPTIONS_MIN = 100
+"""Fewest option ids whose range digests a full pass asks for with parallel workers allowed
+(Dialect.read_in_parallel, where the caller allows them): about 20,000 rows at 200 slots an
+option, past which the workers' start (a few milliseconds) pays."""
+
 CHECK_ROW_LIMIT = 100
 """Rows `check` reads from each query: enough to catch bad values without a full scan."""
 
@@ -299,13 +304,20 @@ class SourceReader:
         return (held[0], None) if duplicated else held
 
     def range_digests(
-        self, conn: sa.Connection, options: Sequence[str] | None = None
+        self,
+        conn: sa.Connection,
+        options: Sequence[str] | None = None,
+        *,
+        parallel: bool = False,
     ) -> DigestRows:
         """Per range of the slots query's rows, its label and "rows:sum" (the number of its
         rows and the sum of their hashes, agent.ranges.Digests), computed by the database:
         one row per range on the wire (see agent/ranges.py). Rows become Python objects one
         at a time: 500,000 ranges (10M slots) held at once as rows cost over 100 MB.
-        `options`: only the ranges of these option ids (as range labels spell them)."""
+        `options`: only the ranges of these option ids (as range labels spell them);
+        `parallel`: with parallel workers allowed for that read when there are at least
+        PARALLEL_OPTIONS_MIN of them (not beside the polls: the workers would take both cores
+        from them)."""
         sql = self.dialect.range_digest_sql(
             self.slots_query,
             self._hashed_columns(conn),
@@ -314,6 +326,8 @@ class SourceReader:
         )
         if options is None:
             return self._digests(conn, sql)
+        if parallel and len(options) >= PARALLEL_OPTIONS_MIN:
+            self.dialect.read_in_parallel(conn)
         return self._digests(conn, sql, {RANGE_OPTIONS_PARAM: list(options)})
 
     def option_digests(self, conn: sa.Connection) -> DigestRows:

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from agent import commands
 from agent import ranges as ranges_module
 from agent.app import Agent
+from agent.dialects import PARALLEL_SETTINGS
 from agent.errors import QueryError
 from agent.ranges import (
     UNKNOWN,
@@ -38,6 +39,7 @@ from agent.ranges import (
 )
 from agent.sandbox import Sandbox
 from agent.source import cursor
+from agent.source import reader as reader_module
 from agent.source.reader import Snapshot, SourceReader
 from agent.store.ranges import StoredRanges
 from tests.integration.inventory import (
@@ -197,9 +199,9 @@ def _asked(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         asked.append("options")
         return real_options(src)
 
-    def range_digests(src: Any, options: Any = None) -> Any:
+    def range_digests(src: Any, options: Any = None, **kwargs: Any) -> Any:
         asked.append(("ranges", None if options is None else sorted(options)))
-        return real_ranges(src, options)
+        return real_ranges(src, options, **kwargs)
 
     monkeypatch.setattr(agent.reader, "option_digests", option_digests)
     monkeypatch.setattr(agent.reader, "range_digests", range_digests)
@@ -1135,6 +1137,71 @@ def test_digests_are_asked_for_with_the_configured_work_mem_for_that_transaction
         assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid  # pooled
         assert conn.exec_driver_sql("SHOW work_mem").scalar() == server
     assert server == "4MB"  # the server's default: the setting above came from the agent
+
+
+@pytest.mark.postgres
+def test_a_full_scan_lets_postgresql_find_many_options_range_digests_with_parallel_workers(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past PARALLEL_OPTIONS_MIN options, a full scan asks for their range digests with the
+    planner's parallel settings at 0 for the rest of its transaction; with fewer, or beside
+    the polls, as the server has them. Each finds the same changes."""
+    _options_first(monkeypatch, True)
+    monkeypatch.setattr(reader_module, "PARALLEL_OPTIONS_MIN", 2)
+    setup = _setup(
+        "postgresql",
+        make_inventory,
+        make_sandbox,
+        make_agent,
+        tmp_path,
+        slots_changed_query=SLOTS_CHANGED_QUERY,
+    )
+    agent, inventory = setup.agent, setup.inventory
+    seen: list[tuple[int, dict[str, str]]] = []
+    real = agent.reader.range_digests
+
+    def range_digests(conn: Any, options: Any = None, **kwargs: Any) -> Any:
+        digests = real(conn, options, **kwargs)
+        settings = {
+            name: str(conn.exec_driver_sql(f"SHOW {name}").scalar()) for name in PARALLEL_SETTINGS
+        }
+        seen.append((len(options or ()), settings))
+        return digests
+
+    monkeypatch.setattr(agent.reader, "range_digests", range_digests)
+    with agent.reader.transaction() as conn:
+        server = {n: str(conn.exec_driver_sql(f"SHOW {n}").scalar()) for n in PARALLEL_SETTINGS}
+    assert server["parallel_setup_cost"] == "1000"  # the server's own, not the agent's
+
+    inventory.update_slot(1013, vacancies=9)  # option 1-a
+    inventory.update_slot(3004, vacancies=8)  # option 2-a
+    two = agent.scan()
+    assert (two.slots_changed, two.ranges_read) == (2, 2)
+    assert seen == [(2, dict.fromkeys(PARALLEL_SETTINGS, "0"))]
+
+    seen.clear()
+    inventory.update_slot(2005, vacancies=7)  # option 1-b alone
+    one = agent.scan()
+    assert one.slots_changed == 1
+    assert seen == [(1, server)]
+
+    seen.clear()
+    _delivered(agent)
+    missed = cursor.since(inventory.clock(), 3600)  # behind the polls' cursor
+    inventory.update_slot(1016, vacancies=6, updated_at=missed)
+    inventory.update_slot(3007, vacancies=5, updated_at=missed)
+    beside = agent.full_scan()
+    assert beside is not None
+    assert (beside.slots_changed, beside.ranges_read) == (2, 2)
+    assert seen == [(2, server)]
+    with agent.reader.transaction() as conn:
+        now = {n: str(conn.exec_driver_sql(f"SHOW {n}").scalar()) for n in PARALLEL_SETTINGS}
+    assert now == server  # SET LOCAL: that transaction only
+    assert _stored(agent) == _truth(agent)
 
 
 @pytest.mark.postgres
