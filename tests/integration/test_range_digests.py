@@ -520,7 +520,7 @@ def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_diges
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
-def test_the_stored_digests_load_in_a_thread_of_their_own_only_where_no_poll_runs_beside(
+def test_a_full_scan_loads_digests_and_reads_stored_slots_in_threads_only_where_no_poll_runs(
     backend: str,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
@@ -529,10 +529,11 @@ def test_the_stored_digests_load_in_a_thread_of_their_own_only_where_no_poll_run
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A full scan (polls wait for it) loads the stored digests in a thread while the source
-    computes its own; a reconciliation beside the polls loads them in its own thread, so
-    that the load and the database's parallel workers do not take both cores from the polls
-    (a wake-up's p99 during reconciliations went from 47 to 109-217 ms at 1M slots). Both
-    find the same change."""
+    computes its own, and reads the stored slots of the ranges it reads in another while
+    the source finds their rows (agent/ahead.py); a reconciliation beside the polls does
+    both in its own thread, so that they and the database's parallel workers do not take
+    both cores from the polls (a wake-up's p99 during reconciliations went from 47 to
+    109-217 ms at 1M slots with the load's thread). Both find the same change."""
     setup = _setup(
         backend,
         make_inventory,
@@ -543,33 +544,40 @@ def test_the_stored_digests_load_in_a_thread_of_their_own_only_where_no_poll_run
     )
     agent, inventory = setup.agent, setup.inventory
     ranges = agent.store.fingerprints.ranges
-    loaded_in: list[str] = []
-    real_load = ranges.load
+    threads: list[tuple[str, str]] = []
+    real_load, real_iter_slots = ranges.load, ranges.iter_slots
 
     def load() -> StoredDigests:
-        loaded_in.append(threading.current_thread().name)
+        threads.append(("load", threading.current_thread().name))
         return real_load()
 
+    def iter_slots(conn: Any, chosen: Any) -> Any:
+        threads.append(("stored slots", threading.current_thread().name))
+        yield from real_iter_slots(conn, chosen)
+
     monkeypatch.setattr(ranges, "load", load)
+    monkeypatch.setattr(ranges, "iter_slots", iter_slots)
     inventory.update_slot(1013, vacancies=9)
     scanned = agent.scan()
-    assert (scanned.kind, scanned.slots_changed) == ("full", 1)
-    assert len(loaded_in) == 1
-    assert loaded_in[0].startswith("seyaha-digests")
+    assert (scanned.kind, scanned.slots_changed, scanned.ranges_read) == ("full", 1, 1)
+    assert [(what, name.split("_")[0]) for what, name in threads] == [
+        ("load", "seyaha-digests"),
+        ("stored slots", "seyaha-stored-slots"),
+    ]
 
-    loaded_in.clear()
+    threads.clear()
     _delivered(agent)
     inventory.update_slot(1014, vacancies=8, updated_at=cursor.since(inventory.clock(), 3600))
     here = threading.current_thread().name
     reconciled = agent.full_scan()  # beside the polls: baselined, with a change cursor
     assert reconciled is not None
     assert (reconciled.slots_changed, reconciled.ranges_read) == (1, 1)
-    assert loaded_in == [here]
+    assert threads == [("load", here), ("stored slots", here)]
     assert _stored(agent) == _truth(agent)
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
-def test_a_full_scan_reads_the_stored_side_of_its_ranges_ahead_and_a_failure_leaves_no_reader(
+def test_a_source_lost_while_ranges_are_read_stops_the_stored_side_read_ahead(
     backend: str,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
@@ -577,45 +585,13 @@ def test_a_full_scan_reads_the_stored_side_of_its_ranges_ahead_and_a_failure_lea
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A full scan reads the stored slots of the ranges it reads in a thread of their own
-    while the source finds its rows (agent/ahead.py); a reconciliation beside the polls
-    reads them in its own thread. A source lost part-way through stops that thread too, and
-    the next pass finds what the failed one did not record."""
-    setup = _setup(
-        backend,
-        make_inventory,
-        make_sandbox,
-        make_agent,
-        tmp_path,
-        slots_changed_query=SLOTS_CHANGED_QUERY,
-    )
+    """The stored side's thread ends with the pass that failed, and the next pass finds
+    what that one did not record."""
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
     agent, inventory = setup.agent, setup.inventory
-    ranges = agent.store.fingerprints.ranges
-    read_in: list[str] = []
-    real_iter_slots = ranges.iter_slots
-
-    def iter_slots(conn: Any, chosen: Any) -> Any:
-        read_in.append(threading.current_thread().name)
-        yield from real_iter_slots(conn, chosen)
-
-    monkeypatch.setattr(ranges, "iter_slots", iter_slots)
-    inventory.update_slot(1013, vacancies=9)
-    scanned = agent.scan()
-    assert (scanned.slots_changed, scanned.ranges_read) == (1, 1)
-    assert read_in == ["seyaha-stored-slots"]
-
-    read_in.clear()
-    _delivered(agent)
-    inventory.update_slot(1014, vacancies=8, updated_at=cursor.since(inventory.clock(), 3600))
-    reconciled = agent.full_scan()  # beside the polls
-    assert reconciled is not None
-    assert (reconciled.slots_changed, reconciled.ranges_read) == (1, 1)
-    assert read_in == [threading.current_thread().name]
-
-    # Lost after the source's first row of the ranges it reads.
     real_resuming = agent.reader.resuming_slots
 
-    def failing(*args: Any, **kwargs: Any) -> Any:
+    def lost_after_the_first_row(*args: Any, **kwargs: Any) -> Any:
         rows = real_resuming(*args, **kwargs)
         try:
             yield next(rows)
@@ -623,15 +599,15 @@ def test_a_full_scan_reads_the_stored_side_of_its_ranges_ahead_and_a_failure_lea
             rows.close()
         raise QueryError("slots_query stopped part-way: the server closed the connection")
 
-    monkeypatch.setattr(agent.reader, "resuming_slots", failing)
+    monkeypatch.setattr(agent.reader, "resuming_slots", lost_after_the_first_row)
     inventory.update_slot(1015, vacancies=7)
-    inventory.update_slot(2025, vacancies=6)
+    inventory.update_slot(3025, vacancies=6)
     with pytest.raises(QueryError, match="stopped part-way"):
         agent.scan()
     assert not [t for t in threading.enumerate() if t.name == "seyaha-stored-slots"]
     monkeypatch.setattr(agent.reader, "resuming_slots", real_resuming)
     after = agent.scan()
-    assert after.slots_changed == 2
+    assert (after.slots_changed, after.ranges_read) == (2, 2)
     assert _stored(agent) == _truth(agent)
 
 
