@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
@@ -595,7 +596,7 @@ class Scanner:
         known = ranges.total(written)
         # Taken before the load starts beside: as the last load found it, not as this one
         # may have found it by the time the option digests are to be asked for or not.
-        shape = ranges.shape()
+        options_first = compares_options_first(*ranges.shape())
         # The stored digests load in a thread of their own while the source computes its
         # digests: the agent's part hides behind the database's. Not beside the polls: that
         # thread and the database's parallel workers then take both cores from them (p99
@@ -606,11 +607,22 @@ class Scanner:
             else ThreadPoolExecutor(1, thread_name_prefix="seyaha-digests")
         ) as beside:
             loading = beside.submit(ranges.load)
-            # Nothing written since a pass found every stored slot unchanged: one row, the
-            # digest of every slot row, tells whether the source still holds those rows (a
-            # quiet inventory's pass then costs the database a sum, not a GROUP BY into
-            # ranges).
-            if known is not None and self.reader.slots_digest(src) == known:
+            # Nothing written since a pass found every stored slot unchanged (`known`): the
+            # sum of every slot row's digest tells whether the source still holds those
+            # rows. Where option digests come first, it is their sum: one GROUP BY costs
+            # the database about what the sum alone does, and a pass that finds a change
+            # then asks for nothing twice. Elsewhere it is one row, the sum alone (a quiet
+            # inventory's pass then costs a sum, not a GROUP BY into ranges).
+            summed = DigestSum()
+            difference = None
+            if options_first:
+                difference = self._by_option(
+                    src, loading, summed, beside, parallel=not beside_polls, whole=known
+                )
+                quiet = known is not None and summed.text == known
+            else:
+                quiet = known is not None and self.reader.slots_digest(src) == known
+            if quiet:
                 return FullPass(
                     RangeTally(),
                     ranges=[],
@@ -618,12 +630,6 @@ class Scanner:
                     ranges_total=len(loading.result().ranges),
                     unchanged=True,
                 )
-            summed = DigestSum()
-            difference = (
-                self._by_option(src, loading, summed, beside, parallel=not beside_polls)
-                if compares_options_first(*shape)
-                else None
-            )
         if difference is None:
             summed = DigestSum()
             difference = differing(
@@ -648,6 +654,7 @@ class Scanner:
         beside: Executor,
         *,
         parallel: bool,
+        whole: str | None = None,
     ) -> Difference | None:
         """The ranges that differ, found by option first: the option ids whose digests
         differ (fewer groups than ranges: about half the database's work), then the ranges
@@ -656,18 +663,26 @@ class Scanner:
         range's digest is then asked for. `loading`: the stored digests, loading `beside`,
         where the stored labels of the differing options are read while the source
         computes their ranges' digests. `parallel`: the source may compute those with
-        parallel workers (SourceReader.range_digests)."""
+        parallel workers (SourceReader.range_digests). `whole`: the digest of every slot
+        row that the stored slots matched: every option digest then goes through
+        `summed`, even when they are not compared, so that the caller can tell a pass that
+        found nothing changed; the ranges' digests are then asked for only if it differs."""
         ranges = self.store.fingerprints.ranges
         # Asked for while the stored digests load (ranges.shape said they likely call for
         # it); dropped if the loaded ones have too few option ids after all.
         source = self.reader.option_digests(src)
         stored = loading.result()
         if not by_option_first(stored):
-            source.close()
+            if whole is None:
+                source.close()
+            else:
+                deque(summed.through(source), maxlen=0)
             return None
         options = options_to_compare(
             differing(summed.through(source), stored.options, ranges.options)
         )
+        if whole is not None and summed.text == whole:
+            return None  # nothing changed: the caller returns before asking for more
         if options is None:
             return None
         if not options:

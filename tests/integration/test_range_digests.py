@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from agent import commands
 from agent import ranges as ranges_module
+from agent import scan as scan_module
 from agent.app import Agent
 from agent.dialects import PARALLEL_SETTINGS
 from agent.errors import QueryError
@@ -190,10 +191,16 @@ def _last_notify(sandbox: Sandbox, slot_id: int) -> dict[str, Any] | None:
 
 
 def _asked(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """What the agent asks the source for, in order: "options" for the option digests,
-    ("ranges", option ids or None for all) for range digests."""
+    """What the agent asks the source for, in order: "sum" for the digest of every slot
+    row, "options" for the option digests, ("ranges", option ids or None for all) for
+    range digests."""
     asked: list[Any] = []
     real_options, real_ranges = agent.reader.option_digests, agent.reader.range_digests
+    real_sum = agent.reader.slots_digest
+
+    def slots_digest(src: Any) -> Any:
+        asked.append("sum")
+        return real_sum(src)
 
     def option_digests(src: Any) -> Any:
         asked.append("options")
@@ -205,6 +212,7 @@ def _asked(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(agent.reader, "option_digests", option_digests)
     monkeypatch.setattr(agent.reader, "range_digests", range_digests)
+    monkeypatch.setattr(agent.reader, "slots_digest", slots_digest)
     return asked
 
 
@@ -470,6 +478,19 @@ def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_ch
     again = agent.scan()
     assert (again.ranges_read, again.messages, asked) == (0, 0, ["options"])
 
+    # That pass found nothing and recorded the digest of every slot row: the next sums the
+    # option digests to it and stops there, without asking for the sum on its own.
+    asked.clear()
+    quiet = agent.scan()
+    assert (quiet.slots_digest_matched, quiet.ranges_read, asked) == (True, 0, ["options"])
+    # A booking after a quiet pass: the same option digests find it, nothing is asked twice.
+    asked.clear()
+    inventory.update_slot(2013, vacancies=2)
+    booked = agent.scan()
+    assert asked == ["options", ("ranges", [spelled("1-b")])]
+    assert (booked.slots_digest_matched, booked.slots_changed, booked.notifies) == (False, 1, 1)
+    assert _stored(agent) == _truth(agent)
+
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_digests_and_reads_on(
@@ -516,6 +537,37 @@ def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_diges
     after = agent.scan()  # the shape follows the store: range digests straight away
     assert asked == [("ranges", None)]
     assert (after.slots_changed, after.ranges_read, after.notifies) == (1, 1, 1)
+    assert _stored(agent) == _truth(agent)
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_option_digests_asked_for_a_quiet_pass_on_a_stale_shape_still_tell_it_quiet(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a quiet pass, a pass that asked for option digests on the last load's shape
+    and then finds too few option ids stored to compare them by still sums every one of
+    them: equal to the recorded digest of every slot row, nothing changed and nothing more
+    is asked; different, every range's digest is asked for and the change found."""
+    _options_first(monkeypatch, True)
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    agent, inventory = setup.agent, setup.inventory
+    agent.scan()  # compares, finds nothing, records the digest of every slot row
+    asked = _asked(agent, monkeypatch)
+    monkeypatch.setattr(scan_module, "by_option_first", lambda stored: False)
+
+    quiet = agent.scan()
+    assert (quiet.slots_digest_matched, quiet.ranges_read, asked) == (True, 0, ["options"])
+
+    asked.clear()
+    inventory.update_slot(1013, vacancies=4)
+    changed = agent.scan()
+    assert asked == ["options", ("ranges", None)]
+    assert (changed.slots_digest_matched, changed.slots_changed, changed.notifies) == (False, 1, 1)
     assert _stored(agent) == _truth(agent)
 
 
