@@ -609,19 +609,24 @@ class Scanner:
             loading = beside.submit(ranges.load)
             # Nothing written since a pass found every stored slot unchanged (`known`): the
             # sum of every slot row's digest tells whether the source still holds those
-            # rows. Where option digests come first, it is their sum: one GROUP BY costs
-            # the database about what the sum alone does, and a pass that finds a change
-            # then asks for nothing twice. Elsewhere it is one row, the sum alone (a quiet
-            # inventory's pass then costs a sum, not a GROUP BY into ranges).
+            # rows. Where option digests come first and the database groups by option for
+            # about what the sum alone costs it (PostgreSQL), it is their sum: a pass that
+            # finds a change then asks for nothing twice. Elsewhere it is one row, the sum
+            # alone (a quiet inventory's pass then costs a sum, not a GROUP BY).
             summed = DigestSum()
             difference = None
-            if options_first:
+            by_options = options_first and self.reader.dialect.groups_options_cheaply
+            quiet = known is not None and not by_options and self.reader.slots_digest(src) == known
+            if options_first and not quiet:
                 difference = self._by_option(
-                    src, loading, summed, beside, parallel=not beside_polls, whole=known
+                    src,
+                    loading,
+                    summed,
+                    beside,
+                    parallel=not beside_polls,
+                    whole=known if by_options else None,
                 )
-                quiet = known is not None and summed.text == known
-            else:
-                quiet = known is not None and self.reader.slots_digest(src) == known
+                quiet = by_options and known is not None and summed.text == known
             if quiet:
                 return FullPass(
                     RangeTally(),

@@ -12,9 +12,10 @@ state is first caught up with the inventory by one scan (not timed), then about 
 of the slots is changed (95% bookings, 5% deletions), and then, each in a fresh process and
 each run on a fresh copy of the caught-up state (the same changes every run): the agent's
 Agent.scan() (PostgreSQL inventory, SQLite state, range digests) and the floor.
-Two cases more: "quiet" (nothing changed, after a pass that also found nothing: one sum of
-every row's hash says so), and "0.1% after a quiet pass" (the first changed pass after such
-a quiet one: it asks for that sum first, finds it differs, and goes on as usual).
+Two cases more: "quiet" (nothing changed, after a pass that also found nothing: the sum of
+every row's hash says so, here the sum of the option digests), and "0.1% after a quiet
+pass" (the first changed pass after such a quiet one: that sum differs, and it goes on as
+usual with the option digests it summed).
 """
 
 from __future__ import annotations
