@@ -482,8 +482,8 @@ def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_ch
     assert (again.ranges_read, again.messages, asked) == (0, 0, ["options"])
 
     # That pass found nothing and recorded the digest of every slot row: the next compares
-    # it with the sum of the option digests on PostgreSQL (grouping by option costs it
-    # about what the sum alone does), and asks for the sum alone on MariaDB.
+    # it with the sum of the option digests on PostgreSQL (grouping by option takes it
+    # about as long as the sum alone), and asks for the sum alone on MariaDB.
     quiet_asks = ["options"] if backend == "postgresql" else ["sum"]
     asked.clear()
     quiet = agent.scan()
