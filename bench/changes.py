@@ -12,10 +12,12 @@ state is first caught up with the inventory by one scan (not timed), then about 
 of the slots is changed (95% bookings, 5% deletions), and then, each in a fresh process and
 each run on a fresh copy of the caught-up state (the same changes every run): the agent's
 Agent.scan() (PostgreSQL inventory, SQLite state, range digests) and the floor.
-Two cases more: "quiet" (nothing changed, after a pass that also found nothing: the sum of
-every row's hash says so, here the sum of the option digests), and "0.1% after a quiet
-pass" (the first changed pass after such a quiet one: that sum differs, and it goes on as
-usual with the option digests it summed).
+Three cases more: "quiet" (nothing changed, after a pass that also found nothing: the sum
+of every row's hash says so, here the sum of the option digests), "0.1% after a quiet pass"
+(the first changed pass after such a quiet one: that sum differs, and it goes on as usual
+with the option digests it summed), and "one booking after a quiet pass" (the same with a
+single booking: what finds a booking when every poll is such a pass, with the two required
+queries only).
 """
 
 from __future__ import annotations
@@ -86,4 +88,11 @@ def measure(ctx: Context) -> dict[str, Any]:
     cases.append(
         timed(f"{AFTER_QUIET_SHARE * 100:g}% after a quiet pass", AFTER_QUIET_SHARE, count)
     )
+    # Quiet again (the first catch-up records those changes, the second finds nothing), then
+    # a single booking.
+    catch_up()
+    catch_up()
+    inventory.book(ctx.conn, inv, inv.ids.take(1))
+    ctx.changed()
+    cases.append(timed("one booking after a quiet pass", 1 / size, 1))
     return {"slots": size, "cases": cases}
