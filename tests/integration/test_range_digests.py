@@ -190,6 +190,16 @@ def _last_notify(sandbox: Sandbox, slot_id: int) -> dict[str, Any] | None:
     return bodies[-1] if bodies else None
 
 
+def _after_quiet(backend: str, *, changed: bool) -> list[str]:
+    """What a pass right after a quiet one asks for before any range digests, on an
+    inventory that compares option digests first: PostgreSQL the option digests alone
+    (their sum tells a quiet pass), MariaDB the sum of every row's hash first, then the
+    option digests if it differs (`changed`)."""
+    if backend == "postgresql":
+        return ["options"]
+    return ["sum", "options"] if changed else ["sum"]
+
+
 def _asked(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """What the agent asks the source for, in order: "sum" for the digest of every slot
     row, "options" for the option digests, ("ranges", option ids or None for all) for
@@ -445,9 +455,8 @@ def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_ch
     quiet = agent.scan()
     assert (quiet.ranges_read, quiet.ranges_total, asked) == (0, RANGES, ["options"])
 
-    # Right after a quiet pass, MariaDB is asked for the sum of every row's hash first (see
-    # below); PostgreSQL's option digests tell the same.
-    after_quiet = ["options"] if backend == "postgresql" else ["sum", "options"]
+    # Right after a quiet pass (see _after_quiet).
+    after_quiet = _after_quiet(backend, changed=True)
     asked.clear()
     inventory.update_slot(2013, vacancies=1)  # option 1-b
     changed = agent.scan()
@@ -484,10 +493,10 @@ def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_ch
     # That pass found nothing and recorded the digest of every slot row: the next compares
     # it with the sum of the option digests on PostgreSQL (grouping by option takes it
     # about as long as the sum alone), and asks for the sum alone on MariaDB.
-    quiet_asks = ["options"] if backend == "postgresql" else ["sum"]
     asked.clear()
     quiet = agent.scan()
-    assert (quiet.slots_digest_matched, quiet.ranges_read, asked) == (True, 0, quiet_asks)
+    assert (quiet.slots_digest_matched, quiet.ranges_read) == (True, 0)
+    assert asked == _after_quiet(backend, changed=False)
     # A booking after a quiet pass: the option digests find it, asked for once.
     asked.clear()
     inventory.update_slot(2013, vacancies=2)
@@ -566,15 +575,14 @@ def test_option_digests_asked_for_a_quiet_pass_on_a_stale_shape_still_tell_it_qu
     asked = _asked(agent, monkeypatch)
     monkeypatch.setattr(scan_module, "by_option_first", lambda stored: False)
 
-    postgresql = backend == "postgresql"
     quiet = agent.scan()
     assert (quiet.slots_digest_matched, quiet.ranges_read) == (True, 0)
-    assert asked == (["options"] if postgresql else ["sum"])
+    assert asked == _after_quiet(backend, changed=False)
 
     asked.clear()
     inventory.update_slot(1013, vacancies=4)
     changed = agent.scan()
-    assert asked == [*(["options"] if postgresql else ["sum", "options"]), ("ranges", None)]
+    assert asked == [*_after_quiet(backend, changed=True), ("ranges", None)]
     assert (changed.slots_digest_matched, changed.slots_changed, changed.notifies) == (False, 1, 1)
     assert _stored(agent) == _truth(agent)
 
