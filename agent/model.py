@@ -61,6 +61,9 @@ class Slot:
     capacity: int | None
     integration_id: str = ""
     """The Seyaha integration the slot belongs to ("": the configured one)."""
+    source_hash: int | None = field(default=None, compare=False, repr=False)
+    """The hash of the source row it was built from, where a full pass read one
+    (agent.ranges.RangeTally.row_hash); not part of what Seyaha sees."""
     fingerprint: str = field(init=False, compare=False, repr=False)
     """The digest of what a notify would carry (slot_fingerprint), computed once, here:
     the diff compares it and the store records it."""
@@ -118,6 +121,9 @@ class StoredSlot:
     local_date_time_start: str
     start_utc: datetime
     integration_id: str = ""
+    row_hash: int | None = None
+    """The hash of the source row its fingerprint was built from (Slot.source_hash), or
+    None: written from a row without one (a poll's), or before the store kept them."""
 
 
 @dataclass(frozen=True, slots=True)

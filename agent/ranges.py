@@ -75,6 +75,13 @@ def basis(slots_query: str, timezone: str, backend: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def row_salt(basis_text: str) -> int:
+    """What RangeTally.row_hash mixes into each row's hash before the store keeps it: taken
+    from the basis (see basis), so that a row hash stored on one basis never matches the
+    same row's on another (a new time zone builds another slot from the same row)."""
+    return int(basis_text[:16], 16)
+
+
 def catalog_token(catalog_query: str, backend: str, digest: str) -> str:
     """The catalog's digest (Dialect.total_digest_sql) bound to what it is worth only with:
     the query, the source's kind and way of hashing (`backend`), and DIGEST_VERSION. Equal
@@ -105,6 +112,9 @@ Digests = Mapping[str, str]
 
 _OFFSET = 1 << 63
 """Added to a signed 64-bit hash to order it as unsigned."""
+
+_SPAN = 1 << 64
+_MASK = _SPAN - 1
 
 _NEVER = -1
 """The digest hash of an UNKNOWN range: CPython's hash() never returns -1 (it gives -2
@@ -400,6 +410,8 @@ class RangeTally:
     range's digest may be stored only once every change the pass found in it is recorded.
     """
 
+    salt: int = 0
+    """Mixed into the row hashes the store keeps with the slots (row_hash; see row_salt)."""
     sums: dict[RangeKey, list[int]] = field(default_factory=dict)
     spoiled: set[RangeKey] = field(default_factory=set)
     """Ranges with an unreadable or duplicated row: their digest is not stored."""
@@ -427,6 +439,16 @@ class RangeTally:
 
     def spoil(self, key: SlotKey) -> None:
         self.spoiled.add(range_of(key))
+
+    def row_hash(self, value: object) -> int | None:
+        """A row's hash as the store keeps it with the slot built from the row (signed
+        64-bit, salted: see row_salt); None when the database gave none."""
+        try:
+            number: int = int(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return None
+        mixed = (number ^ self.salt) & _MASK
+        return mixed - _SPAN if mixed & _OFFSET else mixed
 
     def clean(self, touched: Iterable[SlotKey] = ()) -> dict[RangeKey, RangeDigest]:
         """The digests to store: every range read except spoiled ones and those holding a

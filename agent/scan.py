@@ -24,6 +24,7 @@ from agent.clock import Clock, to_epoch_ms
 from agent.db import lost_connection
 from agent.diff import (
     SlotChange,
+    SourceItem,
     SourceSlot,
     collect_changes,
     diff_catalog,
@@ -61,6 +62,7 @@ from agent.ranges import (
     options_to_compare,
     parse_label,
     range_of,
+    row_salt,
     to_read,
 )
 from agent.shards import Ownership
@@ -204,6 +206,9 @@ class ScanReport:
     slot_rows: int = 0
     slots_unchanged: int = 0
     """Rows a poll skipped unconverted: the previous poll handled them as they are."""
+    slots_built: int = 0
+    """Rows a full pass made into slots; the others it read matched the hash of the row
+    their stored slot was built from (agent.diff.Unconverted)."""
     source_transactions: int = 1
     """Source transactions a full read took (SourceReader.resuming_slots)."""
     ranges_read: int | None = None
@@ -231,6 +236,7 @@ class ScanReport:
         self.skipped_total = len(snapshot.skipped)
         self.catalog_rows = snapshot.catalog_rows_read
         self.slot_rows = snapshot.slot_rows_read
+        self.slots_built = snapshot.slot_rows_built
         self.source_transactions = snapshot.slot_transactions
 
 
@@ -515,7 +521,7 @@ class Scanner:
         *,
         ahead: bool = False,
     ) -> tuple[
-        Generator[StoredSlot, None, None] | ReadAhead[StoredSlot], Generator[SourceSlot, None, None]
+        Generator[StoredSlot, None, None] | ReadAhead[StoredSlot], Generator[SourceItem, None, None]
     ]:
         """What a full scan merges: the stored slots and the source's, both in key order,
         each read carried on across lost connections (and, the source's, across
@@ -586,11 +592,12 @@ class Scanner:
             self.reader.timezone.key,
             f"{self.reader.dialect.name}/{self.reader.row_hash_kind(src)}",
         )
+        salt = row_salt(on)
         if self._ranges_reset or self.store.fingerprints.ranges.basis() != on:
             self._ranges_reset = False
-            return FullPass(RangeTally(), basis=on, reset=True)
+            return FullPass(RangeTally(salt), basis=on, reset=True)
         if everything:
-            return FullPass(RangeTally(), basis=on)
+            return FullPass(RangeTally(salt), basis=on)
         ranges = self.store.fingerprints.ranges
         written = ranges.written()
         known = ranges.total(written)
@@ -629,7 +636,7 @@ class Scanner:
                 quiet = by_options and known is not None and summed.text == known
             if quiet:
                 return FullPass(
-                    RangeTally(),
+                    RangeTally(salt),
                     ranges=[],
                     basis=on,
                     ranges_total=len(loading.result().ranges),
@@ -643,7 +650,7 @@ class Scanner:
                 ranges.labels,
             )
         return FullPass(
-            RangeTally(),
+            RangeTally(salt),
             ranges=to_read(difference),
             basis=on,
             ranges_total=difference.source_ranges,
@@ -1168,7 +1175,7 @@ def _owned(
         stored.close()
 
 
-def _giving_way(items: Iterable[SourceSlot], give_way: Callable[[], None]) -> Iterator[SourceSlot]:
+def _giving_way(items: Iterable[SourceItem], give_way: Callable[[], None]) -> Iterator[SourceItem]:
     for n, item in enumerate(items):
         if n % GIVE_WAY_ROWS == 0:
             give_way()
@@ -1191,7 +1198,11 @@ def _read_in(report: ScanReport) -> dict[str, int]:
     only the ranges that changed, how many of how many, for its log line."""
     if report.kind != "full":
         return {}
-    fields = {"source_transactions": report.source_transactions}
+    fields = {
+        "source_transactions": report.source_transactions,
+        "slot_rows": report.slot_rows,
+        "slots_built": report.slots_built,
+    }
     if report.ranges_read is not None and report.ranges_total is not None:
         fields["ranges_read"] = report.ranges_read
         fields["ranges_total"] = report.ranges_total

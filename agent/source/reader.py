@@ -32,7 +32,7 @@ from agent.dialects import (
     Dialect,
     dialect_of,
 )
-from agent.diff import SourceSlot
+from agent.diff import SourceItem, SourceSlot, Unconverted
 from agent.errors import QueryError, SourceUnavailable, first_line
 from agent.logs import event
 from agent.model import CatalogKey, CatalogRow, SkippedRow, Slot, SlotKey
@@ -103,6 +103,9 @@ class Snapshot:
     """Source transactions a full read of the slots took (see resuming_slots)."""
     slot_rows_unchanged: int = 0
     """Rows of a poll skipped because the previous poll handled them as they are (RecentRows)."""
+    slot_rows_built: int = 0
+    """Rows of a full read made into slots (the others were told unchanged by their hash,
+    see agent.diff.Unconverted)."""
     handled: dict[RawKey, tuple[RawValues, SlotKey]] = field(default_factory=dict)
     """The slot rows of a poll to remember once its changes are recorded."""
 
@@ -220,7 +223,7 @@ class SourceReader:
         position: StreamPosition | None = None,
         tally: RangeTally | None = None,
         ranges: Sequence[str] | None = None,
-    ) -> Generator[SourceSlot, None, None]:
+    ) -> Generator[SourceItem, None, None]:
         """Every slot, streamed through a server-side cursor in key order (see Dialect.ordered);
         with `after`, only those whose key (as the database orders it) comes after it.
 
@@ -228,7 +231,9 @@ class SourceReader:
         recorded on `snapshot`. Memory does not grow with the size of the result. `position`
         is kept at the key, as the database has it, of the last slot handed on. With
         `tally`, each row's hash is added to its range's digest (agent/ranges.py), and with
-        `ranges` (their labels) only the rows of those ranges are read.
+        `ranges` (their labels) only the rows of those ranges are read. With `tally`, a row
+        with a hash comes through unbuilt (agent.diff.Unconverted): the merge builds it only
+        if the stored slot of its key was built from another row.
         """
         name = "slots_query"
         sql = self.slots_query
@@ -251,28 +256,58 @@ class SourceReader:
             conn, name, sql, self.slot_columns, stream=True, params=params, expanding=expanding
         )
         zone, route = self.timezone, self.route
-        # Rows come in key order, so the copies of a duplicated key are adjacent: each row is
-        # held back until the next key differs, and a key that came twice goes on protected.
-        held: SourceSlot | None = None
-        held_raw: Mapping[str, Any] = {}
-        duplicated = False
-        for raw in self._rows(result, name, None):
-            snapshot.slot_rows_read += 1
-            item: Slot | None
+
+        def build(raw: Mapping[str, Any], row_hash: int | None) -> Slot:
+            snapshot.slot_rows_built += 1
+            return rows.slot(raw, zone, route, row_hash)
+
+        def built(raw: Mapping[str, Any], row_hash: int) -> Slot | None:
+            """An Unconverted row's slot, built by the merge; a row that cannot be read is
+            reported then, and spoils its range's digest."""
             try:
-                item = rows.slot(raw, zone, route)
-                key = item.key
+                return build(raw, row_hash)
             except (rows.BadRow, rows.Foreign) as exc:
                 if isinstance(exc, rows.BadRow):
                     snapshot.skipped.append(
                         SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
                     )
-                # Protected either way: the merge keeps the stored state of its key.
+                if tally is not None:
+                    tally.spoil(_slot_key(raw))
+                return None
+
+        # Rows come in key order, so the copies of a duplicated key are adjacent: each row is
+        # held back until the next key differs, and a key that came twice goes on protected.
+        held: SourceItem | None = None
+        held_raw: Mapping[str, Any] = {}
+        duplicated = False
+        for raw in self._rows(result, name, None):
+            snapshot.slot_rows_read += 1
+            item: Slot | Unconverted | None = None
+            key: SlotKey | None = None
+            if tally is not None:
+                row_hash = tally.row_hash(raw.get(ROW_HASH))
+                if row_hash is not None:
+                    try:
+                        key = _slot_key(raw)
+                    except rows.BadRow:
+                        key = None  # reported below, as the row is built
+                    else:
+                        item = Unconverted(row_hash, raw, built)
+            if key is None:
                 try:
-                    ids = tuple(rows.to_id(raw.get(c), c) for c in rows.SLOT_KEY_COLUMNS)
-                except rows.BadRow:
-                    continue
-                item, key = None, (ids[0], ids[1], ids[2])
+                    item = build(raw, None)
+                    key = item.key
+                except (rows.BadRow, rows.Foreign) as exc:
+                    if isinstance(exc, rows.BadRow):
+                        snapshot.skipped.append(
+                            SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
+                        )
+                    # Protected either way: the merge keeps the stored state of its key.
+                    try:
+                        key = _slot_key(raw)
+                    except rows.BadRow:
+                        continue
+                    item = None
             if held is not None and held[0] == key:
                 snapshot.skipped.append(
                     SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), DUPLICATE_KEY)
@@ -288,14 +323,16 @@ class SourceReader:
 
     @staticmethod
     def _hand_on(
-        held: SourceSlot,
+        held: SourceItem,
         raw: Mapping[str, Any],
         duplicated: bool,
         position: StreamPosition | None,
         tally: RangeTally | None,
-    ) -> SourceSlot:
+    ) -> SourceItem:
         if position is not None:
             position.row = raw
+        if duplicated and isinstance(held[1], Unconverted):
+            held[1].slot()  # built only to report the first copy if it cannot be read
         if tally is not None:
             if duplicated or held[1] is None:
                 tally.spoil(held[0])
@@ -453,7 +490,7 @@ class SourceReader:
         monotonic: Callable[[], float] = time.monotonic,
         tally: RangeTally | None = None,
         ranges: Sequence[str] | None = None,
-    ) -> Generator[SourceSlot, None, None]:
+    ) -> Generator[SourceItem, None, None]:
         """stream_slots on `conn`, in transactions of at most `transaction_max_s`, carried
         on when the source is lost part-way through.
 
@@ -471,7 +508,7 @@ class SourceReader:
         position = StreamPosition()
         failures = 0
         with ExitStack() as resumed:
-            stream: Generator[SourceSlot, None, None]
+            stream: Generator[SourceItem, None, None]
             stream = self.stream_slots(
                 conn, snapshot, position=position, tally=tally, ranges=ranges
             )
@@ -840,6 +877,12 @@ class DigestRows(Iterator[tuple[str, str]]):
             result.close()
 
 
+def _slot_key(raw: Mapping[str, Any]) -> SlotKey:
+    """A slot row's key as the agent spells its ids (rows.slot builds the same)."""
+    product, option, slot = (rows.to_id(raw.get(c), c) for c in rows.SLOT_KEY_COLUMNS)
+    return (product, option, slot)
+
+
 def _timed_out(exc: DBAPIError) -> bool:
     original = exc.orig
     if getattr(original, "sqlstate", None) in _TIMEOUT_SQLSTATES:
@@ -873,7 +916,7 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _failing(exc: SourceUnavailable) -> Generator[SourceSlot, None, None]:
+def _failing(exc: SourceUnavailable) -> Generator[SourceItem, None, None]:
     """A stream that fails at once: the source could not be reached to carry on."""
     yield from ()
     raise exc

@@ -325,9 +325,15 @@ def _start(value: Any, tz: ZoneInfo) -> tuple[str, datetime]:
     return _cached_start(value, tz, value.fold if type(value) is datetime else 0)
 
 
-def slot(row: Mapping[str, Any], tz: ZoneInfo, route: Route | None = None) -> Slot:
+def slot(
+    row: Mapping[str, Any],
+    tz: ZoneInfo,
+    route: Route | None = None,
+    source_hash: int | None = None,
+) -> Slot:
     """A slots query row as the notify Seyaha should receive (with `route`, to the
-    integration its integration_id column names)."""
+    integration its integration_id column names); `source_hash`: the row's hash, kept with
+    the slot (Slot.source_hash)."""
     product_id = to_id(row.get("product_id"), "product_id")
     option_id = to_id(row.get("option_id"), "option_id")
     availability_id = to_id(row.get("availability_id"), "availability_id")
@@ -346,6 +352,7 @@ def slot(row: Mapping[str, Any], tz: ZoneInfo, route: Route | None = None) -> Sl
         vacancies=sent_vacancies,
         capacity=capacity,
         integration_id=integration,
+        source_hash=source_hash,
     )
 
 

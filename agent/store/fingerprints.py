@@ -86,13 +86,14 @@ class Fingerprints:
         try:
             # Unpacked by position: a million rows per scan, and attribute look-ups on a Row
             # cost more than the rest of the loop.
-            for product_id, option_id, availability_id, fingerprint, local, start_ms, to in result:
+            for product, option, availability, fingerprint, local, start_ms, to, row in result:
                 yield StoredSlot(
-                    (product_id, option_id, availability_id),
+                    (product, option, availability),
                     fingerprint,
                     local,
                     from_epoch_ms(start_ms),
                     to,
+                    row,
                 )
         finally:
             result.close()
@@ -294,6 +295,7 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
                     "local_start": s.local_date_time_start,
                     "start_ms": to_epoch_ms(s.start_utc),
                     "integration_id": s.integration_id,
+                    "row_hash": s.source_hash,
                 }
                 for s in diff.added
             ],
@@ -307,6 +309,8 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
                 local_start=sa.bindparam("local_start_text"),
                 start_ms=sa.bindparam("start_epoch_ms"),
                 integration_id=sa.bindparam("to"),
+                # None from a row without a hash (a poll's): the next full pass builds it.
+                row_hash=sa.bindparam("source_hash"),
             ),
             [
                 {
@@ -317,6 +321,7 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
                     "local_start_text": s.local_date_time_start,
                     "start_epoch_ms": to_epoch_ms(s.start_utc),
                     "to": s.integration_id,
+                    "source_hash": s.source_hash,
                 }
                 for s in diff.changed
             ],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema the newest migration writes (also kept in seyaha_meta, where 0.1.0 reads it)."""
 
 ID_LENGTH = 255
@@ -59,6 +59,8 @@ slot_fingerprints = sa.Table(
     sa.Column("local_start", sa.String(40), nullable=False),
     sa.Column("start_ms", sa.BigInteger, nullable=False),
     sa.Column("integration_id", sa.String(INTEGRATION_LENGTH), nullable=False, server_default=""),
+    # The hash of the source row the fingerprint was built from (see StoredSlot.row_hash).
+    sa.Column("row_hash", sa.BigInteger, nullable=True),
     sa.Index("seyaha_slots_start", "start_ms"),
 )
 

@@ -70,6 +70,9 @@ STEP_3 = Step(
 STEP_4 = Step(
     4, "Schema 4: each message, slot and catalog row names the Seyaha integration it belongs to."
 )
+STEP_5 = Step(
+    5, "Schema 5: each stored slot keeps the hash of the source row its fingerprint was built from."
+)
 """The steps as `seyaha-agent migrate --dry-run` names them."""
 
 INDEXES_2 = {
@@ -313,14 +316,14 @@ def stored_after_upgrade(written: Store010) -> dict[str, Any]:
     contents = written.contents
     return {
         "meta": {
-            "schema_version": "4",
+            "schema_version": "5",
             "baseline_ms": str(contents.baseline_ms),
             "cursor:slots": contents.cursors["slots"],
             # 0.1.0's scanner lease ("status:scanner") is gone; the other records stay
             "status:breaker": contents.status["breaker"],
             "status:last_delivery": contents.status["last_delivery"],
         },
-        "versions": ["0004"],
+        "versions": ["0005"],
         "indexes": INDEXES_4,
         # every body exactly as the agent sends it (0.1.0 kept sorted, spaced JSON)
         "bodies": [
@@ -346,8 +349,8 @@ def test_a_store_written_by_010_is_upgraded_in_place_on_open_and_keeps_everythin
 
         assert plan == Plan(
             current=1,
-            head=4,
-            steps=(STEP_2, STEP_3, STEP_4),
+            head=5,
+            steps=(STEP_2, STEP_3, STEP_4, STEP_5),
             stamp_legacy=True,
             backup=written.backup,
         )
@@ -422,7 +425,7 @@ def test_an_upgrade_that_stopped_half_way_finishes_at_the_next_start(
     with opened(written.url) as store:
         plan = store.open()
         assert plan == Plan(
-            current=1, head=4, steps=(STEP_2, STEP_3, STEP_4), backup=written.backup
+            current=1, head=5, steps=(STEP_2, STEP_3, STEP_4, STEP_5), backup=written.backup
         )
         assert store.admin.entries() == [as_entry(i, m) for i, m in written.messages()]
 
@@ -566,7 +569,7 @@ def test_opening_an_upgraded_store_again_changes_nothing(
         again = store.open()
         planned = Migrator(store.engine).plan()
 
-    assert again == Plan(current=4, head=4, steps=())
+    assert again == Plan(current=5, head=5, steps=())
     assert planned == again
     with connected(written.url) as conn:
         assert (dump(conn), versions_of(conn), tables_of(conn)) == before
@@ -609,7 +612,11 @@ def test_a_dry_run_on_a_010_store_names_the_upgrade_and_changes_nothing(
         plan = Migrator(store.engine).migrate(dry_run=True)
 
     assert plan == Plan(
-        current=1, head=4, steps=(STEP_2, STEP_3, STEP_4), stamp_legacy=True, backup=written.backup
+        current=1,
+        head=5,
+        steps=(STEP_2, STEP_3, STEP_4, STEP_5),
+        stamp_legacy=True,
+        backup=written.backup,
     )
     with connected(written.url) as conn:
         assert tables_of(conn) == set(TABLES)  # no version table, no leases
@@ -627,7 +634,7 @@ def test_a_dry_run_on_a_new_database_names_every_step_and_creates_nothing(
     with opened(url) as store:
         plan = Migrator(store.engine).migrate(dry_run=True)
 
-    assert plan == Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))
+    assert plan == Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))
     with connected(url) as conn:
         assert tables_of(conn) == set()
 
@@ -692,7 +699,7 @@ def test_a_new_sqlite_store_is_created_without_a_backup(
     with opened(url) as store:
         plan = store.open()
 
-    assert plan == Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))
+    assert plan == Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))
     database = Path(str(sa.engine.make_url(url).database))
     assert list(database.parent.glob("*.bak")) == []
 
@@ -767,8 +774,8 @@ def start_together(url: str, agents: int) -> list[tuple[list[int], bool]]:
 @pytest.mark.parametrize(
     ("written_by", "migrating_start"),
     [
-        pytest.param("nothing", ([1, 2, 3, 4], False), id="new"),
-        pytest.param("0.1.0", ([2, 3, 4], True), id="written-by-0.1.0"),
+        pytest.param("nothing", ([1, 2, 3, 4, 5], False), id="new"),
+        pytest.param("0.1.0", ([2, 3, 4, 5], True), id="written-by-0.1.0"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -787,8 +794,8 @@ def test_agents_starting_together_on_one_store_migrate_it_once_and_all_start(
         # one migrates (or stamps and upgrades 0.1.0's store); the others find it done
         assert sorted(did) == [([], False)] * (AGENTS - 1) + [migrating_start]
         with connected(url) as conn:
-            assert versions_of(conn) == ["0004"]
-            assert meta_of(conn)["schema_version"] == "4"
+            assert versions_of(conn) == ["0005"]
+            assert meta_of(conn)["schema_version"] == "5"
 
 
 @contextmanager
@@ -868,13 +875,15 @@ def test_an_agent_starting_while_another_migrates_waits_for_it_then_starts(
         with connected(url) as conn:
             assert tables_of(conn) == set()
 
-    assert starting.result() == [Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))]
+    assert starting.result() == [
+        Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))
+    ]
     where = sa.engine.make_url(url).render_as_string(hide_password=True)
     assert waits_said(caplog) == [
         f"another seyaha-agent is migrating the state store at {where}; waiting for it"
     ]
     with connected(url) as conn:
-        assert versions_of(conn) == ["0004"]
+        assert versions_of(conn) == ["0005"]
 
 
 @pytest.mark.parametrize(
@@ -903,4 +912,4 @@ def test_a_migration_of_one_store_does_not_hold_up_an_agent_on_another_store_of_
     outcome = starting.result()  # once the other store's lock is free, in any case
 
     assert waited == []
-    assert outcome == [Plan(current=None, head=4, steps=(STEP_1, STEP_2, STEP_3, STEP_4))]
+    assert outcome == [Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))]

@@ -169,6 +169,11 @@ def _stored(agent: Agent) -> dict[tuple[str, str, str], str]:
     return {k: s.fingerprint for k, s in agent.store.fingerprints.load_slots().items()}
 
 
+def _row_hashes(agent: Agent) -> dict[tuple[str, str, str], int | None]:
+    """The hash of the source row each stored slot was built from (None: not known)."""
+    return {k: s.row_hash for k, s in agent.store.fingerprints.load_slots().items()}
+
+
 def _ranges(agent: Agent) -> dict[RangeKey, str]:
     """The stored digests by range: "rows:sum", or UNKNOWN for a range to read again."""
     loaded = agent.store.fingerprints.ranges.items()
@@ -252,11 +257,18 @@ def test_a_reconciliation_reads_only_the_ranges_whose_rows_changed(
         0,
     )
 
+    hashes = _row_hashes(agent)
+    assert None not in hashes.values()  # the baseline kept the hash of every slot's row
     setup.inventory.update_slot(1013, vacancies=1)
     changed = agent.scan()
-    # One range read (1003, 1013, 1023), one notify.
-    assert (changed.ranges_read, changed.slot_rows) == (1, 3)
+    # One range read (1003, 1013, 1023), one notify; only the row that changed is built,
+    # the other two match the hash of the row their stored slot was built from.
+    assert (changed.ranges_read, changed.slot_rows, changed.slots_built) == (1, 3, 1)
     assert (changed.slots_changed, changed.notifies) == (1, 1)
+    key = ("1", "1-a", "1013")
+    rehashed = _row_hashes(agent)
+    assert rehashed.pop(key) not in (None, hashes.pop(key))
+    assert rehashed == hashes
     _delivered(agent)
     notified = _last_notify(setup.sandbox, 1013)
     assert notified is not None
@@ -805,6 +817,8 @@ def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconc
     assert polled is not None
     assert (polled.kind, polled.notifies) == ("incremental", 1)
     assert _ranges(agent)[_rng(setup, 1013)] == UNKNOWN
+    # The poll's row had no hash: the slot it wrote keeps none, and is built when read.
+    assert _row_hashes(agent)[("1", "1-a", "1013")] is None
     # Undone by a transaction the change cursor misses (stamped an hour back).
     inventory.update_slot(
         1013, vacancies=CAPACITY, updated_at=cursor.since(inventory.clock(), 3600)
@@ -816,6 +830,7 @@ def test_a_change_a_poll_recorded_then_undone_unseen_is_found_by_the_next_reconc
     report = agent.full_scan()
     assert report is not None
     assert (report.ranges_read, report.slots_changed, report.notifies) == (1, 1, 1)
+    assert (report.slot_rows, report.slots_built) == (3, 1)
     assert not report.slots_digest_matched
     _delivered(agent)
     notified = _last_notify(setup.sandbox, 1013)
@@ -851,6 +866,7 @@ def test_an_unreadable_row_keeps_its_range_read_and_reported_until_it_is_fixed(
     inventory.update_slot(1021, vacancies=7)
     fixed = agent.scan()
     assert (fixed.ranges_read, fixed.skipped_total, fixed.notifies) == (1, 0, 1)
+    assert (fixed.slot_rows, fixed.slots_built) == (3, 1)
     assert agent.scan().ranges_read == 0
     assert _stored(agent) == _truth(agent)
 
@@ -867,16 +883,19 @@ def test_stored_digests_are_dropped_when_the_slots_query_or_the_time_zone_change
     agent = setup.agent
 
     # The same rows by another query: digests of the old one prove nothing about it.
+    # Nor do the row hashes kept with the slots: every row is built again.
     agent.reader.slots_query = SLOTS_QUERY + "\n-- now with a comment\n"
     requery = agent.scan()
     assert (requery.ranges_read, requery.messages) == (None, 0)
+    assert requery.slots_built == requery.slot_rows == len(setup.slots)
     assert agent.scan().ranges_read == 0
 
-    # The same rows in another zone: every start moves, every slot changes.
+    # The same rows in another zone: every start moves, every slot changes, though each
+    # row's hash is what it was.
     agent.reader.timezone = ZoneInfo("UTC")
     rezoned = agent.scan()
     assert rezoned.ranges_read is None
-    assert rezoned.slots_changed == len(setup.slots)
+    assert rezoned.slots_changed == rezoned.slots_built == len(setup.slots)
     assert agent.scan().ranges_read == 0
     assert _stored(agent) == _truth(agent)
 

@@ -27,6 +27,7 @@ from agent.ranges import (
     options_to_compare,
     parse_label,
     range_of,
+    row_salt,
     to_read,
 )
 
@@ -357,3 +358,34 @@ def test_a_digest_that_does_not_read_as_numbers_leaves_no_sum() -> None:
     summed = DigestSum()
     list(summed.through(iter([(LA, D1), (LB, "3:not a number"), (LC, D2)])))
     assert summed.text is None
+
+
+SIGNED_64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@given(SIGNED_64)
+def test_a_row_hash_is_kept_as_a_signed_64_bit_integer_alike_from_either_database(
+    value: int,
+) -> None:
+    tally = RangeTally(row_salt(basis("SELECT 1", "UTC", "postgresql/by-value")))
+    kept = tally.row_hash(value)
+    assert kept is not None
+    assert -(2**63) <= kept < 2**63  # a BIGINT column holds it
+    # MySQL gives the same 64 bits unsigned: the same row hash is kept
+    assert tally.row_hash(value % 2**64) == kept
+    assert tally.row_hash(str(value)) == kept  # a DECIMAL or text from the driver
+
+
+@given(SIGNED_64)
+def test_a_row_hash_kept_on_one_basis_never_matches_the_same_row_on_another(value: int) -> None:
+    utc = RangeTally(row_salt(basis("SELECT 1", "UTC", "postgresql/by-value")))
+    istanbul = RangeTally(row_salt(basis("SELECT 1", "Europe/Istanbul", "postgresql/by-value")))
+    other_query = RangeTally(row_salt(basis("SELECT 2", "UTC", "postgresql/by-value")))
+    assert utc.row_hash(value) != istanbul.row_hash(value)
+    assert utc.row_hash(value) != other_query.row_hash(value)
+
+
+def test_a_row_without_a_hash_has_none_to_keep() -> None:
+    tally = RangeTally(row_salt(basis("SELECT 1", "UTC", "postgresql/by-value")))
+    assert tally.row_hash(None) is None
+    assert tally.row_hash("not a number") is None
