@@ -97,9 +97,9 @@ SourceItem = tuple[SlotKey, Slot | Unconverted | None]
 """A SourceSlot whose slot may not be built yet (Unconverted)."""
 
 
-ChangeKind = Literal["added", "changed", "same", "removed", "expired"]
+ChangeKind = Literal["added", "changed", "same", "rehashed", "removed", "expired"]
 SlotChange = tuple[ChangeKind, Slot | StoredSlot]
-"""("added" | "changed" | "same", Slot) or ("removed" | "expired", StoredSlot)."""
+"""("added" | "changed" | "same" | "rehashed", Slot) or ("removed" | "expired", StoredSlot)."""
 
 
 def _compare(previous: StoredSlot | None, item: Slot | None) -> ChangeKind | None:
@@ -145,7 +145,8 @@ def iter_slot_changes(
 
     A row not built yet (Unconverted) whose hash is the one the stored slot of its key was
     built from is unchanged, and stays unbuilt (unless `include_unchanged`); out of scope
-    when the stored slot is.
+    when the stored slot is. One built and found unchanged comes as "rehashed" when the
+    stored slot keeps another hash than the row's (SlotDiff.rehashed).
     """
     passed: dict[SlotKey, StoredSlot] = {}
     late: list[SourceSlot] = []
@@ -186,7 +187,13 @@ def iter_slot_changes(
         if previous is None:
             seen_new.add(hash(key))
         kind = _compare(previous, item)
-        if kind is None or (kind == "same" and not include_unchanged):
+        if kind == "same" and not include_unchanged:
+            assert item is not None
+            assert previous is not None
+            if item.source_hash is not None and previous.row_hash != item.source_hash:
+                yield "rehashed", item
+            continue
+        if kind is None:
             continue
         assert item is not None
         yield kind, item
@@ -247,16 +254,19 @@ def collect_changes(changes: Iterable[SlotChange]) -> SlotDiff:
     changed: list[Slot] = []
     removed: list[StoredSlot] = []
     expired: list[SlotKey] = []
+    rehashed: list[Slot] = []
     for kind, value in changes:
         if kind == "added" and isinstance(value, Slot):
             added.append(value)
         elif kind == "changed" and isinstance(value, Slot):
             changed.append(value)
+        elif kind == "rehashed" and isinstance(value, Slot):
+            rehashed.append(value)
         elif kind == "removed" and isinstance(value, StoredSlot):
             removed.append(value)
         elif kind == "expired" and isinstance(value, StoredSlot):
             expired.append(value.key)
-    return SlotDiff(tuple(added), tuple(changed), tuple(removed), tuple(expired))
+    return SlotDiff(tuple(added), tuple(changed), tuple(removed), tuple(expired), tuple(rehashed))
 
 
 def diff_changed_slots(

@@ -157,6 +157,10 @@ class SlotDiff:
     """Slots gone from the query result whose start is still ahead: Seyaha must hear CLOSED."""
     expired: tuple[SlotKey, ...] = ()
     """Slots whose start has passed: forgotten without a message."""
+    rehashed: tuple[Slot, ...] = ()
+    """Slots unchanged whose stored row hash is not the one of the row a full pass just
+    built them from (none was kept: a poll wrote them, or a store from before schema 5):
+    only the hash is recorded, so that the next pass need not build them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -342,3 +342,21 @@ def _apply_slots(conn: sa.Connection, diff: SlotDiff) -> None:
             sa.delete(tbl).where(matches),
             [{"product": p, "option": o, "slot": a} for p, o, a in diff.expired],
         )
+    if diff.rehashed:
+        # The fingerprint stays: only the row it was found to be built from is noted. Not
+        # a write of the slot, so its range's digest stays too (see StoredRanges.touch).
+        conn.execute(
+            sa.update(tbl)
+            .where(matches, tbl.c.fingerprint == sa.bindparam("kept_fingerprint"))
+            .values(row_hash=sa.bindparam("source_hash")),
+            [
+                {
+                    "product": s.product_id,
+                    "option": s.option_id,
+                    "slot": s.availability_id,
+                    "kept_fingerprint": s.fingerprint,
+                    "source_hash": s.source_hash,
+                }
+                for s in diff.rehashed
+            ],
+        )

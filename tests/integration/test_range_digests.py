@@ -287,6 +287,45 @@ def test_a_reconciliation_reads_only_the_ranges_whose_rows_changed(
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_slots_stored_without_the_hash_of_their_row_have_it_recorded_by_the_pass_that_builds_them(
+    backend: str,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+) -> None:
+    """A store from before schema 5 keeps no row hash: a pass builds every row of a range it
+    reads, records the hash of those it finds unchanged (only the hash: their range's digest
+    is stored as usual), and the next pass through that range builds only what changed."""
+    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
+    agent, inventory = setup.agent, setup.inventory
+    with agent.store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE seyaha_slots SET row_hash = NULL"))
+    before = _stored(agent)
+
+    inventory.update_slot(1013, vacancies=1)
+    first = agent.scan()
+    assert (first.ranges_read, first.slot_rows, first.slots_built) == (1, 3, 3)
+    assert (first.slots_changed, first.notifies) == (1, 1)
+    hashes = _row_hashes(agent)
+    same_range = [("1", "1-a", "1003"), ("1", "1-a", "1013"), ("1", "1-a", "1023")]
+    assert all(hashes[key] is not None for key in same_range)
+    assert sum(h is None for h in hashes.values()) == len(setup.slots) - 3
+    assert _ranges(agent)[_rng(setup, 1013)] != UNKNOWN  # its digest was stored
+    assert agent.scan().ranges_read == 0
+
+    inventory.update_slot(1023, vacancies=2)
+    second = agent.scan()
+    assert (second.ranges_read, second.slot_rows, second.slots_built) == (1, 3, 1)
+    assert second.slots_changed == 1
+    changed = {("1", "1-a", "1013"), ("1", "1-a", "1023")}
+    assert {k: v for k, v in _stored(agent).items() if k not in changed} == {
+        k: v for k, v in before.items() if k not in changed
+    }
+    assert _stored(agent) == _truth(agent)
+
+
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 def test_once_a_pass_found_nothing_changed_the_next_asks_for_one_digest_of_every_slot(
     backend: str,
     make_inventory: MakeInventory,
@@ -962,9 +1001,11 @@ def test_a_slot_whose_start_passed_in_a_range_nobody_reads_is_forgotten(
 
 @pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+@pytest.mark.parametrize("hashes", [True, False], ids=["row-hashes", "no-row-hashes"])
 def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_read_again(
     backend: str,
     options_first: bool,
+    hashes: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
@@ -973,7 +1014,9 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
 ) -> None:
     """The reconciliation reads range (1, 1-a, "3") at its snapshot; a poll records a newer
     state of 1023 meanwhile. The range's digest must not be stored (the store holds a state
-    newer than the rows it was computed over), and the poll's state must stand."""
+    newer than the rows it was computed over), and the poll's state must stand. Without
+    `hashes` (a store from before schema 5), the reconciliation builds 1013 and 1023 and
+    records the hash of their rows; 1023's must not land on the poll's state."""
     _options_first(monkeypatch, options_first)
     setup = _setup(
         backend,
@@ -986,6 +1029,9 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     )
     agent, inventory = setup.agent, setup.inventory
     _delivered(agent)
+    if not hashes:
+        with agent.store.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE seyaha_slots SET row_hash = NULL"))
     stale = cursor.since(inventory.clock(), 3600)
     inventory.update_slot(1003, vacancies=30, updated_at=stale)  # missed by the polls
     paused = Paused(agent, "1003")
@@ -1005,7 +1051,14 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     assert not reconciliation.is_alive()
     report = result[0]
     assert (report.ranges_read, report.slots_changed) == (1, 1)  # 1003; 1023 was the poll's
+    # 1003 changed; the merge meets 1023's stored slot as the poll wrote it, without a row
+    # hash: built too (and its older state dropped); 1013 only where no hash was kept.
+    assert report.slots_built == (2 if hashes else 3)
     assert _ranges(agent)[_rng(setup, 1023)] == UNKNOWN
+    kept = _row_hashes(agent)
+    assert kept[("1", "1-a", "1023")] is None  # the poll's row had none
+    assert kept[("1", "1-a", "1003")] is not None
+    assert kept[("1", "1-a", "1013")] is not None
     _delivered(agent)
     assert [_last_notify(setup.sandbox, n)["vacancies"] for n in (1003, 1023)] == [30, 2]  # type: ignore[index]
     assert _stored(agent) == _truth(agent)

@@ -168,10 +168,10 @@ def hashed(draw: st.DrawFn) -> Hashed:
     snap = draw(snapshots())
     built: list[SlotKey] = []
 
-    def build(row: tuple[SlotKey, tuple[int, int] | None], _hash: int) -> Slot | None:
+    def build(row: tuple[SlotKey, tuple[int, int] | None], row_hash: int) -> Slot | None:
         key, version = row
         built.append(key)
-        return None if version is None else make_slot(key, version)
+        return None if version is None else replace(make_slot(key, version), source_hash=row_hash)
 
     stored = []
     for key in sorted(snap.stored):
@@ -216,6 +216,16 @@ def test_rows_not_built_yet_give_the_dictionary_diff_and_only_those_whose_hash_d
     }
     assert set(h.built) == {key for key, _ in stream} - unbuilt
     assert len(h.built) == len(set(h.built))
+    # Built, found unchanged and in scope, with no hash kept: the row's hash is recorded.
+    stored = {s.key: s for s in h.stored}
+    assert sorted((s.key, s.source_hash) for s in diff.rehashed) == sorted(
+        (key, slot.source_hash)
+        for key, slot in ((k, i.slot()) for k, i in stream if isinstance(i, Unconverted))
+        if slot is not None and slot.start_utc >= NOW
+        if key in stored
+        and stored[key].row_hash is None
+        and stored[key].fingerprint == slot.fingerprint
+    )
 
 
 @given(h=hashed(), data=st.data())
