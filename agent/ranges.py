@@ -40,7 +40,9 @@ SUFFIX_CHARS = 1
 """Characters of the availability id that pick its range."""
 
 DIGEST_VERSION = "2"
-"""Changes when the row hash or the ranges change: every stored digest is then dropped."""
+"""Changes when the row hash or the ranges change, or what a row builds (agent/source/rows.py:
+a slot whose row is unchanged is not built again, see row_salt): every stored digest is then
+dropped, and no row hash kept with a slot matches."""
 
 RangeKey = tuple[str, str, str]
 """(product_id, option_id, suffix)"""
