@@ -261,16 +261,20 @@ class SourceReader:
             snapshot.slot_rows_built += 1
             return rows.slot(raw, zone, route, row_hash)
 
+        def unreadable(raw: Mapping[str, Any], exc: rows.BadRow | rows.Foreign) -> None:
+            # Reported if bad; protected either way: the merge keeps its key's stored state.
+            if isinstance(exc, rows.BadRow):
+                snapshot.skipped.append(
+                    SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
+                )
+
         def built(raw: Mapping[str, Any], row_hash: int) -> Slot | None:
             """An Unconverted row's slot, built by the merge; a row that cannot be read is
             reported then, and spoils its range's digest."""
             try:
                 return build(raw, row_hash)
             except (rows.BadRow, rows.Foreign) as exc:
-                if isinstance(exc, rows.BadRow):
-                    snapshot.skipped.append(
-                        SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
-                    )
+                unreadable(raw, exc)
                 if tally is not None:
                     tally.spoil(_slot_key(raw))
                 return None
@@ -298,11 +302,7 @@ class SourceReader:
                     item = build(raw, None)
                     key = item.key
                 except (rows.BadRow, rows.Foreign) as exc:
-                    if isinstance(exc, rows.BadRow):
-                        snapshot.skipped.append(
-                            SkippedRow(name, rows.raw_key(raw, rows.SLOT_KEY_COLUMNS), str(exc))
-                        )
-                    # Protected either way: the merge keeps the stored state of its key.
+                    unreadable(raw, exc)
                     try:
                         key = _slot_key(raw)
                     except rows.BadRow:
