@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -45,6 +45,14 @@ from agent.metrics import Metrics
 from agent.scan import Scanner, ScanReport, Superseded, Turn
 from agent.sharing import Sharing
 from agent.source.reader import SourceReader
+from agent.source.update_times import (
+    REDISCOVER_EVERY_S,
+    SENSE_EVERY_S,
+    PassGate,
+    Reading,
+    SensorUnusable,
+    UpdateTimes,
+)
 from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
 from agent.store import LeaseLost, OutboxStats, StateStore
 from agent.store.coordination import SCANNER, Fence
@@ -171,6 +179,20 @@ class Agent:
         self.scanner = Scanner(
             self.reader, self.store, self.clock, self.metrics, overlap_s=s.source.cursor_overlap
         )
+        self.update_times: UpdateTimes | None = None
+        """MySQL/MariaDB without a change query: the tables' times say when the daemon's
+        poll loop runs a pass (agent/source/update_times.py); None elsewhere, and once they
+        were found unusable."""
+        self._gate = PassGate(fallback_s=s.source.full_scan_interval)
+        self._tables_found_at: float | None = None
+        if (
+            s.source.watch_update_time
+            and not self.reader.incremental
+            and self.reader.dialect.name == "mysql"
+        ):
+            self.update_times = UpdateTimes(
+                self.reader.engine, (s.source.catalog_query, s.source.slots_query)
+            )
         self.deliverer = Deliverer(
             store=self.store,
             client=self.client,
@@ -469,6 +491,72 @@ class Agent:
         None when another agent holds the scanner lease."""
         return self._as_scanner(self.scanner.poll)
 
+    def poll_when_due(self) -> ScanReport | None:
+        """The daemon's poll: on a MySQL/MariaDB source without a change query, a pass only
+        when a table the queries read changed since the last one began (or none ran for
+        full_scan_interval, see PassGate), else `poll`. None when no pass ran."""
+        if self.update_times is None:
+            return self.poll()
+        reading = self._read_update_times()
+        if reading is None:
+            return self.poll()
+        started = self.clock.monotonic()
+        reason = self._gate.due(started, reading, self._scope())
+        if reason is None:
+            return None
+        event(log, logging.DEBUG, "scan.due", f"pass: {reason}")
+        try:
+            report = self.poll()
+        finally:
+            took = self.clock.monotonic() - started
+            self._gate.hold_until(
+                started + took + rest_after(self.config.settings.source.poll_interval, took)
+            )
+        if report is not None:
+            self._gate.passed(started, reading, self._scope())
+        return report
+
+    def _scope(self) -> Hashable:
+        """What this agent scans: the scanner lease held or not, a platform's shards."""
+        shards = None
+        if self.sharing is not None and self.sharing.ownership is not None:
+            shards = self.sharing.ownership.shards
+        return (self._holds_scanner, shards)
+
+    def _read_update_times(self) -> Reading | None:
+        """The tables' times (looked up at the first read and every REDISCOVER_EVERY_S);
+        None once they turn out unusable, said once, after which every poll is a pass."""
+        sensor = self.update_times
+        assert sensor is not None
+        now = self.clock.monotonic()
+        try:
+            if self._tables_found_at is None or now - self._tables_found_at >= REDISCOVER_EVERY_S:
+                tables = sensor.discover()
+                if self._tables_found_at is None:
+                    event(
+                        log,
+                        logging.INFO,
+                        "source.update_times",
+                        f"a pass runs as soon as one of {len(tables)} table(s) changes "
+                        f"({', '.join(f'{d}.{t}' for d, t in tables)}: their UPDATE_TIME is "
+                        f"read every {SENSE_EVERY_S:g} s), and at least every "
+                        f"{self.config.settings.source.full_scan_interval:g} s",
+                    )
+                self._tables_found_at = now
+            return sensor.read()
+        except SensorUnusable as exc:
+            event(
+                log,
+                logging.WARNING,
+                "source.update_times_unusable",
+                f"{exc}: every poll is a full pass, every "
+                f"{self.config.settings.source.poll_interval:g} s (add a slots_changed_query "
+                "to read only what changed, or set [source] watch_update_time = false to "
+                "silence this)",
+            )
+            self.update_times = None
+            return None
+
     def full_scan(self) -> ScanReport | None:
         """The scheduled reconciliation, by the scanner-lease holder only.
 
@@ -740,7 +828,7 @@ class Agent:
         first = True
         while not stop.is_set() and self.state_lost is None:
             started = self.clock.monotonic()
-            ok = self.guarded(self.poll)
+            ok = self.guarded(self.poll_when_due)
             self.heartbeat = self.clock.monotonic()
             took = self.heartbeat - started
             self.sweep_wake.set()
@@ -757,6 +845,9 @@ class Agent:
                 # Backing off: wake-ups (a busy writer commits all the time) must not cut the
                 # pause short and hammer a source that is failing.
                 stop.wait(self.next_poll_in_s())
+            elif self.update_times is not None:
+                # The tables' times are read every SENSE_EVERY_S; PassGate paces the passes.
+                self.poll_wake.wait(SENSE_EVERY_S)
             else:
                 self.poll_wake.wait(rest_after(self.next_poll_in_s(), took))
             self.poll_wake.clear()

@@ -1,0 +1,328 @@
+"""MySQL/MariaDB without a change query: a pass only when a table the queries read changed.
+
+With the two required queries only, every poll is a full pass over every row's hash, which
+MySQL computes on one core: at 1M slots that is seconds of the server's time every
+`poll_interval`, and a booking waits for the pass that happens to be running before the one
+that finds it. InnoDB keeps, per table, the time of the last committed change
+(`information_schema.TABLES.UPDATE_TIME`), which costs nothing to read. So the poll loop
+reads it for the tables the queries name every SENSE_EVERY_S and starts a pass as soon as
+one moved, and none while none did (`PassGate`):
+
+- **What moves it.** A transaction's commit sets the time of its first change to each table
+  (MariaDB; MySQL documents the commit's time). A rollback leaves it. Only a difference from
+  the reading taken before the last pass counts, so a time that goes backwards (a long
+  transaction committing late) is seen too.
+- **Whole seconds.** A second commit within the second of the one a pass saw leaves the same
+  time behind: a table whose time was within SETTLE_S of the reading before the last pass
+  asks for one more pass (after `poll_interval`), taken once that second is over.
+- **What it cannot see.** A transaction that stays open longer than SETTLE_S and whose first
+  change falls in the very second of the time a pass saw; a table read through a stored
+  function; a table that changed while it was not watched. So a pass still runs every
+  `full_scan_interval` (from the start of the last one) when nothing moved.
+- **Which tables.** Every table of the connection's database, and of the databases the
+  queries name, whose name appears in the queries' text, then in the definitions of the
+  views found that way. More tables than needed cost extra passes, never a missed change.
+- **Which engines.** InnoDB and MyISAM keep the time as described. Aria, MEMORY and the
+  others do not (an Aria table's time stayed put over an insert): with one of them among the
+  tables, or none found, the sensor says why and every poll is a pass, as before.
+- **MySQL 8** caches the column for a day by default (`information_schema_stats_expiry`):
+  the sensor's session sets it to 0. MySQL keeps no time for a partitioned InnoDB table, so
+  such a table disables the sensor there (MariaDB keeps one and is trusted).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from agent.db import redact_url
+from agent.errors import SourceUnavailable, first_line
+
+SENSE_EVERY_S = 0.25
+"""How often the poll loop reads the tables' times while no pass is due."""
+
+SETTLE_S = 2.0
+"""A table whose time is closer than this to the reading before a pass may still take
+commits stamped with that same second: one more pass follows, once it is over."""
+
+REDISCOVER_EVERY_S = 300.0
+"""How often the tables are looked up again (a view redefined to read another table)."""
+
+TRUSTED_ENGINES = frozenset({"innodb", "myisam"})
+"""Engines whose UPDATE_TIME moves with every committed change."""
+
+SYSTEM_SCHEMAS = frozenset({"information_schema", "mysql", "performance_schema", "sys"})
+
+_WORD = re.compile(r"`((?:[^`]|``)+)`|([A-Za-z0-9_$\u0080-\uffff]+)")
+
+Table = tuple[str, str]
+"""(database, table name), as information_schema spells them."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The watched tables' UPDATE_TIME (epoch seconds; None: not changed since the server
+    started) and the server's clock, read together in one statement."""
+
+    times: Mapping[Table, int | None]
+    now: float
+
+    def unsettled(self, settle_s: float) -> Table | None:
+        """A table whose time was less than `settle_s` before this reading, if any."""
+        for table, moment in sorted(self.times.items()):
+            if moment is not None and self.now < moment + settle_s:
+                return table
+        return None
+
+
+def change_since(before: Reading, now: Reading, settle_s: float = SETTLE_S) -> str | None:
+    """Why a pass is needed, given the reading taken before the last pass; None: nothing
+    the last pass may have missed."""
+    for table in sorted(set(before.times) | set(now.times)):
+        if before.times.get(table, -1) != now.times.get(table, -1):
+            return f"{_shown(table)} changed"
+    unsettled = before.unsettled(settle_s)
+    if unsettled is not None:
+        return f"{_shown(unsettled)} changed within {settle_s:g} s of the last pass"
+    return None
+
+
+@dataclass
+class PassGate:
+    """When the poll loop of a source with a sensor runs a pass (pure: times are passed in).
+
+    A pass is due when none ran yet, when the last one started `fallback_s` ago, or when a
+    table moved since the reading before it (change_since); never before the time the last
+    one set (hold_until: poll_interval keeps its meaning under a steady stream of changes)."""
+
+    fallback_s: float
+    settle_s: float = SETTLE_S
+    _not_before: float = -math.inf
+    _passed: float | None = None
+    _before: Reading | None = field(default=None, repr=False)
+    _scope: Hashable = None
+
+    def due(self, monotonic: float, reading: Reading, scope: Hashable = None) -> str | None:
+        """Why a pass starts now; None: not now. `scope` is what this agent scans (the
+        scanner lease, a platform's shards): a pass is due when it differs from the last
+        pass's, since what it now scans was another agent's to read."""
+        if monotonic < self._not_before:
+            return None
+        if self._passed is None or self._before is None:
+            return "no pass yet"
+        if scope != self._scope:
+            return "what this agent scans changed"
+        if monotonic - self._passed >= self.fallback_s:
+            return f"no pass for {self.fallback_s:g} s"
+        return change_since(self._before, reading, self.settle_s)
+
+    def hold_until(self, monotonic: float) -> None:
+        """No pass before `monotonic` (set after each one tried, passed or not)."""
+        self._not_before = monotonic
+
+    def passed(self, monotonic: float, reading: Reading, scope: Hashable = None) -> None:
+        """The pass started at `monotonic`, after `reading`, over `scope`, is recorded."""
+        self._passed = monotonic
+        self._before = reading
+        self._scope = scope
+
+
+class SensorUnusable(Exception):
+    """The tables' times cannot tell when the queries' rows change; the message says why."""
+
+
+def words(text: str) -> set[str]:
+    """The identifiers of SQL text (bare or `quoted`), lower-cased."""
+    found = set()
+    for quoted, bare in _WORD.findall(text):
+        found.add((quoted.replace("``", "`") if quoted else bare).lower())
+    return found
+
+
+def named_tables(
+    texts: Iterable[str],
+    kinds: Mapping[Table, str],
+    views: Mapping[Table, str],
+    current: str | None,
+) -> tuple[set[Table], set[str]]:
+    """The tables and views of `kinds` (each with its TABLE_TYPE) that the query texts name,
+    and through the definitions of the views among them, what those read; with the words of
+    the texts and of those definitions (the databases to look up, see UpdateTimes.discover).
+    A table counts when its name appears, in the current database or in one whose name
+    appears too."""
+    named = set().union(*(words(t) for t in texts))
+    found: set[Table] = set()
+    while True:
+        more = {
+            (s, n)
+            for s, n in kinds
+            if (s == current or s.lower() in named) and n.lower() in named and (s, n) not in found
+        }
+        if not more:
+            return found, named
+        found |= more
+        for view in sorted(more & set(views)):
+            named |= words(views[view])
+
+
+class UpdateTimes:
+    """Reads the UPDATE_TIME of the tables a source's queries name (see the module's doc)."""
+
+    def __init__(self, engine: sa.Engine, queries: Sequence[str]) -> None:
+        self.engine = engine
+        self.queries = tuple(queries)
+        self.tables: tuple[Table, ...] = ()
+        self._mysql = False
+        self._expiry = False
+
+    @property
+    def where(self) -> str:
+        return redact_url(self.engine.url.render_as_string(hide_password=True))
+
+    def discover(self) -> tuple[Table, ...]:
+        """Look up the tables to watch; SensorUnusable when their times cannot be trusted.
+        Only the databases whose names the queries (or the views they read) use are listed,
+        not every table of a shared server."""
+        kinds: dict[Table, str] = {}
+        engines: dict[Table, tuple[str, str]] = {}
+        views: dict[Table, str] = {}
+        try:
+            with self._connect() as conn:
+                current = conn.exec_driver_sql("SELECT DATABASE()").scalar()
+                self._mysql = not getattr(conn.dialect, "is_mariadb", False)
+                if self._mysql:
+                    self._expiry = _sets_stats_expiry(conn)
+                schemas = [
+                    str(s)
+                    for (s,) in conn.exec_driver_sql(
+                        "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA"
+                    ).all()
+                    if str(s).lower() not in SYSTEM_SCHEMAS
+                ]
+                loaded: set[str] = set()
+                named = set().union(*(words(q) for q in self.queries))
+                while True:
+                    wanted = {s for s in schemas if s == current or s.lower() in named} - loaded
+                    if not wanted:
+                        break
+                    _list_tables(conn, sorted(wanted), kinds, engines, views)
+                    loaded |= wanted
+                    found, named = named_tables(self.queries, kinds, views, current)
+        except OperationalError as exc:
+            raise SourceUnavailable(
+                f"cannot reach the source database at {self.where}: {first_line(exc)}"
+            ) from None
+        except DBAPIError as exc:
+            raise SensorUnusable(
+                f"information_schema could not be read ({first_line(exc)})"
+            ) from None
+        found, _ = named_tables(self.queries, kinds, views, current)
+        watched = tuple(sorted(t for t in found if t not in views and "VIEW" not in kinds[t]))
+        if not watched:
+            raise SensorUnusable("no table the queries name was found in information_schema")
+        for table in watched:
+            engine, options = engines[table]
+            if engine.lower() not in TRUSTED_ENGINES:
+                raise SensorUnusable(
+                    f"table {_shown(table)} uses the {engine or 'unknown'} engine, which does "
+                    "not keep the time of its last change (only InnoDB and MyISAM do)"
+                )
+            if self._mysql and "partitioned" in options.lower():
+                raise SensorUnusable(
+                    f"table {_shown(table)} is partitioned, and MySQL keeps no time of the "
+                    "last change for a partitioned table"
+                )
+        self.tables = watched
+        return watched
+
+    def read(self) -> Reading:
+        """The watched tables' times now (discover first). SourceUnavailable when the source
+        cannot be reached; SensorUnusable when it answers but refuses the query."""
+        query = sa.text(
+            "SELECT UNIX_TIMESTAMP(NOW(6)), TABLE_SCHEMA, TABLE_NAME, "
+            "UNIX_TIMESTAMP(UPDATE_TIME) FROM information_schema.TABLES "
+            "WHERE TABLE_SCHEMA IN :schemas AND TABLE_NAME IN :names"
+        ).bindparams(sa.bindparam("schemas", expanding=True), sa.bindparam("names", expanding=True))
+        bound = {
+            "schemas": sorted({s for s, _ in self.tables}),
+            "names": sorted({n for _, n in self.tables}),
+        }
+        try:
+            with self._connect() as conn:
+                if self._expiry:
+                    conn.exec_driver_sql("SET SESSION information_schema_stats_expiry = 0")
+                rows = conn.execute(query, bound).all()
+                clock: Any = (
+                    rows[0][0]
+                    if rows
+                    else conn.exec_driver_sql("SELECT UNIX_TIMESTAMP(NOW(6))").scalar()
+                )
+        except OperationalError as exc:
+            raise SourceUnavailable(
+                f"cannot reach the source database at {self.where}: {first_line(exc)}"
+            ) from None
+        except DBAPIError as exc:
+            raise SensorUnusable(
+                f"information_schema.TABLES could not be read ({first_line(exc)})"
+            ) from None
+        watched = set(self.tables)
+        times: dict[Table, int | None] = {}
+        for _, schema, name, moment in rows:
+            table = (str(schema), str(name))
+            if table in watched:
+                times[table] = None if moment is None else int(moment)
+        # NOW() is the statement's start: no later than any time it read.
+        return Reading(times, float(clock))
+
+    def _connect(self) -> sa.Connection:
+        try:
+            return self.engine.connect()
+        except SQLAlchemyError as exc:
+            raise SourceUnavailable(
+                f"cannot reach the source database at {self.where}: {first_line(exc)}"
+            ) from None
+
+
+def _list_tables(
+    conn: sa.Connection,
+    schemas: Sequence[str],
+    kinds: dict[Table, str],
+    engines: dict[Table, tuple[str, str]],
+    views: dict[Table, str],
+) -> None:
+    """The tables and views of `schemas`, into the three maps."""
+    tables = sa.text(
+        "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_TYPE, ENGINE, CREATE_OPTIONS "
+        "FROM information_schema.TABLES WHERE TABLE_SCHEMA IN :schemas"
+    ).bindparams(sa.bindparam("schemas", expanding=True))
+    for schema, name, kind, engine, options in conn.execute(tables, {"schemas": schemas}):
+        table = (str(schema), str(name))
+        kinds[table] = str(kind or "")
+        engines[table] = (str(engine or ""), str(options or ""))
+    defined = sa.text(
+        "SELECT TABLE_SCHEMA, TABLE_NAME, VIEW_DEFINITION FROM information_schema.VIEWS "
+        "WHERE TABLE_SCHEMA IN :schemas"
+    ).bindparams(sa.bindparam("schemas", expanding=True))
+    for schema, name, definition in conn.execute(defined, {"schemas": schemas}):
+        views[(str(schema), str(name))] = str(definition or "")
+
+
+def _sets_stats_expiry(conn: sa.Connection) -> bool:
+    """Whether this MySQL caches information_schema's table statistics (8.0 and later): its
+    session then asks for fresh ones."""
+    try:
+        conn.exec_driver_sql("SET SESSION information_schema_stats_expiry = 0")
+    except DBAPIError:
+        conn.rollback()
+        return False
+    return True
+
+
+def _shown(table: Table) -> str:
+    return f"{table[0]}.{table[1]}"

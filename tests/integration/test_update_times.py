@@ -1,0 +1,380 @@
+"""A MariaDB source without a change query: the tables' UPDATE_TIME decides when the daemon
+runs a pass (agent/source/update_times.py), against the real server.
+
+The deterministic tests drive Agent.poll_when_due with a clock whose monotonic reading is
+moved on by hand (poll_interval and full_scan_interval pass at once), while the server's own
+clock, which stamps UPDATE_TIME, runs for real. The premise of each attack (two commits in one
+second, a transaction open across a pass) is checked on the server before its outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from agent.app import Agent
+from agent.clock import SystemClock
+from agent.config import load_config
+from agent.sandbox import Sandbox
+from agent.scan import ScanReport
+from agent.source.update_times import SETTLE_S, SensorUnusable, UpdateTimes
+from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.inventory import (
+    CATALOG_QUERY,
+    SLOTS_QUERY,
+    Inventory,
+    calls,
+    first_day,
+    running,
+    seed_tours,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.mariadb
+
+POLL_S = 5.0
+"""poll_interval of the deterministic tests (moved on by hand)."""
+
+FALLBACK_S = 3600.0
+"""full_scan_interval: no pass in these tests is explained by it unless moved on to it."""
+
+QUIET_S = 3.0
+"""How long the daemon test watches for a pass that must NOT run."""
+
+WAKE_WAIT_S = 30.0
+
+MakeInventory = Callable[[str], Inventory]
+MakeSandbox = Callable[..., Sandbox]
+
+
+class Ahead(SystemClock):
+    """The system clock, whose monotonic reading is moved on by hand."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    made: list[Agent] = []
+
+    def make(
+        inventory: Inventory,
+        base_url: str,
+        *,
+        clock: SystemClock | None = None,
+        poll_interval: float = POLL_S,
+        slots_query: str = SLOTS_QUERY,
+        **source: Any,
+    ) -> Agent:
+        path = write_config(
+            tmp_path,
+            name=f"agent{len(made)}",
+            base_url=base_url,
+            integration_id=INTEGRATION_ID,
+            secret=SECRET,
+            source_url=inventory.url,
+            state_url=f"sqlite:///{tmp_path / f'state{len(made)}.db'}",
+            poll_interval=poll_interval,
+            slots_query=slots_query,
+            source={"full_scan_interval": FALLBACK_S, **source},
+        )
+        agent = Agent(load_config(path), clock=clock)
+        made.append(agent)
+        agent.open(exclusive=False)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.close()
+
+
+def _database(inventory: Inventory) -> str:
+    database = sa.make_url(inventory.url).database
+    assert database is not None
+    return database
+
+
+def _server_now(inventory: Inventory) -> float:
+    with inventory.engine.connect() as conn:
+        return float(conn.exec_driver_sql("SELECT UNIX_TIMESTAMP(NOW(6))").scalar_one())
+
+
+def _slots_time(agent: Agent, inventory: Inventory) -> int | None:
+    assert agent.update_times is not None
+    return agent.update_times.read().times[(_database(inventory), "slots")]
+
+
+def _quiet(agent: Agent, clock: Ahead) -> None:
+    """Move on until the gate runs no pass: the seeding's times have settled."""
+    time.sleep(SETTLE_S)
+    for _ in range(3):
+        clock.ahead += POLL_S
+        if agent.poll_when_due() is None:
+            return
+    pytest.fail("the gate kept running passes with nothing changing")
+
+
+def _pass(agent: Agent, clock: Ahead) -> ScanReport | None:
+    clock.ahead += POLL_S
+    return agent.poll_when_due()
+
+
+def _notifies(report: ScanReport | None) -> int:
+    assert report is not None, "no pass ran"
+    return report.notifies
+
+
+def _started_second(inventory: Inventory) -> None:
+    """Return early in a second of the server's clock (its first 200 ms)."""
+    while (fraction := _server_now(inventory) % 1.0) > 0.2:
+        time.sleep(1.0 - fraction + 0.01)
+
+
+# -- which tables, and whether their times can be trusted ---------------------------------
+
+
+def test_the_tables_the_queries_read_are_watched_through_a_view_into_another_database(
+    make_inventory: MakeInventory, new_database: Callable[[str], str]
+) -> None:
+    inventory = make_inventory("mariadb")
+    other_url = new_database("mariadb")
+    other = sa.make_url(other_url).database
+    here = _database(inventory)
+    with inventory.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE `{other}`.prices (option_id varchar(64), cents int)")
+        conn.exec_driver_sql(f"CREATE VIEW priced AS SELECT * FROM `{other}`.prices")
+        conn.exec_driver_sql("CREATE TABLE audit_log (id int PRIMARY KEY) ENGINE=MEMORY")
+    catalog = CATALOG_QUERY.rstrip() + " LEFT JOIN priced ON priced.option_id = o.id"
+    sensor = UpdateTimes(inventory.engine, [catalog, SLOTS_QUERY])
+    assert set(sensor.discover()) == {
+        (here, "options"),
+        (here, "products"),
+        (here, "slots"),
+        (other, "prices"),
+    }
+    # audit_log (MEMORY) is not named by the queries, so it does not disable the sensor.
+    assert set(sensor.read().times) == set(sensor.tables)
+
+
+@pytest.mark.parametrize("engine", ["MEMORY", "Aria"])
+def test_a_table_whose_engine_keeps_no_time_makes_the_sensor_say_which(
+    engine: str, make_inventory: MakeInventory
+) -> None:
+    inventory = make_inventory("mariadb")
+    with inventory.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE closures (option_id varchar(64)) ENGINE={engine}")
+    slots = SLOTS_QUERY.rstrip() + " LEFT JOIN closures c ON c.option_id = s.option_id"
+    with pytest.raises(SensorUnusable, match=rf"closures uses the {engine} engine"):
+        UpdateTimes(inventory.engine, [CATALOG_QUERY, slots]).discover()
+
+
+def test_a_commit_moves_the_time_and_a_rollback_or_an_open_transaction_does_not(
+    make_inventory: MakeInventory,
+) -> None:
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    sensor = UpdateTimes(inventory.engine, [CATALOG_QUERY, SLOTS_QUERY])
+    sensor.discover()
+    time.sleep(1.1)  # the seeding's second is over: a new commit gets a new time
+    before = sensor.read()
+    with inventory.engine.connect() as conn:
+        conn.begin()
+        conn.execute(
+            sa.update(inventory.slots).where(inventory.slots.c.id == 101).values(vacancies=1)
+        )
+        conn.rollback()
+        assert sensor.read().times == before.times
+        conn.begin()
+        conn.execute(
+            sa.update(inventory.slots).where(inventory.slots.c.id == 101).values(vacancies=2)
+        )
+        assert sensor.read().times == before.times  # not committed yet
+        conn.commit()
+    after = sensor.read()
+    slots = (_database(inventory), "slots")
+    assert after.times[slots] != before.times[slots]
+    assert {t: m for t, m in after.times.items() if t != slots} == {
+        t: m for t, m in before.times.items() if t != slots
+    }
+
+
+# -- when the daemon runs a pass ------------------------------------------------------------
+
+
+def test_at_rest_no_pass_runs_and_a_booking_runs_one_before_any_fallback(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    first = agent.poll_when_due()
+    assert first is not None
+    assert first.baseline
+    _quiet(agent, clock)
+    for _ in range(3):
+        assert _pass(agent, clock) is None
+    inventory.update_slot(101, vacancies=7)
+    found = _pass(agent, clock)
+    assert _notifies(found) == 1
+    # Held for poll_interval after it, whatever changes meanwhile.
+    inventory.update_slot(102, vacancies=6)
+    assert agent.poll_when_due() is None
+    again = _pass(agent, clock)
+    assert _notifies(again) == 1
+
+
+@pytest.mark.parametrize("settle", [True, False], ids=["settle", "no-settle"])
+def test_a_booking_committed_in_the_second_a_pass_saw_is_not_lost(
+    settle: bool,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    agents: Callable[..., Agent],
+) -> None:
+    """Booking B commits after the pass that found booking A, in the same second: the
+    table's time does not move. The pass after is due because that second was not over when
+    the first one read it; without that rule (no-settle) B waits for the fallback pass."""
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    sandbox = make_sandbox()
+    agent = agents(inventory, sandbox.url, clock=clock)
+    assert agent.poll_when_due() is not None
+    if not settle:
+        agent._gate.settle_s = 0.0
+    _quiet(agent, clock)
+    pairs = [(101, 102), (103, 104), (105, 106), (107, 108)]
+    for a, b in pairs:
+        _started_second(inventory)
+        inventory.update_slot(a, vacancies=5)
+        seen = _slots_time(agent, inventory)
+        found = _pass(agent, clock)
+        inventory.update_slot(b, vacancies=4)
+        if _slots_time(agent, inventory) == seen:
+            break  # the premise holds: B left the time A's pass saw
+        assert found is not None
+        _quiet(agent, clock)  # a slow moment: try again with the next two slots
+    else:
+        pytest.fail(f"no two commits fell in one second of the server in {len(pairs)} tries")
+    assert _notifies(found) == 1
+    after = _pass(agent, clock)
+    if settle:
+        assert _notifies(after) == 1
+    else:
+        assert after is None  # the gap this rule closes
+        clock.ahead += FALLBACK_S
+        fallback = agent.poll_when_due()
+        assert _notifies(fallback) == 1
+    assert agent.drain(60.0).stats.pending == 0
+    notified = {
+        c.body["availabilityId"] for c in calls(sandbox) if c.endpoint == "notify" and c.body
+    }
+    assert {str(a), str(b)} <= notified
+
+
+def test_a_transaction_open_across_a_pass_is_found_when_it_commits_with_an_older_time(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    """A booking whose transaction made its change before another committed, and commits
+    after the pass that found the other: the table's time goes back, which is a change."""
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    assert agent.poll_when_due() is not None
+    _quiet(agent, clock)
+    with inventory.engine.connect() as slow:
+        slow.begin()
+        slow.execute(
+            sa.update(inventory.slots).where(inventory.slots.c.id == 101).values(vacancies=3)
+        )
+        time.sleep(1.1)
+        inventory.update_slot(102, vacancies=2)
+        found = _pass(agent, clock)
+        assert _notifies(found) == 1
+        time.sleep(SETTLE_S)
+        # The pass after a reading within the second of the change (SETTLE_S), then none.
+        assert _notifies(_pass(agent, clock)) == 0
+        assert _pass(agent, clock) is None
+        seen = _slots_time(agent, inventory)
+        slow.commit()
+    assert _slots_time(agent, inventory) != seen  # the premise: its time differs
+    late = _pass(agent, clock)
+    assert _notifies(late) == 1
+
+
+def test_tables_that_keep_no_time_mean_a_pass_every_poll_said_once(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    agents: Callable[..., Agent],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    with inventory.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE closures (option_id varchar(64)) ENGINE=MEMORY")
+    slots = SLOTS_QUERY.rstrip() + " LEFT JOIN closures c ON c.option_id = s.option_id"
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock, slots_query=slots)
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        passes = [agent.poll_when_due() for _ in range(3)]
+    assert all(p is not None for p in passes)
+    unusable = [
+        r for r in caplog.records if getattr(r, "event", "") == "source.update_times_unusable"
+    ]
+    assert len(unusable) == 1
+    assert "closures uses the MEMORY engine" in unusable[0].getMessage()
+    assert agent.update_times is None
+
+
+def test_watch_update_time_false_keeps_a_pass_every_poll(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    agent = agents(inventory, make_sandbox().url, watch_update_time=False)
+    assert agent.update_times is None
+    assert [agent.poll_when_due() is not None for _ in range(2)] == [True, True]
+
+
+def _scans(agent: Agent) -> float:
+    value = agent.metrics.registry.get_sample_value("seyaha_agent_scans_total", {"result": "ok"})
+    return value or 0.0
+
+
+def test_the_daemon_at_rest_runs_no_pass_and_delivers_a_booking_at_once(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    inventory = make_inventory("mariadb")
+    slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
+    sandbox = make_sandbox()
+    agent = agents(inventory, sandbox.url, poll_interval=0.2)
+    with running(agent):
+        wait_until(lambda: [c.endpoint for c in calls(sandbox)] == ["trigger"], "the baseline")
+        # The seeding's second settles: then no more passes.
+        time.sleep(SETTLE_S + 1.0)
+        before = _scans(agent)
+        time.sleep(QUIET_S)
+        assert _scans(agent) == before, "a pass ran with nothing changing"
+        inventory.update_slot(101, vacancies=9)
+        wait_until(
+            lambda: any(
+                c.endpoint == "notify" and c.body and c.body["availabilityId"] == "101"
+                for c in calls(sandbox)
+            ),
+            "the booking's notify",
+            timeout_s=WAKE_WAIT_S,
+        )
+        assert _scans(agent) > before
+    assert slots[101].slot_id == 101
