@@ -325,6 +325,8 @@ class Agent:
         self.store.close()
         if self._guard is not None:
             self._guard.after_close()
+        if self.update_times is not None:
+            self.update_times.close()
         self.reader.engine.dispose()
         if self._lock is not None:
             self._lock.release()

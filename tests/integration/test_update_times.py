@@ -378,3 +378,23 @@ def test_the_daemon_at_rest_runs_no_pass_and_delivers_a_booking_at_once(
         )
         assert _scans(agent) > before
     assert slots[101].slot_id == 101
+
+
+def test_the_connection_kept_for_reading_is_replaced_when_the_server_ends_it(
+    make_inventory: MakeInventory,
+) -> None:
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    sensor = UpdateTimes(inventory.engine, [CATALOG_QUERY, SLOTS_QUERY])
+    sensor.discover()
+    try:
+        first = sensor.read()
+        assert sensor._held is not None
+        held = sensor._held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+        with inventory.engine.connect() as admin:
+            admin.exec_driver_sql(f"KILL CONNECTION {int(held)}")
+        again = sensor.read()  # not an outage: one new connection, then the same answer
+        assert again.times == first.times
+        assert sensor._held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() != held
+    finally:
+        sensor.close()
