@@ -264,7 +264,6 @@ class Context:
         """
         from agent.app import Agent
         from agent.config import load_config
-        from agent.store import schema as tables
 
         reference = self.reference_state(size)
         config = self.config(f"reference-{size}-catch-up", self.setup(size, reference))
@@ -273,11 +272,23 @@ class Context:
         try:
             agent.poll()
             agent.scan()
-            with agent.store.engine.begin() as conn:
-                conn.execute(sa.delete(tables.outbox))
         finally:
             agent.close()
+        empty_outbox(reference)
         return self.state_copy(size, name)
+
+
+def empty_outbox(state: Path) -> None:
+    """Drop every message of the SQLite state at `state`: a daemon started on it delivers
+    only what it finds itself."""
+    from agent.store import schema as tables
+
+    engine = sa.create_engine(f"sqlite:///{state}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.delete(tables.outbox))
+    finally:
+        engine.dispose()
 
 
 def copy_state(source: Path, target: Path) -> None:

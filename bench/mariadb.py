@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,14 +33,33 @@ import pymysql  # type: ignore[import-untyped]
 
 from bench import inventory, worker
 from bench.agentconf import AgentSetup
-from bench.context import DATA_SEED, Context, copy_state
-from bench.stats import against_floor
+from bench.context import DATA_SEED, Context, copy_state, empty_outbox
+from bench.latency import Daemon
+from bench.receiver import Receiver
+from bench.stats import against_floor, mariadb_cpu_s, percentile
 
 HOST = os.environ.get("SEYAHA_BENCH_MYSQL_HOST", "127.0.0.1")
 PORT = int(os.environ.get("SEYAHA_BENCH_MYSQL_PORT", "3306"))
 USER = os.environ.get("SEYAHA_BENCH_MYSQL_USER", "root")
 DATABASE = "seyaha_bench_mariadb"
 CHANGED_FRACTION = 0.001
+
+DAEMON_POLL_S = 5.0
+DAEMON_FULL_SCAN_S = 60.0
+"""The daemon's poll_interval and full_scan_interval: the agent's defaults."""
+START_WAIT_S = 600.0
+"""Longest wait for the daemon's first pass."""
+SETTLED_S = 10.0
+"""After the first pass, before the window at rest: the passes its start asks for are over."""
+REST_S = 120.0
+QUICK_REST_S = 10.0
+"""The window at rest (two fallback passes at full_scan_interval 60 s)."""
+BOOKINGS = 12
+QUICK_BOOKINGS = 2
+BOOKING_GAP_S = (8.0, 14.0)
+"""Seconds between two bookings (uniformly drawn): each falls at rest, in its own phase of
+the sensing (0.25 s) and of the fallback pass."""
+DELIVERY_WAIT_S = 60.0
 
 
 def queries() -> inventory.Queries:
@@ -69,6 +89,20 @@ class MariadbInventory:
     conn: pymysql.connections.Connection
     slots: int
     ids: inventory.IdPool
+
+    def book_one(self) -> tuple[str, int]:
+        """One booking of one slot, committed: (availability id, its vacancies after)."""
+        (slot,) = self.ids.take(1)
+        with self.conn.cursor() as cursor:
+            cursor.execute(
+                "UPDATE slots SET booked = CASE WHEN booked < capacity THEN booked + 1 "
+                "ELSE booked - 1 END, updated_at = NOW(6) WHERE id = %s",
+                (slot,),
+            )
+            cursor.execute("SELECT capacity - booked FROM slots WHERE id = %s", (slot,))
+            row = cursor.fetchone()
+        self.conn.commit()
+        return str(slot), int(row[0])
 
     def change(self, count: int) -> None:
         """About `count` changed rows in two committed statements: 95% bookings (vacancies
@@ -212,6 +246,10 @@ def _measure(ctx: Context, inv: MariadbInventory) -> dict[str, Any]:
     count = max(1, int(size * CHANGED_FRACTION))
     inv.change(count)
     cases.append(timed(f"{CHANGED_FRACTION * 100:g}% changed", count))
+    scan(live_config, f"mariadb-{size}")  # caught up with the 0.1% change
+    daemon = ctx.path(f"mariadb-{size}-daemon.db")
+    copy_state(live, daemon)
+    empty_outbox(daemon)
     return {
         "slots": size,
         "version": _version(),
@@ -219,7 +257,78 @@ def _measure(ctx: Context, inv: MariadbInventory) -> dict[str, Any]:
         "baseline_peak_rss_mb": baseline["peak_rss_mb"],
         "poll_interval_s": setup(live).poll_interval_s,
         "cases": cases,
+        "daemon": _daemon(ctx, inv, replace(setup(daemon), incremental=False)),
     }
+
+
+def _daemon(ctx: Context, inv: MariadbInventory, setup: AgentSetup) -> dict[str, Any]:
+    """The daemon with the two required queries only: its CPU and MariaDB's at rest, then
+    single bookings committed one at a time, each at rest, until their notify arrives."""
+    rng = random.Random(DATA_SEED)
+    rest_s = QUICK_REST_S if ctx.plan.quick else REST_S
+    bookings = QUICK_BOOKINGS if ctx.plan.quick else BOOKINGS
+    with Receiver(arrivals=True, log=ctx.log("mariadb-daemon-receiver")) as receiver:
+        setup = replace(
+            setup,
+            base_url=receiver.url,
+            poll_interval_s=DAEMON_POLL_S,
+            full_scan_interval_s=DAEMON_FULL_SCAN_S,
+        )
+        daemon = Daemon(ctx.config("mariadb-daemon", setup), ctx.log("mariadb-daemon"))
+        try:
+            if not daemon.wait_reconciled(START_WAIT_S):
+                raise RuntimeError("the MariaDB daemon ran no first pass; see its log")
+            time.sleep(SETTLED_S)
+            window = time.time()
+            agent_cpu, server_cpu = daemon.cpu_s(), mariadb_cpu_s()
+            time.sleep(rest_s)
+            rest = {
+                "rest_s": rest_s,
+                "rest_daemon_core": (daemon.cpu_s() - agent_cpu) / rest_s,
+                "rest_mariadb_core": (mariadb_cpu_s() - server_cpu) / rest_s,
+                "rest_passes": sum(1 for start, _ in daemon.reconciliations() if start >= window),
+            }
+            print(
+                f"  MariaDB daemon, two queries only, at rest for {rest_s:g} s: daemon "
+                f"{rest['rest_daemon_core']:.1%} of a core, MariaDB "
+                f"{rest['rest_mariadb_core']:.1%}, {rest['rest_passes']} pass(es)",
+                flush=True,
+            )
+            latencies: list[float] = []
+            missing = 0
+            for _ in range(bookings):
+                time.sleep(rng.uniform(*BOOKING_GAP_S))
+                slot, vacancies = inv.book_one()
+                committed = time.monotonic()
+                arrived = receiver.wait_for([(slot, vacancies)], DELIVERY_WAIT_S)
+                if slot in arrived:
+                    latencies.append((arrived[slot] - committed) * 1000)
+                else:
+                    missing += 1
+        finally:
+            code = daemon.stop()
+        if code != 0:
+            raise RuntimeError(f"the MariaDB daemon exited with {code}; see its log")
+    passes = [end - start for start, end in daemon.reconciliations() if start >= window]
+    result = {
+        **rest,
+        "poll_interval_s": DAEMON_POLL_S,
+        "full_scan_interval_s": DAEMON_FULL_SCAN_S,
+        "bookings": bookings,
+        "missing": missing,
+        "latencies_ms": [round(ms) for ms in latencies],
+        "p50_ms": percentile(latencies, 0.50) if latencies else float("nan"),
+        "max_ms": max(latencies) if latencies else float("nan"),
+        "passes": len(passes),
+        "pass_s": [round(p, 2) for p in passes],
+    }
+    print(
+        f"  MariaDB daemon, {bookings} bookings at rest: p50 {result['p50_ms']:.0f} ms, max "
+        f"{result['max_ms']:.0f} ms, {missing} missing; {len(passes)} passes "
+        f"{result['pass_s']} s",
+        flush=True,
+    )
+    return result
 
 
 def _version() -> str:

@@ -108,12 +108,22 @@ def postgres_cpu_s() -> float:
     the parallel workers of a query live only as long as it, and the postmaster counts
     their CPU among its reaped children's once they exit. Without these, a digest query
     run by two workers showed a third of its cost."""
+    return _named_cpu_s({"postgres"})
+
+
+def mariadb_cpu_s() -> float:
+    """User + system CPU seconds so far of the MariaDB (or MySQL) server of this machine
+    (one process, a thread per connection)."""
+    return _named_cpu_s({"mariadbd", "mysqld"})
+
+
+def _named_cpu_s(names: set[str]) -> float:
     total = 0.0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if (proc / "comm").read_text().strip() != "postgres":
+            if (proc / "comm").read_text().strip() not in names:
                 continue
             total += process_cpu_s(int(proc.name), reaped_children=True)
         except (OSError, ValueError):
