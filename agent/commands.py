@@ -23,6 +23,7 @@ from agent.config import (
     SECRET_ENV,
     AgentSettings,
     Config,
+    SourceSettings,
     load_config,
     load_settings,
     read_secret,
@@ -39,6 +40,7 @@ from agent.ranges import compares_options_first
 from agent.scan import ScanReport
 from agent.source import cursor
 from agent.source.reader import Snapshot, SourceReader
+from agent.source.update_times import SensorUnusable, UpdateTimes
 from agent.store import StateStore
 from agent.store.migrate import Migrator
 
@@ -238,8 +240,12 @@ def check(path: Path, out: TextIO | None = None) -> int:
                 f"{times.changed_s:.1f} s when slots changed since the last one, "
                 f"{times.whole_s:.1f} s when none did",
             )
+        sensed = not reader.incremental and _check_update_times(reader, source, report, out)
         if not reader.incremental:
-            for line in full_read_advice(rows_read, seconds, source.poll_interval, digest_s):
+            advice = full_read_advice(
+                rows_read, seconds, source.poll_interval, digest_s, sensed=sensed
+            )
+            for line in advice:
                 print(f"warning {line}", file=out)
     except AgentError as exc:
         report(False, str(exc))
@@ -344,6 +350,34 @@ def _check_integrations(reader: SourceReader, sample: Snapshot, out: TextIO) -> 
         )
 
 
+def _check_update_times(
+    reader: SourceReader,
+    source: SourceSettings,
+    report: Callable[[bool, str], None],
+    out: TextIO,
+) -> bool:
+    """Without a change query on MySQL/MariaDB: whether the daemon can pass only when a
+    table the queries read changed (agent/source/update_times.py), and which tables."""
+    if not source.watch_update_time or reader.dialect.name != "mysql":
+        return False
+    sensor = UpdateTimes(reader.engine, (source.catalog_query, source.slots_query))
+    try:
+        tables = sensor.discover()
+        sensor.read()
+    except SensorUnusable as exc:
+        print(f"warning {exc}: the daemon passes every {source.poll_interval:g} s", file=out)
+        return False
+    finally:
+        sensor.close()
+    names = ", ".join(f"{database}.{table}" for database, table in tables)
+    report(
+        True,
+        f"the daemon passes when one of {len(tables)} table(s) changes ({names}: their "
+        f"UPDATE_TIME), and every {source.full_scan_interval:g} s (full_scan_interval)",
+    )
+    return True
+
+
 def _time_full_read(reader: SourceReader) -> tuple[int, float]:
     """Rows of a full read of the slots query, converted as a scan converts them, and its
     seconds: what every poll costs when there is no change query."""
@@ -400,20 +434,35 @@ LARGE_READ_SHARE = 0.1
 
 
 def full_read_advice(
-    rows_read: int, seconds: float, poll_interval_s: float, digest_s: float | None = None
+    rows_read: int,
+    seconds: float,
+    poll_interval_s: float,
+    digest_s: float | None = None,
+    *,
+    sensed: bool = False,
 ) -> list[str]:
     """What `check` says of a configuration without slots_changed_query (pure). With range
     digests (`digest_s`, the database's time to compute them) a poll reads only the ranges
-    that changed, but the database still goes through every row of the query each time."""
+    that changed, but the database still goes through every row of the query each time.
+    `sensed`: the daemon passes only when a table changed (UPDATE_TIME), so the cost is
+    per change, not per poll."""
     if digest_s is not None:
         share = min(1.0, digest_s / poll_interval_s)
         if share <= LARGE_READ_SHARE:
             return []
-        cost = (
-            f"every poll has your database digest all {rows_read:,} rows of slots_query "
-            f"({digest_s:.1f} s, about {share:.0%} of every {poll_interval_s:g} s "
-            "poll_interval; the agent then reads only the ranges that changed)"
-        )
+        if sensed:
+            cost = (
+                f"the daemon passes only when a table the queries read changes, but each "
+                f"pass has your database digest all {rows_read:,} rows of slots_query "
+                f"({digest_s:.1f} s: a booking waits for it, and steady bookings keep your "
+                f"database busy up to {share:.0%} of the time)"
+            )
+        else:
+            cost = (
+                f"every poll has your database digest all {rows_read:,} rows of slots_query "
+                f"({digest_s:.1f} s, about {share:.0%} of every {poll_interval_s:g} s "
+                "poll_interval; the agent then reads only the ranges that changed)"
+            )
     else:
         if rows_read <= LARGE_READ_ROWS and seconds <= LARGE_READ_SHARE * poll_interval_s:
             return []

@@ -26,8 +26,9 @@ one moved, and none while none did (`PassGate`):
   others do not (an Aria table's time stayed put over an insert): with one of them among the
   tables, or none found, the sensor says why and every poll is a pass, as before.
 - **MySQL 8** caches the column for a day by default (`information_schema_stats_expiry`):
-  the sensor's session sets it to 0. MySQL keeps no time for a partitioned InnoDB table, so
-  such a table disables the sensor there (MariaDB keeps one and is trusted).
+  the sensor's session sets it to 0. MySQL documents the time for InnoDB tables that are
+  not partitioned, so a partitioned one disables the sensor there (MariaDB keeps one and is
+  trusted). Before MySQL 5.7.2 and MariaDB 10.2 InnoDB kept none: the sensor is off there.
 """
 
 from __future__ import annotations
@@ -201,8 +202,11 @@ class UpdateTimes:
         views: dict[Table, str] = {}
         try:
             with self._connect() as conn:
-                current = conn.exec_driver_sql("SELECT DATABASE()").scalar()
+                current, version = conn.exec_driver_sql("SELECT DATABASE(), VERSION()").one()
                 self._mysql = not getattr(conn.dialect, "is_mariadb", False)
+                keeps = keeps_update_time(str(version), mariadb=not self._mysql)
+                if keeps is not None:
+                    raise SensorUnusable(keeps)
                 if self._mysql:
                     self._expiry = _sets_stats_expiry(conn)
                 schemas = [
@@ -312,6 +316,20 @@ class UpdateTimes:
             raise SourceUnavailable(
                 f"cannot reach the source database at {self.where}: {first_line(exc)}"
             ) from None
+
+
+def keeps_update_time(version: str, *, mariadb: bool) -> str | None:
+    """Why a server of `version` keeps no UPDATE_TIME for InnoDB tables; None: it does
+    (MySQL from 5.7.2, MariaDB from 10.2; before, the column stayed NULL)."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version.split("-")[0])[:3])
+    since = (10, 2, 0) if mariadb else (5, 7, 2)
+    if numbers >= since:
+        return None
+    name = "MariaDB" if mariadb else "MySQL"
+    return (
+        f"{name} {version} keeps no time of an InnoDB table's last change (it does from "
+        f"{name} {'.'.join(map(str, since))})"
+    )
 
 
 def _list_tables(

@@ -11,7 +11,8 @@ disconnected, and a file event can be a read as well as a write.
   event is confirmed with `PRAGMA data_version`, which changes only when another connection
   committed.
 - MySQL/MariaDB: none; polling only (a binlog reader would need replication privileges and a
-  server-side configuration most suppliers cannot change).
+  server-side configuration most suppliers cannot change). Without a change query, the poll
+  loop reads the tables' UPDATE_TIME four times a second instead (update_times.py).
 """
 
 from __future__ import annotations

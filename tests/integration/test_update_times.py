@@ -9,6 +9,7 @@ second, a transaction open across a pass) is checked on the server before its ou
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 
 from agent.app import Agent
 from agent.clock import SystemClock
+from agent.commands import check
 from agent.config import load_config
 from agent.sandbox import Sandbox
 from agent.scan import ScanReport
@@ -398,3 +400,38 @@ def test_the_connection_kept_for_reading_is_replaced_when_the_server_ends_it(
         assert sensor._held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() != held
     finally:
         sensor.close()
+
+
+@pytest.mark.parametrize("engine", ["InnoDB", "MEMORY"])
+def test_check_names_the_tables_whose_times_decide_or_why_none_can(
+    engine: str, make_inventory: MakeInventory, make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    with inventory.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE closures (option_id varchar(64)) ENGINE={engine}")
+    path = write_config(
+        tmp_path,
+        name="check",
+        base_url=make_sandbox().url,
+        integration_id=INTEGRATION_ID,
+        secret=SECRET,
+        source_url=inventory.url,
+        state_url=f"sqlite:///{tmp_path / 'check.db'}",
+        slots_query=SLOTS_QUERY.rstrip() + " LEFT JOIN closures c ON c.option_id = s.option_id",
+    )
+    out = io.StringIO()
+    assert check(path, out) == 0
+    printed = out.getvalue()
+    here = _database(inventory)
+    if engine == "InnoDB":
+        assert (
+            f"ok      the daemon passes when one of 4 table(s) changes ({here}.closures, "
+            f"{here}.options, {here}.products, {here}.slots: their UPDATE_TIME), and every "
+            "60 s (full_scan_interval)"
+        ) in printed
+    else:
+        assert (
+            f"warning table {here}.closures uses the MEMORY engine, which does not keep the "
+            "time of its last change (only InnoDB and MyISAM do): the daemon passes every 0.2 s"
+        ) in printed

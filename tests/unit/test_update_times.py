@@ -13,6 +13,7 @@ from agent.source.update_times import (
     Reading,
     Table,
     change_since,
+    keeps_update_time,
     named_tables,
     words,
 )
@@ -159,3 +160,14 @@ def test_a_held_gate_never_runs_and_a_free_one_always_runs_for_a_change(
         assert due is not None
     else:
         assert due is None
+
+
+def test_servers_that_keep_no_innodb_time_are_named() -> None:
+    assert keeps_update_time("10.11.19-MariaDB-0+deb12u1", mariadb=True) is None
+    assert keeps_update_time("8.0.36", mariadb=False) is None
+    assert keeps_update_time("5.7.2-log", mariadb=False) is None
+    assert keeps_update_time("5.7.1", mariadb=False) == (
+        "MySQL 5.7.1 keeps no time of an InnoDB table's last change (it does from MySQL 5.7.2)"
+    )
+    assert keeps_update_time("10.1.48-MariaDB", mariadb=True) is not None
+    assert keeps_update_time("5.6.51", mariadb=False) is not None
