@@ -503,17 +503,18 @@ class Agent:
         if reading is None:
             return self.poll()
         started = self.clock.monotonic()
-        reason = self._gate.due(started, reading, self._scope())
-        if reason is None:
+        due = self._gate.due(started, reading, self._scope())
+        if due is None:
             return None
-        event(log, logging.DEBUG, "scan.due", f"pass: {reason}")
+        event(log, logging.DEBUG, "scan.due", f"pass: {due.why}")
+        if due.moved:
+            self.scanner.source_changed()
         try:
             report = self.poll()
         finally:
             took = self.clock.monotonic() - started
-            self._gate.hold_until(
-                started + took + rest_after(self.config.settings.source.poll_interval, took)
-            )
+            rest = rest_after(self.config.settings.source.poll_interval, took) if due.moved else 0
+            self._gate.hold_until(started + took + rest)
         if report is not None:
             self._gate.passed(started, reading, self._scope())
         return report

@@ -274,6 +274,8 @@ class Scanner:
     """Set while a reconciliation runs beside the polls (see reconcile)."""
     ranges_off: str | None = None
     """Why range digests are not used (ids the database spells otherwise than the agent)."""
+    _changed: bool = False
+    """The source is known to have changed since the last pass (see source_changed)."""
 
     @property
     def routed(self) -> bool:
@@ -362,6 +364,12 @@ class Scanner:
         """Whether the late-row sweep has work: a change query, and an overlap wider than
         the polls read."""
         return self.reader.incremental and self.overlap_s > self.live_overlap_s
+
+    def source_changed(self) -> None:
+        """Say that the source changed since the last pass (a table's UPDATE_TIME moved):
+        the next full pass does not ask for the digest of every row first, which only tells
+        whether anything changed (on MariaDB about half of the pass that finds a booking)."""
+        self._changed = True
 
     def forget(self) -> None:
         """Empty what the polls and sweeps remember of recorded rows: the store may have
@@ -585,6 +593,7 @@ class Scanner:
         differs from the stored one, or every range (a first pass, a resync, digests on
         another basis, most ranges changed), their digests tallied where the source has
         them. `everything`: read every range whatever the digests say."""
+        changed, self._changed = self._changed, False
         if not self._digests():
             return FullPass()
         on = basis(
@@ -623,7 +632,12 @@ class Scanner:
             summed = DigestSum()
             difference = None
             by_options = options_first and self.reader.dialect.groups_options_cheaply
-            quiet = known is not None and not by_options and self.reader.slots_digest(src) == known
+            quiet = (
+                known is not None
+                and not by_options
+                and not changed
+                and self.reader.slots_digest(src) == known
+            )
             if options_first and not quiet:
                 difference = self._by_option(
                     src,

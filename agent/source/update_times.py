@@ -88,16 +88,35 @@ class Reading:
         return None
 
 
+def moved(before: Reading, now: Reading) -> Table | None:
+    """A table whose time differs between the two readings (or that only one has)."""
+    for table in sorted(set(before.times) | set(now.times)):
+        if before.times.get(table, -1) != now.times.get(table, -1):
+            return table
+    return None
+
+
 def change_since(before: Reading, now: Reading, settle_s: float = SETTLE_S) -> str | None:
     """Why a pass is needed, given the reading taken before the last pass; None: nothing
     the last pass may have missed."""
-    for table in sorted(set(before.times) | set(now.times)):
-        if before.times.get(table, -1) != now.times.get(table, -1):
-            return f"{_shown(table)} changed"
+    table = moved(before, now)
+    if table is not None:
+        return f"{_shown(table)} changed"
     unsettled = before.unsettled(settle_s)
     if unsettled is not None:
         return f"{_shown(unsettled)} changed within {settle_s:g} s of the last pass"
     return None
+
+
+@dataclass(frozen=True)
+class Due:
+    """Why a pass starts now."""
+
+    why: str
+    moved: bool = False
+    """A table's time moved since the last pass: the source changed, so the pass need not
+    ask first whether anything did, and the next one keeps to poll_interval (see PassGate).
+    False for the first pass, the fallback, a second's settling, a new scope."""
 
 
 @dataclass
@@ -115,22 +134,29 @@ class PassGate:
     _before: Reading | None = field(default=None, repr=False)
     _scope: Hashable = None
 
-    def due(self, monotonic: float, reading: Reading, scope: Hashable = None) -> str | None:
+    def due(self, monotonic: float, reading: Reading, scope: Hashable = None) -> Due | None:
         """Why a pass starts now; None: not now. `scope` is what this agent scans (the
         scanner lease, a platform's shards): a pass is due when it differs from the last
         pass's, since what it now scans was another agent's to read."""
         if monotonic < self._not_before:
             return None
         if self._passed is None or self._before is None:
-            return "no pass yet"
+            return Due("no pass yet")
         if scope != self._scope:
-            return "what this agent scans changed"
+            return Due("what this agent scans changed")
         if monotonic - self._passed >= self.fallback_s:
-            return f"no pass for {self.fallback_s:g} s"
-        return change_since(self._before, reading, self.settle_s)
+            return Due(f"no pass for {self.fallback_s:g} s")
+        table = moved(self._before, reading)
+        if table is not None:
+            return Due(f"{_shown(table)} changed", moved=True)
+        why = change_since(self._before, reading, self.settle_s)
+        return None if why is None else Due(why)
 
     def hold_until(self, monotonic: float) -> None:
-        """No pass before `monotonic` (set after each one tried, passed or not)."""
+        """No pass before `monotonic` (set after each one tried, passed or not: the caller
+        holds the next for poll_interval after a pass for a moved time, a stream of changes
+        then gets a pass every poll_interval; after any other, only while it ran, so that a
+        booking landing during the fallback's pass is read right after it)."""
         self._not_before = monotonic
 
     def passed(self, monotonic: float, reading: Reading, scope: Hashable = None) -> None:

@@ -435,3 +435,56 @@ def test_check_names_the_tables_whose_times_decide_or_why_none_can(
             f"warning table {here}.closures uses the MEMORY engine, which does not keep the "
             "time of its last change (only InnoDB and MyISAM do): the daemon passes every 0.2 s"
         ) in printed
+
+
+def test_a_pass_for_a_moved_time_skips_the_question_whether_anything_changed(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    agents: Callable[..., Agent],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sum of every row's digest answers "did anything change?" at the cost of a pass
+    over every row: a pass started because a table's time moved knows the answer already.
+    The pass the fallback runs, with nothing moved, still asks it."""
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    assert agent.poll_when_due() is not None
+    _quiet(agent, clock)
+    asked: list[int] = []
+    sum_of_every_row = agent.reader.slots_digest
+
+    def counted(conn: sa.Connection) -> Any:
+        asked.append(1)
+        return sum_of_every_row(conn)
+
+    monkeypatch.setattr(agent.reader, "slots_digest", counted)
+    clock.ahead += FALLBACK_S
+    fallback = agent.poll_when_due()
+    assert fallback is not None
+    assert fallback.slots_digest_matched
+    assert len(asked) == 1
+    inventory.update_slot(101, vacancies=8)
+    found = _pass(agent, clock)
+    assert _notifies(found) == 1
+    assert len(asked) == 1  # not asked again
+
+
+def test_a_booking_during_the_fallback_pass_is_read_right_after_it(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    """poll_interval holds the next pass back only after one a moved time started: after the
+    fallback's pass (or a second's settling), a booking does not wait for it."""
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    assert agent.poll_when_due() is not None
+    _quiet(agent, clock)
+    clock.ahead += FALLBACK_S
+    assert _notifies(agent.poll_when_due()) == 0
+    inventory.update_slot(101, vacancies=6)
+    assert _notifies(agent.poll_when_due()) == 1  # the clock did not move on
+    inventory.update_slot(102, vacancies=5)
+    assert agent.poll_when_due() is None  # held: that pass was for a moved time

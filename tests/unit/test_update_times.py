@@ -9,11 +9,13 @@ from hypothesis import strategies as st
 
 from agent.source.update_times import (
     SETTLE_S,
+    Due,
     PassGate,
     Reading,
     Table,
     change_since,
     keeps_update_time,
+    moved,
     named_tables,
     words,
 )
@@ -111,14 +113,15 @@ def test_a_time_within_the_settle_window_of_the_reading_asks_for_one_more_pass()
 def test_the_gate_runs_the_first_pass_then_only_for_a_change_or_the_fallback() -> None:
     gate = PassGate(fallback_s=60.0)
     quiet = reading(500.0, slots=400)
-    assert gate.due(0.0, quiet) == "no pass yet"
+    assert gate.due(0.0, quiet) == Due("no pass yet")
     gate.hold_until(5.0)
     gate.passed(0.0, quiet)
     assert gate.due(1.0, reading(501.0, slots=501)) is None  # held: poll_interval
     assert gate.due(5.0, reading(505.0, slots=400)) is None
-    assert gate.due(5.0, reading(505.0, slots=504)) == "shop.slots changed"
+    assert gate.due(5.0, reading(505.0, slots=504)) == Due("shop.slots changed", moved=True)
     assert gate.due(59.9, reading(560.0, slots=400)) is None
-    assert gate.due(60.0, reading(560.0, slots=400)) == "no pass for 60 s"
+    assert gate.due(60.0, reading(560.0, slots=400)) == Due("no pass for 60 s")
+    assert gate.due(9.0, reading(505.0, slots=None)) == Due("shop.slots changed", moved=True)
 
 
 def test_what_the_agent_scans_changing_asks_for_a_pass() -> None:
@@ -126,7 +129,7 @@ def test_what_the_agent_scans_changing_asks_for_a_pass() -> None:
     quiet = reading(500.0, slots=400)
     gate.passed(0.0, quiet, (True, None))
     assert gate.due(1.0, quiet, (True, None)) is None
-    assert gate.due(1.0, quiet, (False, None)) == "what this agent scans changed"
+    assert gate.due(1.0, quiet, (False, None)) == Due("what this agent scans changed")
     assert gate.due(1.0, quiet, (True, frozenset({1, 2}))) is not None
 
 
@@ -158,6 +161,8 @@ def test_a_held_gate_never_runs_and_a_free_one_always_runs_for_a_change(
     due = gate.due(5.0 + since, now)
     if 5.0 + since >= 60.0 or change_since(before, now) is not None:
         assert due is not None
+        # Only a moved time says the source changed (the fallback may come first).
+        assert due.moved == (5.0 + since < 60.0 and moved(before, now) is not None)
     else:
         assert due is None
 
