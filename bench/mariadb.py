@@ -18,6 +18,15 @@ through the same driver (PyMySQL, an unbuffered cursor, 5,000 rows a fetch). Cas
 - 0.1% changed (95% bookings, 5% deletions), after a pass that recorded changes.
 The agent's CPU is its own process's; the rest of a pass's wall time is mostly MariaDB's
 (it runs each query on one core).
+
+Then the daemon with the two required queries only (`python -m agent run`, poll_interval 5
+s and full_scan_interval 60 s, the agent's defaults) on a copy of the caught-up state with
+an empty outbox, delivering to the fast receiver: once its first pass is over and 10 s
+more, its CPU and MariaDB's (the mariadbd process) over 120 s at rest, then 12 single
+bookings, 8-14 s apart (drawn at random), each committed and waited for until its notify
+arrives: commit to arrival, CLOCK_MONOTONIC on both sides. Each booking lands at rest, at a
+random phase of the daemon's reading of the tables' UPDATE_TIME (every 0.25 s) and of its
+fallback pass (every 60 s).
 """
 
 from __future__ import annotations
