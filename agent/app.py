@@ -44,15 +44,16 @@ from agent.logs import event, redact_everywhere
 from agent.metrics import Metrics
 from agent.scan import Scanner, ScanReport, Superseded, Turn
 from agent.sharing import Sharing
-from agent.source.reader import SourceReader
-from agent.source.update_times import (
+from agent.source.gate import (
     REDISCOVER_EVERY_S,
     SENSE_EVERY_S,
     PassGate,
-    Reading,
+    Sensed,
+    Sensor,
     SensorUnusable,
-    UpdateTimes,
 )
+from agent.source.reader import SourceReader
+from agent.source.sensors import commit_sensor
 from agent.source.wakeups import PostgresListener, SqliteFileWatcher, Wakeup
 from agent.store import LeaseLost, OutboxStats, StateStore
 from agent.store.coordination import SCANNER, Fence
@@ -179,20 +180,14 @@ class Agent:
         self.scanner = Scanner(
             self.reader, self.store, self.clock, self.metrics, overlap_s=s.source.cursor_overlap
         )
-        self.update_times: UpdateTimes | None = None
-        """MySQL/MariaDB without a change query: the tables' times say when the daemon's
-        poll loop runs a pass (agent/source/update_times.py); None elsewhere, and once they
-        were found unusable."""
+        self.sensor: Sensor | None = None
+        """Without a change query, on PostgreSQL and MySQL/MariaDB: what tells the daemon's
+        poll loop that something committed, so that it passes then and only then
+        (agent/source/gate.py); None elsewhere, and once found unusable."""
         self._gate = PassGate(fallback_s=s.source.full_scan_interval)
-        self._tables_found_at: float | None = None
-        if (
-            s.source.watch_update_time
-            and not self.reader.incremental
-            and self.reader.dialect.name == "mysql"
-        ):
-            self.update_times = UpdateTimes(
-                self.reader.engine, (s.source.catalog_query, s.source.slots_query)
-            )
+        self._sensor_found_at: float | None = None
+        if s.source.watch_commits and not self.reader.incremental:
+            self.sensor = commit_sensor(self.reader)
         self.deliverer = Deliverer(
             store=self.store,
             client=self.client,
@@ -325,8 +320,8 @@ class Agent:
         self.store.close()
         if self._guard is not None:
             self._guard.after_close()
-        if self.update_times is not None:
-            self.update_times.close()
+        if self.sensor is not None:
+            self.sensor.close()
         self.reader.engine.dispose()
         if self._lock is not None:
             self._lock.release()
@@ -497,9 +492,9 @@ class Agent:
         """The daemon's poll: on a MySQL/MariaDB source without a change query, a pass only
         when a table the queries read changed since the last one began (or none ran for
         full_scan_interval, see PassGate), else `poll`. None when no pass ran."""
-        if self.update_times is None:
+        if self.sensor is None:
             return self.poll()
-        reading = self._read_update_times()
+        reading = self._read_sensor()
         if reading is None:
             return self.poll()
         started = self.clock.monotonic()
@@ -526,38 +521,37 @@ class Agent:
             shards = self.sharing.ownership.shards
         return (self._holds_scanner, shards)
 
-    def _read_update_times(self) -> Reading | None:
-        """The tables' times (looked up at the first read and every REDISCOVER_EVERY_S);
-        None once they turn out unusable, said once, after which every poll is a pass."""
-        sensor = self.update_times
+    def _read_sensor(self) -> Sensed | None:
+        """The source's sign of commits (looked up at the first read and every
+        REDISCOVER_EVERY_S); None once it turns out unusable, said once, after which every
+        poll is a pass."""
+        sensor = self.sensor
         assert sensor is not None
+        source = self.config.settings.source
         now = self.clock.monotonic()
         try:
-            if self._tables_found_at is None or now - self._tables_found_at >= REDISCOVER_EVERY_S:
-                tables = sensor.discover()
-                if self._tables_found_at is None:
+            if self._sensor_found_at is None or now - self._sensor_found_at >= REDISCOVER_EVERY_S:
+                what = sensor.discover()
+                if self._sensor_found_at is None:
                     event(
                         log,
                         logging.INFO,
-                        "source.update_times",
-                        f"a pass runs as soon as one of {len(tables)} table(s) changes "
-                        f"({', '.join(f'{d}.{t}' for d, t in tables)}: their UPDATE_TIME is "
-                        f"read every {SENSE_EVERY_S:g} s), and at least every "
-                        f"{self.config.settings.source.full_scan_interval:g} s",
+                        "source.watching_commits",
+                        f"a pass runs as soon as {what} shows a commit (read every "
+                        f"{SENSE_EVERY_S:g} s), and at least every {source.full_scan_interval:g} s",
                     )
-                self._tables_found_at = now
+                self._sensor_found_at = now
             return sensor.read()
         except SensorUnusable as exc:
             event(
                 log,
                 logging.WARNING,
-                "source.update_times_unusable",
-                f"{exc}: every poll is a full pass, every "
-                f"{self.config.settings.source.poll_interval:g} s (add a slots_changed_query "
-                "to read only what changed, or set [source] watch_update_time = false to "
-                "silence this)",
+                "source.commits_unseen",
+                f"{exc}: every poll is a full pass, every {source.poll_interval:g} s (add a "
+                "slots_changed_query to read only what changed, or set [source] "
+                "watch_commits = false to silence this)",
             )
-            self.update_times = None
+            self.sensor = None
             return None
 
     def full_scan(self) -> ScanReport | None:
@@ -848,8 +842,8 @@ class Agent:
                 # Backing off: wake-ups (a busy writer commits all the time) must not cut the
                 # pause short and hammer a source that is failing.
                 stop.wait(self.next_poll_in_s())
-            elif self.update_times is not None:
-                # The tables' times are read every SENSE_EVERY_S; PassGate paces the passes.
+            elif self.sensor is not None:
+                # The sign of commits is read every SENSE_EVERY_S; PassGate paces the passes.
                 self.poll_wake.wait(SENSE_EVERY_S)
             else:
                 self.poll_wake.wait(rest_after(self.next_poll_in_s(), took))

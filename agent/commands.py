@@ -39,8 +39,9 @@ from agent.outbox_command import outbox
 from agent.ranges import compares_options_first
 from agent.scan import ScanReport
 from agent.source import cursor
+from agent.source.gate import SensorUnusable
 from agent.source.reader import Snapshot, SourceReader
-from agent.source.update_times import SensorUnusable, UpdateTimes
+from agent.source.sensors import commit_sensor
 from agent.store import StateStore
 from agent.store.migrate import Migrator
 
@@ -240,7 +241,7 @@ def check(path: Path, out: TextIO | None = None) -> int:
                 f"{times.changed_s:.1f} s when slots changed since the last one, "
                 f"{times.whole_s:.1f} s when none did",
             )
-        sensed = not reader.incremental and _check_update_times(reader, source, report, out)
+        sensed = not reader.incremental and _check_commits(reader, source, report, out)
         if not reader.incremental:
             advice = full_read_advice(
                 rows_read, seconds, source.poll_interval, digest_s, sensed=sensed
@@ -350,30 +351,29 @@ def _check_integrations(reader: SourceReader, sample: Snapshot, out: TextIO) -> 
         )
 
 
-def _check_update_times(
+def _check_commits(
     reader: SourceReader,
     source: SourceSettings,
     report: Callable[[bool, str], None],
     out: TextIO,
 ) -> bool:
-    """Without a change query on MySQL/MariaDB: whether the daemon can pass only when a
-    table the queries read changed (agent/source/update_times.py), and which tables."""
-    if not source.watch_update_time or reader.dialect.name != "mysql":
+    """Without a change query: whether the daemon can pass only when something committed
+    (agent/source/gate.py), and what it reads to tell."""
+    sensor = commit_sensor(reader) if source.watch_commits else None
+    if sensor is None:
         return False
-    sensor = UpdateTimes(reader.engine, (source.catalog_query, source.slots_query))
     try:
-        tables = sensor.discover()
+        what = sensor.discover()
         sensor.read()
     except SensorUnusable as exc:
         print(f"warning {exc}: the daemon passes every {source.poll_interval:g} s", file=out)
         return False
     finally:
         sensor.close()
-    names = ", ".join(f"{database}.{table}" for database, table in tables)
     report(
         True,
-        f"the daemon passes when one of {len(tables)} table(s) changes ({names}: their "
-        f"UPDATE_TIME), and every {source.full_scan_interval:g} s (full_scan_interval)",
+        f"the daemon passes when {what} shows a commit, and every "
+        f"{source.full_scan_interval:g} s (full_scan_interval)",
     )
     return True
 
@@ -444,16 +444,16 @@ def full_read_advice(
     """What `check` says of a configuration without slots_changed_query (pure). With range
     digests (`digest_s`, the database's time to compute them) a poll reads only the ranges
     that changed, but the database still goes through every row of the query each time.
-    `sensed`: the daemon passes only when a table changed (UPDATE_TIME), so the cost is
-    per change, not per poll."""
+    `sensed`: the daemon passes only when something committed (agent/source/gate.py), so
+    the cost is per change, not per poll."""
     if digest_s is not None:
         share = min(1.0, digest_s / poll_interval_s)
         if share <= LARGE_READ_SHARE:
             return []
         if sensed:
             cost = (
-                f"the daemon passes only when a table the queries read changes, but each "
-                f"pass has your database digest all {rows_read:,} rows of slots_query "
+                f"the daemon passes only when something committed, but each pass has "
+                f"your database digest all {rows_read:,} rows of slots_query "
                 f"({digest_s:.1f} s: a booking waits for it, and steady bookings keep your "
                 f"database busy up to {share:.0%} of the time)"
             )

@@ -191,11 +191,12 @@ class SourceSettings(_Section):
     notify_channel: str = Field("seyaha_agent", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     notify_tables: tuple[str, ...] = ()
     watch_file: bool = True
-    watch_update_time: bool = Field(
+    watch_commits: bool = Field(
         True,
-        description="MySQL/MariaDB without a change query: read the UPDATE_TIME of the "
-        "tables the queries name every 0.25 s, pass as soon as one changes, and skip passes "
-        "while none does (one still runs every full_scan_interval)",
+        description="without a change query, on PostgreSQL and MySQL/MariaDB: every 0.25 s "
+        "look whether anything committed (PostgreSQL's snapshot, the UPDATE_TIME of the "
+        "tables the queries name on MySQL), pass as soon as something did, and skip passes "
+        "while nothing does (one still runs every full_scan_interval)",
     )
 
     @field_validator("url")

@@ -1,9 +1,7 @@
-"""MySQL/MariaDB without a change query: a pass only when a table the queries read changed.
+"""MySQL/MariaDB without a change query: a pass only when a table the queries read changed
+(see agent/source/gate.py).
 
-With the two required queries only, every poll is a full pass over every row's hash, which
-MySQL computes on one core: at 1M slots that is seconds of the server's time every
-`poll_interval`, and a booking waits for the pass that happens to be running before the one
-that finds it. InnoDB keeps, per table, the time of the last committed change
+InnoDB keeps, per table, the time of the last committed change
 (`information_schema.TABLES.UPDATE_TIME`), which costs nothing to read. So the poll loop
 reads it for the tables the queries name every SENSE_EVERY_S and starts a pass as soon as
 one moved, and none while none did (`PassGate`):
@@ -33,11 +31,10 @@ one moved, and none while none did (`PassGate`):
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,16 +42,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from agent.db import redact_url
 from agent.errors import SourceUnavailable, first_line
-
-SENSE_EVERY_S = 0.25
-"""How often the poll loop reads the tables' times while no pass is due."""
+from agent.source.gate import Sensed, SensorUnusable
 
 SETTLE_S = 2.0
 """A table whose time is closer than this to the reading before a pass may still take
 commits stamped with that same second: one more pass follows, once it is over."""
-
-REDISCOVER_EVERY_S = 300.0
-"""How often the tables are looked up again (a view redefined to read another table)."""
 
 TRUSTED_ENGINES = frozenset({"innodb", "myisam"})
 """Engines whose UPDATE_TIME moves with every committed change."""
@@ -79,6 +71,7 @@ class Reading:
 
     times: Mapping[Table, int | None]
     now: float
+    settle_s: float = SETTLE_S
 
     def unsettled(self, settle_s: float) -> Table | None:
         """A table whose time was less than `settle_s` before this reading, if any."""
@@ -86,6 +79,18 @@ class Reading:
             if moment is not None and self.now < moment + settle_s:
                 return table
         return None
+
+    def moved_since(self, before: Sensed) -> str | None:
+        if not isinstance(before, Reading):
+            return "the tables' times were read afresh"
+        table = moved(before, self)
+        return None if table is None else f"{_shown(table)} changed"
+
+    def settling(self) -> str | None:
+        table = self.unsettled(self.settle_s)
+        if table is None:
+            return None
+        return f"{_shown(table)} changed within {self.settle_s:g} s of the last pass"
 
 
 def moved(before: Reading, now: Reading) -> Table | None:
@@ -96,78 +101,10 @@ def moved(before: Reading, now: Reading) -> Table | None:
     return None
 
 
-def change_since(before: Reading, now: Reading, settle_s: float = SETTLE_S) -> str | None:
+def change_since(before: Reading, now: Reading) -> str | None:
     """Why a pass is needed, given the reading taken before the last pass; None: nothing
     the last pass may have missed."""
-    table = moved(before, now)
-    if table is not None:
-        return f"{_shown(table)} changed"
-    unsettled = before.unsettled(settle_s)
-    if unsettled is not None:
-        return f"{_shown(unsettled)} changed within {settle_s:g} s of the last pass"
-    return None
-
-
-@dataclass(frozen=True)
-class Due:
-    """Why a pass starts now."""
-
-    why: str
-    moved: bool = False
-    """A table's time moved since the last pass: the source changed, so the pass need not
-    ask first whether anything did, and the next one keeps to poll_interval (see PassGate).
-    False for the first pass, the fallback, a second's settling, a new scope."""
-
-
-@dataclass
-class PassGate:
-    """When the poll loop of a source with a sensor runs a pass (pure: times are passed in).
-
-    A pass is due when none ran yet, when the last one started `fallback_s` ago, or when a
-    table moved since the reading before it (change_since); never before the time the last
-    one set (hold_until: poll_interval keeps its meaning under a steady stream of changes)."""
-
-    fallback_s: float
-    settle_s: float = SETTLE_S
-    _not_before: float = -math.inf
-    _passed: float | None = None
-    _before: Reading | None = field(default=None, repr=False)
-    _scope: Hashable = None
-
-    def due(self, monotonic: float, reading: Reading, scope: Hashable = None) -> Due | None:
-        """Why a pass starts now; None: not now. `scope` is what this agent scans (the
-        scanner lease, a platform's shards): a pass is due when it differs from the last
-        pass's, since what it now scans was another agent's to read."""
-        if monotonic < self._not_before:
-            return None
-        if self._passed is None or self._before is None:
-            return Due("no pass yet")
-        if scope != self._scope:
-            return Due("what this agent scans changed")
-        if monotonic - self._passed >= self.fallback_s:
-            return Due(f"no pass for {self.fallback_s:g} s")
-        table = moved(self._before, reading)
-        if table is not None:
-            return Due(f"{_shown(table)} changed", moved=True)
-        why = change_since(self._before, reading, self.settle_s)
-        return None if why is None else Due(why)
-
-    def hold_until(self, monotonic: float) -> None:
-        """No pass before `monotonic` (set after each one tried, passed or not: the caller
-        holds the next for poll_interval after a pass for a moved time, a stream of changes
-        then gets a pass every poll_interval; after any other, only while it ran, so that a
-        booking landing during the fallback's pass is read right after it)."""
-        self._not_before = monotonic
-
-    def passed(self, monotonic: float, reading: Reading, scope: Hashable = None) -> None:
-        """The pass started at `monotonic`, after `reading`, over `scope`, is recorded."""
-        self._passed = monotonic
-        self._before = reading
-        self._scope = scope
-
-
-class SensorUnusable(Exception):
-    """The tables' times cannot tell when the queries' rows change; the message says why."""
+    return now.moved_since(before) or before.settling()
 
 
 def words(text: str) -> set[str]:
@@ -214,12 +151,20 @@ class UpdateTimes:
         self._mysql = False
         self._expiry = False
         self._held: sa.Connection | None = None
+        self.settle_s = SETTLE_S
+        """See Reading.settling."""
 
     @property
     def where(self) -> str:
         return redact_url(self.engine.url.render_as_string(hide_password=True))
 
-    def discover(self) -> tuple[Table, ...]:
+    def discover(self) -> str:
+        """Look up the tables to watch (find_tables); says which."""
+        tables = self.find_tables()
+        names = ", ".join(_shown(t) for t in tables)
+        return f"the UPDATE_TIME of {len(tables)} table(s) ({names})"
+
+    def find_tables(self) -> tuple[Table, ...]:
         """Look up the tables to watch; SensorUnusable when their times cannot be trusted.
         Only the databases whose names the queries (or the views they read) use are listed,
         not every table of a shared server."""
@@ -318,7 +263,7 @@ class UpdateTimes:
             if table in watched:
                 times[table] = None if moment is None else int(moment)
         # NOW() is the statement's start: no later than any time it read.
-        return Reading(times, float(clock))
+        return Reading(times, float(clock), self.settle_s)
 
     def close(self) -> None:
         """Give back the connection read keeps (the next read opens another)."""

@@ -20,6 +20,7 @@ from agent.sandbox import Sandbox
 from agent.source.reader import SourceReader
 from agent.store import StateStore
 from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.commits import agents  # noqa: F401 - a fixture (see commits.py)
 from tests.integration.inventory import (
     CATALOG_QUERY,
     SLOTS_QUERY,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,20 @@ import pytest
 import sqlalchemy as sa
 
 from agent.app import Agent
-from agent.clock import SystemClock
 from agent.commands import check
-from agent.config import load_config
 from agent.sandbox import Sandbox
-from agent.scan import ScanReport
-from agent.source.update_times import SETTLE_S, SensorUnusable, UpdateTimes
+from agent.source.gate import SensorUnusable
+from agent.source.update_times import SETTLE_S, UpdateTimes
 from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.commits import (
+    FALLBACK_S,
+    QUIET_S,
+    WAKE_WAIT_S,
+    Ahead,
+    notifies,
+    pass_,
+    quiet,
+)
 from tests.integration.inventory import (
     CATALOG_QUERY,
     SLOTS_QUERY,
@@ -41,64 +48,8 @@ from tests.integration.inventory import (
 
 pytestmark = pytest.mark.mariadb
 
-POLL_S = 5.0
-"""poll_interval of the deterministic tests (moved on by hand)."""
-
-FALLBACK_S = 3600.0
-"""full_scan_interval: no pass in these tests is explained by it unless moved on to it."""
-
-QUIET_S = 3.0
-"""How long the daemon test watches for a pass that must NOT run."""
-
-WAKE_WAIT_S = 30.0
-
 MakeInventory = Callable[[str], Inventory]
 MakeSandbox = Callable[..., Sandbox]
-
-
-class Ahead(SystemClock):
-    """The system clock, whose monotonic reading is moved on by hand."""
-
-    def __init__(self) -> None:
-        self.ahead = 0.0
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.ahead
-
-
-@pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
-    made: list[Agent] = []
-
-    def make(
-        inventory: Inventory,
-        base_url: str,
-        *,
-        clock: SystemClock | None = None,
-        poll_interval: float = POLL_S,
-        slots_query: str = SLOTS_QUERY,
-        **source: Any,
-    ) -> Agent:
-        path = write_config(
-            tmp_path,
-            name=f"agent{len(made)}",
-            base_url=base_url,
-            integration_id=INTEGRATION_ID,
-            secret=SECRET,
-            source_url=inventory.url,
-            state_url=f"sqlite:///{tmp_path / f'state{len(made)}.db'}",
-            poll_interval=poll_interval,
-            slots_query=slots_query,
-            source={"full_scan_interval": FALLBACK_S, **source},
-        )
-        agent = Agent(load_config(path), clock=clock)
-        made.append(agent)
-        agent.open(exclusive=False)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.close()
 
 
 def _database(inventory: Inventory) -> str:
@@ -113,28 +64,14 @@ def _server_now(inventory: Inventory) -> float:
 
 
 def _slots_time(agent: Agent, inventory: Inventory) -> int | None:
-    assert agent.update_times is not None
-    return agent.update_times.read().times[(_database(inventory), "slots")]
+    assert isinstance(agent.sensor, UpdateTimes)
+    return agent.sensor.read().times[(_database(inventory), "slots")]
 
 
 def _quiet(agent: Agent, clock: Ahead) -> None:
     """Move on until the gate runs no pass: the seeding's times have settled."""
     time.sleep(SETTLE_S)
-    for _ in range(3):
-        clock.ahead += POLL_S
-        if agent.poll_when_due() is None:
-            return
-    pytest.fail("the gate kept running passes with nothing changing")
-
-
-def _pass(agent: Agent, clock: Ahead) -> ScanReport | None:
-    clock.ahead += POLL_S
-    return agent.poll_when_due()
-
-
-def _notifies(report: ScanReport | None) -> int:
-    assert report is not None, "no pass ran"
-    return report.notifies
+    quiet(agent, clock)
 
 
 def _started_second(inventory: Inventory) -> None:
@@ -159,7 +96,7 @@ def test_the_tables_the_queries_read_are_watched_through_a_view_into_another_dat
         conn.exec_driver_sql("CREATE TABLE audit_log (id int PRIMARY KEY) ENGINE=MEMORY")
     catalog = CATALOG_QUERY.rstrip() + " LEFT JOIN priced ON priced.option_id = o.id"
     sensor = UpdateTimes(inventory.engine, [catalog, SLOTS_QUERY])
-    assert set(sensor.discover()) == {
+    assert set(sensor.find_tables()) == {
         (here, "options"),
         (here, "products"),
         (here, "slots"),
@@ -178,7 +115,7 @@ def test_a_table_whose_engine_keeps_no_time_makes_the_sensor_say_which(
         conn.exec_driver_sql(f"CREATE TABLE closures (option_id varchar(64)) ENGINE={engine}")
     slots = SLOTS_QUERY.rstrip() + " LEFT JOIN closures c ON c.option_id = s.option_id"
     with pytest.raises(SensorUnusable, match=rf"closures uses the {engine} engine"):
-        UpdateTimes(inventory.engine, [CATALOG_QUERY, slots]).discover()
+        UpdateTimes(inventory.engine, [CATALOG_QUERY, slots]).find_tables()
 
 
 def test_a_commit_moves_the_time_and_a_rollback_or_an_open_transaction_does_not(
@@ -187,7 +124,7 @@ def test_a_commit_moves_the_time_and_a_rollback_or_an_open_transaction_does_not(
     inventory = make_inventory("mariadb")
     seed_tours(inventory, first_day())
     sensor = UpdateTimes(inventory.engine, [CATALOG_QUERY, SLOTS_QUERY])
-    sensor.discover()
+    sensor.find_tables()
     time.sleep(1.1)  # the seeding's second is over: a new commit gets a new time
     before = sensor.read()
     with inventory.engine.connect() as conn:
@@ -226,15 +163,15 @@ def test_at_rest_no_pass_runs_and_a_booking_runs_one_before_any_fallback(
     assert first.baseline
     _quiet(agent, clock)
     for _ in range(3):
-        assert _pass(agent, clock) is None
+        assert pass_(agent, clock) is None
     inventory.update_slot(101, vacancies=7)
-    found = _pass(agent, clock)
-    assert _notifies(found) == 1
+    found = pass_(agent, clock)
+    assert notifies(found) == 1
     # Held for poll_interval after it, whatever changes meanwhile.
     inventory.update_slot(102, vacancies=6)
     assert agent.poll_when_due() is None
-    again = _pass(agent, clock)
-    assert _notifies(again) == 1
+    again = pass_(agent, clock)
+    assert notifies(again) == 1
 
 
 @pytest.mark.parametrize("settle", [True, False], ids=["settle", "no-settle"])
@@ -254,14 +191,15 @@ def test_a_booking_committed_in_the_second_a_pass_saw_is_not_lost(
     agent = agents(inventory, sandbox.url, clock=clock)
     assert agent.poll_when_due() is not None
     if not settle:
-        agent._gate.settle_s = 0.0
+        assert isinstance(agent.sensor, UpdateTimes)
+        agent.sensor.settle_s = 0.0
     _quiet(agent, clock)
     pairs = [(101, 102), (103, 104), (105, 106), (107, 108)]
     for a, b in pairs:
         _started_second(inventory)
         inventory.update_slot(a, vacancies=5)
         seen = _slots_time(agent, inventory)
-        found = _pass(agent, clock)
+        found = pass_(agent, clock)
         inventory.update_slot(b, vacancies=4)
         if _slots_time(agent, inventory) == seen:
             break  # the premise holds: B left the time A's pass saw
@@ -269,15 +207,15 @@ def test_a_booking_committed_in_the_second_a_pass_saw_is_not_lost(
         _quiet(agent, clock)  # a slow moment: try again with the next two slots
     else:
         pytest.fail(f"no two commits fell in one second of the server in {len(pairs)} tries")
-    assert _notifies(found) == 1
-    after = _pass(agent, clock)
+    assert notifies(found) == 1
+    after = pass_(agent, clock)
     if settle:
-        assert _notifies(after) == 1
+        assert notifies(after) == 1
     else:
         assert after is None  # the gap this rule closes
         clock.ahead += FALLBACK_S
         fallback = agent.poll_when_due()
-        assert _notifies(fallback) == 1
+        assert notifies(fallback) == 1
     assert agent.drain(60.0).stats.pending == 0
     notified = {
         c.body["availabilityId"] for c in calls(sandbox) if c.endpoint == "notify" and c.body
@@ -303,17 +241,17 @@ def test_a_transaction_open_across_a_pass_is_found_when_it_commits_with_an_older
         )
         time.sleep(1.1)
         inventory.update_slot(102, vacancies=2)
-        found = _pass(agent, clock)
-        assert _notifies(found) == 1
+        found = pass_(agent, clock)
+        assert notifies(found) == 1
         time.sleep(SETTLE_S)
         # The pass after a reading within the second of the change (SETTLE_S), then none.
-        assert _notifies(_pass(agent, clock)) == 0
-        assert _pass(agent, clock) is None
+        assert notifies(pass_(agent, clock)) == 0
+        assert pass_(agent, clock) is None
         seen = _slots_time(agent, inventory)
         slow.commit()
     assert _slots_time(agent, inventory) != seen  # the premise: its time differs
-    late = _pass(agent, clock)
-    assert _notifies(late) == 1
+    late = pass_(agent, clock)
+    assert notifies(late) == 1
 
 
 def test_tables_that_keep_no_time_mean_a_pass_every_poll_said_once(
@@ -332,21 +270,19 @@ def test_tables_that_keep_no_time_mean_a_pass_every_poll_said_once(
     with caplog.at_level(logging.WARNING, logger="agent"):
         passes = [agent.poll_when_due() for _ in range(3)]
     assert all(p is not None for p in passes)
-    unusable = [
-        r for r in caplog.records if getattr(r, "event", "") == "source.update_times_unusable"
-    ]
+    unusable = [r for r in caplog.records if getattr(r, "event", "") == "source.commits_unseen"]
     assert len(unusable) == 1
     assert "closures uses the MEMORY engine" in unusable[0].getMessage()
-    assert agent.update_times is None
+    assert agent.sensor is None
 
 
-def test_watch_update_time_false_keeps_a_pass_every_poll(
+def test_watch_commits_false_keeps_a_pass_every_poll(
     make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
 ) -> None:
     inventory = make_inventory("mariadb")
     seed_tours(inventory, first_day())
-    agent = agents(inventory, make_sandbox().url, watch_update_time=False)
-    assert agent.update_times is None
+    agent = agents(inventory, make_sandbox().url, watch_commits=False)
+    assert agent.sensor is None
     assert [agent.poll_when_due() is not None for _ in range(2)] == [True, True]
 
 
@@ -388,7 +324,7 @@ def test_the_connection_kept_for_reading_is_replaced_when_the_server_ends_it(
     inventory = make_inventory("mariadb")
     seed_tours(inventory, first_day())
     sensor = UpdateTimes(inventory.engine, [CATALOG_QUERY, SLOTS_QUERY])
-    sensor.discover()
+    sensor.find_tables()
     try:
         first = sensor.read()
         assert sensor._held is not None
@@ -426,9 +362,9 @@ def test_check_names_the_tables_whose_times_decide_or_why_none_can(
     here = _database(inventory)
     if engine == "InnoDB":
         assert (
-            f"ok      the daemon passes when one of 4 table(s) changes ({here}.closures, "
-            f"{here}.options, {here}.products, {here}.slots: their UPDATE_TIME), and every "
-            "60 s (full_scan_interval)"
+            f"ok      the daemon passes when the UPDATE_TIME of 4 table(s) ({here}.closures, "
+            f"{here}.options, {here}.products, {here}.slots) shows a commit, and every 60 s "
+            "(full_scan_interval)"
         ) in printed
     else:
         assert (
@@ -466,8 +402,8 @@ def test_a_pass_for_a_moved_time_skips_the_question_whether_anything_changed(
     assert fallback.slots_digest_matched
     assert len(asked) == 1
     inventory.update_slot(101, vacancies=8)
-    found = _pass(agent, clock)
-    assert _notifies(found) == 1
+    found = pass_(agent, clock)
+    assert notifies(found) == 1
     assert len(asked) == 1  # not asked again
 
 
@@ -483,8 +419,8 @@ def test_a_booking_during_the_fallback_pass_is_read_right_after_it(
     assert agent.poll_when_due() is not None
     _quiet(agent, clock)
     clock.ahead += FALLBACK_S
-    assert _notifies(agent.poll_when_due()) == 0
+    assert notifies(agent.poll_when_due()) == 0
     inventory.update_slot(101, vacancies=6)
-    assert _notifies(agent.poll_when_due()) == 1  # the clock did not move on
+    assert notifies(agent.poll_when_due()) == 1  # the clock did not move on
     inventory.update_slot(102, vacancies=5)
     assert agent.poll_when_due() is None  # held: that pass was for a moved time

@@ -77,10 +77,10 @@ def test_check_counts_the_digests_a_pass_after_changes_asks_for(
     assert times.changed_s == expected
 
 
-def test_when_passes_follow_the_tables_times_the_advice_counts_a_pass_per_change() -> None:
+def test_when_passes_follow_commits_the_advice_counts_a_pass_per_change() -> None:
     advice = full_read_advice(1_000_000, 13.0, 5.0, 2.2, sensed=True)
     assert advice[0].startswith("[source] slots_changed_query is not set")
-    assert "passes only when a table the queries read changes" in advice[0]
+    assert "passes only when something committed" in advice[0]
     assert "(2.2 s: a booking waits for it" in advice[0]
     assert "every poll" not in advice[0]
     assert full_read_advice(1_000_000, 13.0, 5.0, 0.4, sensed=True) == []

@@ -7,10 +7,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.source.gate import Due, PassGate
 from agent.source.update_times import (
     SETTLE_S,
-    Due,
-    PassGate,
     Reading,
     Table,
     change_since,

@@ -1,0 +1,177 @@
+"""A PostgreSQL source without a change query: the server's snapshot decides when the daemon
+runs a pass (agent/source/xids.py), against the real server. Driven by hand as in
+test_update_times.py (tests/integration/commits.py)."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from agent.app import Agent
+from agent.commands import check
+from agent.sandbox import Sandbox
+from agent.source.xids import TransactionIds
+from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.commits import (
+    FALLBACK_S,
+    QUIET_S,
+    WAKE_WAIT_S,
+    Ahead,
+    notifies,
+    pass_,
+    quiet,
+)
+from tests.integration.inventory import (
+    Inventory,
+    calls,
+    first_day,
+    running,
+    seed_tours,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.postgres
+
+MakeInventory = Callable[[str], Inventory]
+MakeSandbox = Callable[..., Sandbox]
+
+
+def _book(conn: sa.Connection, inventory: Inventory, slot: int, vacancies: int) -> None:
+    conn.execute(
+        sa.update(inventory.slots).where(inventory.slots.c.id == slot).values(vacancies=vacancies)
+    )
+
+
+def test_at_rest_no_pass_runs_reads_included_and_a_booking_runs_one_at_once(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    assert isinstance(agent.sensor, TransactionIds)
+    first = agent.poll_when_due()
+    assert first is not None
+    assert first.baseline
+    quiet(agent, clock)
+    with inventory.engine.connect() as reader:  # reads take no transaction id
+        reader.execute(sa.select(sa.func.count()).select_from(inventory.slots)).scalar_one()
+    assert pass_(agent, clock) is None
+    inventory.update_slot(101, vacancies=7)
+    assert notifies(pass_(agent, clock)) == 1
+    assert pass_(agent, clock) is None  # exact: no settling pass after it
+
+
+def test_a_transaction_running_across_a_pass_is_found_when_it_commits(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    """Its change is not in the pass that ran while it was open; when it commits it leaves
+    the running list, which is a change, however long it stayed open."""
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    assert agent.poll_when_due() is not None
+    quiet(agent, clock)
+    with inventory.engine.connect() as slow:
+        slow.begin()
+        _book(slow, inventory, 101, 3)
+        inventory.update_slot(102, vacancies=2)  # commits while the slow one runs
+        assert notifies(pass_(agent, clock)) == 1
+        time.sleep(1.0)
+        assert pass_(agent, clock) is None  # nothing completed since
+        slow.commit()
+    assert notifies(pass_(agent, clock)) == 1
+    assert pass_(agent, clock) is None
+
+
+def test_a_transaction_begun_after_the_reading_is_found_when_it_commits(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    assert agent.poll_when_due() is not None
+    quiet(agent, clock)
+    with inventory.engine.connect() as late:
+        late.begin()
+        _book(late, inventory, 103, 1)  # takes an id past the last reading's xmax
+        assert pass_(agent, clock) is None  # running, not completed
+        late.commit()
+    assert notifies(pass_(agent, clock)) == 1
+
+
+def test_a_rolled_back_transaction_costs_one_pass_that_finds_nothing(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agents(inventory, make_sandbox().url, clock=clock)
+    assert agent.poll_when_due() is not None
+    quiet(agent, clock)
+    with inventory.engine.connect() as undone:
+        undone.begin()
+        _book(undone, inventory, 104, 0)
+        undone.rollback()
+    assert notifies(pass_(agent, clock)) == 0
+    assert pass_(agent, clock) is None
+
+
+def _scans(agent: Agent) -> float:
+    value = agent.metrics.registry.get_sample_value("seyaha_agent_scans_total", {"result": "ok"})
+    return value or 0.0
+
+
+def test_the_daemon_at_rest_runs_no_pass_and_delivers_a_booking_at_once(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
+) -> None:
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    sandbox = make_sandbox()
+    agent = agents(inventory, sandbox.url, poll_interval=0.2)
+    with running(agent):
+        wait_until(lambda: [c.endpoint for c in calls(sandbox)] == ["trigger"], "the baseline")
+        before = _scans(agent)
+        time.sleep(QUIET_S)
+        assert _scans(agent) == before, "a pass ran with nothing changing"
+        inventory.update_slot(101, vacancies=9)
+        wait_until(
+            lambda: any(
+                c.endpoint == "notify" and c.body and c.body["availabilityId"] == "101"
+                for c in calls(sandbox)
+            ),
+            "the booking's notify",
+            timeout_s=WAKE_WAIT_S,
+        )
+        assert _scans(agent) > before
+
+
+def test_check_says_the_snapshot_decides(
+    make_inventory: MakeInventory, make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    path = write_config(
+        tmp_path,
+        name="check",
+        base_url=make_sandbox().url,
+        integration_id=INTEGRATION_ID,
+        secret=SECRET,
+        source_url=inventory.url,
+        state_url=f"sqlite:///{tmp_path / 'check.db'}",
+        source={"full_scan_interval": FALLBACK_S},
+    )
+    out = io.StringIO()
+    assert check(path, out) == 0
+    assert (
+        "ok      the daemon passes when the server's snapshot (pg_current_snapshot: "
+        "transactions completed) shows a commit, and every 3600 s (full_scan_interval)"
+    ) in out.getvalue()
