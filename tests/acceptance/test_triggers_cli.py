@@ -96,7 +96,13 @@ def test_installed_triggers_wake_the_daemon_and_uninstall_removes_them(
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert "[source] notify_tables" in refused.stderr
 
-        settings["source"] = {"notify_tables": ["slots"], "full_scan_interval": 3600}
+        # The triggers alone: without a change query the daemon would otherwise also read
+        # the server's snapshot and pass on any commit (tests/integration/test_pg_snapshots.py).
+        settings["source"] = {
+            "notify_tables": ["slots"],
+            "full_scan_interval": 3600,
+            "watch_commits": False,
+        }
         config = partner.write_config(
             tmp_path, name="agent", base_url="http://127.0.0.1:9", **settings
         )
