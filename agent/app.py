@@ -843,8 +843,11 @@ class Agent:
                 # pause short and hammer a source that is failing.
                 stop.wait(self.next_poll_in_s())
             elif self.sensor is not None:
-                # The sign of commits is read every SENSE_EVERY_S; PassGate paces the passes.
-                self.poll_wake.wait(SENSE_EVERY_S)
+                # The sign of commits is read every SENSE_EVERY_S, and the moment the gate's
+                # hold ends: a pass held for poll_interval starts on time, not up to a
+                # reading later.
+                held = self._gate.held_for(self.clock.monotonic())
+                self.poll_wake.wait(held if 0 < held < SENSE_EVERY_S else SENSE_EVERY_S)
             else:
                 self.poll_wake.wait(rest_after(self.next_poll_in_s(), took))
             self.poll_wake.clear()

@@ -32,9 +32,11 @@ inside a measured window);
   bookings committed meanwhile wait for that poll); later polls read only their last 5 s,
   and the late-row sweep reads the rows again beside them;
 - two queries only: the default a supplier gets by writing only catalog_query and
-  slots_query (no change query, no triggers): every poll (poll_interval 5 s) is a full
-  reconciliation, with range digests on PostgreSQL. Before the commits the daemon rests for
-  `rest_s` with nothing changing: its CPU and the PostgreSQL server's (every `postgres`
+  slots_query (no change query, no triggers): every pass is a full reconciliation, with
+  range digests on PostgreSQL; the daemon runs one when the server's snapshot shows a
+  commit (read every 0.25 s), at most every poll_interval (5 s) while commits keep coming,
+  and at least every full_scan_interval (here 300 s). Before the commits the daemon rests
+  for `rest_s` with nothing changing: its CPU and the PostgreSQL server's (every `postgres`
   process of the machine, so the bench's own idle connection too) are measured over that
   window, as shares of one core;
 - late rows: as wake-ups, but every measured booking stamps updated_at 30 s before its

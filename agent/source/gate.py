@@ -106,6 +106,10 @@ class PassGate:
         booking landing during the fallback's pass is read right after it)."""
         self._not_before = monotonic
 
+    def held_for(self, monotonic: float) -> float:
+        """Seconds until the hold ends (0 or less: not held)."""
+        return self._not_before - monotonic
+
     def passed(self, monotonic: float, reading: Sensed, scope: Hashable = None) -> None:
         """The pass started at `monotonic`, after `reading`, over `scope`, is recorded."""
         self._passed = monotonic

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +42,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from agent.db import redact_url
 from agent.errors import SourceUnavailable, first_line
 from agent.source.gate import Sensed, SensorUnusable
+from agent.source.kept import KeptConnection
 
 SETTLE_S = 2.0
 """A table whose time is closer than this to the reading before a pass may still take
@@ -150,7 +150,8 @@ class UpdateTimes:
         self.tables: tuple[Table, ...] = ()
         self._mysql = False
         self._expiry = False
-        self._held: sa.Connection | None = None
+        self.kept = KeptConnection(engine, "information_schema.TABLES")
+        self.kept.on_open = self._keep_fresh
         self.settle_s = SETTLE_S
         """See Reading.settling."""
 
@@ -224,8 +225,7 @@ class UpdateTimes:
         return watched
 
     def read(self) -> Reading:
-        """The watched tables' times now (discover first), on a connection kept open between
-        reads (four a second: a checkout from the pool each time cost as much again).
+        """The watched tables' times now (discover first), on the kept connection.
         SourceUnavailable when the source cannot be reached; SensorUnusable when it answers
         but refuses the query."""
         schemas = sorted({s for s, _ in self.tables})
@@ -234,28 +234,14 @@ class UpdateTimes:
         in_schemas = ", ".join(["%s"] * len(schemas))
         in_names = ", ".join(["%s"] * len(names))
         query = f"{_READ} WHERE TABLE_SCHEMA IN ({in_schemas}) AND TABLE_NAME IN ({in_names})"
-        for retry in (True, False):
-            try:
-                conn = self._held_connection()
-                rows = conn.exec_driver_sql(query, (*schemas, *names)).all()
-                clock: Any = (
-                    rows[0][0]
-                    if rows
-                    else conn.exec_driver_sql("SELECT UNIX_TIMESTAMP(NOW(6))").scalar()
-                )
-                break
-            except DBAPIError as exc:
-                self.close()
-                lost = isinstance(exc, OperationalError) or exc.connection_invalidated
-                if lost and retry:
-                    continue  # the kept connection died (a server restart): a new one
-                if lost:
-                    raise SourceUnavailable(
-                        f"cannot reach the source database at {self.where}: {first_line(exc)}"
-                    ) from None
-                raise SensorUnusable(
-                    f"information_schema.TABLES could not be read ({first_line(exc)})"
-                ) from None
+
+        def read(conn: sa.Connection) -> tuple[list[Any], Any]:
+            rows = list(conn.exec_driver_sql(query, (*schemas, *names)).all())
+            if rows:
+                return rows, rows[0][0]
+            return rows, conn.exec_driver_sql("SELECT UNIX_TIMESTAMP(NOW(6))").scalar()
+
+        rows, clock = self.kept.run(read)
         watched = set(self.tables)
         times: dict[Table, int | None] = {}
         for _, schema, name, moment in rows:
@@ -267,18 +253,11 @@ class UpdateTimes:
 
     def close(self) -> None:
         """Give back the connection read keeps (the next read opens another)."""
-        held, self._held = self._held, None
-        if held is not None:
-            with suppress(SQLAlchemyError):
-                held.close()
+        self.kept.close()
 
-    def _held_connection(self) -> sa.Connection:
-        if self._held is None:
-            conn = self._connect().execution_options(isolation_level="AUTOCOMMIT")
-            if self._expiry:
-                conn.exec_driver_sql("SET SESSION information_schema_stats_expiry = 0")
-            self._held = conn
-        return self._held
+    def _keep_fresh(self, conn: sa.Connection) -> None:
+        if self._expiry:
+            conn.exec_driver_sql("SET SESSION information_schema_stats_expiry = 0")
 
     def _connect(self) -> sa.Connection:
         try:

@@ -16,15 +16,12 @@ takes an id: its reads are read-only.
 
 from __future__ import annotations
 
-from contextlib import suppress
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from agent.db import redact_url
-from agent.errors import SourceUnavailable, first_line
-from agent.source.gate import Sensed, SensorUnusable
+from agent.source.gate import Sensed
+from agent.source.kept import KeptConnection
 
 PG_SNAPSHOT_SINCE = 130000
 """server_version_num from which pg_current_snapshot() exists (txid_current_snapshot() before)."""
@@ -64,53 +61,18 @@ class TransactionIds:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._query = "SELECT pg_current_snapshot()::text"
-        self._held: sa.Connection | None = None
-
-    @property
-    def where(self) -> str:
-        return redact_url(self.engine.url.render_as_string(hide_password=True))
+        self.kept = KeptConnection(engine, "the server's snapshot")
 
     def discover(self) -> str:
-        version = self._run("SHOW server_version_num")
+        version = self.kept.run(lambda c: c.exec_driver_sql("SHOW server_version_num").scalar_one())
         if int(version) < PG_SNAPSHOT_SINCE:
             self._query = "SELECT txid_current_snapshot()::text"
         self.read()
         return "the server's snapshot (pg_current_snapshot: transactions completed)"
 
     def read(self) -> Snapshot:
-        return parse_snapshot(self._run(self._query))
+        text = self.kept.run(lambda c: c.exec_driver_sql(self._query).scalar_one())
+        return parse_snapshot(str(text))
 
     def close(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            with suppress(SQLAlchemyError):
-                held.close()
-
-    def _run(self, sql: str) -> str:
-        for retry in (True, False):
-            try:
-                if self._held is None:
-                    conn = self._connect().execution_options(isolation_level="AUTOCOMMIT")
-                    self._held = conn
-                return str(self._held.exec_driver_sql(sql).scalar_one())
-            except DBAPIError as exc:
-                self.close()
-                lost = isinstance(exc, OperationalError) or exc.connection_invalidated
-                if lost and retry:
-                    continue  # the kept connection died (a server restart): a new one
-                if lost:
-                    raise SourceUnavailable(
-                        f"cannot reach the source database at {self.where}: {first_line(exc)}"
-                    ) from None
-                raise SensorUnusable(
-                    f"the server's snapshot could not be read ({first_line(exc)})"
-                ) from None
-        raise AssertionError("unreachable")
-
-    def _connect(self) -> sa.Connection:
-        try:
-            return self.engine.connect()
-        except SQLAlchemyError as exc:
-            raise SourceUnavailable(
-                f"cannot reach the source database at {self.where}: {first_line(exc)}"
-            ) from None
+        self.kept.close()

@@ -14,9 +14,19 @@ import pytest
 from agent.app import Agent
 from agent.clock import SystemClock
 from agent.config import load_config
+from agent.sandbox import Sandbox
 from agent.scan import ScanReport
 from tests.conftest import INTEGRATION_ID, SECRET
-from tests.integration.inventory import SLOTS_QUERY, Inventory, write_config
+from tests.integration.inventory import (
+    SLOTS_QUERY,
+    Inventory,
+    calls,
+    first_day,
+    running,
+    seed_tours,
+    wait_until,
+    write_config,
+)
 
 POLL_S = 5.0
 """poll_interval of the deterministic tests (moved on by hand)."""
@@ -95,3 +105,49 @@ def pass_(agent: Agent, clock: Ahead) -> ScanReport | None:
 def notifies(report: ScanReport | None) -> int:
     assert report is not None, "no pass ran"
     return report.notifies
+
+
+def at_rest(
+    inventory: Inventory, agent_for: Callable[..., Agent], base_url: str
+) -> tuple[Agent, Ahead]:
+    """The tours seeded, an agent on `clock` that recorded them and runs no pass now."""
+    seed_tours(inventory, first_day())
+    clock = Ahead()
+    agent = agent_for(inventory, base_url, clock=clock)
+    first = agent.poll_when_due()
+    assert first is not None
+    assert first.baseline
+    time.sleep(settle_s(agent))
+    quiet(agent, clock)
+    return agent, clock
+
+
+def settle_s(agent: Agent) -> float:
+    """How long a reading may ask for one more pass after a change (MySQL's whole seconds)."""
+    return float(getattr(agent.sensor, "settle_s", 0.0))
+
+
+def scans(agent: Agent) -> float:
+    value = agent.metrics.registry.get_sample_value("seyaha_agent_scans_total", {"result": "ok"})
+    return value or 0.0
+
+
+def daemon_rests_then_delivers(agent: Agent, inventory: Inventory, sandbox: Sandbox) -> None:
+    """The running daemon records the seeded tours, then runs no pass while nothing
+    commits (QUIET_S), then delivers a booking at once (well before any fallback)."""
+    with running(agent):
+        wait_until(lambda: [c.endpoint for c in calls(sandbox)] == ["trigger"], "the baseline")
+        time.sleep(settle_s(agent) + 1.0)  # MySQL: the seeding's second settles
+        before = scans(agent)
+        time.sleep(QUIET_S)
+        assert scans(agent) == before, "a pass ran with nothing changing"
+        inventory.update_slot(101, vacancies=9)
+        wait_until(
+            lambda: any(
+                c.endpoint == "notify" and c.body and c.body["availabilityId"] == "101"
+                for c in calls(sandbox)
+            ),
+            "the booking's notify",
+            timeout_s=WAKE_WAIT_S,
+        )
+        assert scans(agent) > before

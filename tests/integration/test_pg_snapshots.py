@@ -19,20 +19,17 @@ from agent.source.xids import TransactionIds
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.commits import (
     FALLBACK_S,
-    QUIET_S,
-    WAKE_WAIT_S,
     Ahead,
+    at_rest,
+    daemon_rests_then_delivers,
     notifies,
     pass_,
     quiet,
 )
 from tests.integration.inventory import (
     Inventory,
-    calls,
     first_day,
-    running,
     seed_tours,
-    wait_until,
     write_config,
 )
 
@@ -74,11 +71,7 @@ def test_a_transaction_running_across_a_pass_is_found_when_it_commits(
     """Its change is not in the pass that ran while it was open; when it commits it leaves
     the running list, which is a change, however long it stayed open."""
     inventory = make_inventory("postgresql")
-    seed_tours(inventory, first_day())
-    clock = Ahead()
-    agent = agents(inventory, make_sandbox().url, clock=clock)
-    assert agent.poll_when_due() is not None
-    quiet(agent, clock)
+    agent, clock = at_rest(inventory, agents, make_sandbox().url)
     with inventory.engine.connect() as slow:
         slow.begin()
         _book(slow, inventory, 101, 3)
@@ -95,11 +88,7 @@ def test_a_transaction_begun_after_the_reading_is_found_when_it_commits(
     make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
 ) -> None:
     inventory = make_inventory("postgresql")
-    seed_tours(inventory, first_day())
-    clock = Ahead()
-    agent = agents(inventory, make_sandbox().url, clock=clock)
-    assert agent.poll_when_due() is not None
-    quiet(agent, clock)
+    agent, clock = at_rest(inventory, agents, make_sandbox().url)
     with inventory.engine.connect() as late:
         late.begin()
         _book(late, inventory, 103, 1)  # takes an id past the last reading's xmax
@@ -112,11 +101,7 @@ def test_a_rolled_back_transaction_costs_one_pass_that_finds_nothing(
     make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
 ) -> None:
     inventory = make_inventory("postgresql")
-    seed_tours(inventory, first_day())
-    clock = Ahead()
-    agent = agents(inventory, make_sandbox().url, clock=clock)
-    assert agent.poll_when_due() is not None
-    quiet(agent, clock)
+    agent, clock = at_rest(inventory, agents, make_sandbox().url)
     with inventory.engine.connect() as undone:
         undone.begin()
         _book(undone, inventory, 104, 0)
@@ -125,33 +110,15 @@ def test_a_rolled_back_transaction_costs_one_pass_that_finds_nothing(
     assert pass_(agent, clock) is None
 
 
-def _scans(agent: Agent) -> float:
-    value = agent.metrics.registry.get_sample_value("seyaha_agent_scans_total", {"result": "ok"})
-    return value or 0.0
-
-
 def test_the_daemon_at_rest_runs_no_pass_and_delivers_a_booking_at_once(
     make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
 ) -> None:
     inventory = make_inventory("postgresql")
     seed_tours(inventory, first_day())
     sandbox = make_sandbox()
-    agent = agents(inventory, sandbox.url, poll_interval=0.2)
-    with running(agent):
-        wait_until(lambda: [c.endpoint for c in calls(sandbox)] == ["trigger"], "the baseline")
-        before = _scans(agent)
-        time.sleep(QUIET_S)
-        assert _scans(agent) == before, "a pass ran with nothing changing"
-        inventory.update_slot(101, vacancies=9)
-        wait_until(
-            lambda: any(
-                c.endpoint == "notify" and c.body and c.body["availabilityId"] == "101"
-                for c in calls(sandbox)
-            ),
-            "the booking's notify",
-            timeout_s=WAKE_WAIT_S,
-        )
-        assert _scans(agent) > before
+    daemon_rests_then_delivers(
+        agents(inventory, sandbox.url, poll_interval=0.2), inventory, sandbox
+    )
 
 
 def test_check_says_the_snapshot_decides(

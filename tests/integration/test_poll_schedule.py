@@ -171,3 +171,57 @@ def test_a_scheduled_reconciliation_waits_until_the_last_took_at_most_its_share(
         assert len(ran) == 3
     finally:
         agent.close()
+
+
+class Sleeps(Waits):
+    """Waits that move `clock` on by each timeout, as if slept, and end the loop after the
+    pass following a commit."""
+
+    def __init__(self, stop: threading.Event, clock: LongPolls) -> None:
+        super().__init__(stop, 10_000)
+        self.clock = clock
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.clock.ahead += timeout
+        return super().wait(timeout)
+
+
+@pytest.mark.postgres
+def test_without_a_change_query_a_held_pass_starts_when_its_poll_interval_ends(
+    make_inventory: Callable[[str], Inventory], tmp_path: Path
+) -> None:
+    """A commit right after a pass for a commit waits for poll_interval from that pass's
+    start, and no longer: the loop reads the snapshot every 0.25 s, and once more at the
+    moment the hold ends."""
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    config = _config(inventory, tmp_path, poll_interval=INTERVAL_S)
+    clock = LongPolls()
+    agent = Agent(config, clock=clock)
+    agent.open()
+    starts: list[float] = []
+    try:
+        real_poll = agent.poll
+        stop = threading.Event()
+        waits = Sleeps(stop, clock)
+
+        def poll() -> object:
+            starts.append(clock.monotonic())
+            result = real_poll()
+            if len(starts) in (1, 2):
+                inventory.update_slot(101 + len(starts), vacancies=len(starts))
+            if len(starts) == 3:
+                stop.set()
+            return result
+
+        agent.poll = poll  # type: ignore[method-assign]
+        agent.poll_wake = waits  # type: ignore[assignment]
+        agent.poll_loop(stop)
+    finally:
+        agent.close()
+    first, for_a_commit, held = starts
+    assert for_a_commit - first < 1.0  # the first pass holds nothing back
+    # Started the moment poll_interval ended (the real time the passes took aside).
+    assert INTERVAL_S <= held - for_a_commit < INTERVAL_S + 0.2
+    assert 0 < min(waits.seen) < 0.25  # the last wait, up to the hold's end

@@ -27,9 +27,9 @@ from agent.source.update_times import SETTLE_S, UpdateTimes
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.commits import (
     FALLBACK_S,
-    QUIET_S,
-    WAKE_WAIT_S,
     Ahead,
+    at_rest,
+    daemon_rests_then_delivers,
     notifies,
     pass_,
     quiet,
@@ -40,9 +40,7 @@ from tests.integration.inventory import (
     Inventory,
     calls,
     first_day,
-    running,
     seed_tours,
-    wait_until,
     write_config,
 )
 
@@ -155,13 +153,7 @@ def test_at_rest_no_pass_runs_and_a_booking_runs_one_before_any_fallback(
     make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
 ) -> None:
     inventory = make_inventory("mariadb")
-    seed_tours(inventory, first_day())
-    clock = Ahead()
-    agent = agents(inventory, make_sandbox().url, clock=clock)
-    first = agent.poll_when_due()
-    assert first is not None
-    assert first.baseline
-    _quiet(agent, clock)
+    agent, clock = at_rest(inventory, agents, make_sandbox().url)
     for _ in range(3):
         assert pass_(agent, clock) is None
     inventory.update_slot(101, vacancies=7)
@@ -229,11 +221,7 @@ def test_a_transaction_open_across_a_pass_is_found_when_it_commits_with_an_older
     """A booking whose transaction made its change before another committed, and commits
     after the pass that found the other: the table's time goes back, which is a change."""
     inventory = make_inventory("mariadb")
-    seed_tours(inventory, first_day())
-    clock = Ahead()
-    agent = agents(inventory, make_sandbox().url, clock=clock)
-    assert agent.poll_when_due() is not None
-    _quiet(agent, clock)
+    agent, clock = at_rest(inventory, agents, make_sandbox().url)
     with inventory.engine.connect() as slow:
         slow.begin()
         slow.execute(
@@ -286,36 +274,15 @@ def test_watch_commits_false_keeps_a_pass_every_poll(
     assert [agent.poll_when_due() is not None for _ in range(2)] == [True, True]
 
 
-def _scans(agent: Agent) -> float:
-    value = agent.metrics.registry.get_sample_value("seyaha_agent_scans_total", {"result": "ok"})
-    return value or 0.0
-
-
 def test_the_daemon_at_rest_runs_no_pass_and_delivers_a_booking_at_once(
     make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
 ) -> None:
     inventory = make_inventory("mariadb")
-    slots = {s.slot_id: s for s in seed_tours(inventory, first_day())}
+    seed_tours(inventory, first_day())
     sandbox = make_sandbox()
-    agent = agents(inventory, sandbox.url, poll_interval=0.2)
-    with running(agent):
-        wait_until(lambda: [c.endpoint for c in calls(sandbox)] == ["trigger"], "the baseline")
-        # The seeding's second settles: then no more passes.
-        time.sleep(SETTLE_S + 1.0)
-        before = _scans(agent)
-        time.sleep(QUIET_S)
-        assert _scans(agent) == before, "a pass ran with nothing changing"
-        inventory.update_slot(101, vacancies=9)
-        wait_until(
-            lambda: any(
-                c.endpoint == "notify" and c.body and c.body["availabilityId"] == "101"
-                for c in calls(sandbox)
-            ),
-            "the booking's notify",
-            timeout_s=WAKE_WAIT_S,
-        )
-        assert _scans(agent) > before
-    assert slots[101].slot_id == 101
+    daemon_rests_then_delivers(
+        agents(inventory, sandbox.url, poll_interval=0.2), inventory, sandbox
+    )
 
 
 def test_the_connection_kept_for_reading_is_replaced_when_the_server_ends_it(
@@ -327,13 +294,13 @@ def test_the_connection_kept_for_reading_is_replaced_when_the_server_ends_it(
     sensor.find_tables()
     try:
         first = sensor.read()
-        assert sensor._held is not None
-        held = sensor._held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+        assert sensor.kept.held is not None
+        held = sensor.kept.held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
         with inventory.engine.connect() as admin:
             admin.exec_driver_sql(f"KILL CONNECTION {int(held)}")
         again = sensor.read()  # not an outage: one new connection, then the same answer
         assert again.times == first.times
-        assert sensor._held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() != held
+        assert sensor.kept.held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() != held
     finally:
         sensor.close()
 
@@ -383,11 +350,7 @@ def test_a_pass_for_a_moved_time_skips_the_question_whether_anything_changed(
     over every row: a pass started because a table's time moved knows the answer already.
     The pass the fallback runs, with nothing moved, still asks it."""
     inventory = make_inventory("mariadb")
-    seed_tours(inventory, first_day())
-    clock = Ahead()
-    agent = agents(inventory, make_sandbox().url, clock=clock)
-    assert agent.poll_when_due() is not None
-    _quiet(agent, clock)
+    agent, clock = at_rest(inventory, agents, make_sandbox().url)
     asked: list[int] = []
     sum_of_every_row = agent.reader.slots_digest
 
@@ -413,11 +376,7 @@ def test_a_booking_during_the_fallback_pass_is_read_right_after_it(
     """poll_interval holds the next pass back only after one a moved time started: after the
     fallback's pass (or a second's settling), a booking does not wait for it."""
     inventory = make_inventory("mariadb")
-    seed_tours(inventory, first_day())
-    clock = Ahead()
-    agent = agents(inventory, make_sandbox().url, clock=clock)
-    assert agent.poll_when_due() is not None
-    _quiet(agent, clock)
+    agent, clock = at_rest(inventory, agents, make_sandbox().url)
     clock.ahead += FALLBACK_S
     assert notifies(agent.poll_when_due()) == 0
     inventory.update_slot(101, vacancies=6)

@@ -175,3 +175,11 @@ def test_servers_that_keep_no_innodb_time_are_named() -> None:
     )
     assert keeps_update_time("10.1.48-MariaDB", mariadb=True) is not None
     assert keeps_update_time("5.6.51", mariadb=False) is not None
+
+
+def test_the_gate_says_how_long_it_holds() -> None:
+    gate = PassGate(fallback_s=60.0)
+    assert gate.held_for(0.0) < 0
+    gate.hold_until(5.0)
+    assert gate.held_for(4.75) == 0.25
+    assert gate.held_for(6.0) == -1.0
