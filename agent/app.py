@@ -489,9 +489,10 @@ class Agent:
         return self._as_scanner(self.scanner.poll)
 
     def poll_when_due(self) -> ScanReport | None:
-        """The daemon's poll: on a MySQL/MariaDB source without a change query, a pass only
-        when a table the queries read changed since the last one began (or none ran for
-        full_scan_interval, see PassGate), else `poll`. None when no pass ran."""
+        """The daemon's poll: without a change query, on a source with a sign of commits
+        (agent/source/gate.py), a pass only when something committed since the last one
+        began (or it asks for one more, or none ran for full_scan_interval: PassGate); else
+        `poll`. None when no pass ran (or another agent scans)."""
         if self.sensor is None:
             return self.poll()
         reading = self._read_sensor()
@@ -504,11 +505,15 @@ class Agent:
         event(log, logging.DEBUG, "scan.due", f"pass: {due.why}")
         if due.moved:
             self.scanner.source_changed()
+        report = None
         try:
             report = self.poll()
         finally:
             took = self.clock.monotonic() - started
-            rest = rest_after(self.config.settings.source.poll_interval, took) if due.moved else 0
+            # Held for poll_interval after a pass for a commit (steady bookings), and after
+            # a turn another agent had (a standby agent asks for the lease that often).
+            held = due.moved or report is None
+            rest = rest_after(self.config.settings.source.poll_interval, took) if held else 0
             self._gate.hold_until(started + took + rest)
         if report is not None:
             self._gate.passed(started, reading, self._scope())
@@ -551,6 +556,7 @@ class Agent:
                 "slots_changed_query to read only what changed, or set [source] "
                 "watch_commits = false to silence this)",
             )
+            sensor.close()
             self.sensor = None
             return None
 

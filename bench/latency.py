@@ -38,7 +38,8 @@ inside a measured window);
   and at least every full_scan_interval (here 300 s). Before the commits the daemon rests
   for `rest_s` with nothing changing: its CPU and the PostgreSQL server's (every `postgres`
   process of the machine, so the bench's own idle connection too) are measured over that
-  window, as shares of one core;
+  window, as shares of one core; then 6 single bookings, 8-14 s apart, are each timed
+  from commit to notify (at rest: the pass starts when the snapshot shows the commit);
 - late rows: as wake-ups, but every measured booking stamps updated_at 30 s before its
   commit, as a transaction that began then would: no poll reads it (they read the last
   5 s), the late-row sweep after the next poll does; not part of `all` (run it
@@ -64,6 +65,7 @@ own commits, as it would in a steady booking system.
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -100,6 +102,38 @@ RECONCILED_CHECK_S = 0.5
 QUICK_REST_S = 5.0
 """The at-rest window of a --quick run (the two-queries mode)."""
 
+SINGLE_GAP_S = (8.0, 14.0)
+"""Seconds between two single bookings at rest (uniformly drawn, see single_bookings)."""
+
+SINGLE_WAIT_S = 60.0
+
+
+def single_bookings(
+    book: Callable[[], tuple[str, int]], receiver: Receiver, count: int, seed: int
+) -> dict[str, Any]:
+    """`count` bookings, one at a time, SINGLE_GAP_S apart, each timed from its commit
+    (`book` returns the slot and its new vacancies once committed) to its notify at the
+    receiver: what a booking costs a daemon at rest, at a random phase of its readings."""
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    missing = 0
+    for _ in range(count):
+        time.sleep(rng.uniform(*SINGLE_GAP_S))
+        slot, vacancies = book()
+        committed = time.monotonic()
+        arrived = receiver.wait_for([(slot, vacancies)], SINGLE_WAIT_S)
+        if slot in arrived:
+            latencies.append((arrived[slot] - committed) * 1000)
+        else:
+            missing += 1
+    return {
+        "singles": count,
+        "singles_missing": missing,
+        "singles_ms": [round(ms) for ms in latencies],
+        "singles_p50_ms": percentile(latencies, 0.50) if latencies else float("nan"),
+        "singles_max_ms": max(latencies) if latencies else float("nan"),
+    }
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -128,6 +162,8 @@ class Mode:
     """After the last commit, how long to wait for deliveries still on their way."""
     delivery: tuple[tuple[str, Any], ...] = ()
     """[delivery] keys to set; () the agent's defaults."""
+    singles: int = 0
+    """Single bookings at rest, timed one by one after the rest window (single_bookings)."""
     every_row_first: bool = False
     """Start from a state whose range digests were all cleared (as writes of more than a
     quarter of the ranges leave them): the reconciliation after the start reads every row,
@@ -160,6 +196,7 @@ DEFAULT = Mode(
     5.0,
     incremental=False,
     rest_s=60.0,
+    singles=6,
 )
 UNLIMITED = Mode(
     "default-unlimited",
@@ -448,6 +485,20 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                     f"  {name}: at rest for {rest_s:g} s: daemon "
                     f"{rest['rest_daemon_core']:.1%} of a core, PostgreSQL "
                     f"{rest['rest_postgres_core']:.1%}",
+                    flush=True,
+                )
+            if mode.singles:
+                count = 1 if ctx.plan.quick else mode.singles
+
+                def book() -> tuple[str, int]:
+                    ((slot, vacancies),) = inventory.book(ctx.conn, inv, inv.ids.take(1)).items()
+                    return slot, vacancies
+
+                rest.update(single_bookings(book, receiver, count, run))
+                print(
+                    f"  {name}: {count} single bookings at rest: p50 "
+                    f"{rest['singles_p50_ms']:.0f} ms, max {rest['singles_max_ms']:.0f} ms, "
+                    f"{rest['singles_missing']} missing",
                     flush=True,
                 )
             if mode.bulk:

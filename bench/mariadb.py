@@ -43,9 +43,9 @@ import pymysql  # type: ignore[import-untyped]
 from bench import inventory, worker
 from bench.agentconf import AgentSetup
 from bench.context import DATA_SEED, Context, copy_state, empty_outbox
-from bench.latency import Daemon
+from bench.latency import Daemon, single_bookings
 from bench.receiver import Receiver
-from bench.stats import against_floor, mariadb_cpu_s, percentile
+from bench.stats import against_floor, mariadb_cpu_s
 
 HOST = os.environ.get("SEYAHA_BENCH_MYSQL_HOST", "127.0.0.1")
 PORT = int(os.environ.get("SEYAHA_BENCH_MYSQL_PORT", "3306"))
@@ -65,10 +65,6 @@ QUICK_REST_S = 10.0
 """The window at rest (two fallback passes at full_scan_interval 60 s)."""
 BOOKINGS = 12
 QUICK_BOOKINGS = 2
-BOOKING_GAP_S = (8.0, 14.0)
-"""Seconds between two bookings (uniformly drawn): each falls at rest, in its own phase of
-the sensing (0.25 s) and of the fallback pass."""
-DELIVERY_WAIT_S = 60.0
 
 
 def queries() -> inventory.Queries:
@@ -273,7 +269,6 @@ def _measure(ctx: Context, inv: MariadbInventory) -> dict[str, Any]:
 def _daemon(ctx: Context, inv: MariadbInventory, setup: AgentSetup) -> dict[str, Any]:
     """The daemon with the two required queries only: its CPU and MariaDB's at rest, then
     single bookings committed one at a time, each at rest, until their notify arrives."""
-    rng = random.Random(DATA_SEED)
     rest_s = QUICK_REST_S if ctx.plan.quick else REST_S
     bookings = QUICK_BOOKINGS if ctx.plan.quick else BOOKINGS
     with Receiver(arrivals=True, log=ctx.log("mariadb-daemon-receiver")) as receiver:
@@ -303,17 +298,7 @@ def _daemon(ctx: Context, inv: MariadbInventory, setup: AgentSetup) -> dict[str,
                 f"{rest['rest_mariadb_core']:.1%}, {rest['rest_passes']} pass(es)",
                 flush=True,
             )
-            latencies: list[float] = []
-            missing = 0
-            for _ in range(bookings):
-                time.sleep(rng.uniform(*BOOKING_GAP_S))
-                slot, vacancies = inv.book_one()
-                committed = time.monotonic()
-                arrived = receiver.wait_for([(slot, vacancies)], DELIVERY_WAIT_S)
-                if slot in arrived:
-                    latencies.append((arrived[slot] - committed) * 1000)
-                else:
-                    missing += 1
+            singles = single_bookings(inv.book_one, receiver, bookings, DATA_SEED)
         finally:
             code = daemon.stop()
         if code != 0:
@@ -324,16 +309,16 @@ def _daemon(ctx: Context, inv: MariadbInventory, setup: AgentSetup) -> dict[str,
         "poll_interval_s": DAEMON_POLL_S,
         "full_scan_interval_s": DAEMON_FULL_SCAN_S,
         "bookings": bookings,
-        "missing": missing,
-        "latencies_ms": [round(ms) for ms in latencies],
-        "p50_ms": percentile(latencies, 0.50) if latencies else float("nan"),
-        "max_ms": max(latencies) if latencies else float("nan"),
+        "missing": singles["singles_missing"],
+        "latencies_ms": singles["singles_ms"],
+        "p50_ms": singles["singles_p50_ms"],
+        "max_ms": singles["singles_max_ms"],
         "passes": len(passes),
         "pass_s": [round(p, 2) for p in passes],
     }
     print(
         f"  MariaDB daemon, {bookings} bookings at rest: p50 {result['p50_ms']:.0f} ms, max "
-        f"{result['max_ms']:.0f} ms, {missing} missing; {len(passes)} passes "
+        f"{result['max_ms']:.0f} ms, {result['missing']} missing; {len(passes)} passes "
         f"{result['pass_s']} s",
         flush=True,
     )

@@ -523,6 +523,15 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
                 "machine, those that exited meanwhile and the bench's idle connection "
                 "included).",
             ]
+        for run in m.get("runs", []):
+            if "singles_ms" in run:
+                lines += [
+                    "",
+                    f"{m['mode']}: {run['singles']} single bookings at rest arrived in p50 "
+                    f"{_num(run['singles_p50_ms'], 0)} ms, at most "
+                    f"{_num(run['singles_max_ms'], 0)} ms ({run['singles_missing']} missing; "
+                    f"{', '.join(str(ms) for ms in run['singles_ms'])} ms).",
+                ]
     default = next(
         (m for m in r["modes"] if m.get("incremental") is False and not m.get("delivery")), None
     )

@@ -63,6 +63,7 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
         clock: SystemClock | None = None,
         poll_interval: float = POLL_S,
         slots_query: str = SLOTS_QUERY,
+        state_url: str | None = None,
         **source: Any,
     ) -> Agent:
         path = write_config(
@@ -72,7 +73,7 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             integration_id=INTEGRATION_ID,
             secret=SECRET,
             source_url=inventory.url,
-            state_url=f"sqlite:///{tmp_path / f'state{len(made)}.db'}",
+            state_url=state_url or f"sqlite:///{tmp_path / f'state{len(made)}.db'}",
             poll_interval=poll_interval,
             slots_query=slots_query,
             source={"full_scan_interval": FALLBACK_S, **source},

@@ -19,6 +19,7 @@ from agent.source.xids import TransactionIds
 from tests.conftest import INTEGRATION_ID, SECRET
 from tests.integration.commits import (
     FALLBACK_S,
+    POLL_S,
     Ahead,
     at_rest,
     daemon_rests_then_delivers,
@@ -142,3 +143,35 @@ def test_check_says_the_snapshot_decides(
         "ok      the daemon passes when the server's snapshot (pg_current_snapshot: "
         "transactions completed) shows a commit, and every 3600 s (full_scan_interval)"
     ) in out.getvalue()
+
+
+def test_an_agent_in_standby_asks_for_its_turn_every_poll_interval_not_every_reading(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    agents: Callable[..., Agent],
+    new_database: Callable[[str], str],
+) -> None:
+    """Two agents on one PostgreSQL state store: the one without the scanner lease tries
+    its turn (a store query) at poll_interval, as before, not four times a second."""
+    inventory = make_inventory("postgresql")
+    seed_tours(inventory, first_day())
+    store = new_database("postgresql")
+    url = make_sandbox().url
+    holder = agents(inventory, url, state_url=store)
+    assert holder.poll_when_due() is not None
+    clock = Ahead()
+    standby = agents(inventory, url, clock=clock, state_url=store)
+    tries: list[object] = []
+    poll = standby.poll
+
+    def counted() -> object:
+        tries.append(poll())
+        return tries[-1]
+
+    standby.poll = counted  # type: ignore[method-assign]
+    assert standby.poll_when_due() is None
+    assert standby.poll_when_due() is None
+    assert tries == [None]  # the second reading did not ask again
+    clock.ahead += POLL_S
+    assert standby.poll_when_due() is None
+    assert tries == [None, None]
