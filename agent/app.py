@@ -1035,7 +1035,13 @@ class Agent:
             f"{source.full_scan_interval:g} s (at most {source.reconcile_share * 100:g}% of "
             "the time)"
             if self.reader.incremental
-            else f"full scans every {source.poll_interval:g} s"
+            else (
+                f"full scans when the source shows a commit (at most every "
+                f"{source.poll_interval:g} s while commits keep coming), and every "
+                f"{source.full_scan_interval:g} s"
+                if self.sensor is not None
+                else f"full scans every {source.poll_interval:g} s"
+            )
         )
         event(
             log,
