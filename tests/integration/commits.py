@@ -139,9 +139,15 @@ def daemon_rests_then_delivers(agent: Agent, inventory: Inventory, sandbox: Sand
     with running(agent):
         wait_until(lambda: [c.endpoint for c in calls(sandbox)] == ["trigger"], "the baseline")
         time.sleep(settle_s(agent) + 1.0)  # MySQL: the seeding's second settles
-        before = scans(agent)
-        time.sleep(QUIET_S)
-        assert scans(agent) == before, "a pass ran with nothing changing"
+        # A window of QUIET_S without a pass, within three tries: on PostgreSQL a write
+        # anywhere on the server (another test database's autoanalyze) is a commit too.
+        for _ in range(3):
+            before = scans(agent)
+            time.sleep(QUIET_S)
+            if scans(agent) == before:
+                break
+        else:
+            pytest.fail("passes kept running with nothing changing")
         inventory.update_slot(101, vacancies=9)
         wait_until(
             lambda: any(
