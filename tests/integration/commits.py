@@ -64,6 +64,7 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
         poll_interval: float = POLL_S,
         slots_query: str = SLOTS_QUERY,
         state_url: str | None = None,
+        source_url: str | None = None,
         **source: Any,
     ) -> Agent:
         path = write_config(
@@ -72,7 +73,7 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             base_url=base_url,
             integration_id=INTEGRATION_ID,
             secret=SECRET,
-            source_url=inventory.url,
+            source_url=source_url or inventory.url,
             state_url=state_url or f"sqlite:///{tmp_path / f'state{len(made)}.db'}",
             poll_interval=poll_interval,
             slots_query=slots_query,

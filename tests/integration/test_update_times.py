@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from agent.commands import check
 from agent.sandbox import Sandbox
 from agent.source.gate import SensorUnusable
 from agent.source.update_times import SETTLE_S, UpdateTimes
-from tests.conftest import INTEGRATION_ID, SECRET
+from tests.conftest import INTEGRATION_ID, MARIADB_ADMIN_URL, SECRET
 from tests.integration.commits import (
     FALLBACK_S,
+    POLL_S,
     Ahead,
     at_rest,
     daemon_rests_then_delivers,
@@ -383,3 +385,65 @@ def test_a_booking_during_the_fallback_pass_is_read_right_after_it(
     assert notifies(agent.poll_when_due()) == 1  # the clock did not move on
     inventory.update_slot(102, vacancies=5)
     assert agent.poll_when_due() is None  # held: that pass was for a moved time
+
+
+def test_a_source_that_goes_away_while_watched_is_waited_for_and_a_change_made_meanwhile_found(
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    agents: Callable[..., Agent],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent's account is locked and its sessions killed (the kept one among them): the
+    readings fail as the source being away, said once, with backoff and without the
+    password; a booking made meanwhile moves the table's time, and the first reading after
+    the outage runs the pass that finds it."""
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    url = sa.make_url(inventory.url)
+    user, password = f"seyaha_w_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    accounts = [f"'{user}'@'{host}'" for host in ("localhost", "127.0.0.1", "%")]
+    admin = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def run(*statements: str) -> None:
+        with admin.connect() as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+
+    try:
+        run(*[f"CREATE USER {a} IDENTIFIED BY '{password}'" for a in accounts])
+        run(*[f"GRANT SELECT ON `{url.database}`.* TO {a}" for a in accounts])
+        source_url = url.set(username=user, password=password).render_as_string(hide_password=False)
+        sandbox = make_sandbox()
+        clock = Ahead()
+        agent = agents(inventory, sandbox.url, clock=clock, source_url=source_url)
+        assert agent.guarded(agent.poll_when_due)
+        time.sleep(SETTLE_S)
+        quiet(agent, clock)
+        with admin.connect() as conn:
+            sessions = conn.execute(
+                sa.text("SELECT id FROM information_schema.PROCESSLIST WHERE user = :u"),
+                {"u": user},
+            ).scalars()
+            ids = list(sessions)
+        assert ids, "the kept connection is open between readings"
+        run(*[f"ALTER USER {a} ACCOUNT LOCK" for a in accounts])
+        run(*[f"KILL {int(i)}" for i in ids])
+        with caplog.at_level(logging.INFO, logger="agent"):
+            assert agent.guarded(agent.poll_when_due) is False
+            assert agent.guarded(agent.poll_when_due) is False
+        down = [r for r in caplog.records if getattr(r, "event", "") == "source.unavailable"]
+        assert len(down) == 1
+        assert password not in down[0].getMessage()
+        assert agent.next_poll_in_s() > POLL_S  # backing off
+        inventory.update_slot(101, vacancies=4)  # the booking system keeps writing
+        run(*[f"ALTER USER {a} ACCOUNT UNLOCK" for a in accounts])
+        found = agent.poll_when_due()
+        assert notifies(found) == 1
+        assert agent.drain(60.0).stats.pending == 0
+        assert any(
+            c.endpoint == "notify" and c.body and c.body["availabilityId"] == "101"
+            for c in calls(sandbox)
+        )
+    finally:
+        run(*[f"DROP USER IF EXISTS {a}" for a in accounts])
+        admin.dispose()
