@@ -37,10 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 
-from agent.db import redact_url
-from agent.errors import SourceUnavailable, first_line
 from agent.source.gate import Sensed, SensorUnusable
 from agent.source.kept import KeptConnection
 
@@ -150,14 +148,10 @@ class UpdateTimes:
         self.tables: tuple[Table, ...] = ()
         self._mysql = False
         self._expiry = False
-        self.kept = KeptConnection(engine, "information_schema.TABLES")
+        self.kept = KeptConnection(engine, "information_schema")
         self.kept.on_open = self._keep_fresh
         self.settle_s = SETTLE_S
         """See Reading.settling."""
-
-    @property
-    def where(self) -> str:
-        return redact_url(self.engine.url.render_as_string(hide_password=True))
 
     def discover(self) -> str:
         """Look up the tables to watch (find_tables); says which."""
@@ -172,39 +166,34 @@ class UpdateTimes:
         kinds: dict[Table, str] = {}
         engines: dict[Table, tuple[str, str]] = {}
         views: dict[Table, str] = {}
-        try:
-            with self._connect() as conn:
-                current, version = conn.exec_driver_sql("SELECT DATABASE(), VERSION()").one()
-                self._mysql = not getattr(conn.dialect, "is_mariadb", False)
-                keeps = keeps_update_time(str(version), mariadb=not self._mysql)
-                if keeps is not None:
-                    raise SensorUnusable(keeps)
-                if self._mysql:
-                    self._expiry = _sets_stats_expiry(conn)
-                schemas = [
-                    str(s)
-                    for (s,) in conn.exec_driver_sql(
-                        "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA"
-                    ).all()
-                    if str(s).lower() not in SYSTEM_SCHEMAS
-                ]
-                loaded: set[str] = set()
-                named = set().union(*(words(q) for q in self.queries))
-                while True:
-                    wanted = {s for s in schemas if s == current or s.lower() in named} - loaded
-                    if not wanted:
-                        break
-                    _list_tables(conn, sorted(wanted), kinds, engines, views)
-                    loaded |= wanted
-                    found, named = named_tables(self.queries, kinds, views, current)
-        except OperationalError as exc:
-            raise SourceUnavailable(
-                f"cannot reach the source database at {self.where}: {first_line(exc)}"
-            ) from None
-        except DBAPIError as exc:
-            raise SensorUnusable(
-                f"information_schema could not be read ({first_line(exc)})"
-            ) from None
+
+        def look_up(conn: sa.Connection) -> str | None:
+            database, version = conn.exec_driver_sql("SELECT DATABASE(), VERSION()").one()
+            current = None if database is None else str(database)
+            self._mysql = not getattr(conn.dialect, "is_mariadb", False)
+            keeps = keeps_update_time(str(version), mariadb=not self._mysql)
+            if keeps is not None:
+                raise SensorUnusable(keeps)
+            if self._mysql:
+                self._expiry = _sets_stats_expiry(conn)
+            schemas = [
+                str(s)
+                for (s,) in conn.exec_driver_sql(
+                    "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA"
+                ).all()
+                if str(s).lower() not in SYSTEM_SCHEMAS
+            ]
+            loaded: set[str] = set()
+            named = set().union(*(words(q) for q in self.queries))
+            while True:
+                wanted = {s for s in schemas if s == current or s.lower() in named} - loaded
+                if not wanted:
+                    return current
+                _list_tables(conn, sorted(wanted), kinds, engines, views)
+                loaded |= wanted
+                _, named = named_tables(self.queries, kinds, views, current)
+
+        current = self.kept.run(look_up)
         found, _ = named_tables(self.queries, kinds, views, current)
         watched = tuple(sorted(t for t in found if t not in views and "VIEW" not in kinds[t]))
         if not watched:
@@ -258,14 +247,6 @@ class UpdateTimes:
     def _keep_fresh(self, conn: sa.Connection) -> None:
         if self._expiry:
             conn.exec_driver_sql("SET SESSION information_schema_stats_expiry = 0")
-
-    def _connect(self) -> sa.Connection:
-        try:
-            return self.engine.connect()
-        except SQLAlchemyError as exc:
-            raise SourceUnavailable(
-                f"cannot reach the source database at {self.where}: {first_line(exc)}"
-            ) from None
 
 
 def keeps_update_time(version: str, *, mariadb: bool) -> str | None:

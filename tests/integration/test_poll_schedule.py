@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from agent.app import Agent
-from agent.clock import SystemClock
 from agent.config import Config, load_config
 from agent.scan import ScanReport
 from tests.conftest import INTEGRATION_ID, SECRET
+from tests.integration.commits import Ahead
 from tests.integration.inventory import (
     SLOTS_CHANGED_QUERY,
     Inventory,
@@ -29,16 +29,6 @@ from tests.integration.inventory import (
 )
 
 INTERVAL_S = 10.0
-
-
-class LongPolls(SystemClock):
-    """The system clock, whose monotonic reading is moved on by hand."""
-
-    def __init__(self) -> None:
-        self.ahead = 0.0
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.ahead
 
 
 class Waits:
@@ -83,7 +73,7 @@ def test_polls_start_one_interval_apart_and_a_long_pass_is_followed_by_a_rest(
     inventory = make_inventory("sqlite")
     seed_tours(inventory, first_day())
     config = _config(inventory, tmp_path, poll_interval=INTERVAL_S)
-    clock = LongPolls()
+    clock = Ahead()
     agent = Agent(config, clock=clock)
     agent.open()
     try:
@@ -138,7 +128,7 @@ def test_a_scheduled_reconciliation_waits_until_the_last_took_at_most_its_share(
             "reconcile_share": share,
         },
     )
-    clock = LongPolls()
+    clock = Ahead()
     agent = Agent(config, clock=clock)
     agent.open()
     try:
@@ -177,7 +167,7 @@ class Sleeps(Waits):
     """Waits that move `clock` on by each timeout, as if slept, and end the loop after the
     pass following a commit."""
 
-    def __init__(self, stop: threading.Event, clock: LongPolls) -> None:
+    def __init__(self, stop: threading.Event, clock: Ahead) -> None:
         super().__init__(stop, 10_000)
         self.clock = clock
 
@@ -197,7 +187,7 @@ def test_without_a_change_query_a_held_pass_starts_when_its_poll_interval_ends(
     inventory = make_inventory("postgresql")
     seed_tours(inventory, first_day())
     config = _config(inventory, tmp_path, poll_interval=INTERVAL_S)
-    clock = LongPolls()
+    clock = Ahead()
     agent = Agent(config, clock=clock)
     agent.open()
     starts: list[float] = []
