@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent import collector
 from agent.app import Agent, DrainResult
 from agent.config import (
     SECRET_ENV,
@@ -56,6 +57,7 @@ def _start(path: Path) -> tuple[Config, Agent]:
         logging.getLogger("agent").warning(doubt, extra={"event": "config.secret_doubt"})
     agent = Agent(config)
     agent.open()
+    collector.settle()
     return config, agent
 
 

@@ -23,7 +23,7 @@ from types import FrameType
 import watchfiles
 from prometheus_client import CollectorRegistry
 
-from agent import systemd
+from agent import collector, systemd
 from agent.app import Agent
 from agent.config import Config, listen_address, load_config, secret_warnings
 from agent.endpoints import OperationsServer
@@ -124,6 +124,7 @@ class Daemon:
     def _start_agent(self) -> tuple[Agent, threading.Event, threading.Thread]:
         agent = Agent(self.config, metrics=self.metrics, on_state_lost=self._state_file_lost)
         agent.open()
+        collector.settle()  # once per process: a reload's agent finds it done
         stop = threading.Event()
         thread = threading.Thread(target=agent.run, args=(stop,), name="agent", daemon=True)
         thread.start()

@@ -79,6 +79,12 @@ def _agent(args: dict[str, Any]) -> Any:
     )
     agent = Agent(config)
     agent.open()
+    try:  # as the CLI and the daemon do once the agent is open, where this version has it
+        from agent.collector import settle
+    except ImportError:
+        pass
+    else:
+        settle()
     return agent
 
 
