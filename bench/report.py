@@ -279,6 +279,10 @@ def changes_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
                 "with 0.1% changed (a running daemon, the stored digests loaded after its "
                 "last pass)",
             ),
+            (
+                "0.1% beside the polls",
+                "with 0.1% changed (beside the polls: a daemon with a change query)",
+            ),
         )
         if case in named
     ]

@@ -97,7 +97,17 @@ def task_scan(args: dict[str, Any]) -> dict[str, Any]:
     rss_before = current_rss_mb()
     cpu_before = own_cpu_s()
     started = time.perf_counter()
-    report = agent.scan()
+    if args.get("beside_polls"):
+        # The daemon's scheduled reconciliation where a change query keeps a cursor: beside
+        # the polls (Scanner.reconcile), without the threads and parallel range digests of
+        # a full scan that polls wait for.
+        if not agent.scanner.can_reconcile_beside():
+            raise RuntimeError("this state cannot be reconciled beside the polls")
+        report = agent.full_scan()
+        if report is None:
+            raise RuntimeError("the reconciliation beside the polls did not run")
+    else:
+        report = agent.scan()
     seconds = time.perf_counter() - started
     cpu = own_cpu_s() - cpu_before
     # Before the pool closes them; `source_port`: a source other than the bench's PostgreSQL.
