@@ -22,7 +22,6 @@ from tests.integration.commits import (
     POLL_S,
     Ahead,
     at_rest,
-    daemon_rests_then_delivers,
     notifies,
     pass_,
     quiet,
@@ -109,17 +108,6 @@ def test_a_rolled_back_transaction_costs_one_pass_that_finds_nothing(
         undone.rollback()
     assert notifies(pass_(agent, clock)) == 0
     assert pass_(agent, clock) is None
-
-
-def test_the_daemon_at_rest_runs_no_pass_and_delivers_a_booking_at_once(
-    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
-) -> None:
-    inventory = make_inventory("postgresql")
-    seed_tours(inventory, first_day())
-    sandbox = make_sandbox()
-    daemon_rests_then_delivers(
-        agents(inventory, sandbox.url, poll_interval=0.2), inventory, sandbox
-    )
 
 
 def test_check_says_the_snapshot_decides(

@@ -13,7 +13,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from tests.integration.commits import (
     POLL_S,
     Ahead,
     at_rest,
-    daemon_rests_then_delivers,
     notifies,
     pass_,
     quiet,
@@ -50,6 +49,17 @@ pytestmark = pytest.mark.mariadb
 
 MakeInventory = Callable[[str], Inventory]
 MakeSandbox = Callable[..., Sandbox]
+
+
+@pytest.fixture
+def watched(make_inventory: MakeInventory) -> Iterator[tuple[Inventory, UpdateTimes]]:
+    """A seeded MariaDB inventory and a sensor over the two queries' tables (closed after)."""
+    inventory = make_inventory("mariadb")
+    seed_tours(inventory, first_day())
+    sensor = UpdateTimes(inventory.engine, [CATALOG_QUERY, SLOTS_QUERY])
+    sensor.find_tables()
+    yield inventory, sensor
+    sensor.close()
 
 
 def _database(inventory: Inventory) -> str:
@@ -119,12 +129,9 @@ def test_a_table_whose_engine_keeps_no_time_makes_the_sensor_say_which(
 
 
 def test_a_commit_moves_the_time_and_a_rollback_or_an_open_transaction_does_not(
-    make_inventory: MakeInventory,
+    watched: tuple[Inventory, UpdateTimes],
 ) -> None:
-    inventory = make_inventory("mariadb")
-    seed_tours(inventory, first_day())
-    sensor = UpdateTimes(inventory.engine, [CATALOG_QUERY, SLOTS_QUERY])
-    sensor.find_tables()
+    inventory, sensor = watched
     time.sleep(1.1)  # the seeding's second is over: a new commit gets a new time
     before = sensor.read()
     with inventory.engine.connect() as conn:
@@ -276,35 +283,18 @@ def test_watch_commits_false_keeps_a_pass_every_poll(
     assert [agent.poll_when_due() is not None for _ in range(2)] == [True, True]
 
 
-def test_the_daemon_at_rest_runs_no_pass_and_delivers_a_booking_at_once(
-    make_inventory: MakeInventory, make_sandbox: MakeSandbox, agents: Callable[..., Agent]
-) -> None:
-    inventory = make_inventory("mariadb")
-    seed_tours(inventory, first_day())
-    sandbox = make_sandbox()
-    daemon_rests_then_delivers(
-        agents(inventory, sandbox.url, poll_interval=0.2), inventory, sandbox
-    )
-
-
 def test_the_connection_kept_for_reading_is_replaced_when_the_server_ends_it(
-    make_inventory: MakeInventory,
+    watched: tuple[Inventory, UpdateTimes],
 ) -> None:
-    inventory = make_inventory("mariadb")
-    seed_tours(inventory, first_day())
-    sensor = UpdateTimes(inventory.engine, [CATALOG_QUERY, SLOTS_QUERY])
-    sensor.find_tables()
-    try:
-        first = sensor.read()
-        assert sensor.kept.held is not None
-        held = sensor.kept.held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
-        with inventory.engine.connect() as admin:
-            admin.exec_driver_sql(f"KILL CONNECTION {int(held)}")
-        again = sensor.read()  # not an outage: one new connection, then the same answer
-        assert again.times == first.times
-        assert sensor.kept.held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() != held
-    finally:
-        sensor.close()
+    inventory, sensor = watched
+    first = sensor.read()
+    assert sensor.kept.held is not None
+    held = sensor.kept.held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+    with inventory.engine.connect() as admin:
+        admin.exec_driver_sql(f"KILL CONNECTION {int(held)}")
+    again = sensor.read()  # not an outage: one new connection, then the same answer
+    assert again.times == first.times
+    assert sensor.kept.held.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one() != held
 
 
 @pytest.mark.parametrize("engine", ["InnoDB", "MEMORY"])
