@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -123,6 +123,11 @@ _NEVER = -1
 instead), so no source digest matches it."""
 
 
+def entry_digest(text: str) -> int:
+    """What a DigestTable keeps of a digest text."""
+    return _NEVER if text == UNKNOWN else hash(text)
+
+
 @dataclass(frozen=True, eq=False)
 class DigestTable:
     """The stored digests, held compact between passes: about 20 bytes a range (10 MB for
@@ -155,7 +160,40 @@ class DigestTable:
         digests: array[int] = array("q")
         for name, text in pairs:
             labels.append(hash(name))
-            digests.append(_NEVER if text == UNKNOWN else hash(text))
+            digests.append(entry_digest(text))
+        return cls._built(labels, digests)
+
+    def replaced(self, dropped: Collection[int], added: Iterable[tuple[str, str]]) -> DigestTable:
+        """This table without the entries whose label hash is in `dropped`, with the
+        (label, digest text) pairs `added` (a table brought up to date in place of a load).
+        Where the labels stay the same (each dropped one added again, none new: the ranges
+        written still exist), only the digests change, in a copy of their array."""
+        pairs = [(hash(name), entry_digest(text)) for name, text in added]
+        if len(pairs) == len(dropped) and {h for h, _ in pairs} == set(dropped):
+            digests = array("q", self.digests)
+            for h, d in pairs:
+                found = list(_entries(self, h))
+                if len(found) != 1:  # absent, or two labels with one hash: build anew
+                    break
+                digests[found[0]] = d
+            else:
+                return DigestTable(self.labels, digests, self.starts, self.shift)
+        return self._rebuilt(dropped, pairs)
+
+    def _rebuilt(self, dropped: Collection[int], pairs: list[tuple[int, int]]) -> DigestTable:
+        labels: array[int] = array("q")
+        digests: array[int] = array("q")
+        for h, d in zip(self.labels, self.digests, strict=True):
+            if h not in dropped:
+                labels.append(h)
+                digests.append(d)
+        for h, d in pairs:
+            labels.append(h)
+            digests.append(d)
+        return self._built(labels, digests)
+
+    @classmethod
+    def _built(cls, labels: array[int], digests: array[int]) -> DigestTable:
         size = len(labels)
         bits = max(size - 1, 1).bit_length()
         shift = 64 - bits
@@ -295,6 +333,25 @@ class StoredDigests:
         ranges = DigestTable.of(sums.through(triples))
         return cls(ranges, sums.table())
 
+    def replaced(
+        self,
+        written: Collection[int],
+        options: Collection[str],
+        triples: Iterable[tuple[str, str, str]],
+    ) -> StoredDigests:
+        """This content with the ranges of the option ids `options` replaced by `triples`
+        (label, option id, digest text: every stored range of those option ids, as the
+        store has them now). `written`: the label hashes of the ranges written since this
+        content was read (every one of them is of an option in `options`), those the
+        writes removed among them. Equal to what a load would give, if nothing but those
+        writes changed the store since this content was read."""
+        sums = OptionSums()
+        pairs = list(sums.through(triples))
+        dropped = {*written, *(hash(name) for name, _ in pairs)}
+        ranges = self.ranges.replaced(dropped, pairs)
+        by_option = self.options.replaced({hash(o) for o in options}, sums.pairs())
+        return StoredDigests(ranges, by_option)
+
 
 class OptionSums:
     """The stored ranges' digests summed per option id as they stream through `through`:
@@ -315,8 +372,13 @@ class OptionSums:
 
     def table(self) -> DigestTable:
         """The sums as a DigestTable by option id, UNKNOWN where a range's digest is."""
+        return DigestTable.of(self.pairs())
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """The sums as (option id, digest text), UNKNOWN where a range's digest is; taken
+        from here as they are handed on."""
         sums, self._sums = self._sums, {}
-        return DigestTable.of((option, total.text or UNKNOWN) for option, total in sums.items())
+        return ((option, total.text or UNKNOWN) for option, total in sums.items())
 
 
 class DigestSum:

@@ -23,7 +23,12 @@ them once its previous pass is recorded (a fresh process loads them beside the d
 option digests, and both share the two cores), and "beside the polls": the scheduled
 reconciliation of a daemon with a change query (Agent.full_scan, Scanner.reconcile), which
 loads the stored digests before asking for the option digests and reads without threads or
-parallel range digests, so that polls and wake-ups keep a core while it runs.
+parallel range digests, so that polls and wake-ups keep a core while it runs; and "beside
+the polls in a running daemon": the same after the stored digests were loaded and a poll then
+recorded the changes the change query returns (the bookings; not timed), as the polls of a
+daemon between two reconciliations do: the reconciliation then brings the loaded digests up
+to date by reading the ranges of the option ids those polls wrote only, and finds the
+deletions, which no change query returns.
 """
 
 from __future__ import annotations
@@ -60,7 +65,13 @@ def measure(ctx: Context) -> dict[str, Any]:
         )
 
     def timed(
-        case: str, share: float, count: int, *, loaded: bool = False, beside: bool = False
+        case: str,
+        share: float,
+        count: int,
+        *,
+        loaded: bool = False,
+        beside: bool = False,
+        polled: bool = False,
     ) -> dict[str, Any]:
         runs: list[dict[str, Any]] = []
         for _ in range(ctx.plan.runs):
@@ -72,6 +83,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                     "log": str(ctx.log(f"changes-{size}-run")),
                     "digests_loaded": loaded,
                     "beside_polls": beside,
+                    "polled": polled,
                 },
                 log=ctx.log("workers"),
             )
@@ -96,6 +108,15 @@ def measure(ctx: Context) -> dict[str, Any]:
         if share == DAEMON_SHARE:
             cases.append(timed(f"{share * 100:g}% in a running daemon", share, count, loaded=True))
             cases.append(timed(f"{share * 100:g}% beside the polls", share, count, beside=True))
+            cases.append(
+                timed(
+                    f"{share * 100:g}% beside the polls in a running daemon",
+                    share,
+                    count,
+                    beside=True,
+                    polled=True,
+                )
+            )
     # Caught up twice: the first pass records the last case's changes, the second finds
     # nothing changed and records the sum of every row's hash, which the timed passes check.
     catch_up()

@@ -281,7 +281,11 @@ def changes_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
             ),
             (
                 "0.1% beside the polls",
-                "with 0.1% changed (beside the polls: a daemon with a change query)",
+                "with 0.1% changed (beside the polls: a daemon with a change query, started)",
+            ),
+            (
+                "0.1% beside the polls in a running daemon",
+                "with 0.1% changed (beside the polls, after the polls recorded the bookings)",
             ),
         )
         if case in named

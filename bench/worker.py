@@ -90,6 +90,12 @@ def _agent(args: dict[str, Any]) -> Any:
 
 def task_scan(args: dict[str, Any]) -> dict[str, Any]:
     agent = _agent(args)
+    if args.get("polled"):
+        # A running daemon with a change query: the digests loaded by its last
+        # reconciliation, then its polls recorded the changes (not timed).
+        agent.store.fingerprints.ranges.load()
+        if agent.poll() is None:
+            raise RuntimeError("the poll before the reconciliation did not run")
     if args.get("digests_loaded"):
         # What Agent._load_digests_ahead does once a pass is recorded, where every poll is a
         # full pass: the next one starts with them in memory.

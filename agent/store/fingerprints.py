@@ -19,7 +19,7 @@ from agent.model import CatalogDiff, CatalogKey, SlotDiff, SlotKey, StoredSlot
 from agent.store import schema as t
 from agent.store.connector import Connector
 from agent.store.meta import get_meta, set_meta, set_metas
-from agent.store.ranges import StoredRanges
+from agent.store.ranges import RangesWrite, StoredRanges
 from agent.store.slots import SLOT_COLUMNS, SLOT_KEY, stored_slot
 
 STREAM_BATCH_ROWS = 5000
@@ -202,14 +202,16 @@ class Fingerprints:
         *,
         baseline_ms: int | None,
         cursors: Mapping[str, str],
-    ) -> None:
+    ) -> RangesWrite | None:
+        """Write a scan's changes in the caller's transaction; what it wrote of the range
+        digests is for StoredRanges.wrote once that transaction is committed."""
         _apply_catalog(conn, catalog)
         if catalog.added or catalog.changed or catalog.removed:
             set_meta(conn, CATALOG_DIGEST, None)  # the catalog's digest is stored anew, or not
         _apply_slots(conn, slots)
         # Expired slots are forgotten without their ranges changing: the source rows a
         # digest was computed over may still hold them, out of scope (see diff_slots).
-        StoredRanges.touch(
+        write = StoredRanges.touch(
             conn,
             [
                 *(s.key for s in slots.added),
@@ -220,6 +222,7 @@ class Fingerprints:
         if baseline_ms is not None:
             set_meta(conn, BASELINE, str(baseline_ms))
         set_metas(conn, {CURSOR_PREFIX + name: value for name, value in cursors.items()})
+        return write
 
 
 def _apply_catalog(conn: sa.Connection, diff: CatalogDiff) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The schema the newest migration writes (also kept in seyaha_meta, where 0.1.0 reads it)."""
 
 ID_LENGTH = 255
@@ -112,6 +112,8 @@ ranges = sa.Table(
     sa.Column("row_count", sa.BigInteger, nullable=False),
     # The sum of the range's row hashes, as decimal text; NULL: written since, read it again.
     sa.Column("digest", sa.String(40), nullable=True),
+    # The ranges of some option ids (StoredRanges.labels, StoredRanges.load after own writes).
+    sa.Index("seyaha_ranges_option", "option_id"),
 )
 
 leases = sa.Table(

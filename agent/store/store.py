@@ -120,9 +120,10 @@ class StateStore:
         `basis`, mark the digests as computed on it; `scanner` as in commit_scan."""
         with self.connector.write() as conn:
             self._hold_lease(conn, scanner)
-            StoredRanges.record(conn, clean, dirty, gone)
+            write = StoredRanges.record(conn, clean, dirty, gone)
             if basis is not None:
                 set_meta(conn, RANGES_BASIS, basis)
+        self.fingerprints.ranges.wrote(write)
 
     def record_catalog_digest(self, token: str, *, scanner: Fence | None = None) -> None:
         """Store the token of the catalog a full pass read and recorded (see
@@ -143,7 +144,8 @@ class StateStore:
         """Forget every stored range digest (their basis changed, or cannot be trusted)."""
         with self.connector.write() as conn:
             self._hold_lease(conn, scanner)
-            StoredRanges.reset(conn, None)
+            write = StoredRanges.reset(conn, None)
+        self.fingerprints.ranges.wrote(write)
 
     def _hold_lease(self, conn: sa.Connection, scanner: Fence | None) -> None:
         if scanner is not None and not self.coordination.holds(conn, scanner):
@@ -182,11 +184,13 @@ class StateStore:
         now_ms = to_epoch_ms(now)
         with self.connector.write() if wait else self.connector.write_now() as conn:
             self._hold_lease(conn, scanner)
-            self.fingerprints.record(
+            write = self.fingerprints.record(
                 conn,
                 catalog,
                 slots,
                 baseline_ms=now_ms if baseline else None,
                 cursors=cursors or {},
             )
-            return self.queue.enqueue(conn, messages, now_ms)
+            enqueued = self.queue.enqueue(conn, messages, now_ms)
+        self.fingerprints.ranges.wrote(write)
+        return enqueued

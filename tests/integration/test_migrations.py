@@ -73,6 +73,7 @@ STEP_4 = Step(
 STEP_5 = Step(
     5, "Schema 5: each stored slot keeps the hash of the source row its fingerprint was built from."
 )
+STEP_6 = Step(6, "Schema 6: the range digests are found by option id too.")
 """The steps as `seyaha-agent migrate --dry-run` names them."""
 
 INDEXES_2 = {
@@ -316,14 +317,14 @@ def stored_after_upgrade(written: Store010) -> dict[str, Any]:
     contents = written.contents
     return {
         "meta": {
-            "schema_version": "5",
+            "schema_version": "6",
             "baseline_ms": str(contents.baseline_ms),
             "cursor:slots": contents.cursors["slots"],
             # 0.1.0's scanner lease ("status:scanner") is gone; the other records stay
             "status:breaker": contents.status["breaker"],
             "status:last_delivery": contents.status["last_delivery"],
         },
-        "versions": ["0005"],
+        "versions": ["0006"],
         "indexes": INDEXES_4,
         # every body exactly as the agent sends it (0.1.0 kept sorted, spaced JSON)
         "bodies": [
@@ -349,8 +350,8 @@ def test_a_store_written_by_010_is_upgraded_in_place_on_open_and_keeps_everythin
 
         assert plan == Plan(
             current=1,
-            head=5,
-            steps=(STEP_2, STEP_3, STEP_4, STEP_5),
+            head=6,
+            steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6),
             stamp_legacy=True,
             backup=written.backup,
         )
@@ -385,6 +386,10 @@ def test_a_store_written_by_010_is_upgraded_in_place_on_open_and_keeps_everythin
 
     with connected(written.url) as conn:
         assert stored(conn) == stored_after_upgrade(written)
+        # schema 6: the range digests are found by option id (StoredRanges.labels)
+        assert {
+            i["name"]: i["column_names"] for i in sa.inspect(conn).get_indexes("seyaha_ranges")
+        }.get("seyaha_ranges_option") == ["option_id"]
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -425,7 +430,7 @@ def test_an_upgrade_that_stopped_half_way_finishes_at_the_next_start(
     with opened(written.url) as store:
         plan = store.open()
         assert plan == Plan(
-            current=1, head=5, steps=(STEP_2, STEP_3, STEP_4, STEP_5), backup=written.backup
+            current=1, head=6, steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6), backup=written.backup
         )
         assert store.admin.entries() == [as_entry(i, m) for i, m in written.messages()]
 
@@ -569,7 +574,7 @@ def test_opening_an_upgraded_store_again_changes_nothing(
         again = store.open()
         planned = Migrator(store.engine).plan()
 
-    assert again == Plan(current=5, head=5, steps=())
+    assert again == Plan(current=6, head=6, steps=())
     assert planned == again
     with connected(written.url) as conn:
         assert (dump(conn), versions_of(conn), tables_of(conn)) == before
@@ -613,8 +618,8 @@ def test_a_dry_run_on_a_010_store_names_the_upgrade_and_changes_nothing(
 
     assert plan == Plan(
         current=1,
-        head=5,
-        steps=(STEP_2, STEP_3, STEP_4, STEP_5),
+        head=6,
+        steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6),
         stamp_legacy=True,
         backup=written.backup,
     )
@@ -634,7 +639,9 @@ def test_a_dry_run_on_a_new_database_names_every_step_and_creates_nothing(
     with opened(url) as store:
         plan = Migrator(store.engine).migrate(dry_run=True)
 
-    assert plan == Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))
+    assert plan == Plan(
+        current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6)
+    )
     with connected(url) as conn:
         assert tables_of(conn) == set()
 
@@ -699,7 +706,9 @@ def test_a_new_sqlite_store_is_created_without_a_backup(
     with opened(url) as store:
         plan = store.open()
 
-    assert plan == Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))
+    assert plan == Plan(
+        current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6)
+    )
     database = Path(str(sa.engine.make_url(url).database))
     assert list(database.parent.glob("*.bak")) == []
 
@@ -774,8 +783,8 @@ def start_together(url: str, agents: int) -> list[tuple[list[int], bool]]:
 @pytest.mark.parametrize(
     ("written_by", "migrating_start"),
     [
-        pytest.param("nothing", ([1, 2, 3, 4, 5], False), id="new"),
-        pytest.param("0.1.0", ([2, 3, 4, 5], True), id="written-by-0.1.0"),
+        pytest.param("nothing", ([1, 2, 3, 4, 5, 6], False), id="new"),
+        pytest.param("0.1.0", ([2, 3, 4, 5, 6], True), id="written-by-0.1.0"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -794,8 +803,8 @@ def test_agents_starting_together_on_one_store_migrate_it_once_and_all_start(
         # one migrates (or stamps and upgrades 0.1.0's store); the others find it done
         assert sorted(did) == [([], False)] * (AGENTS - 1) + [migrating_start]
         with connected(url) as conn:
-            assert versions_of(conn) == ["0005"]
-            assert meta_of(conn)["schema_version"] == "5"
+            assert versions_of(conn) == ["0006"]
+            assert meta_of(conn)["schema_version"] == "6"
 
 
 @contextmanager
@@ -876,14 +885,14 @@ def test_an_agent_starting_while_another_migrates_waits_for_it_then_starts(
             assert tables_of(conn) == set()
 
     assert starting.result() == [
-        Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))
+        Plan(current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6))
     ]
     where = sa.engine.make_url(url).render_as_string(hide_password=True)
     assert waits_said(caplog) == [
         f"another seyaha-agent is migrating the state store at {where}; waiting for it"
     ]
     with connected(url) as conn:
-        assert versions_of(conn) == ["0005"]
+        assert versions_of(conn) == ["0006"]
 
 
 @pytest.mark.parametrize(
@@ -912,4 +921,6 @@ def test_a_migration_of_one_store_does_not_hold_up_an_agent_on_another_store_of_
     outcome = starting.result()  # once the other store's lock is free, in any case
 
     assert waited == []
-    assert outcome == [Plan(current=None, head=5, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5))]
+    assert outcome == [
+        Plan(current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6))
+    ]

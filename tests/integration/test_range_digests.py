@@ -405,14 +405,19 @@ def test_without_a_change_query_the_daemon_loads_the_digests_a_pass_wrote_before
         finally:
             where[0] = "ahead"
 
-    real_of = StoredDigests.of
+    real_of, real_replaced = StoredDigests.of, StoredDigests.replaced
 
     def of(cls: type[StoredDigests], triples: Any) -> StoredDigests:
         builds.append(where[0])
         return real_of(triples)
 
+    def replaced(self: StoredDigests, *args: Any) -> StoredDigests:
+        builds.append(where[0])  # brought up to date after this process's writes
+        return real_replaced(self, *args)
+
     monkeypatch.setattr(agent.scanner, "scan", scan)
     monkeypatch.setattr(StoredDigests, "of", classmethod(of))
+    monkeypatch.setattr(StoredDigests, "replaced", replaced)
 
     quiet = agent.poll()
     assert quiet is not None

@@ -4,17 +4,21 @@ transaction, and a range whose slots are stored always has a row."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.model import CatalogDiff, SlotDiff
-from agent.ranges import UNKNOWN, DigestTable, RangeDigest, RangeKey, label
+from agent.ranges import UNKNOWN, DigestTable, RangeDigest, RangeKey, StoredDigests, label
 from agent.store import StateStore
 from agent.store import ranges as ranges_module
-from tests.integration.inventory import BACKEND_PARAMS
+from agent.store.ranges import StoredRanges
+from tests.integration.inventory import BACKEND_PARAMS, SERVER_PARAMS
 from tests.integration.test_state_store import T0, later, slot
 
 ONE = ("1", "a", "1")
@@ -175,3 +179,166 @@ def test_a_slots_digest_is_recorded_and_worth_anything_only_while_nothing_writes
 
     store.reset_ranges()
     assert ranges.total(ranges.written()) is None
+
+
+def _fresh(store: StateStore) -> StoredDigests:
+    """The content a load reads from the store now, whatever this store's loads kept."""
+    return StoredRanges(store.connector).load()
+
+
+def test_a_load_after_this_stores_own_writes_reads_only_their_options(store: StateStore) -> None:
+    """After writes from this store only, a load reads again the ranges of the option ids
+    written (their sums with them), and gives what reading every range gives: written
+    ranges, new ones, new options, ranges gone and whole options gone."""
+    ranges = store.fingerprints.ranges
+    other_product = ("2", "a", "3")  # option "a" of another product: summed with ONE's
+    kept = ("5", "z", "1")  # an option no write below touches
+    store.record_ranges({ONE: D, TWO: D, other_product: D, kept: D, ("6", "y", "1"): D}, basis="b1")
+    ranges.load()
+    assert ranges.last_load == "read"
+
+    store.commit_scan(CatalogDiff(), SlotDiff(added=(slot(11),)), [], T0)  # ONE unknown
+    store.record_ranges({TWO: RangeDigest(4, 7), ("7", "n", "1"): D}, gone=[("6", "y", "1")])
+    content = ranges.load()
+    assert ranges.last_load == "refreshed"
+    assert content == _fresh(store)
+    assert content.options == DigestTable.of([("a", UNKNOWN), ("z", D.text), ("n", D.text)])
+
+    store.record_ranges({ONE: D})
+    content = ranges.load()
+    assert ranges.last_load == "refreshed"
+    assert content == _fresh(store)
+    assert ranges.load() is content
+    assert ranges.last_load == "kept"
+
+
+def test_another_writer_or_a_reset_makes_the_next_load_read_every_range(
+    store: StateStore,
+) -> None:
+    ranges = store.fingerprints.ranges
+    store.record_ranges({ONE: D, TWO: D, ("3", "b", "1"): D}, basis="b1")
+    ranges.load()
+    other = StateStore.from_url(store.engine.url.render_as_string(hide_password=False))
+    try:
+        other.record_ranges({("3", "b", "1"): RangeDigest(1, 1)})  # unseen by this store
+        store.record_ranges({ONE: RangeDigest(2, 2)})  # this store's, after the other's
+        content = ranges.load()
+        assert ranges.last_load == "read"
+        assert content == _fresh(store)
+
+        store.record_ranges({TWO: RangeDigest(2, 2)})
+        other.record_ranges({ONE: RangeDigest(3, 3)})  # after this store's, unseen
+        content = ranges.load()
+        assert ranges.last_load == "read"
+        assert content == _fresh(store)
+    finally:
+        other.close()
+
+    store.record_ranges({TWO: D})
+    store.reset_ranges()
+    assert len(ranges.load().ranges) == 0
+    assert ranges.last_load == "read"
+
+
+def test_too_many_ranges_written_since_a_load_make_the_next_read_every_range(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ranges_module, "REFRESH_MIN_RANGES", 1)
+    ranges = store.fingerprints.ranges
+    many = {("1", "a", str(n)): D for n in range(10)}
+    store.record_ranges(many, basis="b1")
+    ranges.load()
+    store.record_ranges({("1", "a", "0"): RangeDigest(1, 1)})  # 1 of 10: within the share
+    store.record_ranges({("1", "a", "1"): RangeDigest(1, 1)})  # 2 of 10: past it
+    content = ranges.load()
+    assert ranges.last_load == "read"
+    assert content == _fresh(store)
+
+
+@pytest.mark.parametrize("backend", SERVER_PARAMS)
+def test_a_write_that_meets_another_agents_concurrent_one_is_not_taken_for_a_follower(
+    backend: str, make_store: Callable[[str], StateStore]
+) -> None:
+    """Two agents on one server store write the digests at once: this store's write reads
+    the token before the other's commits, and then waits for it. The compare-and-set of the
+    token finds the other's, so the next load reads every range (content that missed the
+    other's write would compare a range it cleared with its old digest)."""
+    store = make_store(backend)
+    ranges = store.fingerprints.ranges
+    store.record_ranges({ONE: D, TWO: D, ("3", "b", "1"): D}, basis="b1")
+    ranges.load()
+    other = StateStore.from_url(store.engine.url.render_as_string(hide_password=False))
+    try:
+        with other.connector.write() as held:
+            # The other agent's write, not committed yet: it holds the token's row.
+            StoredRanges.record(held, {("3", "b", "1"): RangeDigest(9, 9)})
+            done: list[BaseException | None] = []
+
+            def write() -> None:
+                try:
+                    store.record_ranges({ONE: RangeDigest(2, 2)})
+                    done.append(None)
+                except BaseException as exc:  # handed to the test below
+                    done.append(exc)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            writer.join(timeout=1.0)
+            assert writer.is_alive()  # waiting for the other's row lock
+        writer.join(timeout=30)
+        assert done == [None]
+    finally:
+        other.close()
+    content = ranges.load()
+    assert ranges.last_load == "read"
+    assert content == _fresh(store)
+    assert dict(ranges.items())[label(("3", "b", "1"))] == "9:9"
+
+
+_RANGE_KEYS = [(p, o, x) for p in ("1", "2") for o in ("a", "b", "c") for x in ("1", "2", "3")]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["touch", "record", "gone", "foreign", "load"]),
+            st.lists(st.sampled_from(_RANGE_KEYS), min_size=1, max_size=4, unique=True),
+        ),
+        max_size=14,
+    )
+)
+def test_a_load_always_gives_what_reading_every_range_gives(
+    steps: list[tuple[str, list[RangeKey]]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Whatever this store and another writer do in whatever order (SQLite), every load
+    gives the content a fresh read of the store gives, refreshed or read or kept."""
+    folder = tmp_path_factory.mktemp("ranges")
+    url = f"sqlite:///{folder / 'state.db'}"
+    store, other = StateStore.from_url(url), StateStore.from_url(url)
+    store.open()
+    other.open()
+    try:
+        store.record_ranges({k: RangeDigest(1, n) for n, k in enumerate(_RANGE_KEYS)}, basis="b")
+        store.fingerprints.ranges.load()
+        for n, (kind, keys) in enumerate(steps):
+            if kind == "touch":
+                added = tuple(
+                    replace(slot(1), product_id=p, option_id=o, availability_id=f"9{x}")
+                    for p, o, x in keys
+                )
+                store.commit_scan(CatalogDiff(), SlotDiff(added=added), [], later(n))
+            elif kind == "record":
+                store.record_ranges({k: RangeDigest(2, n) for k in keys})
+            elif kind == "gone":
+                store.record_ranges({}, dirty=keys[:1], gone=keys[1:])
+            elif kind == "foreign":
+                other.record_ranges({k: RangeDigest(3, n) for k in keys})
+            else:
+                assert store.fingerprints.ranges.load() == _fresh(store)
+        assert store.fingerprints.ranges.load() == _fresh(store)
+    finally:
+        other.close()
+        store.close()
