@@ -482,9 +482,7 @@ class Scanner:
                         live.check()
                         self.store.reset_ranges(scanner=self.fence)
                 with self.store.reading() as stored:
-                    remembered, current = self._both_sides(
-                        src, stored, snapshot, full, ahead=True, give_way=give_way
-                    )
+                    remembered, current = self._both_sides(src, stored, snapshot, full)
                     with closing(remembered), closing(current):
                         changes = iter_slot_changes(
                             remembered,
@@ -530,7 +528,6 @@ class Scanner:
         full: FullPass,
         *,
         ahead: bool = False,
-        give_way: Callable[[], None] | None = None,
     ) -> tuple[
         Generator[StoredSlot, None, None] | ReadAhead[StoredSlot], Generator[SourceItem, None, None]
     ]:
@@ -538,10 +535,11 @@ class Scanner:
         each read carried on across lost connections (and, the source's, across
         read_transaction_max); only those of `full.ranges` when it names them. `ahead`: the
         stored slots of `full.ranges` are read in a thread of their own while the source
-        finds its rows (see agent/ahead.py). Beside the polls that thread calls `give_way`
-        every GIVE_WAY_ROWS slots, as the reconciliation's own reading does: a poll still
-        runs alone, and the thread's reading (0.1-0.2 s at 0.1% of 1M slots) fills the
-        time the source takes to find its first row instead of following it."""
+        finds its rows (see agent/ahead.py); not beside the polls, whose turns would then
+        share the interpreter with that thread: read ahead there, stepping aside for them
+        every GIVE_WAY_ROWS slots, it took the 0.1% case's both sides at 1M slots from
+        0.42-0.47 s to 0.32-0.41 s, but a wake-up's p99 during reconciliations went to
+        50-96 ms (six runs of `bench latency --modes reconciling`) from 49-53 ms (three)."""
         if full.ranges == []:
             return _nothing(), _nothing()
         partial = self._partial
@@ -553,8 +551,7 @@ class Scanner:
         else:
             remembered = self.store.fingerprints.ranges.iter_slots(stored, full.ranges)
             if ahead:
-                paced = remembered if give_way is None else _giving_way(remembered, give_way)
-                remembered = ReadAhead(paced, name="seyaha-stored-slots")
+                remembered = ReadAhead(remembered, name="seyaha-stored-slots")
         return (
             remembered,
             self.reader.resuming_slots(
@@ -1195,18 +1192,11 @@ def _owned(
         stored.close()
 
 
-def _giving_way(items: Iterable[T], give_way: Callable[[], None]) -> Generator[T, None, None]:
-    """`items`, calling `give_way` every GIVE_WAY_ROWS of them (see Scanner.reconcile); their
-    iterator is closed with this one's."""
-    try:
-        for n, item in enumerate(items):
-            if n % GIVE_WAY_ROWS == 0:
-                give_way()
-            yield item
-    finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
+def _giving_way(items: Iterable[SourceItem], give_way: Callable[[], None]) -> Iterator[SourceItem]:
+    for n, item in enumerate(items):
+        if n % GIVE_WAY_ROWS == 0:
+            give_way()
+        yield item
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
