@@ -157,9 +157,9 @@ class StoredRanges:
             # beside newer content, which the next load reads again (the other order could
             # keep older content under the newest token).
             token = get_meta(conn, WRITTEN)
-            with self._lock:
+            with self._lock:  # copies: wrote() may add to them while this load runs
                 loaded, chain = self._loaded, self._chain
-                labels, options = self._written_labels, self._written_options
+                labels, options = set(self._written_labels), set(self._written_options)
             if token is not None and loaded is not None and loaded[0] == token:
                 self.last_load = "kept"
                 return loaded[1]

@@ -21,6 +21,7 @@ from agent.store.ranges import StoredRanges
 from tests.integration.inventory import BACKEND_PARAMS, SERVER_PARAMS
 from tests.integration.test_state_store import T0, later, slot
 
+WAIT_S = 30.0
 ONE = ("1", "a", "1")
 TWO = ("1", "a", "2")
 D = RangeDigest(3, -(2**63) * 3)
@@ -342,3 +343,42 @@ def test_a_load_always_gives_what_reading_every_range_gives(
     finally:
         other.close()
         store.close()
+
+
+def test_loads_racing_this_stores_own_writes_end_equal_to_a_fresh_read(
+    make_store: Callable[[str], StateStore],
+) -> None:
+    """Polls write while a reconciliation loads: loads run in one thread while another
+    writes (SQLite). None fails, each gives a table of the right size, and once the writes
+    stop the next load equals what reading every range gives."""
+    store = make_store("sqlite")
+    ranges = store.fingerprints.ranges
+    store.record_ranges({k: RangeDigest(1, n) for n, k in enumerate(_RANGE_KEYS)}, basis="b")
+    ranges.load()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    sizes: set[int] = set()
+
+    def load() -> None:
+        try:
+            while not stop.is_set():
+                sizes.add(len(ranges.load().ranges))
+        except BaseException as exc:  # handed to the test below
+            failures.append(exc)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        for n in range(200):
+            key = _RANGE_KEYS[n % len(_RANGE_KEYS)]
+            if n % 3 == 0:
+                added = replace(slot(1), product_id=key[0], option_id=key[1])
+                store.commit_scan(CatalogDiff(), SlotDiff(added=(added,)), [], later(n))
+            else:
+                store.record_ranges({key: RangeDigest(2, n)})
+    finally:
+        stop.set()
+        loader.join(WAIT_S)
+    assert failures == []
+    assert sizes == {len(_RANGE_KEYS)}  # every write is of ranges that are there
+    assert ranges.load() == _fresh(store)
