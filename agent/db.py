@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from agent.dialects import dialect_for_backend
+from agent.errors import SourceUnavailable, first_line
 
 _CREDENTIALS = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
@@ -21,6 +22,17 @@ _CREDENTIALS = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 def redact_url(url: str) -> str:
     """A database URL fit for a log line: the password is replaced by ***."""
     return _CREDENTIALS.sub(r"\1***@", url)
+
+
+def connect_source(engine: sa.Engine, where: str) -> sa.Connection:
+    """A new connection to the source database at `where` (its URL without the password),
+    or SourceUnavailable saying it cannot be reached and why."""
+    try:
+        return engine.connect()
+    except SQLAlchemyError as exc:
+        raise SourceUnavailable(
+            f"cannot reach the source database at {where}: {first_line(exc)}"
+        ) from None
 
 
 def create_engine(url: str, *, role: str) -> sa.Engine:

@@ -10,7 +10,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from agent.db import redact_url
+from agent.db import connect_source, redact_url
 from agent.errors import SourceUnavailable, first_line
 from agent.source.gate import SensorUnusable
 
@@ -65,12 +65,7 @@ class KeptConnection:
 
     def _connection(self) -> sa.Connection:
         if self._conn is None:
-            try:
-                conn = self.engine.connect()
-            except SQLAlchemyError as exc:
-                raise SourceUnavailable(
-                    f"cannot reach the source database at {self.where}: {first_line(exc)}"
-                ) from None
+            conn = connect_source(self.engine, self.where)
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             self.on_open(conn)
             self._conn = conn

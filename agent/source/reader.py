@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from agent.db import close_dead_cursor, read_only, redact_url
+from agent.db import close_dead_cursor, connect_source, read_only, redact_url
 from agent.dialects import (
     AFTER_PARAMS,
     DIGEST_WORK_MEM_MB,
@@ -179,12 +179,7 @@ class SourceReader:
     @contextmanager
     def transaction(self) -> Iterator[sa.Connection]:
         """One read transaction on the source, every query in it seeing the same moment."""
-        try:
-            conn = self.engine.connect()
-        except SQLAlchemyError as exc:
-            raise SourceUnavailable(
-                f"cannot reach the source database at {self.where}: {first_line(exc)}"
-            ) from None
+        conn = connect_source(self.engine, self.where)
         try:
             if self.dialect.source_isolation is not None:
                 conn = conn.execution_options(isolation_level=self.dialect.source_isolation)
