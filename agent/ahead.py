@@ -1,4 +1,4 @@
-"""Reading one stream ahead while the caller waits on another.
+"""Reading one stream ahead, in a thread of its own, while the caller waits on another.
 
 A full pass that reads only the ranges that changed merges two streams: the stored slots of
 those ranges (the state store) and the source's rows of them. The source's first row comes
@@ -6,25 +6,17 @@ only once the supplier's database has found and sorted every row of those ranges
 0.13 s at 1M slots and 0.1% changed), and the caller sits idle in the driver meanwhile, the
 interpreter free. Reading the stored side in that time, instead of after it, takes its cost
 (about as long again) off the pass.
-
-ReadAhead reads the stored side in a thread of its own, for as long as the pass lasts.
-read_while_waiting reads it in the caller's thread, only until the source's first row has
-come, while a thread that does nothing but wait for that row frees the caller: the agent
-then computes in one thread at a time, as a pass beside the polls must (agent/scan.py).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import suppress
-from itertools import chain, islice
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-S = TypeVar("S")
 
 CHUNK_ITEMS = 1000
 """Items handed over at once: one handover per item would cost more than the item."""
@@ -109,32 +101,3 @@ class ReadAhead(Generic[T]):
             with suppress(queue.Empty):
                 self._handed.get(timeout=0.05)
         self._thread.join()
-
-
-def read_while_waiting(
-    reading: Iterator[T],
-    waiting: Iterator[S],
-    *,
-    limit: int,
-    give_way: Callable[[], None],
-    every: int,
-    name: str,
-) -> tuple[Iterator[T], Iterator[S]]:
-    """`reading` and `waiting`, each to be read on from where it was, once up to `limit`
-    items of `reading` were read in the caller's thread while a thread named `name` waited
-    for the first item of `waiting` (stopping as soon as it came). `give_way` is called
-    every `every` items read. An exception from either is raised here, once that thread is
-    done: neither iterator is ever used by two threads at once. Closing them stays with the
-    caller (the iterators returned do not close them)."""
-    read: list[T] = []
-    with ThreadPoolExecutor(1, thread_name_prefix=name) as waiter:
-        first = waiter.submit(lambda: list(islice(waiting, 1)))
-        if limit > 0:
-            for item in reading:
-                read.append(item)
-                if first.done() or len(read) >= limit:
-                    break
-                if len(read) % every == 0:
-                    give_way()
-        head = first.result()
-    return chain(read, reading), chain(head, waiting)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from agent.ahead import ReadAhead, read_while_waiting
+from agent.ahead import ReadAhead
 from agent.clock import Clock, to_epoch_ms
 from agent.db import lost_connection
 from agent.diff import (
@@ -116,12 +116,6 @@ from where its last holder recorded."""
 
 RANGES_CHUNK = 2000
 """Range digests recorded per state transaction (and scan turn) at the end of a full pass."""
-
-STORED_WHILE_WAITING = 20_000
-"""Stored slots a reconciliation beside the polls reads at most while it waits for the
-source's first row (read_while_waiting): held in memory until merged, a few MB. The 18,900
-stored slots of 1M slots with 0.1% changed took 0.10 s, about what the database takes to
-find and sort the source's rows of those ranges."""
 
 
 Turn = Callable[[], AbstractContextManager[object]]
@@ -490,19 +484,9 @@ class Scanner:
                 with self.store.reading() as stored:
                     remembered, current = self._both_sides(src, stored, snapshot, full)
                     with closing(remembered), closing(current):
-                        # The source's first row takes the database a moment (it finds and
-                        # sorts every row first): this thread reads stored slots meanwhile.
-                        stored_slots, source_items = read_while_waiting(
-                            remembered,
-                            current,
-                            limit=STORED_WHILE_WAITING,
-                            give_way=give_way,
-                            every=GIVE_WAY_ROWS,
-                            name="seyaha-source-wait",
-                        )
                         changes = iter_slot_changes(
-                            stored_slots,
-                            _giving_way(source_items, give_way),
+                            remembered,
+                            _giving_way(current, give_way),
                             now,
                             in_store=lambda keys: self.store.fingerprints.lookup_slots(keys).keys(),
                             on_duplicate=snapshot.duplicate_apart,
@@ -632,24 +616,16 @@ class Scanner:
         # Taken before the load starts beside: as the last load found it, not as this one
         # may have found it by the time the option digests are to be asked for or not.
         options_first = compares_options_first(*ranges.shape())
-        # The stored digests load while the source computes its digests: the agent's part
-        # hides behind the database's. In a full scan, in a thread of their own (`stores`),
-        # the source asked in this one. Beside the polls, the other way round: the source's
-        # questions wait in a thread that does nothing else (`asks`), and the store is read
-        # in this one once they are sent (_Deferred). A loading thread there, beside the
-        # database's parallel workers, took both cores from the polls (p99 of a wake-up
-        # during reconciliations 47 ms -> 109-217 ms at 1M slots); so the agent still
-        # computes in one thread at a time.
-        stores: Executor
-        asks: Executor
-        if beside_polls:
-            stores = _Deferred()
-            asks = ThreadPoolExecutor(1, thread_name_prefix="seyaha-source-wait")
-        else:
-            stores = ThreadPoolExecutor(1, thread_name_prefix="seyaha-digests")
-            asks = _Inline()
-        with asks, stores:
-            loading = stores.submit(ranges.load)
+        # The stored digests load in a thread of their own while the source computes its
+        # digests: the agent's part hides behind the database's. Not beside the polls: that
+        # thread and the database's parallel workers then take both cores from them (p99
+        # of a wake-up during reconciliations 47 ms -> 109-217 ms at 1M slots).
+        with (
+            _Inline()
+            if beside_polls
+            else ThreadPoolExecutor(1, thread_name_prefix="seyaha-digests")
+        ) as beside:
+            loading = beside.submit(ranges.load)
             # Nothing written since a pass found every stored slot unchanged (`known`): the
             # sum of every slot row's digest tells whether the source still holds those
             # rows. Where option digests come first and the database groups by option for
@@ -659,18 +635,18 @@ class Scanner:
             summed = DigestSum()
             difference = None
             by_options = options_first and self.reader.dialect.groups_options_cheaply
-            quiet = False
-            if known is not None and not by_options and not changed:
-                asked = asks.submit(self.reader.slots_digest, src)
-                loading.result()
-                quiet = asked.result() == known
+            quiet = (
+                known is not None
+                and not by_options
+                and not changed
+                and self.reader.slots_digest(src) == known
+            )
             if options_first and not quiet:
                 difference = self._by_option(
                     src,
                     loading,
                     summed,
-                    stores,
-                    asks,
+                    beside,
                     parallel=not beside_polls,
                     whole=known if by_options else None,
                 )
@@ -683,13 +659,13 @@ class Scanner:
                     ranges_total=len(loading.result().ranges),
                     unchanged=True,
                 )
-            if difference is None:
-                summed = DigestSum()
-                asked_ranges = asks.submit(self.reader.range_digests, src)
-                stored = loading.result()
-                difference = differing(
-                    summed.through(asked_ranges.result()), stored.ranges, ranges.labels
-                )
+        if difference is None:
+            summed = DigestSum()
+            difference = differing(
+                summed.through(self.reader.range_digests(src)),
+                loading.result().ranges,
+                ranges.labels,
+            )
         return FullPass(
             RangeTally(salt),
             ranges=to_read(difference),
@@ -704,8 +680,7 @@ class Scanner:
         src: Connection,
         loading: Future[StoredDigests],
         summed: DigestSum,
-        stores: Executor,
-        asks: Executor,
+        beside: Executor,
         *,
         parallel: bool,
         whole: str | None = None,
@@ -714,9 +689,9 @@ class Scanner:
         differ (fewer groups than ranges: about half the database's work), then the ranges
         of those options only (found by an index on the option). None when too few option
         ids are stored to narrow anything (by_option_first) or too many differ: every
-        range's digest is then asked for. `loading`: the stored digests, loading through
-        `stores`, where the stored labels of the differing options are read while the
-        source, asked through `asks`, computes the digests (see _plan). `parallel`: the source may compute those with
+        range's digest is then asked for. `loading`: the stored digests, loading `beside`,
+        where the stored labels of the differing options are read while the source
+        computes their ranges' digests. `parallel`: the source may compute those with
         parallel workers (SourceReader.range_digests). `whole`: the digest of every slot
         row that the stored slots matched: every option digest then goes through
         `summed`, even when they are not compared, so that the caller can tell a pass that
@@ -724,9 +699,8 @@ class Scanner:
         ranges = self.store.fingerprints.ranges
         # Asked for while the stored digests load (ranges.shape said they likely call for
         # it); dropped if the loaded ones have too few option ids after all.
-        asked = asks.submit(self.reader.option_digests, src)
+        source = self.reader.option_digests(src)
         stored = loading.result()
-        source = asked.result()
         if not by_option_first(stored):
             if whole is None:
                 source.close()
@@ -743,10 +717,13 @@ class Scanner:
         if not options:
             size = len(stored.ranges)
             return Difference(set(), 0, size, size)
-        labels = stores.submit(lambda: list(ranges.labels(options)))
-        digests = asks.submit(self.reader.range_digests, src, options, parallel=parallel)
-        labels.result()
-        return differing(digests.result(), stored.ranges, labels.result, scoped=True)
+        labels = beside.submit(lambda: list(ranges.labels(options)))
+        return differing(
+            self.reader.range_digests(src, options, parallel=parallel),
+            stored.ranges,
+            labels.result,
+            scoped=True,
+        )
 
     def _note_slots_digest(self, full: FullPass, report: ScanReport) -> None:
         """After a pass that read no range (every stored range matched the source's), record
@@ -1196,28 +1173,6 @@ class _Inline(Executor):
         except Exception as exc:  # handed to the caller at result(), as a thread's would be
             done.set_exception(exc)
         return done
-
-
-class _Deferred(Executor):
-    """Runs what it is given in the caller's thread, once its result is first asked for."""
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        return _Later(lambda: fn(*args, **kwargs))
-
-
-class _Later(Future[T]):
-    def __init__(self, work: Callable[[], T]) -> None:
-        super().__init__()
-        self._work: Callable[[], T] | None = work
-
-    def result(self, timeout: float | None = None) -> T:
-        work, self._work = self._work, None
-        if work is not None:
-            try:
-                self.set_result(work())
-            except Exception as exc:  # as _Inline: handed to whoever asks
-                self.set_exception(exc)
-        return super().result(timeout)
 
 
 def _nothing() -> Generator[Any, None, None]:

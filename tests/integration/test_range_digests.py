@@ -643,27 +643,21 @@ def test_option_digests_asked_for_a_quiet_pass_on_a_stale_shape_still_tell_it_qu
     assert _stored(agent) == _truth(agent)
 
 
-@pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
-def test_the_store_is_read_while_the_source_computes_with_one_computing_thread_beside_polls(
+def test_a_full_scan_loads_digests_and_reads_stored_slots_in_threads_only_where_no_poll_runs(
     backend: str,
-    options_first: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """While the source computes its digests, the stored digests load; while it finds and
-    sorts the rows of the ranges to read, stored slots are read. Here each source question
-    waits until the store's read has begun: without that overlap the pass would wait
-    WAIT_S for nothing. A full scan (polls wait for it) reads the store in threads of its
-    own (agent/ahead.py). A reconciliation beside the polls reads it in its own thread and
-    leaves the source's questions to a thread that only waits, so that the agent computes
-    in one thread at a time (a loading thread beside the database's parallel workers took a
-    wake-up's p99 during reconciliations from 47 to 109-217 ms at 1M slots). Both find
-    the same change."""
-    _options_first(monkeypatch, options_first)
+    """A full scan (polls wait for it) loads the stored digests in a thread while the source
+    computes its own, and reads the stored slots of the ranges it reads in another while
+    the source finds their rows (agent/ahead.py); a reconciliation beside the polls does
+    both in its own thread, so that they and the database's parallel workers do not take
+    both cores from the polls (a wake-up's p99 during reconciliations went from 47 to
+    109-217 ms at 1M slots with the load's thread). Both find the same change."""
     setup = _setup(
         backend,
         make_inventory,
@@ -673,76 +667,36 @@ def test_the_store_is_read_while_the_source_computes_with_one_computing_thread_b
         slots_changed_query=SLOTS_CHANGED_QUERY,
     )
     agent, inventory = setup.agent, setup.inventory
-    ranges, reader = agent.store.fingerprints.ranges, agent.reader
+    ranges = agent.store.fingerprints.ranges
     threads: list[tuple[str, str]] = []
-    overlapped: list[str] = []
-    loading, reading = threading.Event(), threading.Event()
-
-    def thread() -> str:
-        return threading.current_thread().name.split("_")[0]
-
-    def waiting_for(started: threading.Event, name: str, real: Callable[..., Any]) -> Any:
-        def asked(*args: Any, **kwargs: Any) -> Any:
-            threads.append((name, thread()))
-            if started.wait(WAIT_S):
-                overlapped.append(name)
-            return real(*args, **kwargs)
-
-        return asked
-
     real_load, real_iter_slots = ranges.load, ranges.iter_slots
-    real_stream = reader.stream_slots
 
     def load() -> StoredDigests:
-        threads.append(("load", thread()))
-        loading.set()
+        threads.append(("load", threading.current_thread().name))
         return real_load()
 
     def iter_slots(conn: Any, chosen: Any) -> Any:
-        threads.append(("stored slots", thread()))
-        reading.set()
+        threads.append(("stored slots", threading.current_thread().name))
         yield from real_iter_slots(conn, chosen)
 
-    def stream_slots(*args: Any, **kwargs: Any) -> Any:
-        rows = real_stream(*args, **kwargs)
-        yield from waiting_for(reading, "source rows", lambda: [next(rows)])()
-        yield from rows
-
-    digests = ("option_digests", "range_digests") if options_first else ("range_digests",)
-    for name in digests:
-        monkeypatch.setattr(reader, name, waiting_for(loading, name, getattr(reader, name)))
     monkeypatch.setattr(ranges, "load", load)
     monkeypatch.setattr(ranges, "iter_slots", iter_slots)
-    monkeypatch.setattr(reader, "stream_slots", stream_slots)
-
-    def check(stores: tuple[str, str], asks: str) -> None:
-        assert sorted(overlapped) == sorted([*digests, "source rows"])
-        assert sorted(threads) == sorted(
-            [
-                ("load", stores[0]),
-                ("stored slots", stores[1]),
-                ("source rows", asks),
-                *((name, asks) for name in digests),
-            ]
-        )
-        threads.clear()
-        overlapped.clear()
-        loading.clear()
-        reading.clear()
-
     inventory.update_slot(1013, vacancies=9)
     scanned = agent.scan()
     assert (scanned.kind, scanned.slots_changed, scanned.ranges_read) == ("full", 1, 1)
-    here = threading.current_thread().name
-    check(("seyaha-digests", "seyaha-stored-slots"), here)
+    assert [(what, name.split("_")[0]) for what, name in threads] == [
+        ("load", "seyaha-digests"),
+        ("stored slots", "seyaha-stored-slots"),
+    ]
 
+    threads.clear()
     _delivered(agent)
-    ranges._loaded = None  # as in a fresh process: the load reads every range
     inventory.update_slot(1014, vacancies=8, updated_at=cursor.since(inventory.clock(), 3600))
+    here = threading.current_thread().name
     reconciled = agent.full_scan()  # beside the polls: baselined, with a change cursor
     assert reconciled is not None
     assert (reconciled.slots_changed, reconciled.ranges_read) == (1, 1)
-    check((here, here), "seyaha-source-wait")
+    assert threads == [("load", here), ("stored slots", here)]
     assert _stored(agent) == _truth(agent)
 
 
@@ -1053,12 +1007,10 @@ def test_a_slot_whose_start_passed_in_a_range_nobody_reads_is_forgotten(
 @pytest.mark.parametrize("options_first", FIRST)
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
 @pytest.mark.parametrize("hashes", [True, False], ids=["row-hashes", "no-row-hashes"])
-@pytest.mark.parametrize("ahead", [True, False], ids=["stored-read-first", "stored-read-after"])
 def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_read_again(
     backend: str,
     options_first: bool,
     hashes: bool,
-    ahead: bool,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
     make_agent: MakeAgent,
@@ -1069,13 +1021,8 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     state of 1023 meanwhile. The range's digest must not be stored (the store holds a state
     newer than the rows it was computed over), and the poll's state must stand. Without
     `hashes` (a store from before schema 5), the reconciliation builds 1013 and 1023 and
-    records the hash of their rows; 1023's must not land on the poll's state. `ahead`: the
-    stored slots of the range are read while the source's first row is awaited, before the
-    poll writes (scan.read_while_waiting); else after it, as when the range lies past what
-    is read then (STORED_WHILE_WAITING)."""
+    records the hash of their rows; 1023's must not land on the poll's state."""
     _options_first(monkeypatch, options_first)
-    if not ahead:
-        monkeypatch.setattr(scan_module, "STORED_WHILE_WAITING", 0)
     setup = _setup(
         backend,
         make_inventory,
@@ -1109,11 +1056,9 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     assert not reconciliation.is_alive()
     report = result[0]
     assert (report.ranges_read, report.slots_changed) == (1, 1)  # 1003; 1023 was the poll's
-    # 1003 changed. Read after the poll, the merge meets 1023's stored slot as the poll wrote
-    # it, without a row hash: built too (and its older state dropped). Read before, 1023's
-    # stored hash is that of the row the source snapshot holds: not built. 1013 only where
-    # no hash was kept.
-    assert report.slots_built == (3 if not hashes else 1 if ahead else 2)
+    # 1003 changed; the merge meets 1023's stored slot as the poll wrote it, without a row
+    # hash: built too (and its older state dropped); 1013 only where no hash was kept.
+    assert report.slots_built == (2 if hashes else 3)
     assert _ranges(agent)[_rng(setup, 1023)] == UNKNOWN
     kept = _row_hashes(agent)
     assert kept[("1", "1-a", "1023")] is None  # the poll's row had none

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent import scan as scan_module
 from agent.app import Agent
 from agent.model import SlotKey
 from agent.sandbox import Sandbox
@@ -190,10 +189,7 @@ def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_la
     inventory, agent = big.inventory, big.agent
     monkeypatch.setattr(agent.scanner, "pause", lambda seconds: None)
 
-    # The rows fetched already are read when the cut comes; the next fetch fails. Counted
-    # from the source's first row: no stored slot is read before it (scan.read_while_waiting
-    # gives way too as it reads them).
-    monkeypatch.setattr(scan_module, "STORED_WHILE_WAITING", 0)
+    # The rows fetched already are read when the cut comes; the next fetch fails.
     give_way = CutOnce(CUT_AT_CALL, lambda: _kill_source_connections(inventory))
     monkeypatch.setattr(agent, "_give_way", give_way)
     with caplog.at_level(logging.WARNING, logger="agent.scan"):

@@ -1,17 +1,14 @@
-"""ReadAhead: a stream read in a thread of its own gives the same items, bounded, and stops.
-read_while_waiting: a stream read in the caller's thread while another's first item is
-awaited, each then read on from where it was."""
+"""ReadAhead: a stream read in a thread of its own gives the same items, bounded, and stops."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent.ahead import ReadAhead, read_while_waiting
+from agent.ahead import ReadAhead
 from agent.diff import iter_slot_changes
 from agent.model import Slot, SlotKey, StoredSlot, slot_fingerprint
 from agent.source.rows import format_local
@@ -144,124 +141,3 @@ def test_an_empty_source_still_removes_every_stored_slot() -> None:
     gone = [_stored(_slot(n), 5) for n in range(3)]
     changes = list(iter_slot_changes(iter(gone), iter(()), NOW))
     assert [(kind, v.key) for kind, v in changes] == [("removed", s.key) for s in gone]
-
-
-# -- read_while_waiting -----------------------------------------------------------------------
-
-
-class Waited:
-    """A stream whose first item comes once `ready` is set (or after `timeout_s`), noting
-    which thread took each item."""
-
-    def __init__(self, items: list[str], *, timeout_s: float = WAIT_S) -> None:
-        self.items = items
-        self.ready = threading.Event()
-        self.timeout_s = timeout_s
-        self.threads: list[int] = []
-
-    def stream(self) -> Iterator[str]:
-        self.ready.wait(self.timeout_s)
-        for item in self.items:
-            self.threads.append(threading.get_ident())
-            yield item
-
-
-class Read:
-    """A stream of `count` numbers that counts what was taken and sets `release` once
-    `at` items were taken (then waits, so that the waited-for item has come)."""
-
-    def __init__(self, count: int, *, release: threading.Event | None = None, at: int = 0):
-        self.count = count
-        self.release = release
-        self.at = at
-        self.taken = 0
-        self.threads: set[int] = set()
-
-    def stream(self) -> Iterator[int]:
-        for n in range(self.count):
-            self.threads.add(threading.get_ident())
-            if self.release is not None and n == self.at:
-                self.release.set()
-                time.sleep(0.2)  # the waiting thread gets its item meanwhile
-            self.taken += 1
-            yield n
-
-
-def _while_waiting(
-    read: Read, waited: Waited, *, limit: int = 1000, every: int = 4
-) -> tuple[list[int], list[str], int]:
-    ways: list[int] = []
-    reading, waiting = read_while_waiting(
-        read.stream(),
-        waited.stream(),
-        limit=limit,
-        give_way=lambda: ways.append(read.taken),
-        every=every,
-        name="test-wait",
-    )
-    taken_then = read.taken
-    assert ways == list(range(every, taken_then, every))
-    return list(reading), list(waiting), taken_then
-
-
-def test_reading_stops_once_the_first_awaited_item_came_and_both_go_on_whole() -> None:
-    waited = Waited(["a", "b", "c"])
-    read = Read(100, release=waited.ready, at=5)
-    reading, waiting, taken_then = _while_waiting(read, waited)
-    assert 6 <= taken_then < 100  # read until the first item came, not to the end
-    assert (reading, waiting) == (list(range(100)), ["a", "b", "c"])
-    me = threading.get_ident()
-    assert read.threads == {me}
-    assert waited.threads[0] != me
-    assert set(waited.threads[1:]) == {me}
-
-
-def test_reading_stops_at_the_limit_while_the_first_item_is_still_awaited() -> None:
-    waited = Waited(["a"], timeout_s=0.3)  # never released: comes after 0.3 s
-    read = Read(100)
-    reading, waiting, taken_then = _while_waiting(read, waited, limit=10)
-    assert taken_then == 10
-    assert (reading, waiting) == (list(range(100)), ["a"])
-
-
-def test_nothing_is_read_with_no_room_and_empty_streams_stay_empty() -> None:
-    waited = Waited([], timeout_s=0.0)
-    read = Read(3)
-    reading, waiting, taken_then = _while_waiting(read, waited, limit=0)
-    assert (taken_then, reading, waiting) == (0, [0, 1, 2], [])
-    reading, waiting, _ = _while_waiting(Read(0), Waited(["a"], timeout_s=0.0))
-    assert (reading, waiting) == ([], ["a"])
-
-
-def test_a_failure_of_either_stream_comes_to_the_caller_once_the_waiting_is_over() -> None:
-    def failing_wait() -> Iterator[str]:
-        raise ConnectionError("the source went away")
-        yield "never"
-
-    with pytest.raises(ConnectionError, match="source went away"):
-        read_while_waiting(
-            iter(range(5)), failing_wait(), limit=10, give_way=lambda: None, every=4, name="t"
-        )
-
-    waited = Waited(["a"], timeout_s=0.3)
-    finished: list[bool] = []
-
-    def failing_read() -> Iterator[int]:
-        yield 1
-        raise OSError("the store went away")
-
-    def watched() -> Iterator[str]:
-        yield from waited.stream()
-        finished.append(True)
-
-    waiting = watched()
-    with pytest.raises(OSError, match="store went away"):
-        read_while_waiting(
-            failing_read(), waiting, limit=10, give_way=lambda: None, every=4, name="t"
-        )
-    # The waiting thread was done with its item before the failure was raised: the caller
-    # may close what it reads from at once.
-    assert waited.threads
-    assert not finished
-    assert list(waiting) == []
-    assert finished == [True]
