@@ -64,6 +64,8 @@ class Plan:
         "bulk",
         "default",
         "missed",
+        "restart",
+        "crash",
     )
     """Which latency modes run (bench/latency.py MODES; `--modes` picks some)."""
     quiet_s: float = 0.0

@@ -56,7 +56,17 @@ inside a measured window);
   state whose range digests are all cleared (as writes of more than a quarter of the
   ranges leave them, after a bulk change of their values), so the reconciliation after
   its start reads every row, and the measured window begins right after it. Not part of
-  `all` (run it with `--modes after-every-row`).
+  `all` (run it with `--modes after-every-row`);
+- across a restart: as wake-ups, but `restart_at_s` into the measured commits the daemon
+  gets SIGTERM and, once it has exited, is started again at once with the same config and
+  state (what `systemctl restart` does: a deploy, an upgrade); the commits go on meanwhile,
+  open loop. The new daemon runs its first poll from the stored cursor and the
+  reconciliation it runs at every start, beside its polls;
+- across a crash: as across a restart, but SIGKILL, and the new daemon starts
+  `restart_pause_s` (5 s, the RestartSec of systemd/seyaha-agent.service) after the old
+  one died: an out-of-memory kill or a crash under systemd.
+  In both, the commits from the signal to the new daemon's `agent.started` log line are
+  counted apart ("while it was down").
 Each run starts once no row has changed for 65 s, so that it does not inherit the previous
 run's changes in its polls' overlap window; within a run the window fills with the run's
 own commits, as it would in a steady booking system.
@@ -69,6 +79,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +175,12 @@ class Mode:
     """[delivery] keys to set; () the agent's defaults."""
     singles: int = 0
     """Single bookings at rest, timed one by one after the rest window (single_bookings)."""
+    restart: str | None = None
+    """"term" or "kill": restart the daemon once, `restart_at_s` into the measured commits,
+    with that signal (see the module's docstring); None: never."""
+    restart_at_s: float = 10.0
+    restart_pause_s: float = 0.0
+    """Between the old daemon's exit and the new one's start."""
     every_row_first: bool = False
     """Start from a state whose range digests were all cleared (as writes of more than a
     quarter of the ranges leave them): the reconciliation after the start reads every row,
@@ -229,6 +246,22 @@ AFTER_EVERY_ROW = Mode(
     60.0,
     every_row_first=True,
 )
+RESTART = Mode(
+    "restart",
+    "wake-ups across a restart (SIGTERM, started again at once)",
+    True,
+    60.0,
+    restart="term",
+)
+CRASH = Mode(
+    "crash",
+    "wake-ups across a crash (SIGKILL, started again 5 s later)",
+    True,
+    60.0,
+    restart="kill",
+    restart_pause_s=5.0,
+)
+"""restart_pause_s: RestartSec of systemd/seyaha-agent.service."""
 MODES = {
     m.key: m
     for m in (
@@ -241,6 +274,8 @@ MODES = {
         LATE,
         MISSED,
         AFTER_EVERY_ROW,
+        RESTART,
+        CRASH,
     )
 }
 
@@ -286,6 +321,27 @@ class Daemon:
                 spans.append((end - float(record["duration_ms"]) / 1000, end))
         return spans
 
+    def started(self) -> list[float]:
+        """Epoch seconds of each `agent.started` line of the log (every daemon writing it)."""
+        times = []
+        with open(self._log.name, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if '"agent.started"' not in line:
+                    continue
+                try:
+                    times.append(datetime.fromisoformat(json.loads(line)["ts"]).timestamp())
+                except (ValueError, KeyError):
+                    continue
+        return times
+
+    def kill(self) -> int:
+        """SIGKILL, as the kernel's out-of-memory killer or a crash ends a process."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -296,6 +352,58 @@ class Daemon:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+class Restarting:
+    """The daemon of a run and the ones started in its place (Mode.restart); each one
+    appends to the same log."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self._config, self._log = config, log
+        self.daemon = Daemon(config, log)
+        self._cpu_done = 0.0
+        self.signalled: list[float] = []
+        """Epoch seconds of each restart's signal."""
+        self.codes: list[int] = []
+        """Exit code of each daemon restarted (0 after SIGTERM, -9 after SIGKILL)."""
+        self._thread: threading.Thread | None = None
+        self._failed: BaseException | None = None
+
+    def cpu_s(self) -> float:
+        """CPU of every daemon of the run (those restarted: up to their signal)."""
+        return self._cpu_done + self.daemon.cpu_s()
+
+    def restart(self, how: str, pause_s: float) -> None:
+        self._cpu_done += self.daemon.cpu_s()
+        self.signalled.append(time.time())
+        self.codes.append(self.daemon.kill() if how == "kill" else self.daemon.stop())
+        time.sleep(pause_s)
+        self.daemon = Daemon(self._config, self._log)
+
+    def restart_later(self, after_s: float, how: str, pause_s: float) -> None:
+        """restart() `after_s` from now, in a thread (join() waits for it)."""
+
+        def later() -> None:
+            time.sleep(after_s)
+            try:
+                self.restart(how, pause_s)
+            except BaseException as exc:  # raised again by join()
+                self._failed = exc
+
+        self._thread = threading.Thread(target=later, name="restart", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._failed is not None:
+            raise RuntimeError("the daemon could not be restarted") from self._failed
+
+    def down(self) -> list[tuple[float, float]]:
+        """(signal, the next agent.started after it) of each restart; the end is the
+        signal itself when no daemon has said it started since."""
+        started = self.daemon.started()
+        return [(at, min((s for s in started if s > at), default=at)) for at in self.signalled]
 
 
 @dataclass
@@ -312,19 +420,34 @@ class StreamResult:
     """(start, end) of the reconciliations that overlapped the window (epoch seconds)."""
     rest: dict[str, float] = field(default_factory=dict)
     """Shares of a core the daemon and PostgreSQL used at rest (Mode.rest_s)."""
+    down: list[tuple[float, float]] = field(default_factory=list)
+    """(signal, the new daemon's agent.started) of each restart (epoch seconds)."""
 
-    def during(self) -> list[float]:
-        """Latencies of the commits made while a reconciliation ran."""
+    def during(self, spans: list[tuple[float, float]] | None = None) -> list[float]:
+        """Latencies of the commits made while a reconciliation ran (or within `spans`)."""
+        spans = self.reconciling if spans is None else spans
         return [
             ms
             for ms, at in zip(self.latencies_ms, self.committed_at, strict=True)
-            if any(start <= at <= end for start, end in self.reconciling)
+            if any(start <= at <= end for start, end in spans)
         ]
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_ms
         during = self.during()
+        down = self.during(self.down)
+        restarts = (
+            {
+                "down_s": [round(end - start, 2) for start, end in self.down],
+                "commits_down": len(down),
+                "p50_down_ms": percentile(down, 0.50) if down else float("nan"),
+                "max_down_ms": max(down) if down else float("nan"),
+            }
+            if self.down
+            else {}
+        )
         return {
+            **restarts,
             "reconciliations": len(self.reconciling),
             "reconciliation_s": [round(end - start, 1) for start, end in self.reconciling],
             "commits_during": len(during),
@@ -355,8 +478,10 @@ def stream(
     spacing_s: float,
     wait_s: float = DELIVERY_WAIT_S,
     stamp_behind_s: float = 0.0,
+    on_start: Callable[[], None] = lambda: None,
 ) -> StreamResult:
-    """Warm up, then commit `commits` single-slot bookings and time each until it arrives."""
+    """Warm up, then commit `commits` single-slot bookings and time each until it arrives.
+    `on_start` is called as the first measured commit is due."""
     for _ in range(WARMUP_COMMITS):
         ((slot, vacancies),) = inventory.book(ctx.conn, inv, inv.ids.take(1)).items()
         if not receiver.wait_for([(slot, vacancies)], WARMUP_TIMEOUT_S):
@@ -364,6 +489,7 @@ def stream(
     cpu_before = cpu_of()
     sent: dict[str, tuple[int, float, float]] = {}
     started = time.monotonic()
+    on_start()
     for k in range(commits):
         pause = started + k * spacing_s - time.monotonic()
         if pause > 0:
@@ -462,7 +588,8 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 delivery=mode.delivery,
             ),
         )
-        daemon = Daemon(config, ctx.log(name))
+        daemons = Restarting(config, ctx.log(name))
+        daemon = daemons.daemon
         try:
             if not mode.through_reconciliations:
                 # A quiet window: the reconciliation after the start is over before it begins.
@@ -505,17 +632,37 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 touched = touch(ctx, inv, ctx.plan.bulk_rows)
                 print(f"  {name}: updated_at stamped on {touched:,} slots", flush=True)
             window_start = time.time()
+            spacing_s = mode.spacing_s or ctx.plan.commit_spacing_s
             result = stream(
                 ctx,
                 inv,
                 receiver,
-                daemon.cpu_s,
+                daemons.cpu_s,
                 commits=commits,
-                spacing_s=mode.spacing_s or ctx.plan.commit_spacing_s,
+                spacing_s=spacing_s,
                 wait_s=mode.delivery_wait_s,
                 stamp_behind_s=mode.stamp_behind_s,
+                on_start=lambda: (
+                    None
+                    if mode.restart is None
+                    else daemons.restart_later(
+                        # Within a short window too (--quick): a quarter of the way through.
+                        min(mode.restart_at_s, commits * spacing_s / 4),
+                        mode.restart,
+                        mode.restart_pause_s,
+                    )
+                ),
             )
             window_end = time.time()
+            daemons.join()
+            daemon = daemons.daemon
+            result.down = daemons.down()
+            if mode.restart is not None:
+                print(
+                    f"  {name}: restarted ({mode.restart}; exit code {daemons.codes}), "
+                    f"down {[round(end - start, 2) for start, end in result.down]} s",
+                    flush=True,
+                )
             result.rest = rest
             if mode.through_reconciliations:
                 # The one running at the window's end is said in the log when it ends.
@@ -526,7 +673,8 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 if end >= window_start and start <= window_end
             ]
         finally:
-            code = daemon.stop()
+            daemons.join()
+            code = daemons.daemon.stop()
         ctx.changed()
         if code != 0:
             raise RuntimeError(f"the daemon exited with {code}; see {ctx.log(name)}")
@@ -563,6 +711,7 @@ def measure(ctx: Context) -> dict[str, Any]:
                 "through_reconciliations": mode.through_reconciliations,
                 "bulk": mode.bulk,
                 "stamp_behind_s": mode.stamp_behind_s,
+                "restart": mode.restart,
                 "incremental": mode.incremental,
                 "delivery": dict(mode.delivery),
                 "poll_interval_s": mode.poll_interval_s,

@@ -515,6 +515,7 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
             and not m.get("through_reconciliations")
             and not m.get("bulk")
             and not m.get("stamp_behind_s")
+            and not m.get("restart")
         ),
         None,
     )
@@ -532,6 +533,16 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
                 "included).",
             ]
         for run in m.get("runs", []):
+            if "down_s" in run:
+                lines += [
+                    "",
+                    f"{m['mode']}: down {', '.join(f'{s:g}' for s in run['down_s'])} s (the "
+                    "signal to the new daemon's start); the "
+                    f"{_num(run['commits_down'], 0)} commits meanwhile arrived in p50 "
+                    f"{_num(run['p50_down_ms'], 0)} ms, at most {_num(run['max_down_ms'], 0)} "
+                    f"ms; the whole window p99 {_num(run['p99_ms'], 0)} ms, max "
+                    f"{_num(run['max_ms'], 0)} ms ({run['missing']} not delivered).",
+                ]
             if "singles_ms" in run:
                 lines += [
                     "",
@@ -580,6 +591,16 @@ def latency_section(r: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, 
                 through["p99_during_ms"] <= RECONCILING_P99_GOAL_MS,
             )
         )
+    for m in r["modes"]:
+        if any("down_s" in run for run in m.get("runs", [])):
+            goals.append(
+                (
+                    f"{m['mode']}: every booking delivered",
+                    f"{_num(m['missing'], 0)} of {_num(m['commits'], 0)} not delivered; max "
+                    f"{_num(m['max_ms'], 0)} ms",
+                    not m["missing"],
+                )
+            )
     if wake is not None:
         goals += [
             (
