@@ -278,9 +278,29 @@ class Agent:
         self.store.open(clock=self.clock)
         if lock is not None:
             self._look_for_a_lost_store(lock, previous)
+            self._release_orphaned_leases()
         if self._guard is not None:
             self._guard.watch(self.store.engine)
             logging.getLogger("agent.delivery").addFilter(self._quiet_delivery)
+
+    def _release_orphaned_leases(self) -> None:
+        """Under the SQLite store's lock no other process delivers from this outbox: a
+        message still leased was claimed by one that ended without giving it back (SIGKILL,
+        a crash, the out-of-memory killer). It is due now, not when its lease runs out
+        (delivery.lease, 60 s by default), which would hold back its slot's newer states
+        too. A shared store keeps its leases: other agents may hold them."""
+        released = self.store.queue.release_orphaned()
+        if released:
+            event(
+                log,
+                logging.WARNING,
+                "outbox.leases_released",
+                f"{released} message(s) claimed by an earlier agent process that ended "
+                "without finishing them (killed or crashed) are due again now, instead of "
+                f"after their lease ([delivery] lease, "
+                f"{self.config.settings.delivery.lease:g} s); a call that was in flight then "
+                "is sent again",
+            )
 
     def _look_for_a_lost_store(self, lock: StateFileLock, previous: LockRecord | None) -> None:
         """A SQLite store without a baseline where one was recorded before (it was deleted,

@@ -465,6 +465,24 @@ class Queue:
 
         return self.connector.transact(release)
 
+    def release_orphaned(self) -> int:
+        """Give back every lease in the outbox; returns how many there were. Only for a store
+        no other process can be using (a SQLite file under this process's lock): a lease
+        found there was taken by a process that ended without giving it back (killed, or
+        crashed), and its messages would otherwise wait out delivery.lease. Sending them now
+        is what the lease's end would do: at-least-once, a call in flight at the kill is
+        sent again."""
+        o = t.outbox.c
+        return self.connector.transact(
+            lambda conn: int(
+                conn.execute(
+                    sa.update(t.outbox)
+                    .where(o.state == t.PENDING, o.lease_token.is_not(None))
+                    .values(lease_token=None, leased_until_ms=None)
+                ).rowcount
+            )
+        )
+
     def discard(self, message: OutboxMessage) -> bool:
         """Drop a message that no longer needs sending (its slot has already started)."""
         return self.complete(message)

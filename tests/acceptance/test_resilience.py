@@ -32,6 +32,7 @@ from tests.acceptance.conftest import (
     write_config,
 )
 from tests.conftest import SECRET
+from tests.misbehaving import MisbehavingSeyaha
 
 LONG_WAIT_S = 120.0
 """Ceiling for a burst to get through on a slow, busy machine; never an expectation."""
@@ -348,14 +349,14 @@ def test_sigkill_during_a_burst_loses_nothing_and_repeats_little(
 ) -> None:
     concurrency, batch_size, burst = 4, 20, 2000
     ids = add_slots(rig, "b", burst)
-    # A rate limit keeps the burst going long enough to be interrupted; a short lease lets
-    # the restarted daemon take back soon what the dead one had claimed; a short breaker
-    # cooldown keeps a hiccup of the busy machine from holding everything back for long.
+    # A rate limit keeps the burst going long enough to be interrupted (the restarted daemon
+    # gives back at its start what the dead one had claimed: see the next test); a short
+    # breaker cooldown keeps a hiccup of the busy machine from holding everything back.
     configure(
         rig,
         f"concurrency = {concurrency}\nbatch_size = {batch_size}\nrate_limit = 250\n"
         "rate_burst = 1\n"
-        "connect_timeout = 1\ntimeout = 5\nlease = 13\nbreaker_cooldown = 1\n",
+        "connect_timeout = 1\ntimeout = 5\nbreaker_cooldown = 1\n",
     )
     first = daemons(rig, "first")
     receiver.wait_for(lambda calls: [c["status"] for c in calls] == [200], "the baseline trigger")
@@ -389,6 +390,80 @@ def test_sigkill_during_a_burst_loses_nothing_and_repeats_little(
     assert {json.loads(body)["availabilityId"] for body in seen} == set(ids)
     assert duplicates <= concurrency * batch_size
     assert receiver.slots() == expected_view(rig, set(receiver.slots()))
+    for daemon in (first, second):
+        assert SECRET not in daemon.output()
+
+
+# -- 11b. SIGKILL while calls are in flight ------------------------------------------------
+
+ORPHANED_LEASE_S = 600.0
+"""delivery.lease of the test below: far beyond its waits, so that what the restarted daemon
+sends was given back at its start, not by the dead one's lease running out."""
+
+
+def test_what_a_killed_daemon_had_in_flight_goes_out_at_its_restart_not_after_its_lease(
+    tmp_path: Path, daemons: Callable[[Setup, str], Daemon]
+) -> None:
+    inventory = Inventory(tmp_path / "inventory.db")
+    with MisbehavingSeyaha("good") as receiver:
+        config = write_config(
+            tmp_path,
+            receiver.url,
+            extra=(
+                "concurrency = 2\nbatch_size = 5\nconnect_timeout = 1\ntimeout = 5\n"
+                f"lease = {ORPHANED_LEASE_S:g}\n"
+            ),
+        )
+        setup = Setup(tmp_path, config, inventory, receiver.url)
+        ids = add_slots(setup, "k", 20)
+        first = daemons(setup, "first")
+        wait(
+            lambda: any(c.endpoint == "trigger" and c.delivered for c in receiver.calls()),
+            "the baseline trigger",
+        )
+
+        # Seyaha answers in 1.5-2.5 s: the daemon is killed with calls in flight, and more
+        # messages claimed behind them.
+        receiver.set_behaviour("slow")
+        book_all(setup, ids, transactions=1)
+        in_flight = wait(
+            lambda: {c.slot for c in receiver.calls() if c.slot in ids and c.ended_s is None},
+            "a notify in flight",
+        )
+        first.proc.send_signal(signal.SIGKILL)
+        assert first.proc.wait(30) == -signal.SIGKILL
+        killed_at = time.monotonic()
+        receiver.set_behaviour("good")
+
+        second = daemons(setup, "second")
+        wait(
+            lambda: (
+                in_flight
+                <= {c.slot for c in receiver.calls() if c.arrived_s > killed_at and c.delivered}
+            ),
+            f"the notifies in flight at the kill ({sorted(in_flight)}) to be sent again",
+        )
+        expected = expected_view(setup, set(ids))
+        wait(
+            lambda: {k: v for k, v in receiver.slots().items() if k in expected} == expected,
+            "every slot's new state",
+        )
+        wait(lambda: outbox_status(setup)[1] == (0, 0, 0), "an empty outbox")
+        code, _ = second.terminate()
+        assert code == 0, second.output()
+
+    released = [
+        json.loads(line)
+        for line in second.output().splitlines()
+        if '"outbox.leases_released"' in line
+    ]
+    assert len(released) == 1, second.output()
+    assert released[0]["level"] == "warning"
+    count = int(released[0]["msg"].split(" ", 1)[0])
+    print(
+        f"\nSIGKILL with {sorted(in_flight)} in flight: {count} message(s) given back at the restart"
+    )
+    assert len(in_flight) <= count <= len(ids)
     for daemon in (first, second):
         assert SECRET not in daemon.output()
 

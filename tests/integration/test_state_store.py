@@ -390,6 +390,42 @@ def test_an_expired_lease_frees_the_message_and_the_first_holder_loses_it(
     assert store.admin.entries() == []
 
 
+def test_release_orphaned_makes_every_leased_message_due_at_once_and_nothing_else(
+    store: StateStore,
+) -> None:
+    # What a process killed mid-delivery leaves: slots 1 and 2 leased, slot 3 dead, slot 4
+    # waiting unclaimed, and a newer state of slot 1 waiting behind its leased one.
+    enqueue(store, notify(1), notify(2), notify(3), notify(4))
+    one, _two = claim(store, T0, limit=2)
+    (three,) = claim(store, later(1), limit=1)
+    assert store.queue.dead_letter(three, error="400", status=400, at=later(1))
+    enqueue(store, notify(1, vacancies=3), now=later(2))
+    assert [(m.payload or {})["availabilityId"] for m in claim(store, later(3), limit=0)] == []
+
+    assert store.queue.release_orphaned() == 2
+
+    # Due at once, long before the leases (LEASE_S) would have run out; slot 1 goes out in
+    # its newest state only: the claim drops the older one as superseded, and the newer one
+    # is due at the next claim.
+    due = claim(store, later(4))
+    assert {(m.payload or {})["availabilityId"]: vacancies(m) for m in due} == {"2": 5, "4": 5}
+    due += claim(store, later(4))
+    assert {(m.payload or {})["availabilityId"]: vacancies(m) for m in due} == {
+        "1": 3,
+        "2": 5,
+        "4": 5,
+    }
+    assert not store.queue.complete(one)  # its lease went with its token
+    assert sorted(e.state for e in store.admin.entries()) == [
+        "dead",
+        "pending",
+        "pending",
+        "pending",
+    ]
+    assert store.queue.release_orphaned() == 3  # what that claim leased, as a restart finds it
+    assert store.queue.release_orphaned() == 0
+
+
 def test_complete_many_removes_what_is_still_held_and_leaves_what_was_taken_over(
     store: StateStore,
 ) -> None:
