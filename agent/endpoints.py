@@ -18,7 +18,9 @@ from agent.errors import ConfigError
 STOP_WITHIN_S = 0.05
 """How often the listener's loop looks for a stop (serve_forever's poll_interval). The
 default, 0.5 s, kept every stop and restart of the daemon waiting up to that long after the
-agent itself had stopped; 20 looks a second cost next to nothing at rest."""
+agent itself had stopped. The 20 looks a second cost about 0.1% of a core at rest (an idle
+listener alone, 20 s: 0.13% against 0.02%), where the daemon's whole at-rest figure is
+0.6-1.7%."""
 
 Readiness = Callable[[], list[str]]
 """Returns the reasons the agent is not ready; an empty list means ready."""
