@@ -113,6 +113,25 @@ def test_an_agent_whose_clock_runs_ahead_takes_neither_the_scanner_lease_nor_hel
 
 
 @pytest.mark.parametrize("backend", SHARED_BACKENDS)
+def test_an_agent_starting_on_a_shared_store_leaves_the_others_leases_alone(
+    backend: str, agents_on: Callable[[str, timedelta], Agent]
+) -> None:
+    # A start on a SQLite store gives back every lease it finds (only a dead process can
+    # hold one there); on a shared store the holder may be another agent at work.
+    first = agents_on(backend, timedelta())
+    report = first.poll()
+    assert report is not None
+    assert report.baseline
+    lease_s = first.config.settings.delivery.lease
+    (held,) = first.store.queue.claim(first.clock.now(), limit=10, lease_s=lease_s)
+
+    second = agents_on(backend, timedelta())
+
+    assert second.store.queue.claim(second.clock.now(), limit=10, lease_s=lease_s) == []
+    assert first.store.queue.complete(held)
+
+
+@pytest.mark.parametrize("backend", SHARED_BACKENDS)
 def test_an_agent_whose_clock_runs_behind_is_not_held_back_by_it(
     backend: str, agents_on: Callable[[str, timedelta], Agent]
 ) -> None:
