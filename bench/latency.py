@@ -306,33 +306,34 @@ class Daemon:
             time.sleep(RECONCILED_CHECK_S)
         return False
 
+    def _records(self, marker: str) -> list[dict[str, Any]]:
+        """The JSON log records whose line holds `marker` (every daemon writing the log)."""
+        records = []
+        with open(self._log.name, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if marker not in line:
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        return records
+
     def reconciliations(self) -> list[tuple[float, float]]:
         """(start, end) in epoch seconds of every full reconciliation the log reports."""
         spans = []
-        with open(self._log.name, encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                if '"scan": "full"' not in line or '"duration_ms"' not in line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                end = datetime.fromisoformat(record["ts"]).timestamp()
-                spans.append((end - float(record["duration_ms"]) / 1000, end))
+        for record in self._records('"scan": "full"'):
+            if "duration_ms" not in record:
+                continue
+            end = datetime.fromisoformat(record["ts"]).timestamp()
+            spans.append((end - float(record["duration_ms"]) / 1000, end))
         return spans
 
     def started(self) -> list[float]:
         """Epoch seconds of each `agent.started` line of the log (every daemon writing it)."""
-        times = []
-        with open(self._log.name, encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                if '"agent.started"' not in line:
-                    continue
-                try:
-                    times.append(datetime.fromisoformat(json.loads(line)["ts"]).timestamp())
-                except (ValueError, KeyError):
-                    continue
-        return times
+        return [
+            datetime.fromisoformat(r["ts"]).timestamp() for r in self._records('"agent.started"')
+        ]
 
     def kill(self) -> int:
         """SIGKILL, as the kernel's out-of-memory killer or a crash ends a process."""
@@ -673,8 +674,10 @@ def agent_stream(ctx: Context, mode: Mode, run: int, commits: int) -> StreamResu
                 if end >= window_start and start <= window_end
             ]
         finally:
-            daemons.join()
-            code = daemons.daemon.stop()
+            try:
+                daemons.join()
+            finally:
+                code = daemons.daemon.stop()
         ctx.changed()
         if code != 0:
             raise RuntimeError(f"the daemon exited with {code}; see {ctx.log(name)}")
