@@ -17,9 +17,11 @@ read too (its slots were deleted).
 On a large inventory (OPTIONS_MIN option ids, several ranges each) a pass first asks for
 one digest per option id (the sum of its ranges': fewer groups, about half the database's
 work at 1M slots), compares them with the sums of the stored ranges' digests per option,
-and then asks for the range digests of the options that differ only, which the database
-finds from an index on the option column. A range of an option whose digest matched is as
-unchanged as if its own had (both are sums of the same 64-bit row hashes).
+which the store keeps beside the ranges (one row per product and option, written with
+them: OptionDigests), and then compares the range digests of the options that differ only,
+which both databases find from an index on the option column. A range of an option whose
+digest matched is as unchanged as if its own had (both are sums of the same 64-bit row
+hashes).
 """
 
 from __future__ import annotations
@@ -353,6 +355,16 @@ class StoredDigests:
         return StoredDigests(ranges, by_option)
 
 
+@dataclass(frozen=True)
+class OptionDigests:
+    """The stored digests per option id, as kept beside the ranges (seyaha_option_digests)."""
+
+    options: DigestTable
+    """Per option id: "rows:sum" of its stored ranges' digests, UNKNOWN when one of them is."""
+    ranges: int
+    """How many ranges are stored."""
+
+
 class OptionSums:
     """The stored ranges' digests summed per option id as they stream through `through`:
     what the source's option digests (SourceReader.option_digests) answer while the rows
@@ -362,13 +374,15 @@ class OptionSums:
         self._sums: dict[str, DigestSum] = {}
 
     def through(self, triples: Iterable[tuple[str, str, str]]) -> Iterator[tuple[str, str]]:
-        sums = self._sums
         for name, option, text in triples:
-            total = sums.get(option)
-            if total is None:
-                total = sums[option] = DigestSum()
-            total.add(text)
+            self.add(option, text)
             yield name, text
+
+    def add(self, option: str, text: str) -> None:
+        total = self._sums.get(option)
+        if total is None:
+            total = self._sums[option] = DigestSum()
+        total.add(text)
 
     def table(self) -> DigestTable:
         """The sums as a DigestTable by option id, UNKNOWN where a range's digest is."""
@@ -434,11 +448,6 @@ first: with fewer, grouping by option costs the database about what grouping by 
 OPTIONS_READ_FRACTION = 0.2
 """Past this share of the option ids differing, a pass asks for every range's digest
 instead of those of the differing options (each of those reads its options' rows by index)."""
-
-
-def by_option_first(stored: StoredDigests) -> bool:
-    """Whether a pass compares option digests first (see OPTIONS_MIN)."""
-    return compares_options_first(len(stored.options), len(stored.ranges))
 
 
 def compares_options_first(options: int, ranges: int) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
@@ -50,11 +49,10 @@ from agent.plan import plan
 from agent.ranges import (
     Difference,
     DigestSum,
+    OptionDigests,
     RangeKey,
     RangeTally,
-    StoredDigests,
     basis,
-    by_option_first,
     catalog_token,
     compares_options_first,
     differing,
@@ -276,6 +274,8 @@ class Scanner:
     """Why range digests are not used (ids the database spells otherwise than the agent)."""
     _changed: bool = False
     """The source is known to have changed since the last pass (see source_changed)."""
+    _options_first: bool = False
+    """The last pass compared option digests first (see _plan)."""
 
     @property
     def routed(self) -> bool:
@@ -350,8 +350,10 @@ class Scanner:
         """Load the stored digests now, where every poll is a full pass (no change query):
         after a pass that wrote them, the next then starts with the source's digests instead
         of loading them first (0.2-0.3 s at 1M slots) on the way of what it finds. Nothing
-        to read when they did not change since the last load."""
-        if not self.reader.incremental and self._digests():
+        to read when they did not change since the last load, nor where the last pass
+        compared option digests first (it reads the stored ranges of the options that
+        differ only)."""
+        if not self.reader.incremental and self._digests() and not self._options_first:
             self.store.fingerprints.ranges.load()
 
     @property
@@ -613,21 +615,23 @@ class Scanner:
         ranges = self.store.fingerprints.ranges
         written = ranges.written()
         known = ranges.total(written)
-        # Taken before the load starts beside: as the last load found it, not as this one
-        # may have found it by the time the option digests are to be asked for or not.
-        options_first = compares_options_first(*ranges.shape())
-        # The stored digests load in a thread of their own while the source computes its
-        # digests: the agent's part hides behind the database's. Not beside the polls: that
-        # thread and the database's parallel workers then take both cores from them (p99
-        # of a wake-up during reconciliations 47 ms -> 109-217 ms at 1M slots); nor the
-        # other way round, the load in this thread while the source's questions wait in
-        # another (p99 43-63 ms -> 90-111 ms; see docs/performance-history.md).
+        # The stored digests per option id, kept beside the ranges (about 5,000 rows at 1M
+        # slots): on an inventory of many options a pass compares those first, and then
+        # reads the stored digests of the ranges of the options that differ only.
+        by_option = ranges.option_digests()
+        options_first = compares_options_first(len(by_option.options), by_option.ranges)
+        self._options_first = options_first
+        # Else every stored range digest is compared: they load in a thread of their own
+        # while the source computes its range digests, the agent's part hidden behind the
+        # database's. Not beside the polls: that thread and the database's parallel workers
+        # then take both cores from them (p99 of a wake-up during reconciliations 47 ms ->
+        # 109-217 ms at 1M slots; see docs/performance-history.md).
         with (
             _Inline()
-            if beside_polls
+            if beside_polls or options_first
             else ThreadPoolExecutor(1, thread_name_prefix="seyaha-digests")
         ) as beside:
-            loading = beside.submit(ranges.load)
+            loading = None if options_first else beside.submit(ranges.load)
             # Nothing written since a pass found every stored slot unchanged (`known`): the
             # sum of every slot row's digest tells whether the source still holds those
             # rows. Where option digests come first and the database groups by option for
@@ -646,9 +650,8 @@ class Scanner:
             if options_first and not quiet:
                 difference = self._by_option(
                     src,
-                    loading,
+                    by_option,
                     summed,
-                    beside,
                     parallel=not beside_polls,
                     whole=known if by_options else None,
                 )
@@ -658,16 +661,16 @@ class Scanner:
                     RangeTally(salt),
                     ranges=[],
                     basis=on,
-                    ranges_total=len(loading.result().ranges),
+                    ranges_total=by_option.ranges
+                    if loading is None
+                    else len(loading.result().ranges),
                     unchanged=True,
                 )
-        if difference is None:
-            summed = DigestSum()
-            difference = differing(
-                summed.through(self.reader.range_digests(src)),
-                loading.result().ranges,
-                ranges.labels,
-            )
+            if difference is None:
+                summed = DigestSum()
+                source = summed.through(self.reader.range_digests(src))
+                stored = ranges.load() if loading is None else loading.result()
+                difference = differing(source, stored.ranges, ranges.labels)
         return FullPass(
             RangeTally(salt),
             ranges=to_read(difference),
@@ -680,51 +683,44 @@ class Scanner:
     def _by_option(
         self,
         src: Connection,
-        loading: Future[StoredDigests],
+        stored: OptionDigests,
         summed: DigestSum,
-        beside: Executor,
         *,
         parallel: bool,
         whole: str | None = None,
     ) -> Difference | None:
         """The ranges that differ, found by option first: the option ids whose digests
-        differ (fewer groups than ranges: about half the database's work), then the ranges
-        of those options only (found by an index on the option). None when too few option
-        ids are stored to narrow anything (by_option_first) or too many differ: every
-        range's digest is then asked for. `loading`: the stored digests, loading `beside`,
-        where the stored labels of the differing options are read while the source
-        computes their ranges' digests. `parallel`: the source may compute those with
-        parallel workers (SourceReader.range_digests). `whole`: the digest of every slot
-        row that the stored slots matched: every option digest then goes through
-        `summed`, even when they are not compared, so that the caller can tell a pass that
-        found nothing changed; the ranges' digests are then asked for only if it differs."""
+        differ from the `stored` ones (fewer groups than ranges: about half the database's
+        work), then the ranges of those options only (found by an index on the option, on
+        both sides). None when too many differ: every range's digest is then asked for.
+        `parallel`: the source may compute those with parallel workers
+        (SourceReader.range_digests). `whole`: the digest of every slot row that the stored
+        slots matched: every option digest then goes through `summed`, so that the caller
+        can tell a pass that found nothing changed; the ranges' digests are then asked for
+        only if it differs."""
         ranges = self.store.fingerprints.ranges
-        # Asked for while the stored digests load (ranges.shape said they likely call for
-        # it); dropped if the loaded ones have too few option ids after all.
-        source = self.reader.option_digests(src)
-        stored = loading.result()
-        if not by_option_first(stored):
-            if whole is None:
-                source.close()
-            else:
-                deque(summed.through(source), maxlen=0)
-            return None
         options = options_to_compare(
-            differing(summed.through(source), stored.options, ranges.options)
+            differing(
+                summed.through(self.reader.option_digests(src)),
+                stored.options,
+                ranges.option_ids,
+            )
         )
         if whole is not None and summed.text == whole:
             return None  # nothing changed: the caller returns before asking for more
         if options is None:
             return None
         if not options:
-            size = len(stored.ranges)
-            return Difference(set(), 0, size, size)
-        labels = beside.submit(lambda: list(ranges.labels(options)))
-        return differing(
-            self.reader.range_digests(src, options, parallel=parallel),
-            stored.ranges,
-            labels.result,
-            scoped=True,
+            return Difference(set(), 0, stored.ranges, stored.ranges)
+        digests = self.reader.range_digests(src, options, parallel=parallel)
+        table, labels = ranges.of_options(options)
+        found = differing(digests, table, lambda: labels, scoped=True)
+        # Counted over the ranges of those options: the others are as stored.
+        others = stored.ranges - len(table)
+        return replace(
+            found,
+            source_ranges=others + found.source_ranges,
+            stored_ranges=others + found.stored_ranges,
         )
 
     def _note_slots_digest(self, full: FullPass, report: ScanReport) -> None:

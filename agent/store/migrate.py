@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agent.state")
 
-HEAD = 6
+HEAD = 7
 """The newest schema version (the last migration in migrations/versions; a test checks the
 two agree)."""
 

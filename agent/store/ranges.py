@@ -5,6 +5,12 @@ digest was computed over, and nothing wrote its slots since. Every write of slot
 digests of their ranges in the same transaction (`touch`), and leaves a row for each such
 range, so that a range whose slots are stored always has a row here: a reconciliation then
 sees a range whose source rows all went away (the row is here, the source has none).
+
+Beside them, seyaha_option_digests sums them per (product, option), in the same
+transactions: a write of slots clears the sums of their pairs (a row for each, so that a
+pass compares an option the source no longer has), and a write of digests sums its pairs'
+ranges again. A pass compares those sums per option id with the source's option digests
+and then reads the stored digests of the options that differ only (agent/ranges.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from agent.model import SlotKey, StoredSlot
 from agent.ranges import (
     SEPARATOR,
     UNKNOWN,
+    DigestTable,
+    OptionDigests,
+    OptionSums,
     RangeDigest,
     RangeKey,
     StoredDigests,
@@ -48,6 +57,7 @@ TOTAL = "slots_total"
 while WRITTEN still held that token; it says nothing once WRITTEN has moved on."""
 
 _R = t.ranges.c
+_O = t.option_digests.c
 _RANGE_KEY = (_R.product_id, _R.option_id, _R.suffix)
 _BATCH_ROWS = 5000
 """Rows a streamed read of the table fetches at a time."""
@@ -98,8 +108,6 @@ class StoredRanges:
         self._loaded: tuple[str | None, StoredDigests] | None = None
         """(WRITTEN token, content) of the last load: a quiet inventory's every pass
         compares with the same 50,000 digests, read once."""
-        self._shape: tuple[int, int] | None = None
-        """(option ids, ranges) of the last load."""
         self._lock = threading.Lock()
         self._chain: str | None = None
         """The token the last of this process's writes since the last load set, while every
@@ -177,7 +185,6 @@ class StoredRanges:
             # the token moved on without a chain from this one, and reads every range.
             self._loaded = (token, content)
             self._chain, self._written_labels, self._written_options = None, set(), set()
-        self._shape = (len(content.options), len(content.ranges))
         self.last_load = how
         return content
 
@@ -212,50 +219,18 @@ class StoredRanges:
             self._written_labels.update(hash(label(r)) for r in ranges)
             self._written_options.update(r[1] for r in ranges)
 
-    def shape(self) -> tuple[int, int]:
-        """How many option ids and ranges are stored: as the last load found them (the shape
-        of an inventory changes slowly; a pass decides how to compare with it before its
-        load is done), else counted in the store."""
-        if self._shape is not None:
-            return self._shape
-        with self.connector.read() as conn:
-            options, ranges = conn.execute(
-                sa.select(sa.func.count(sa.distinct(_R.option_id)), sa.func.count())
-            ).one()
-        return int(options), int(ranges)
-
     def items(self) -> dict[str, str]:
         """Every stored range: label -> digest text (UNKNOWN when written since)."""
         with self.connector.read() as conn:
             return dict(self._items(conn))
 
-    def labels(self, options: Collection[str] | None = None) -> Iterator[str]:
-        """Every stored range's label, streamed from the store (a range to read again too);
-        `options`: those of these option ids only."""
+    def labels(self) -> Iterator[str]:
+        """Every stored range's label, streamed from the store (a range to read again too)."""
         with self.connector.read() as conn:
-            if options is None:
-                for (name,) in conn.execute(
-                    sa.select(_LABEL), execution_options={"yield_per": _BATCH_ROWS}
-                ):
-                    yield name
-                return
-            # Found by the option id's index (schema 6), _OPTIONS_PER_READ of them a read.
-            wanted = sorted(set(options))
-            for start in range(0, len(wanted), _OPTIONS_PER_READ):
-                part = wanted[start : start + _OPTIONS_PER_READ]
-                for (name,) in conn.execute(
-                    sa.select(_LABEL).where(_R.option_id.in_(part)),
-                    execution_options={"yield_per": _BATCH_ROWS},
-                ):
-                    yield name
-
-    def options(self) -> Iterator[str]:
-        """Every option id the stored ranges have (each once), streamed from the store."""
-        with self.connector.read() as conn:
-            for (option,) in conn.execute(
-                sa.select(_R.option_id).distinct(), execution_options={"yield_per": _BATCH_ROWS}
+            for (name,) in conn.execute(
+                sa.select(_LABEL), execution_options={"yield_per": _BATCH_ROWS}
             ):
-                yield option
+                yield name
 
     @staticmethod
     def _items_of(conn: sa.Connection, options: Collection[str]) -> Iterator[Any]:
@@ -315,6 +290,7 @@ class StoredRanges:
             return None
         StoredRanges._delete(conn, touched)
         StoredRanges._insert_dirty(conn, touched)
+        StoredRanges._options_unknown(conn, touched)
         return StoredRanges._written(conn, frozenset(touched))
 
     @staticmethod
@@ -376,12 +352,14 @@ class StoredRanges:
                     for (p, o, s), d in clean.items()
                 ],
             )
+        StoredRanges._sum_options(conn, changed)
         return write
 
     @staticmethod
     def reset(conn: sa.Connection, basis: str | None) -> RangesWrite:
         """Forget every stored digest; from now on they are computed on `basis` (None: none)."""
         conn.execute(sa.delete(t.ranges))
+        conn.execute(sa.delete(t.option_digests))
         set_meta(conn, BASIS, basis)
         return StoredRanges._written(conn, None)
 
@@ -397,6 +375,118 @@ class StoredRanges:
                 sa.delete(t.ranges).where(matches),
                 [{"range_product": p, "range_option": o, "range_suffix": s} for p, o, s in ranges],
             )
+
+    @staticmethod
+    def _options_unknown(conn: sa.Connection, ranges: Iterable[RangeKey]) -> None:
+        """Clear the sums of the (product, option) pairs of `ranges`, whose digests this
+        transaction cleared (a row for each, so that a reconciliation compares the option
+        even when the source no longer has it: its slots were deleted)."""
+        pairs = sorted({(product, option) for product, option, _ in ranges})
+        StoredRanges._delete_options(conn, pairs)
+        conn.execute(
+            sa.insert(t.option_digests),
+            [{"product_id": p, "option_id": o, "row_count": 0, "digest": None} for p, o in pairs],
+        )
+
+    @staticmethod
+    def _delete_options(conn: sa.Connection, pairs: list[tuple[str, str]]) -> None:
+        conn.execute(
+            sa.delete(t.option_digests).where(
+                _O.product_id == sa.bindparam("pair_product"),
+                _O.option_id == sa.bindparam("pair_option"),
+            ),
+            [{"pair_product": p, "pair_option": o} for p, o in pairs],
+        )
+
+    @staticmethod
+    def _sum_options(conn: sa.Connection, ranges: Iterable[RangeKey]) -> None:
+        """Write anew, in the caller's transaction, the sums of the stored ranges of every
+        (product, option) of `ranges` (seyaha_option_digests), once their digests are
+        written: a pair's row then sums its ranges as this transaction leaves them (NULL
+        where one of them is unknown; no row once it has none). As for the ranges
+        themselves, one writer at a time writes a pair: an agent's polls and its
+        reconciliation take turns, and agents sharing a store write the slots of different
+        products (their shards)."""
+        pairs = sorted({(product, option) for product, option, _ in ranges})
+        for start in range(0, len(pairs), _OPTIONS_PER_READ):
+            part = pairs[start : start + _OPTIONS_PER_READ]
+            wanted = set(part)
+            # Found by the option id's index; other products' pairs of those ids are skipped.
+            query = sa.select(_R.product_id, _R.option_id, _R.row_count, _R.digest).where(
+                _R.option_id.in_(sorted({option for _, option in part}))
+            )
+            sums: dict[tuple[str, str], OptionSum] = {}
+            for product, option, rows, digest in conn.execute(query):
+                if (product, option) in wanted:
+                    sums.setdefault((product, option), OptionSum()).add(rows, digest)
+            StoredRanges._delete_options(conn, part)
+            if sums:
+                conn.execute(
+                    sa.insert(t.option_digests),
+                    [
+                        {
+                            "product_id": p,
+                            "option_id": o,
+                            "row_count": total.rows,
+                            "digest": total.digest_text,
+                        }
+                        for (p, o), total in sums.items()
+                    ],
+                )
+
+    def option_digests(self) -> OptionDigests:
+        """The stored ranges' digests summed per option id (every product's together), from
+        seyaha_option_digests: one row per (product, option), about 5,000 at 1M slots."""
+        with self.connector.read() as conn:
+            ranges = conn.execute(sa.select(sa.func.count()).select_from(t.ranges)).scalar_one()
+            rows = conn.execute(
+                sa.select(_O.option_id, _O.row_count, _O.digest),
+                execution_options={"yield_per": _BATCH_ROWS},
+            )
+            sums = OptionSums()
+            for option, row_count, digest in rows:
+                sums.add(option, UNKNOWN if digest is None else f"{row_count}:{digest}")
+        return OptionDigests(sums.table(), int(ranges))
+
+    def option_ids(self) -> Iterator[str]:
+        """Every option id seyaha_option_digests has (each once), streamed from the store."""
+        with self.connector.read() as conn:
+            for (option,) in conn.execute(
+                sa.select(_O.option_id).distinct(), execution_options={"yield_per": _BATCH_ROWS}
+            ):
+                yield option
+
+    def of_options(self, options: Collection[str]) -> tuple[DigestTable, list[str]]:
+        """The stored digests of the ranges of the option ids `options`, and their labels,
+        found by the option id's index."""
+        labels: list[str] = []
+        with self.connector.read() as conn:
+
+            def pairs() -> Iterator[tuple[str, str]]:
+                for name, _, text in self._items_of(conn, options):
+                    labels.append(name)
+                    yield name, text
+
+            table = DigestTable.of(pairs())
+        return table, labels
+
+
+class OptionSum:
+    """One (product, option)'s stored ranges summed as they are read (see _sum_options)."""
+
+    __slots__ = ("digest", "rows")
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.digest: int | None = 0
+
+    def add(self, rows: int, digest: str | None) -> None:
+        self.rows += int(rows)
+        self.digest = None if digest is None or self.digest is None else self.digest + int(digest)
+
+    @property
+    def digest_text(self) -> str | None:
+        return None if self.digest is None else str(self.digest)
 
 
 @lru_cache(maxsize=4)

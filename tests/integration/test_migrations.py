@@ -30,10 +30,12 @@ from agent.app import Agent
 from agent.clock import from_epoch_ms
 from agent.dialects import FileLock, dialect_of
 from agent.model import StoredSlot, request_body
+from agent.ranges import UNKNOWN, DigestTable, RangeDigest
 from agent.sandbox import Sandbox
 from agent.store import OutboxEntry, StateStore
 from agent.store.coordination import SCANNER
 from agent.store.migrate import HEAD, LOCK_NAME, Migrator, Plan, Step, head_version
+from agent.store.ranges import StoredRanges
 from tests.integration.inventory import (
     BACKEND_PARAMS,
     ZONE,
@@ -74,6 +76,7 @@ STEP_5 = Step(
     5, "Schema 5: each stored slot keeps the hash of the source row its fingerprint was built from."
 )
 STEP_6 = Step(6, "Schema 6: the range digests are found by option id too.")
+STEP_7 = Step(7, "Schema 7: the range digests summed per product and option, kept beside them.")
 """The steps as `seyaha-agent migrate --dry-run` names them."""
 
 INDEXES_2 = {
@@ -317,14 +320,14 @@ def stored_after_upgrade(written: Store010) -> dict[str, Any]:
     contents = written.contents
     return {
         "meta": {
-            "schema_version": "6",
+            "schema_version": "7",
             "baseline_ms": str(contents.baseline_ms),
             "cursor:slots": contents.cursors["slots"],
             # 0.1.0's scanner lease ("status:scanner") is gone; the other records stay
             "status:breaker": contents.status["breaker"],
             "status:last_delivery": contents.status["last_delivery"],
         },
-        "versions": ["0006"],
+        "versions": ["0007"],
         "indexes": INDEXES_4,
         # every body exactly as the agent sends it (0.1.0 kept sorted, spaced JSON)
         "bodies": [
@@ -350,8 +353,8 @@ def test_a_store_written_by_010_is_upgraded_in_place_on_open_and_keeps_everythin
 
         assert plan == Plan(
             current=1,
-            head=6,
-            steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6),
+            head=7,
+            steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6, STEP_7),
             stamp_legacy=True,
             backup=written.backup,
         )
@@ -430,7 +433,10 @@ def test_an_upgrade_that_stopped_half_way_finishes_at_the_next_start(
     with opened(written.url) as store:
         plan = store.open()
         assert plan == Plan(
-            current=1, head=6, steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6), backup=written.backup
+            current=1,
+            head=7,
+            steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6, STEP_7),
+            backup=written.backup,
         )
         assert store.admin.entries() == [as_entry(i, m) for i, m in written.messages()]
 
@@ -440,6 +446,7 @@ def test_an_upgrade_that_stopped_half_way_finishes_at_the_next_start(
             *TABLES,
             "seyaha_leases",
             "seyaha_ranges",
+            "seyaha_option_digests",
             "seyaha_schema_version",
         }
 
@@ -558,6 +565,45 @@ def test_a_slot_changing_after_the_upgrade_refreshes_the_notify_010_left_waiting
     assert [body["vacancies"] for body in sent_103] == [3]
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_schema_6_store_gets_the_sums_of_its_stored_ranges_per_product_and_option(
+    backend: str, new_database: Callable[[str], str]
+) -> None:
+    """Schema 7 keeps the range digests summed per (product, option): the upgrade fills the
+    table from the ranges a schema-6 store holds (exact past 64 bits, unknown where a range
+    is), so that the first reconciliation after it compares option digests as before. A
+    MySQL upgrade stopped after creating the table (its DDL commits by itself) left rows
+    that are filled again, not kept."""
+    url = new_database(backend)
+    big = RangeDigest(3, -(2**63) * 3)
+    digests = {("1", "a", "1"): big, ("1", "a", "2"): big, ("2", "a", "1"): RangeDigest(1, 5)}
+    with opened(url) as store:
+        store.open()
+        store.record_ranges(digests, dirty=[("3", "b", "1")], basis="b1")
+        expected = StoredRanges(store.connector).load().options
+    with connected(url) as conn, conn.begin():
+        conn.execute(sa.text("DELETE FROM seyaha_option_digests"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO seyaha_option_digests (product_id, option_id, row_count, digest)"
+                " VALUES ('9', 'z', 1, '1')"
+            )
+        )
+        conn.execute(sa.text("UPDATE seyaha_schema_version SET version_num = '0006'"))
+        meta = sa.table("seyaha_meta", sa.column("key"), sa.column("value"))
+        conn.execute(sa.update(meta).where(meta.c.key == "schema_version").values(value="6"))
+
+    with opened(url) as store:
+        plan = store.open()
+        assert (plan.current, plan.steps) == (6, (STEP_7,))
+        by_option = store.fingerprints.ranges.option_digests()
+    assert by_option.options == expected
+    assert by_option.options == DigestTable.of([("a", f"7:{2 * big.digest + 5}"), ("b", UNKNOWN)])
+    assert by_option.ranges == 4
+    with connected(url) as conn:
+        assert versions_of(conn) == ["0007"]
+
+
 # -- 3. once only, and a dry run that changes nothing -----------------------------------------
 
 
@@ -574,7 +620,7 @@ def test_opening_an_upgraded_store_again_changes_nothing(
         again = store.open()
         planned = Migrator(store.engine).plan()
 
-    assert again == Plan(current=6, head=6, steps=())
+    assert again == Plan(current=7, head=7, steps=())
     assert planned == again
     with connected(written.url) as conn:
         assert (dump(conn), versions_of(conn), tables_of(conn)) == before
@@ -618,8 +664,8 @@ def test_a_dry_run_on_a_010_store_names_the_upgrade_and_changes_nothing(
 
     assert plan == Plan(
         current=1,
-        head=6,
-        steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6),
+        head=7,
+        steps=(STEP_2, STEP_3, STEP_4, STEP_5, STEP_6, STEP_7),
         stamp_legacy=True,
         backup=written.backup,
     )
@@ -640,7 +686,7 @@ def test_a_dry_run_on_a_new_database_names_every_step_and_creates_nothing(
         plan = Migrator(store.engine).migrate(dry_run=True)
 
     assert plan == Plan(
-        current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6)
+        current=None, head=7, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6, STEP_7)
     )
     with connected(url) as conn:
         assert tables_of(conn) == set()
@@ -707,7 +753,7 @@ def test_a_new_sqlite_store_is_created_without_a_backup(
         plan = store.open()
 
     assert plan == Plan(
-        current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6)
+        current=None, head=7, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6, STEP_7)
     )
     database = Path(str(sa.engine.make_url(url).database))
     assert list(database.parent.glob("*.bak")) == []
@@ -783,8 +829,8 @@ def start_together(url: str, agents: int) -> list[tuple[list[int], bool]]:
 @pytest.mark.parametrize(
     ("written_by", "migrating_start"),
     [
-        pytest.param("nothing", ([1, 2, 3, 4, 5, 6], False), id="new"),
-        pytest.param("0.1.0", ([2, 3, 4, 5, 6], True), id="written-by-0.1.0"),
+        pytest.param("nothing", ([1, 2, 3, 4, 5, 6, 7], False), id="new"),
+        pytest.param("0.1.0", ([2, 3, 4, 5, 6, 7], True), id="written-by-0.1.0"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -803,8 +849,8 @@ def test_agents_starting_together_on_one_store_migrate_it_once_and_all_start(
         # one migrates (or stamps and upgrades 0.1.0's store); the others find it done
         assert sorted(did) == [([], False)] * (AGENTS - 1) + [migrating_start]
         with connected(url) as conn:
-            assert versions_of(conn) == ["0006"]
-            assert meta_of(conn)["schema_version"] == "6"
+            assert versions_of(conn) == ["0007"]
+            assert meta_of(conn)["schema_version"] == "7"
 
 
 @contextmanager
@@ -885,14 +931,14 @@ def test_an_agent_starting_while_another_migrates_waits_for_it_then_starts(
             assert tables_of(conn) == set()
 
     assert starting.result() == [
-        Plan(current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6))
+        Plan(current=None, head=7, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6, STEP_7))
     ]
     where = sa.engine.make_url(url).render_as_string(hide_password=True)
     assert waits_said(caplog) == [
         f"another seyaha-agent is migrating the state store at {where}; waiting for it"
     ]
     with connected(url) as conn:
-        assert versions_of(conn) == ["0006"]
+        assert versions_of(conn) == ["0007"]
 
 
 @pytest.mark.parametrize(
@@ -922,5 +968,5 @@ def test_a_migration_of_one_store_does_not_hold_up_an_agent_on_another_store_of_
 
     assert waited == []
     assert outcome == [
-        Plan(current=None, head=6, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6))
+        Plan(current=None, head=7, steps=(STEP_1, STEP_2, STEP_3, STEP_4, STEP_5, STEP_6, STEP_7))
     ]

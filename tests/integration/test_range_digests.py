@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 
 from agent import commands
 from agent import ranges as ranges_module
-from agent import scan as scan_module
 from agent.app import Agent
 from agent.dialects import PARALLEL_SETTINGS
 from agent.errors import QueryError
@@ -563,7 +562,7 @@ def test_option_digests_first_narrow_a_pass_to_the_ranges_of_the_options_that_ch
 
 
 @pytest.mark.parametrize("backend", DIGEST_BACKENDS)
-def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_digests_and_reads_on(
+def test_whether_a_pass_compares_options_first_follows_the_store_at_every_pass(
     backend: str,
     make_inventory: MakeInventory,
     make_sandbox: MakeSandbox,
@@ -571,75 +570,33 @@ def test_a_pass_that_expected_options_first_from_a_stale_shape_drops_their_diges
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A pass asks the source for its option digests before the stored digests are loaded,
-    on the shape the last load found (StoredRanges.shape). When the store has since shrunk
-    under OPTIONS_MIN option ids, the option digests already asked for are dropped unread
-    and the pass asks for every range's digest on the same connection (on MariaDB a result
-    left half-read there would make that next query fail), missing no change."""
+    """Each pass reads the stored option digests (seyaha_option_digests) before it asks the
+    source for anything, and decides by them: once the store holds fewer than OPTIONS_MIN
+    option ids, the next pass asks for every range's digest straight away, missing no
+    change."""
     monkeypatch.setattr(ranges_module, "OPTIONS_MIN", len(OPTIONS))
     monkeypatch.setattr(ranges_module, "OPTIONS_READ_FRACTION", 1.0)
     monkeypatch.setattr(ranges_module, "READ_MAX_FRACTION", 1.0)
     setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
     agent, inventory = setup.agent, setup.inventory
     stored = agent.store.fingerprints.ranges
-    # Nothing loaded yet in this process: counted in the store.
-    assert StoredRanges(stored.connector).shape() == (len(OPTIONS), RANGES)
+    assert len(stored.option_digests().options) == len(OPTIONS)
 
     asked = _asked(agent, monkeypatch)
 
     for slot_id in [s for s, option in setup.slots.items() if option == "2-a"]:
         inventory.delete_slot(slot_id)
-    emptied = agent.scan()  # three options stored when it loaded: compared first
+    emptied = agent.scan()  # three options stored: compared first
     assert asked == ["options", ("ranges", ["2-a"])]
     assert emptied.slots_removed == SLOTS_PER_OPTION
-    assert stored.shape() == (len(OPTIONS), RANGES)  # as that pass's load found it
+    by_option = stored.option_digests()
+    assert (len(by_option.options), by_option.ranges) == (len(OPTIONS) - 1, RANGES - 10)
 
     asked.clear()
     inventory.update_slot(1004, vacancies=3)
-    stale = agent.scan()  # two options stored now, three by the shape the last load found
-    assert asked == ["options", ("ranges", None)]
-    assert (stale.slots_changed, stale.ranges_read, stale.notifies) == (1, 1, 1)
-    assert _stored(agent) == _truth(agent)
-    assert stored.shape() == (len(OPTIONS) - 1, RANGES - 10)
-
-    asked.clear()
-    inventory.update_slot(1013, vacancies=2)
-    after = agent.scan()  # the shape follows the store: range digests straight away
+    after = agent.scan()  # two options stored now: range digests straight away
     assert asked == [("ranges", None)]
     assert (after.slots_changed, after.ranges_read, after.notifies) == (1, 1, 1)
-    assert _stored(agent) == _truth(agent)
-
-
-@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
-def test_option_digests_asked_for_a_quiet_pass_on_a_stale_shape_still_tell_it_quiet(
-    backend: str,
-    make_inventory: MakeInventory,
-    make_sandbox: MakeSandbox,
-    make_agent: MakeAgent,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """After a quiet pass, a PostgreSQL pass that asked for option digests on the last
-    load's shape and then finds too few option ids stored to compare them by still sums
-    every one of them: equal to the recorded digest of every slot row, nothing changed and
-    nothing more is asked; different, every range's digest is asked for and the change
-    found. On MariaDB the sum alone is asked for first, as on any inventory there."""
-    _options_first(monkeypatch, True)
-    setup = _setup(backend, make_inventory, make_sandbox, make_agent, tmp_path)
-    agent, inventory = setup.agent, setup.inventory
-    agent.scan()  # compares, finds nothing, records the digest of every slot row
-    asked = _asked(agent, monkeypatch)
-    monkeypatch.setattr(scan_module, "by_option_first", lambda stored: False)
-
-    quiet = agent.scan()
-    assert (quiet.slots_digest_matched, quiet.ranges_read) == (True, 0)
-    assert asked == _after_quiet(backend, changed=False)
-
-    asked.clear()
-    inventory.update_slot(1013, vacancies=4)
-    changed = agent.scan()
-    assert asked == [*_after_quiet(backend, changed=True), ("ranges", None)]
-    assert (changed.slots_digest_matched, changed.slots_changed, changed.notifies) == (False, 1, 1)
     assert _stored(agent) == _truth(agent)
 
 

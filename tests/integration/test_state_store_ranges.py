@@ -14,7 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.model import CatalogDiff, SlotDiff
-from agent.ranges import UNKNOWN, DigestTable, RangeDigest, RangeKey, StoredDigests, label
+from agent.ranges import (
+    UNKNOWN,
+    DigestTable,
+    OptionDigests,
+    RangeDigest,
+    RangeKey,
+    StoredDigests,
+    label,
+)
 from agent.store import StateStore
 from agent.store import ranges as ranges_module
 from agent.store.ranges import StoredRanges
@@ -146,12 +154,48 @@ def test_what_a_load_remembers_is_never_older_than_the_table(store: StateStore) 
     assert ranges.load().ranges == _table({ONE: D.text})
     assert ranges.load().options == DigestTable.of([("a", D.text)])
     assert list(ranges.labels()) == [label(ONE)]
-    assert list(ranges.options()) == ["a"]
-    assert list(ranges.labels(["a", "b"])) == [label(ONE)]
-    assert list(ranges.labels(["b"])) == []
+    assert list(ranges.option_ids()) == ["a"]
 
     store.reset_ranges()
     assert len(ranges.load().ranges) == len(ranges.load().options) == 0
+
+
+def test_the_option_digests_kept_beside_the_ranges_sum_them_after_every_write(
+    store: StateStore,
+) -> None:
+    """seyaha_option_digests holds, per (product, option), the sum of its stored ranges'
+    digests, exact past 64 bits, UNKNOWN while one of them is; per option id (every
+    product's together) it equals what summing every stored range gives, after every kind
+    of write: digests recorded, slots written, ranges gone, a whole option gone, a reset."""
+    ranges = store.fingerprints.ranges
+    three = ("2", "a", "3")  # another product's option of the same id
+    other = ("1", "b", "1")
+
+    def check() -> OptionDigests:
+        by_option = ranges.option_digests()
+        fresh = _fresh(store)
+        assert by_option.options == fresh.options
+        assert by_option.ranges == len(fresh.ranges)
+        return by_option
+
+    assert check().options == DigestTable.of([])
+    store.record_ranges({ONE: D, TWO: D, three: D, other: RangeDigest(1, 5)}, basis="b1")
+    assert check().options == DigestTable.of([("a", f"9:{3 * D.digest}"), ("b", "1:5")])
+
+    store.commit_scan(CatalogDiff(), SlotDiff(added=(slot(11),)), [], T0)
+    assert check().options == DigestTable.of([("a", UNKNOWN), ("b", "1:5")])
+
+    store.record_ranges({ONE: RangeDigest(2, 7)})  # TWO and three kept their digests
+    assert check().options == DigestTable.of([("a", f"8:{2 * D.digest + 7}"), ("b", "1:5")])
+
+    store.record_ranges({}, gone=[other])  # option b's only range: the option goes
+    store.record_ranges({}, dirty=[three], gone=[TWO])
+    assert check().options == DigestTable.of([("a", UNKNOWN)])
+    assert list(ranges.option_ids()) == ["a"]
+
+    store.reset_ranges()
+    assert check().ranges == 0
+    assert list(ranges.option_ids()) == []
 
 
 def _table(digests: dict[RangeKey, str]) -> DigestTable:
@@ -315,7 +359,8 @@ def test_a_load_always_gives_what_reading_every_range_gives(
     steps: list[tuple[str, list[RangeKey]]], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Whatever this store and another writer do in whatever order (SQLite), every load
-    gives the content a fresh read of the store gives, refreshed or read or kept."""
+    gives the content a fresh read of the store gives, refreshed or read or kept, and the
+    option digests kept beside the ranges sum what they hold."""
     folder = tmp_path_factory.mktemp("ranges")
     url = f"sqlite:///{folder / 'state.db'}"
     store, other = StateStore.from_url(url), StateStore.from_url(url)
@@ -339,7 +384,11 @@ def test_a_load_always_gives_what_reading_every_range_gives(
                 other.record_ranges({k: RangeDigest(3, n) for k in keys})
             else:
                 assert store.fingerprints.ranges.load() == _fresh(store)
+                assert store.fingerprints.ranges.option_digests().options == _fresh(store).options
         assert store.fingerprints.ranges.load() == _fresh(store)
+        assert other.fingerprints.ranges.option_digests() == OptionDigests(
+            _fresh(store).options, len(_fresh(store).ranges)
+        )
     finally:
         other.close()
         store.close()

@@ -21,7 +21,7 @@ from agent.ranges import (
     RangeTally,
     StoredDigests,
     basis,
-    by_option_first,
+    compares_options_first,
     differing,
     label,
     options_to_compare,
@@ -186,16 +186,9 @@ def test_option_sums_add_up_each_options_ranges_and_are_unknown_while_one_is() -
 
 
 def test_options_are_compared_first_with_enough_of_them_each_holding_several_ranges() -> None:
-    def stored(options: int, ranges_each: int) -> StoredDigests:
-        return StoredDigests.of(
-            (label(("p", f"o{o}", str(r))), f"o{o}", D1)
-            for o in range(options)
-            for r in range(ranges_each)
-        )
-
-    assert by_option_first(stored(OPTIONS_MIN, 10))
-    assert not by_option_first(stored(OPTIONS_MIN - 1, 10))  # "std" for every product
-    assert not by_option_first(stored(OPTIONS_MIN * 2, 2))  # about one range an option
+    assert compares_options_first(OPTIONS_MIN, OPTIONS_MIN * 10)
+    assert not compares_options_first(OPTIONS_MIN - 1, (OPTIONS_MIN - 1) * 10)  # "std" for all
+    assert not compares_options_first(OPTIONS_MIN * 2, OPTIONS_MIN * 4)  # two ranges an option
     # Past a fifth of the options differing, every range's digest is asked for instead.
     assert options_to_compare(Difference({"o1", "o0"}, 2, 100, 100)) == ["o0", "o1"]
     assert options_to_compare(Difference(set(), 0, 100, 100)) == []
