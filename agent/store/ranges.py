@@ -30,6 +30,7 @@ from agent.model import SlotKey, StoredSlot
 from agent.ranges import (
     SEPARATOR,
     UNKNOWN,
+    DigestSum,
     DigestTable,
     OptionDigests,
     OptionSums,
@@ -415,10 +416,11 @@ class StoredRanges:
             query = sa.select(_R.product_id, _R.option_id, _R.row_count, _R.digest).where(
                 _R.option_id.in_(sorted({option for _, option in part}))
             )
-            sums: dict[tuple[str, str], OptionSum] = {}
+            sums: dict[tuple[str, str], DigestSum] = {}
             for product, option, rows, digest in conn.execute(query):
                 if (product, option) in wanted:
-                    sums.setdefault((product, option), OptionSum()).add(rows, digest)
+                    text = UNKNOWN if digest is None else f"{rows}:{digest}"
+                    sums.setdefault((product, option), DigestSum()).add(text)
             StoredRanges._delete_options(conn, part)
             if sums:
                 conn.execute(
@@ -428,7 +430,7 @@ class StoredRanges:
                             "product_id": p,
                             "option_id": o,
                             "row_count": total.rows,
-                            "digest": total.digest_text,
+                            "digest": str(total.sum) if total.sound else None,
                         }
                         for (p, o), total in sums.items()
                     ],
@@ -469,24 +471,6 @@ class StoredRanges:
 
             table = DigestTable.of(pairs())
         return table, labels
-
-
-class OptionSum:
-    """One (product, option)'s stored ranges summed as they are read (see _sum_options)."""
-
-    __slots__ = ("digest", "rows")
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.digest: int | None = 0
-
-    def add(self, rows: int, digest: str | None) -> None:
-        self.rows += int(rows)
-        self.digest = None if digest is None or self.digest is None else self.digest + int(digest)
-
-    @property
-    def digest_text(self) -> str | None:
-        return None if self.digest is None else str(self.digest)
 
 
 @lru_cache(maxsize=4)
