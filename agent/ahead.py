@@ -6,16 +6,24 @@ only once the supplier's database has found and sorted every row of those ranges
 0.13 s at 1M slots and 0.1% changed), and the caller sits idle in the driver meanwhile, the
 interpreter free. Reading the stored side in that time, instead of after it, takes its cost
 (about as long again) off the pass.
+
+Beside the polls the roles swap (read_while_starting): the thread asks for the source's
+first row and only waits for it, while the pass's own thread reads the stored side ahead
+and steps aside for the polls as it does in the merge. A second thread doing Python work
+would share the interpreter with the polls' and slow a wake-up.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import suppress
 from typing import Generic, TypeVar
 
+S = TypeVar("S")
 T = TypeVar("T")
 
 CHUNK_ITEMS = 1000
@@ -101,3 +109,64 @@ class ReadAhead(Generic[T]):
             with suppress(queue.Empty):
                 self._handed.get(timeout=0.05)
         self._thread.join()
+
+
+class _Resumed(Generic[T]):
+    """The items read ahead, then the rest of `rest` (left for its owner to close)."""
+
+    def __init__(self, ahead: list[T], rest: Iterator[T]) -> None:
+        self._ahead: Iterator[T] = iter(ahead)
+        self._rest = rest
+
+    def __iter__(self) -> _Resumed[T]:
+        return self
+
+    def __next__(self) -> T:
+        for item in self._ahead:
+            return item
+        return next(self._rest)
+
+
+def read_while_starting(
+    source: Iterator[S],
+    other: Iterator[T],
+    *,
+    name: str,
+    step_aside: Callable[[], None] = lambda: None,
+    every: int = CHUNK_ITEMS,
+    limit: int = CHUNK_ITEMS * CHUNKS_AHEAD,
+) -> tuple[Iterator[S], Iterator[T]]:
+    """`source` and `other`, each to be read on from where it is, after asking `source` for
+    its first item in a thread of its own while this thread reads `other` ahead: until that
+    first item came, and at most `limit` items, calling `step_aside` every `every` items.
+
+    The other way round from ReadAhead, for a pass beside the polls: the thread only waits
+    for the database (the driver lets go of the interpreter meanwhile), and the work stays
+    in the caller's thread, which steps aside for a poll as often as it would in the merge.
+    Returns once that thread is done, whatever happened; an exception raised there or here
+    is raised here. Neither iterator is closed: their owner closes them, now that no other
+    thread runs either."""
+    first: Future[list[S]] = Future()
+
+    def start() -> None:
+        try:
+            first.set_result([next(source)])
+        except StopIteration:
+            first.set_result([])
+        except BaseException as exc:  # raised in the caller's thread below
+            first.set_exception(exc)
+
+    thread = threading.Thread(target=start, name=name, daemon=True)
+    thread.start()
+    ahead: list[T] = []
+    try:
+        while not first.done() and len(ahead) < limit:
+            if len(ahead) % every == 0:
+                step_aside()
+            try:
+                ahead.append(next(other))
+            except StopIteration:
+                break
+    finally:
+        thread.join()
+    return itertools.chain(first.result(), source), _Resumed(ahead, other)

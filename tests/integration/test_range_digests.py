@@ -1013,9 +1013,12 @@ def test_a_booking_a_poll_records_while_its_range_is_read_keeps_the_range_to_be_
     assert not reconciliation.is_alive()
     report = result[0]
     assert (report.ranges_read, report.slots_changed) == (1, 1)  # 1003; 1023 was the poll's
-    # 1003 changed; the merge meets 1023's stored slot as the poll wrote it, without a row
-    # hash: built too (and its older state dropped); 1013 only where no hash was kept.
-    assert report.slots_built == (2 if hashes else 3)
+    # 1003 changed; 1013 is built only where no hash was kept. 1023 depends on when the
+    # stored side was read: ahead, while the source's first row was awaited (the paused
+    # read), it is the state at the snapshot, unchanged; after the poll's turn, it is the
+    # poll's, without a row hash: built too, and its older state dropped. Either way the
+    # poll's state stands (below).
+    assert report.slots_built in ((1, 2) if hashes else (3,))
     assert _ranges(agent)[_rng(setup, 1023)] == UNKNOWN
     kept = _row_hashes(agent)
     assert kept[("1", "1-a", "1023")] is None  # the poll's row had none

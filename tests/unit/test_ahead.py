@@ -1,14 +1,17 @@
-"""ReadAhead: a stream read in a thread of its own gives the same items, bounded, and stops."""
+"""ReadAhead: a stream read in a thread of its own gives the same items, bounded, and stops.
+read_while_starting: one stream's first item awaited in a thread while the other is read
+ahead, bounded, in the caller's thread."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent.ahead import ReadAhead
+from agent.ahead import ReadAhead, read_while_starting
 from agent.diff import iter_slot_changes
 from agent.model import Slot, SlotKey, StoredSlot, slot_fingerprint
 from agent.source.rows import format_local
@@ -94,6 +97,105 @@ def test_a_failure_while_reading_comes_to_the_caller_after_the_items_before_it()
     with pytest.raises(ConnectionError, match="the store went away"):
         next(ahead)
     assert list(ahead) == []  # ended with it
+
+
+def test_the_other_side_is_read_ahead_here_until_the_first_item_came() -> None:
+    came = threading.Event()
+    where: list[str] = []
+    taken: list[int] = []
+
+    def source() -> Iterator[str]:
+        # The first item comes only once 20 items of the other side were read: proof that
+        # they were read while it was awaited.
+        assert came.wait(WAIT_S)
+        where.append(threading.current_thread().name)
+        yield "first"
+        where.append(threading.current_thread().name)
+        yield "second"
+
+    def other() -> Iterator[int]:
+        for n in range(1000):
+            if n == 20:
+                came.set()
+            taken.append(n)
+            yield n
+
+    rest, ahead = read_while_starting(source(), other(), name="t-first", limit=500)
+    read_ahead = len(taken)
+    assert 20 <= read_ahead <= 500
+    assert not any(t.name == "t-first" and t.is_alive() for t in threading.enumerate())
+    assert list(rest) == ["first", "second"]
+    assert where == ["t-first", threading.current_thread().name]
+    assert list(ahead) == list(range(1000))
+
+
+def test_reading_ahead_stops_at_the_limit_while_the_first_item_takes_long() -> None:
+    released = threading.Event()
+    source = Counted(bound=10**9)
+    stepped: list[int] = []
+
+    def slow() -> Iterator[str]:
+        assert released.wait(WAIT_S)
+        yield "first"
+
+    def release_at_the_limit() -> None:
+        source.wait_taken(50)
+        time.sleep(0.05)  # time enough to read more, were it allowed
+        released.set()
+
+    watcher = threading.Thread(target=release_at_the_limit, daemon=True)
+    watcher.start()
+    rest, ahead = read_while_starting(
+        slow(), source.items(), name="t", step_aside=lambda: stepped.append(source.taken),
+        every=10, limit=50,
+    )  # fmt: skip
+    watcher.join()
+    assert source.taken == 50
+    assert stepped == [0, 10, 20, 30, 40]  # every `every` items, before each batch
+    assert list(rest) == ["first"]
+    assert [next(ahead) for _ in range(60)] == list(range(60))  # then on where it was
+
+
+def test_a_source_that_ends_at_once_leaves_the_other_side_whole() -> None:
+    rest, ahead = read_while_starting(iter(()), iter(range(5)), name="t")
+    assert list(rest) == []
+    assert list(ahead) == list(range(5))
+
+
+def test_a_failure_of_the_first_item_is_raised_here_once_its_thread_ended() -> None:
+    other = Counted(bound=10**9)
+    items = other.items()
+
+    def failing() -> Iterator[int]:
+        other.wait_taken(5)  # the other side is being read meanwhile
+        raise ConnectionError("the source went away")
+        yield 0  # a generator
+
+    with pytest.raises(ConnectionError, match="the source went away"):
+        read_while_starting(failing(), items, name="t-fail", limit=30)
+    assert not any(t.name == "t-fail" and t.is_alive() for t in threading.enumerate())
+    assert not other.closed.is_set()  # left to its owner
+    items.close()
+    assert other.closed.is_set()
+
+
+def test_a_failure_reading_ahead_waits_for_the_first_item_then_is_raised() -> None:
+    failed, first_done = threading.Event(), threading.Event()
+
+    def source() -> Iterator[str]:
+        assert failed.wait(WAIT_S)
+        time.sleep(0.05)
+        first_done.set()
+        yield "first"
+
+    def broken() -> Iterator[int]:
+        yield 1
+        failed.set()
+        raise OSError("the store went away")
+
+    with pytest.raises(OSError, match="the store went away"):
+        read_while_starting(source(), broken(), name="t")
+    assert first_done.is_set()  # the source's thread ended before the error came here
 
 
 def _slot(number: int) -> Slot:
