@@ -22,13 +22,12 @@ stored range digests loaded before it is timed, as a daemon without a change que
 them once its previous pass is recorded (a fresh process loads them beside the database's
 option digests, and both share the two cores), and "beside the polls": the scheduled
 reconciliation of a daemon with a change query (Agent.full_scan, Scanner.reconcile), which
-loads the stored digests before asking for the option digests and reads without threads or
-parallel range digests, so that polls and wake-ups keep a core while it runs; and "beside
-the polls in a running daemon": the same after the stored digests were loaded and a poll then
-recorded the changes the change query returns (the bookings; not timed), as the polls of a
-daemon between two reconciliations do: the reconciliation then brings the loaded digests up
-to date by reading the ranges of the option ids those polls wrote only, and finds the
-deletions, which no change query returns.
+reads the stored option sums, asks for the range digests without parallel workers, and
+reads the stored side in its own thread while another only waits for the source's first
+row, so that polls and wake-ups keep a core while it runs; and "beside the polls in a
+running daemon": the same after the stored digests were loaded and a poll then recorded the
+changes the change query returns (the bookings; not timed), as the polls of a daemon
+between two reconciliations do, and finds the deletions, which no change query returns.
 """
 
 from __future__ import annotations
