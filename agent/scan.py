@@ -112,6 +112,10 @@ CURSOR = "slots"
 platform keeps one per shard (`slots@NN`), so that the next holder of a shard reads on
 from where its last holder recorded."""
 
+STORED_AHEAD = 20_000
+"""Stored slots a reconciliation beside the polls reads ahead at most while it waits for
+the source's first row (agent.ahead.read_while_starting): a few MB."""
+
 RANGES_CHUNK = 2000
 """Range digests recorded per state transaction (and scan turn) at the end of a full pass."""
 
@@ -494,6 +498,7 @@ class Scanner:
                             name="seyaha-source-rows",
                             step_aside=give_way,
                             every=GIVE_WAY_ROWS,
+                            limit=STORED_AHEAD,
                         )
                         changes = iter_slot_changes(
                             ahead,

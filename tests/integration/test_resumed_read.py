@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent import scan as scan_module
 from agent.app import Agent
 from agent.model import SlotKey
 from agent.sandbox import Sandbox
@@ -189,7 +190,10 @@ def test_a_reconciliation_that_loses_the_source_part_way_carries_on_after_the_la
     inventory, agent = big.inventory, big.agent
     monkeypatch.setattr(agent.scanner, "pause", lambda seconds: None)
 
-    # The rows fetched already are read when the cut comes; the next fetch fails.
+    # The rows fetched already are read when the cut comes; the next fetch fails. Counted
+    # from the source's first row: no stored slot is read ahead before it (that read steps
+    # aside for the polls too).
+    monkeypatch.setattr(scan_module, "STORED_AHEAD", 0)
     give_way = CutOnce(CUT_AT_CALL, lambda: _kill_source_connections(inventory))
     monkeypatch.setattr(agent, "_give_way", give_way)
     with caplog.at_level(logging.WARNING, logger="agent.scan"):
