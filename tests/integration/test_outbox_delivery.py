@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from agent.app import Agent
 from agent.cli import main as cli_main
 from agent.config import load_config
+from agent.delivery import worker as worker_module
 from agent.delivery.client import Response
-from agent.delivery.worker import IDLE_WAIT_S
 from agent.errors import StateError
 from agent.model import CatalogDiff, OutboxMessage, Slot, SlotDiff
 from agent.plan import notify_message
@@ -1052,11 +1052,16 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
     serve: Callable[[Answer], str],
     build_agent: Callable[..., Agent],
     state_url: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The log said "retry in 0.1 s" and the retry came about a second later: the worker
     slept its whole idle wait (IDLE_WAIT_S) past the retry it had just scheduled, or past one
     that fell due while its look at the queue was under way (a slow store makes that look
-    outlast the retry's delay; every look here takes slow_claim_s)."""
+    outlast the retry's delay; every look here takes slow_claim_s). The times are stretched
+    (an idle wait of 3 s, a retry 1 s after the failure) so that a loaded machine, slow to
+    get from the failure to the next look, still plays the same scenario."""
+    idle_s = 3.0
+    monkeypatch.setattr(worker_module, "IDLE_WAIT_S", idle_s)
     inventory = make_inventory("sqlite")
     seed_tours(inventory, first_day())
     attempts: list[float] = []
@@ -1078,12 +1083,12 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
         base_url=serve(busy_once),
         source_url=inventory.url,
         state_url=state_url("sqlite"),
-        delivery={"backoff_initial": 0.3, "backoff_max": 0.3, "concurrency": 1},
+        delivery={"backoff_initial": 1.0, "backoff_max": 1.0, "concurrency": 1},
     )
-    # The jitter at its top: the retry falls due 0.3 s after the failure, after the next look
+    # The jitter at its top: the retry falls due 1 s after the failure, after the next look
     # has read the time (with a jitter near 0, that look finds it and none is missed).
     agent.deliverer.rand = lambda: 1.0
-    slow_claim_s = 0.4  # longer than the retry's whole delay (0.3 s + margin)
+    slow_claim_s = 1.2  # longer than the retry's whole delay (1 s + margin)
     in_claims: list[tuple[float, float]] = []
     claim = agent.store.queue.claim
 
@@ -1109,8 +1114,8 @@ def test_a_retry_goes_out_when_it_is_due_not_at_the_next_idle_wake_up(
         if end > first and began < second
     )
     assert claiming >= 2 * slow_claim_s  # the look that missed the retry, and the one that found it
-    # The retry was due 0.3 s after the failure, within the missed look: no idle wait of its own.
-    assert second - first - claiming < IDLE_WAIT_S / 2
+    # The retry was due 1 s after the failure, within the missed look: no idle wait of its own.
+    assert second - first - claiming < idle_s / 2
 
 
 # -- 11. a state store whose connections die ---------------------------------------------
