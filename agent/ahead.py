@@ -111,22 +111,6 @@ class ReadAhead(Generic[T]):
         self._thread.join()
 
 
-class _Resumed(Generic[T]):
-    """The items read ahead, then the rest of `rest` (left for its owner to close)."""
-
-    def __init__(self, ahead: list[T], rest: Iterator[T]) -> None:
-        self._ahead: Iterator[T] = iter(ahead)
-        self._rest = rest
-
-    def __iter__(self) -> _Resumed[T]:
-        return self
-
-    def __next__(self) -> T:
-        for item in self._ahead:
-            return item
-        return next(self._rest)
-
-
 def read_while_starting(
     source: Iterator[S],
     other: Iterator[T],
@@ -169,4 +153,4 @@ def read_while_starting(
                 break
     finally:
         thread.join()
-    return itertools.chain(first.result(), source), _Resumed(ahead, other)
+    return itertools.chain(first.result(), source), itertools.chain(ahead, other)
