@@ -6,9 +6,13 @@ servers must be up (.ci/run starts them).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -101,11 +105,82 @@ class DatabaseFactory:
             engine.dispose()
 
 
+class ServerTurns:
+    """Under pytest-xdist, a test marked `alone` has the database servers to itself: it
+    waits for the tests under way in the other processes to end, and no other test starts
+    (nor a process's end, which drops its databases) until it has ended. PostgreSQL's
+    snapshot, which a daemon without a change query watches, moves with a commit in any
+    database of the server: another process's tests would make it pass where the test
+    expects it to rest. Every other test holds the servers shared (a flock on one file in
+    the session's temporary folder, which every process sees); an `alone` test first
+    leaves a file in `holds` so that no shared turn begins, then takes it exclusively."""
+
+    WAIT_S = 0.05
+
+    def __init__(self, folder: Path, worker: str) -> None:
+        self.lock = folder / "servers.lock"
+        self.holds = folder / "servers.holds"
+        self.holds.mkdir(exist_ok=True)
+        self.hold = self.holds / worker
+
+    @contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        with open(self.lock, "a") as file:
+            fcntl.flock(file, mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(file, fcntl.LOCK_UN)
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        while any(self.holds.iterdir()):
+            time.sleep(self.WAIT_S)
+        with self._locked(fcntl.LOCK_SH):
+            yield
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        self.hold.touch()
+        try:
+            with self._locked(fcntl.LOCK_EX):
+                yield
+        finally:
+            self.hold.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
-def databases() -> Iterator[DatabaseFactory]:
+def server_turns(tmp_path_factory: pytest.TempPathFactory) -> ServerTurns | None:
+    """The turns of the xdist processes at the database servers; None in one process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return None
+    # Each process's base folder is popen-gwN in one folder of the session: shared.
+    return ServerTurns(tmp_path_factory.getbasetemp().parent, worker)
+
+
+@pytest.fixture(autouse=True)
+def _server_turn(
+    request: pytest.FixtureRequest, server_turns: ServerTurns | None
+) -> Iterator[None]:
+    """Taken before any other fixture of the test (autouse), given back after them."""
+    if server_turns is None:
+        yield
+        return
+    alone = request.node.get_closest_marker("alone") is not None
+    with server_turns.alone() if alone else server_turns.shared():
+        yield
+
+
+@pytest.fixture(scope="session")
+def databases(server_turns: ServerTurns | None) -> Iterator[DatabaseFactory]:
     factory = DatabaseFactory()
     yield factory
-    factory.drop_all()
+    if server_turns is None:
+        factory.drop_all()
+    else:
+        with server_turns.shared():
+            factory.drop_all()
 
 
 @pytest.fixture

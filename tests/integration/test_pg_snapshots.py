@@ -33,7 +33,8 @@ from tests.integration.inventory import (
     write_config,
 )
 
-pytestmark = pytest.mark.postgres
+# A commit in any database of the server moves its snapshot: no other test runs meanwhile.
+pytestmark = [pytest.mark.postgres, pytest.mark.alone]
 
 MakeInventory = Callable[[str], Inventory]
 MakeSandbox = Callable[..., Sandbox]
