@@ -82,6 +82,12 @@ def holder_pid(store: sa.Engine) -> int | None:
     return None if holder is None else int(holder.split(":")[-2])
 
 
+def outbox_rows(store: sa.Engine) -> int:
+    """Messages in the shared store's outbox (a delivered one is deleted)."""
+    with store.connect() as conn:
+        return int(conn.execute(sa.text("SELECT COUNT(*) FROM seyaha_outbox")).scalar_one())
+
+
 def wait(probe: Callable[[], Any], what: str) -> Any:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -106,6 +112,10 @@ def scanner_and_standby(
     scanner = by_pid[pid]
     standby = next(daemon for daemon in daemons if daemon is not scanner)
     wait(lambda: events(standby, "scan.standby"), "the other agent to stand by")
+    # The trigger recorded as delivered, not only received: killed between Seyaha's answer
+    # and that record, the scanner would leave it leased (delivery.lease, 60 s on a shared
+    # store, as the README says), and the survivor's notify would wait behind it.
+    wait(lambda: outbox_rows(store) == 0, "the baseline trigger to be recorded as delivered")
     assert events(scanner, "scan.leader"), scanner.output()
     assert events(standby, "scan.leader") == [], standby.output()
     return scanner, standby
