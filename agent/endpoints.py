@@ -6,6 +6,8 @@ It outlives configuration reloads: readiness is asked of whatever agent is curre
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +15,10 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, first_line
+from agent.logs import event
+
+log = logging.getLogger("agent.endpoints")
 
 STOP_WITHIN_S = 0.05
 """How often the listener's loop looks for a stop (serve_forever's poll_interval). The
@@ -21,6 +26,26 @@ default, 0.5 s, kept every stop and restart of the daemon waiting up to that lon
 agent itself had stopped. The 20 looks a second cost about 0.1% of a core at rest (an idle
 listener alone, 20 s: 0.13% against 0.02%), where the daemon's whole at-rest figure is
 0.6-1.7%."""
+
+
+class Listener(ThreadingHTTPServer):
+    """A threading HTTP server that reports a failed request in the agent's log, not as a
+    traceback on stderr: a client that goes away mid-request (a scraper's timeout, a
+    reset) is not worth a line; anything else is one WARNING line."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if exc is None or isinstance(exc, ConnectionError | TimeoutError):
+            return
+        event(
+            log,
+            logging.WARNING,
+            "http.request_failed",
+            f"a request from {client_address[0]} failed: {type(exc).__name__}: {first_line(exc)}",
+        )
+
 
 Readiness = Callable[[], list[str]]
 """Returns the reasons the agent is not ready; an empty list means ready."""
@@ -31,7 +56,7 @@ class OperationsServer:
         self, host: str, port: int, registry: CollectorRegistry, readiness: Readiness
     ) -> None:
         try:
-            self.server = ThreadingHTTPServer((host, port), _handler(registry, readiness))
+            self.server = Listener((host, port), _handler(registry, readiness))
         except OSError as exc:
             raise ConfigError(
                 [
@@ -39,7 +64,6 @@ class OperationsServer:
                     "another seyaha-agent or exporter may hold the port: pick another one"
                 ]
             ) from None
-        self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
     @property

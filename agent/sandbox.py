@@ -25,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, TextIO
 
+from agent.endpoints import Listener
 from agent.model import STATUSES, CatalogKey
 
 _PATH = re.compile(
@@ -84,8 +85,7 @@ class Sandbox:
         self.known: set[CatalogKey] | None = None
         self._catalog_hash: int | None = None
         self._failures = _Failures()
-        self.server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self.server.daemon_threads = True
+        self.server = Listener((host, port), _handler_for(self))
         self._thread: threading.Thread | None = None
         self._pull_catalog()
 
