@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -149,38 +149,42 @@ class ServerTurns:
             self.hold.unlink(missing_ok=True)
 
 
+class OneProcess:
+    """Pytest in one process: every test has the servers to itself, no turn to take."""
+
+    def shared(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def alone(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
 @pytest.fixture(scope="session")
-def server_turns(tmp_path_factory: pytest.TempPathFactory) -> ServerTurns | None:
-    """The turns of the xdist processes at the database servers; None in one process."""
+def server_turns(tmp_path_factory: pytest.TempPathFactory) -> ServerTurns | OneProcess:
+    """The turns of the xdist processes at the database servers."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
-        return None
+        return OneProcess()
     # Each process's base folder is popen-gwN in one folder of the session: shared.
     return ServerTurns(tmp_path_factory.getbasetemp().parent, worker)
 
 
 @pytest.fixture(autouse=True)
 def _server_turn(
-    request: pytest.FixtureRequest, server_turns: ServerTurns | None
+    request: pytest.FixtureRequest, server_turns: ServerTurns | OneProcess
 ) -> Iterator[None]:
     """Taken before any other fixture of the test (autouse), given back after them."""
-    if server_turns is None:
-        yield
-        return
     alone = request.node.get_closest_marker("alone") is not None
     with server_turns.alone() if alone else server_turns.shared():
         yield
 
 
 @pytest.fixture(scope="session")
-def databases(server_turns: ServerTurns | None) -> Iterator[DatabaseFactory]:
+def databases(server_turns: ServerTurns | OneProcess) -> Iterator[DatabaseFactory]:
     factory = DatabaseFactory()
     yield factory
-    if server_turns is None:
+    with server_turns.shared():
         factory.drop_all()
-    else:
-        with server_turns.shared():
-            factory.drop_all()
 
 
 @pytest.fixture
