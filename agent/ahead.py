@@ -10,7 +10,9 @@ interpreter free. Reading the stored side in that time, instead of after it, tak
 Beside the polls the roles swap (read_while_starting): the thread asks for the source's
 first row and only waits for it, while the pass's own thread reads the stored side ahead
 and steps aside for the polls as it does in the merge. A second thread doing Python work
-would share the interpreter with the polls' and slow a wake-up.
+would share the interpreter with the polls' and slow a wake-up. while_waiting is the same
+arrangement for one call: a query whose answer is awaited in a thread while the caller
+reads the store.
 """
 
 from __future__ import annotations
@@ -154,3 +156,28 @@ def read_while_starting(
     finally:
         thread.join()
     return itertools.chain(first.result(), source), itertools.chain(ahead, other)
+
+
+def while_waiting(wait: Callable[[], S], work: Callable[[], T], *, name: str) -> tuple[S, T]:
+    """`wait()` called in a thread of its own while this thread calls `work()`; both results
+    once both returned.
+
+    For a call that only waits for a database (the driver lets go of the interpreter while
+    it does) and work of the caller's own that does not need its answer: the work's time is
+    taken off the pass instead of added to it. Returns once that thread is done, whatever
+    happened; an exception raised there or here is raised here (this thread's first)."""
+    waited: Future[S] = Future()
+
+    def call() -> None:
+        try:
+            waited.set_result(wait())
+        except BaseException as exc:  # raised in the caller's thread below
+            waited.set_exception(exc)
+
+    thread = threading.Thread(target=call, name=name, daemon=True)
+    thread.start()
+    try:
+        done = work()
+    finally:
+        thread.join()
+    return waited.result(), done

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from agent.ahead import ReadAhead, read_while_starting
+from agent.ahead import ReadAhead, read_while_starting, while_waiting
 from agent.clock import Clock, to_epoch_ms
 from agent.db import lost_connection
 from agent.diff import (
@@ -728,8 +728,13 @@ class Scanner:
             return None
         if not options:
             return Difference(set(), 0, stored.ranges, stored.ranges)
-        digests = self.reader.range_digests(src, options, parallel=parallel)
-        table, labels = ranges.of_options(options)
+        # The stored digests of those options' ranges are read while the database computes
+        # the source's (0.03-0.05 s of the store's, at 1M slots and 0.1% changed).
+        digests, (table, labels) = while_waiting(
+            lambda: self.reader.range_digests(src, options, parallel=parallel),
+            lambda: ranges.of_options(options),
+            name="seyaha-range-digests",
+        )
         found = differing(digests, table, lambda: labels, scoped=True)
         # Counted over the ranges of those options: the others are as stored.
         others = stored.ranges - len(table)

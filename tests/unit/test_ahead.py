@@ -1,6 +1,7 @@
 """ReadAhead: a stream read in a thread of its own gives the same items, bounded, and stops.
 read_while_starting: one stream's first item awaited in a thread while the other is read
-ahead, bounded, in the caller's thread."""
+ahead, bounded, in the caller's thread. while_waiting: one call awaited in a thread while the
+caller works."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent.ahead import ReadAhead, read_while_starting
+from agent.ahead import ReadAhead, read_while_starting, while_waiting
 from agent.diff import iter_slot_changes
 from agent.model import Slot, SlotKey, StoredSlot, slot_fingerprint
 from agent.source.rows import format_local
@@ -196,6 +197,58 @@ def test_a_failure_reading_ahead_waits_for_the_first_item_then_is_raised() -> No
     with pytest.raises(OSError, match="the store went away"):
         read_while_starting(source(), broken(), name="t")
     assert first_done.is_set()  # the source's thread ended before the error came here
+
+
+def test_the_work_is_done_here_while_the_call_waits_in_a_thread_of_its_own() -> None:
+    working, answered = threading.Event(), threading.Event()
+    threads: dict[str, str] = {}
+
+    def call() -> str:
+        threads["call"] = threading.current_thread().name
+        assert working.wait(WAIT_S)  # the work began before the answer came
+        answered.set()
+        return "digests"
+
+    def work() -> int:
+        threads["work"] = threading.current_thread().name
+        working.set()
+        assert answered.wait(WAIT_S)  # and the call went on while the work ran
+        return 42
+
+    assert while_waiting(call, work, name="t-wait") == ("digests", 42)
+    assert threads == {"call": "t-wait", "work": threading.current_thread().name}
+    assert not any(t.name == "t-wait" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_failed_call_is_raised_here_once_the_work_is_done() -> None:
+    done: list[str] = []
+
+    def call() -> str:
+        raise ConnectionError("the source went away")
+
+    def work() -> None:
+        time.sleep(0.05)
+        done.append("work")
+
+    with pytest.raises(ConnectionError, match="the source went away"):
+        while_waiting(call, work, name="t-wait-fail")
+    assert done == ["work"]
+
+
+def test_failed_work_is_raised_once_the_call_ended() -> None:
+    ended = threading.Event()
+
+    def call() -> str:
+        time.sleep(0.05)
+        ended.set()
+        return "digests"
+
+    def work() -> None:
+        raise OSError("the store went away")
+
+    with pytest.raises(OSError, match="the store went away"):
+        while_waiting(call, work, name="t-work-fail")
+    assert ended.is_set()  # the call's thread ended before the error came here
 
 
 def _slot(number: int) -> Slot:
