@@ -31,6 +31,7 @@ from agent.delivery.client import SeyahaClient
 from agent.delivery.flow import CircuitBreaker, RateLimit
 from agent.delivery.policy import RetryPolicy
 from agent.delivery.worker import INTERRUPTED_RECORD_S, Deliverer
+from agent.dialects import STORE_CHECKPOINT_PAGES
 from agent.errors import (
     AgentError,
     QueryError,
@@ -70,6 +71,10 @@ SHUTDOWN_GRACE_S = 30.0
 
 OUTBOX_METRICS_EVERY_S = 15.0
 """How often the outbox gauges are refreshed when no scan does it (seconds)."""
+
+CHECKPOINT_EVERY_S = 1.0
+"""How often a daemon on a SQLite store copies the store's write-ahead log into its file, in
+the background (seconds; see agent.dialects.STORE_CHECKPOINT_PAGES)."""
 
 SOURCE_BACKOFF_MAX_S = 60.0
 """Longest pause between two scans while the source keeps failing (seconds)."""
@@ -270,6 +275,8 @@ class Agent:
         self._scheduler: BackgroundScheduler | None = None
         self._stopping: threading.Event | None = None
         """The daemon's stop event (run): a reconciliation beside the polls ends at it."""
+        self._checkpoint_failed = False
+        """The last background checkpoint of a SQLite store failed (said once until one works)."""
 
     def open(self, *, exclusive: bool = True) -> None:
         """Open the state store; `exclusive` refuses to share a SQLite state file."""
@@ -978,6 +985,25 @@ class Agent:
         with suppress(StateFileLost):  # said once, as state.lost; the agent is stopping
             self.refresh_outbox_metrics()
 
+    def _checkpoint_job(self) -> None:
+        try:
+            self.store.checkpoint()
+        except StateFileLost:
+            pass  # said once, as state.lost; the agent is stopping
+        except SQLAlchemyError as exc:
+            if not self._checkpoint_failed:
+                event(
+                    log,
+                    logging.WARNING,
+                    "state.checkpoint_failed",
+                    "the state store's write-ahead log could not be copied into its file "
+                    f"({first_line(exc)}); the store's own commits do it once it holds "
+                    f"{STORE_CHECKPOINT_PAGES:,} pages. Said once until a checkpoint works again",
+                )
+            self._checkpoint_failed = True
+        else:
+            self._checkpoint_failed = False
+
     def refresh_outbox_metrics(self) -> OutboxStats:
         stats = self.store.admin.stats()
         self.metrics.outbox.labels("pending").set(stats.pending)
@@ -1030,6 +1056,14 @@ class Agent:
             max_instances=1,
             coalesce=True,
         )
+        if not self.store.dialect.shared:
+            scheduler.add_job(
+                self._checkpoint_job,
+                IntervalTrigger(seconds=CHECKPOINT_EVERY_S),
+                id="store-checkpoint",
+                max_instances=1,
+                coalesce=True,
+            )
         threads = [
             threading.Thread(target=self.poll_loop, args=(stop,), name="poll", daemon=True),
             threading.Thread(

@@ -81,6 +81,13 @@ class StateStore:
         with self.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
 
+    def checkpoint(self) -> None:
+        """Copy the SQLite store's write-ahead log into its file, waiting for no reader or
+        writer: a daemon does it in the background, so that its commits do not (see
+        agent.dialects.STORE_CHECKPOINT_PAGES). Nothing on a database server."""
+        with self.engine.connect() as conn:
+            self.dialect.checkpoint(conn)
+
     def probe_write(self) -> None:
         """Raise StateError unless the agent can write here (a read-only file, a user without
         UPDATE): a write that changes nothing, rolled back."""
