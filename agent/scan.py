@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field, replace
@@ -50,6 +50,7 @@ from agent.ranges import (
     Difference,
     DigestSum,
     OptionDigests,
+    RangeDigest,
     RangeKey,
     RangeTally,
     basis,
@@ -70,6 +71,7 @@ from agent.source.recent import RecentRows
 from agent.source.seen import SeenRows
 from agent.store import StateStore, StoreBusy
 from agent.store.coordination import Fence
+from agent.store.ranges import RangesRecord
 
 log = logging.getLogger("agent.scan")
 
@@ -425,13 +427,11 @@ class Scanner:
                         on_duplicate=snapshot.duplicate_apart,
                     )
                     held = _Held(self, report, resync)
-                    for chunk in _chunks(changes, self.commit_chunk):
-                        held.add(chunk)
+                    held.take(_chunks(changes, self.commit_chunk), self.commit_chunk)
                     if not held.chunks and not held.committed:
                         held.add([])  # the catalog's changes, or at least the scan's time
         # The supplier's database is no longer read: now the store may be waited for.
-        held.flush(wait=True)
-        self._finish_ranges(full, report)
+        self._flush_with_ranges(held, full, report)
         self._note_slots_digest(full, report)
         if catalog_token is not None:
             self.store.record_catalog_digest(catalog_token, scanner=self.fence)
@@ -508,14 +508,12 @@ class Scanner:
                             on_duplicate=snapshot.duplicate_apart,
                         )
                         held = _Held(self, report, resync=False, committed=1, turn=turn, live=live)
-                        for chunk in _chunks(changes, self.commit_chunk):
-                            held.add(chunk)
+                        held.take(_chunks(changes, self.commit_chunk), self.commit_chunk)
             except BaseException:
                 self._live = None
                 raise
         try:
-            held.flush(wait=True)
-            self._finish_ranges(full, report, turn, live)
+            self._flush_with_ranges(held, full, report, turn, live)
             self._note_slots_digest(full, report)
             with turn():
                 live.check()
@@ -753,25 +751,36 @@ class Scanner:
             return
         self.store.record_slots_digest(full.written, full.total, scanner=self.fence)
 
-    def _finish_ranges(
+    def _flush_with_ranges(
         self,
+        held: _Held,
         full: FullPass,
         report: ScanReport,
         turn: Turn = nullcontext,
         live: LiveChanges | None = None,
     ) -> None:
-        """After a full pass recorded its changes: store the digests it tallied, and forget
-        the slots past their start that a pass of some ranges did not meet."""
+        """Once a full pass read the source: forget the slots past their start that a pass
+        of some ranges did not meet, record the changes still held, and store the digests
+        the pass tallied. Those go in the last chunk's transaction when they fit in one
+        (RANGES_CHUNK ranges): its writes then leave the digests of their ranges alone
+        instead of clearing them first, and it commits once (about 0.04 s of a 0.1% pass
+        at 1M slots); else they are stored after it. Ranges the source spells otherwise
+        than the agent turn digests off instead (see RangeTally.mismatched)."""
         tally = full.tally
-        if tally is None:
-            return
-        if full.ranges is not None:
+        if tally is not None and full.ranges is not None:
             report.ranges_read, report.ranges_total = len(full.ranges), full.ranges_total
             with turn():
                 if live is not None:
                     live.check()
                 report.slots_expired += self.store.fingerprints.expire(to_epoch_ms(report.at))
-        if tally.mismatched:
+        todo = None if tally is None or tally.mismatched else self._ranges_to_record(full, live)
+        together = todo is not None and len(todo.ranges) <= RANGES_CHUNK
+        recorded = held.flush(
+            wait=True, ranges=todo.whole if todo is not None and together else None
+        )
+        if todo is not None and not recorded:
+            self._record_ranges(todo, turn)
+        if tally is not None and tally.mismatched:
             self.ranges_off = (
                 f"{tally.mismatched} slot(s) have ids the source database spells otherwise "
                 "than the agent reads them (spaces around them, or numbers with decimals)"
@@ -785,7 +794,12 @@ class Scanner:
             )
             with turn():
                 self.store.reset_ranges(scanner=self.fence)
-            return
+
+    def _ranges_to_record(self, full: FullPass, live: LiveChanges | None) -> _RangesToRecord | None:
+        """What a full pass stores of the digests it tallied, once its changes are recorded
+        (None: nothing)."""
+        assert full.tally is not None
+        tally = full.tally
         if full.ranges is not None:
             gone = set(tally.gone(full.ranges))
         else:
@@ -796,26 +810,18 @@ class Scanner:
         digests = tally.clean()
         ranges = sorted({*digests, *tally.spoiled, *gone})
         if not ranges and full.ranges is not None and (live is None or not live.touched):
-            return  # nothing read, nothing to store: the stored digests stand as they are
-        handled = set(ranges)
-        for start in range(0, max(len(ranges), 1), RANGES_CHUNK):
-            part = ranges[start : start + RANGES_CHUNK]
-            last = start + RANGES_CHUNK >= len(ranges)
+            return None  # nothing read, nothing to store: the stored digests stand as they are
+        return _RangesToRecord(full, digests, tally.spoiled, gone, ranges, live)
+
+    def _record_ranges(self, todo: _RangesToRecord, turn: Turn = nullcontext) -> None:
+        """Store what `todo` says of the range digests, RANGES_CHUNK ranges a transaction
+        (and a scan turn), once the pass's changes are recorded."""
+        for start in range(0, max(len(todo.ranges), 1), RANGES_CHUNK):
             with turn():
-                if live is not None:
-                    live.check()
-                # A range a poll wrote after the snapshot keeps no digest: read it again.
-                touched = {range_of(k) for k in live.touched} if live is not None else set()
-                dirty = {r for r in part if r in tally.spoiled or r in touched}
-                if last:
-                    dirty |= touched - handled
-                self.store.record_ranges(
-                    {r: digests[r] for r in part if r in digests and r not in touched},
-                    dirty=dirty,
-                    gone=[r for r in part if r in gone and r not in touched],
-                    basis=full.basis if last else None,
-                    scanner=self.fence,
-                )
+                if todo.live is not None:
+                    todo.live.check()
+                clean, dirty, gone, on = todo.part(start, start + RANGES_CHUNK)
+                self.store.record_ranges(clean, dirty, gone, basis=on, scanner=self.fence)
 
     def _commit_chunk(
         self,
@@ -825,6 +831,7 @@ class Scanner:
         first: bool,
         resync: bool,
         wait: bool = True,
+        ranges: RangesRecord | None = None,
     ) -> None:
         slots = collect_changes(chunk)
         backfill = [
@@ -844,6 +851,7 @@ class Scanner:
             report.at,
             scanner=self.fence,
             wait=wait,
+            ranges=ranges,
         )
         report.count(slots, messages, enqueued)
 
@@ -1136,6 +1144,17 @@ class _Held:
     failures: int = 0
     """Chunks recorded again after losing the store (at most CHUNK_ATTEMPTS in a scan)."""
 
+    def take(self, chunks: Iterable[list[SlotChange]], size: int) -> None:
+        """Record `chunks` of `size` changes as they come while the store is free (add),
+        but a smaller one, the last: that one is held for the end of the read, and recorded
+        then with the range digests of the pass, in one transaction
+        (Scanner._flush_with_ranges)."""
+        for chunk in chunks:
+            if len(chunk) < size:
+                self.chunks.append(chunk)
+            else:
+                self.add(chunk)
+
     def add(self, chunk: list[SlotChange]) -> None:
         self.chunks.append(chunk)
         self.flush(wait=False)
@@ -1147,20 +1166,28 @@ class _Held:
                 "long transaction on the state store (an `outbox purge`, a backup, a shell)."
             )
 
-    def flush(self, *, wait: bool) -> None:
+    def flush(self, *, wait: bool, ranges: Callable[[], RangesRecord] | None = None) -> bool:
+        """Record the chunks held, oldest first; without `wait`, only while the store is
+        free. `ranges` (with `wait`): range digests to store with the last chunk, made in
+        its turn. Returns whether they were (not when no chunk was held)."""
+        recorded = False
         while self.chunks:
             try:
                 with self.turn():
                     chunk = self.chunks[0] if self.live is None else self.live.keep(self.chunks[0])
+                    last = wait and ranges is not None and len(self.chunks) == 1
+                    record = ranges() if last and ranges is not None else None
                     self.scanner._commit_chunk(
                         self.report,
                         chunk,
                         first=self.committed == 0,
                         resync=self.resync,
                         wait=wait,
+                        ranges=record,
                     )
+                    recorded = record is not None
             except StoreBusy:
-                return
+                return recorded
             except DBAPIError as exc:
                 # A lost connection to a server store (a failover, a restart): the chunk is
                 # recorded again, whole (its writes are idempotent, its messages coalesce by
@@ -1180,6 +1207,41 @@ class _Held:
                 continue
             self.chunks.pop(0)
             self.committed += 1
+        return recorded
+
+
+@dataclass
+class _RangesToRecord:
+    """What a full pass stores of the range digests it tallied (Scanner._ranges_to_record),
+    in parts or with its last changes; each part is made in the scan turn that records it,
+    so that the ranges a poll wrote meanwhile keep no digest."""
+
+    full: FullPass
+    digests: Mapping[RangeKey, RangeDigest]
+    spoiled: Collection[RangeKey]
+    gone: Collection[RangeKey]
+    ranges: list[RangeKey]
+    live: LiveChanges | None
+
+    def whole(self) -> RangesRecord:
+        """Every range, in one part."""
+        clean, dirty, gone, on = self.part(0, len(self.ranges))
+        return RangesRecord(clean, dirty, gone, basis=on)
+
+    def part(
+        self, start: int, end: int
+    ) -> tuple[dict[RangeKey, RangeDigest], set[RangeKey], list[RangeKey], str | None]:
+        """(clean, dirty, gone, basis) of the ranges [start, end), the basis with the last
+        part. A range a poll wrote after the snapshot keeps no digest: read it again."""
+        part = self.ranges[start:end]
+        last = end >= len(self.ranges)
+        touched = {range_of(k) for k in self.live.touched} if self.live is not None else set()
+        dirty = {r for r in part if r in self.spoiled or r in touched}
+        if last:
+            dirty |= touched - set(self.ranges)
+        clean = {r: self.digests[r] for r in part if r in self.digests and r not in touched}
+        gone = [r for r in part if r in self.gone and r not in touched]
+        return clean, dirty, gone, self.full.basis if last else None
 
 
 class _Inline(Executor):

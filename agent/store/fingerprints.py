@@ -16,6 +16,7 @@ from agent.db import lost_connection
 from agent.errors import first_line
 from agent.logs import event
 from agent.model import CatalogDiff, CatalogKey, SlotDiff, SlotKey, StoredSlot
+from agent.ranges import RangeKey
 from agent.store import schema as t
 from agent.store.connector import Connector
 from agent.store.meta import get_meta, set_meta, set_metas
@@ -202,9 +203,12 @@ class Fingerprints:
         *,
         baseline_ms: int | None,
         cursors: Mapping[str, str],
+        recorded: Collection[RangeKey] = (),
     ) -> RangesWrite | None:
         """Write a scan's changes in the caller's transaction; what it wrote of the range
-        digests is for StoredRanges.wrote once that transaction is committed."""
+        digests is for StoredRanges.wrote once that transaction is committed. The digests
+        of the ranges of `recorded`, which the transaction writes afterwards, are left
+        alone (StoredRanges.touch)."""
         _apply_catalog(conn, catalog)
         if catalog.added or catalog.changed or catalog.removed:
             set_meta(conn, CATALOG_DIGEST, None)  # the catalog's digest is stored anew, or not
@@ -218,6 +222,7 @@ class Fingerprints:
                 *(s.key for s in slots.changed),
                 *(s.key for s in slots.removed),
             ],
+            recorded,
         )
         if baseline_ms is not None:
             set_meta(conn, BASELINE, str(baseline_ms))

@@ -103,6 +103,23 @@ class RangesWrite:
     """The ranges written; None: every one (a reset)."""
 
 
+@dataclass(frozen=True)
+class RangesRecord:
+    """Range digests a full pass stores once it recorded the changes it found in them (see
+    StoredRanges.record): the digests of `clean` ones, `dirty` ones to be read again, `gone`
+    ones forgotten; with `basis`, the digests are marked as computed on it."""
+
+    clean: Mapping[RangeKey, RangeDigest]
+    dirty: Collection[RangeKey] = ()
+    gone: Collection[RangeKey] = ()
+    basis: str | None = None
+
+    @property
+    def ranges(self) -> frozenset[RangeKey]:
+        """Every range this record writes."""
+        return frozenset((*self.clean, *self.dirty, *self.gone))
+
+
 class StoredRanges:
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
@@ -283,10 +300,13 @@ class StoredRanges:
                     yield slot
 
     @staticmethod
-    def touch(conn: sa.Connection, keys: Iterable[SlotKey]) -> RangesWrite | None:
-        """Clear the digests of the ranges of `keys`, whose slots this transaction writes.
+    def touch(
+        conn: sa.Connection, keys: Iterable[SlotKey], recorded: Collection[RangeKey] = ()
+    ) -> RangesWrite | None:
+        """Clear the digests of the ranges of `keys`, whose slots this transaction writes,
+        but those of `recorded`, which the same transaction writes afterwards (record).
         Once committed, the write is for StoredRanges.wrote (None: nothing was written)."""
-        touched = sorted({range_of(key) for key in keys})
+        touched = sorted({range_of(key) for key in keys}.difference(recorded))
         if not touched:
             return None
         StoredRanges._delete(conn, touched)

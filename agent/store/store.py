@@ -13,7 +13,7 @@ one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -35,7 +35,7 @@ from agent.store.meta import set_meta
 from agent.store.migrate import Migrator, Plan
 from agent.store.queue import Queue
 from agent.store.ranges import BASIS as RANGES_BASIS
-from agent.store.ranges import StoredRanges
+from agent.store.ranges import RangesRecord, RangesWrite, StoredRanges
 
 __all__ = ["LeaseLost", "StateStore", "StoreBusy"]
 
@@ -117,8 +117,8 @@ class StateStore:
     def record_ranges(
         self,
         clean: Mapping[RangeKey, RangeDigest],
-        dirty: Iterable[RangeKey] = (),
-        gone: Iterable[RangeKey] = (),
+        dirty: Collection[RangeKey] = (),
+        gone: Collection[RangeKey] = (),
         *,
         basis: str | None = None,
         scanner: Fence | None = None,
@@ -127,10 +127,15 @@ class StateStore:
         `basis`, mark the digests as computed on it; `scanner` as in commit_scan."""
         with self.connector.write() as conn:
             self._hold_lease(conn, scanner)
-            write = StoredRanges.record(conn, clean, dirty, gone)
-            if basis is not None:
-                set_meta(conn, RANGES_BASIS, basis)
+            write = self._record_ranges(conn, RangesRecord(clean, dirty, gone, basis))
         self.fingerprints.ranges.wrote(write)
+
+    @staticmethod
+    def _record_ranges(conn: sa.Connection, record: RangesRecord) -> RangesWrite | None:
+        write = StoredRanges.record(conn, record.clean, record.dirty, record.gone)
+        if record.basis is not None:
+            set_meta(conn, RANGES_BASIS, record.basis)
+        return write
 
     def record_catalog_digest(self, token: str, *, scanner: Fence | None = None) -> None:
         """Store the token of the catalog a full pass read and recorded (see
@@ -179,10 +184,14 @@ class StateStore:
         cursors: Mapping[str, str] | None = None,
         scanner: Fence | None = None,
         wait: bool = True,
+        ranges: RangesRecord | None = None,
     ) -> int:
         """Record the new fingerprints and enqueue `messages`, all or nothing.
 
         `baseline` marks the state as baselined; `cursors` saves change cursors by name;
+        `ranges` stores range digests in the same transaction (see record_ranges): the
+        last changes of a full pass and the digests of the ranges they are in, whose
+        digests the slots' writes then leave alone instead of clearing them first;
         `scanner` (on a shared store) names the agent and the leases it must still hold
         (the scanner lease, or its shards), or LeaseLost is raised and nothing is written; without `wait`, StoreBusy is raised
         at once when another transaction holds the store. Returns how many outbox rows
@@ -197,7 +206,10 @@ class StateStore:
                 slots,
                 baseline_ms=now_ms if baseline else None,
                 cursors=cursors or {},
+                recorded=() if ranges is None else ranges.ranges,
             )
             enqueued = self.queue.enqueue(conn, messages, now_ms)
+            digests = None if ranges is None else self._record_ranges(conn, ranges)
         self.fingerprints.ranges.wrote(write)
+        self.fingerprints.ranges.wrote(digests)
         return enqueued

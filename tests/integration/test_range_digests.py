@@ -1416,3 +1416,56 @@ def test_check_times_the_digests_a_pass_without_a_change_query_asks_for(
     assert f"of its {len(OPTIONS)} option ids " in text
     assert "of every row at once " in text
     assert "when slots changed since the last one" in text
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["scan", "beside-the-polls"])
+@pytest.mark.parametrize("backend", DIGEST_BACKENDS)
+def test_a_pass_records_its_last_changes_with_the_digests_of_their_ranges_or_neither(
+    backend: str,
+    beside: bool,
+    make_inventory: MakeInventory,
+    make_sandbox: MakeSandbox,
+    make_agent: MakeAgent,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last changes a pass found and the digests of the ranges it read go in one store
+    transaction (its writes then do not clear those digests first): a failure while
+    storing the digests leaves the changes unrecorded too, and the next pass finds them."""
+    setup = _setup(
+        backend,
+        make_inventory,
+        make_sandbox,
+        make_agent,
+        tmp_path,
+        slots_changed_query=SLOTS_CHANGED_QUERY,
+    )
+    agent, inventory = setup.agent, setup.inventory
+    _delivered(agent)
+    before, ranges_before = _stored(agent), _ranges(agent)
+    # Stamped long ago: only a reconciliation finds it, not a poll's cursor.
+    inventory.update_slot(1013, vacancies=9, updated_at=cursor.since(inventory.clock(), 3600))
+    real_record = StoredRanges.record
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise sa.exc.OperationalError("INSERT INTO seyaha_ranges", {}, Exception("disk I/O error"))
+
+    def reconcile() -> Any:
+        return agent.full_scan() if beside else agent.scan()
+
+    monkeypatch.setattr(StoredRanges, "record", staticmethod(failing))
+    with pytest.raises(sa.exc.OperationalError, match="disk I/O error"):
+        reconcile()
+    assert _stored(agent) == before  # the booking's fingerprint was not recorded either
+    assert _ranges(agent) == ranges_before
+    assert agent.store.admin.entries() == []  # nor its notify
+
+    monkeypatch.setattr(StoredRanges, "record", staticmethod(real_record))
+    report = reconcile()
+    assert report is not None
+    assert (report.ranges_read, report.slots_changed, report.notifies) == (1, 1, 1)
+    assert _stored(agent) == _truth(agent)
+    assert _ranges(agent)[_rng(setup, 1013)] != UNKNOWN  # its digest stored, with the change
+    again = reconcile()
+    assert again is not None
+    assert again.ranges_read == 0

@@ -25,7 +25,7 @@ from agent.ranges import (
 )
 from agent.store import StateStore
 from agent.store import ranges as ranges_module
-from agent.store.ranges import StoredRanges
+from agent.store.ranges import RangesRecord, StoredRanges
 from tests.integration.inventory import BACKEND_PARAMS, SERVER_PARAMS
 from tests.integration.test_state_store import T0, later, slot
 
@@ -61,6 +61,35 @@ def test_digests_round_trip_exactly_and_are_forgotten_with_their_basis(store: St
 
     store.reset_ranges()
     assert (ranges.items(), ranges.basis()) == ({}, None)
+
+
+def test_slots_written_with_their_ranges_digests_keep_those_and_clear_the_others(
+    store: StateStore,
+) -> None:
+    """A pass's last changes and the digests it computed for their ranges, in one
+    transaction (commit_scan's `ranges`): the slots of ONE and TWO are written with ONE's new
+    digest and TWO's marked to be read again; the slot of the third range, which the
+    record does not name, clears that range's digest as any write does."""
+    three = ("1", "a", "3")
+    store.record_ranges({ONE: D, TWO: D, three: D}, basis="b1")
+    ranges = store.fingerprints.ranges
+    ranges.load()
+    new = RangeDigest(1, 42)
+    store.commit_scan(
+        CatalogDiff(),
+        SlotDiff(added=(slot(11), slot(12), slot(13))),
+        [],
+        T0,
+        ranges=RangesRecord({ONE: new}, dirty=[TWO], basis="b2"),
+    )
+    assert loaded(store) == {ONE: new.text, TWO: UNKNOWN, three: UNKNOWN}
+    assert ranges.basis() == "b2"
+    assert set(store.fingerprints.load_slots()) == {slot(n).key for n in (11, 12, 13)}
+    # The loaded digests follow both writes of that one transaction: the next load reads
+    # the written options' ranges only, and finds what a whole read does.
+    kept = ranges.load()
+    assert ranges.last_load == "refreshed"
+    assert kept == StoredRanges(store.connector).load()
 
 
 def test_every_write_of_slots_clears_its_ranges_digests_but_an_expiry(store: StateStore) -> None:
