@@ -418,6 +418,15 @@ class DigestSum:
             except ValueError:
                 self.sound = False
 
+    def add_stored(self, rows: int, digest: str | None) -> None:
+        """Add a stored range's digest as the store keeps it: the number of rows and the
+        sum as text, None (UNKNOWN) for a range written since."""
+        if digest is None:
+            self.sound = False
+        elif self.sound:
+            self.rows += rows
+            self.sum += int(digest)
+
     def through(self, pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
         for name, text in pairs:
             self.add(text)

@@ -438,9 +438,12 @@ class StoredRanges:
             )
             sums: dict[tuple[str, str], DigestSum] = {}
             for product, option, rows, digest in conn.execute(query):
-                if (product, option) in wanted:
-                    text = UNKNOWN if digest is None else f"{rows}:{digest}"
-                    sums.setdefault((product, option), DigestSum()).add(text)
+                pair = (product, option)
+                if pair in wanted:
+                    total = sums.get(pair)
+                    if total is None:
+                        total = sums[pair] = DigestSum()
+                    total.add_stored(rows, digest)
             StoredRanges._delete_options(conn, part)
             if sums:
                 conn.execute(

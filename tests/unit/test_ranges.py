@@ -347,6 +347,27 @@ def test_the_ranges_digests_sum_to_the_digest_of_every_row(
     assert summed.text == RangeDigest(rows, sum(t for _, t in ranges)).text
 
 
+@given(
+    st.lists(
+        st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.integers(-(2**70), 2**70))),
+        max_size=20,
+    )
+)
+def test_stored_digests_sum_as_their_texts_do(stored: list[tuple[int, int] | None]) -> None:
+    """add_stored takes a stored range's row count and sum (None: written since) as add
+    takes its text ("rows:sum", UNKNOWN)."""
+    by_parts, by_text = DigestSum(), DigestSum()
+    for item in stored:
+        if item is None:
+            by_parts.add_stored(0, None)
+            by_text.add(UNKNOWN)
+        else:
+            by_parts.add_stored(item[0], str(item[1]))
+            by_text.add(RangeDigest(*item).text)
+    assert by_parts.text == by_text.text
+    assert (by_parts.text is None) == (None in stored)
+
+
 def test_a_digest_that_does_not_read_as_numbers_leaves_no_sum() -> None:
     summed = DigestSum()
     list(summed.through(iter([(LA, D1), (LB, "3:not a number"), (LC, D2)])))
