@@ -49,7 +49,6 @@ from agent.plan import plan
 from agent.ranges import (
     Difference,
     DigestSum,
-    OptionDigests,
     RangeDigest,
     RangeKey,
     RangeTally,
@@ -632,8 +631,8 @@ class Scanner:
         # The stored digests per option id, kept beside the ranges (about 5,000 rows at 1M
         # slots): on an inventory of many options a pass compares those first, and then
         # reads the stored digests of the ranges of the options that differ only.
-        by_option = ranges.option_digests()
-        options_first = compares_options_first(len(by_option.options), by_option.ranges)
+        options, stored_ranges = ranges.counts()
+        options_first = compares_options_first(options, stored_ranges)
         self._options_first = options_first
         # Else every stored range digest is compared: they load in a thread of their own
         # while the source computes its range digests, the agent's part hidden behind the
@@ -664,7 +663,6 @@ class Scanner:
             if options_first and not quiet:
                 difference = self._by_option(
                     src,
-                    by_option,
                     summed,
                     parallel=not beside_polls,
                     whole=known if by_options else None,
@@ -675,9 +673,7 @@ class Scanner:
                     RangeTally(salt),
                     ranges=[],
                     basis=on,
-                    ranges_total=by_option.ranges
-                    if loading is None
-                    else len(loading.result().ranges),
+                    ranges_total=stored_ranges if loading is None else len(loading.result().ranges),
                     unchanged=True,
                 )
             if difference is None:
@@ -697,28 +693,28 @@ class Scanner:
     def _by_option(
         self,
         src: Connection,
-        stored: OptionDigests,
         summed: DigestSum,
         *,
         parallel: bool,
         whole: str | None = None,
     ) -> Difference | None:
         """The ranges that differ, found by option first: the option ids whose digests
-        differ from the `stored` ones (fewer groups than ranges: about half the database's
-        work), then the ranges of those options only (found by an index on the option, on
-        both sides). None when too many differ: every range's digest is then asked for.
+        differ from the stored ones (fewer groups than ranges: about half the database's
+        work; the stored ones are read while the database computes), then the ranges of
+        those options only (found by an index on the option, on both sides). None when too many differ: every range's digest is then asked for.
         `parallel`: the source may compute those with parallel workers
         (SourceReader.range_digests). `whole`: the digest of every slot row that the stored
         slots matched: every option digest then goes through `summed`, so that the caller
         can tell a pass that found nothing changed; the ranges' digests are then asked for
         only if it differs."""
         ranges = self.store.fingerprints.ranges
+        source, stored = while_waiting(
+            lambda: self.reader.option_digests(src),
+            ranges.option_digests,
+            name="seyaha-option-digests",
+        )
         options = options_to_compare(
-            differing(
-                summed.through(self.reader.option_digests(src)),
-                stored.options,
-                ranges.option_ids,
-            )
+            differing(summed.through(source), stored.options, ranges.option_ids)
         )
         if whole is not None and summed.text == whole:
             return None  # nothing changed: the caller returns before asking for more

@@ -473,6 +473,15 @@ class StoredRanges:
                 sums.add(option, UNKNOWN if digest is None else f"{row_count}:{digest}")
         return OptionDigests(sums.table(), int(ranges))
 
+    def counts(self) -> tuple[int, int]:
+        """(option ids, ranges) the store has digests for: what decides whether a pass
+        compares option digests first (agent.ranges.compares_options_first), before they
+        are read."""
+        with self.connector.read() as conn:
+            options = conn.execute(sa.select(sa.func.count(_O.option_id.distinct()))).scalar_one()
+            ranges = conn.execute(sa.select(sa.func.count()).select_from(t.ranges)).scalar_one()
+        return int(options), int(ranges)
+
     def option_ids(self) -> Iterator[str]:
         """Every option id seyaha_option_digests has (each once), streamed from the store."""
         with self.connector.read() as conn:
