@@ -424,8 +424,12 @@ class DigestSum:
         if digest is None:
             self.sound = False
         elif self.sound:
-            self.rows += rows
-            self.sum += int(digest)
+            try:
+                self.sum += int(digest)
+            except ValueError:
+                self.sound = False
+            else:
+                self.rows += rows
 
     def through(self, pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
         for name, text in pairs:
