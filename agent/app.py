@@ -1026,12 +1026,8 @@ class Agent:
         self.reconciled = False
         self._stopping = stop
         if self.reader.incremental:
-            scheduler.add_job(
-                self.scheduled_reconciliation_job,
-                IntervalTrigger(seconds=source.full_scan_interval),
-                id="full-scan",
-                max_instances=1,
-                coalesce=True,
+            _every(
+                scheduler, self.scheduled_reconciliation_job, source.full_scan_interval, "full-scan"
             )
         leases: list[tuple[Callable[[], None], str]] = []
         if self.store.dialect.shared:
@@ -1040,30 +1036,12 @@ class Agent:
             self.sharing_job()  # a share before the first poll
             leases.append((self.sharing_job, "shards"))
         for job, name in leases:
-            scheduler.add_job(
-                job,
-                IntervalTrigger(
-                    seconds=self.config.settings.state.scanner_lease / SCANNER_RENEWALS
-                ),
-                id=name,
-                max_instances=1,
-                coalesce=True,
+            _every(
+                scheduler, job, self.config.settings.state.scanner_lease / SCANNER_RENEWALS, name
             )
-        scheduler.add_job(
-            self._outbox_metrics_job,
-            IntervalTrigger(seconds=OUTBOX_METRICS_EVERY_S),
-            id="outbox-metrics",
-            max_instances=1,
-            coalesce=True,
-        )
+        _every(scheduler, self._outbox_metrics_job, OUTBOX_METRICS_EVERY_S, "outbox-metrics")
         if not self.store.dialect.shared:
-            scheduler.add_job(
-                self._checkpoint_job,
-                IntervalTrigger(seconds=CHECKPOINT_EVERY_S),
-                id="store-checkpoint",
-                max_instances=1,
-                coalesce=True,
-            )
+            _every(scheduler, self._checkpoint_job, CHECKPOINT_EVERY_S, "store-checkpoint")
         threads = [
             threading.Thread(target=self.poll_loop, args=(stop,), name="poll", daemon=True),
             threading.Thread(
@@ -1249,3 +1227,13 @@ def _switching_often() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(previous)
+
+
+def _every(
+    scheduler: BackgroundScheduler, job: Callable[[], None], seconds: float, name: str
+) -> None:
+    """`job` every `seconds` in the scheduler's threads: one run at a time, and runs missed
+    meanwhile (a slow store, a busy machine) folded into one."""
+    scheduler.add_job(
+        job, IntervalTrigger(seconds=seconds), id=name, max_instances=1, coalesce=True
+    )
