@@ -1171,7 +1171,7 @@ class _Held:
             try:
                 with self.turn():
                     chunk = self.chunks[0] if self.live is None else self.live.keep(self.chunks[0])
-                    last = wait and ranges is not None and len(self.chunks) == 1
+                    last = wait and len(self.chunks) == 1
                     record = ranges() if last and ranges is not None else None
                     self.scanner._commit_chunk(
                         self.report,
